@@ -1,0 +1,1 @@
+"""Triton source generation and launching for pattern-sparse attention."""

@@ -1,0 +1,1 @@
+"""Attention patterns: the DSL, their semantics and exact block layouts."""

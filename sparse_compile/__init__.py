@@ -1,0 +1,1 @@
+"""sparse_compile: pattern-sparse attention for existing PyTorch models."""
