@@ -1,0 +1,112 @@
+"""Forward and backward of pattern-sparse attention through the generated kernels.
+
+These functions take plain tensors and a Pattern and run the kernels; the differentiable
+custom op (sparse_compile/op.py) wraps them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .backward_dkdv import launch_dkdv
+from .backward_dq import launch_dq
+from .config import TileConfig, default_config
+from .forward import launch_forward
+from .predicate import interval_bounds, pattern_heads
+from .source import kernel_module
+from .tables import block_tables
+
+
+@lru_cache(maxsize=256)
+def parse_pattern(text: str) -> Any:
+    """Pattern for its DSL text (cached)."""
+    from sparse_compile.patterns import parse
+
+    return parse(text)
+
+
+@lru_cache(maxsize=256)
+def _is_interval(text: str) -> bool:
+    return interval_bounds(parse_pattern(text)) is not None
+
+
+def kernel_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Bias as the kernels read it: 4-D view, bool as uint8 (no copy)."""
+    if bias is None:
+        return None
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return bias.view(torch.uint8) if bias.dtype == torch.bool else bias
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern_text: str,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    cfg: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns out [B, Hq, Lq, D] and lse [B, Hq, Lq] (float32, log2 units, +inf if empty).
+
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk].
+    """
+    pattern = parse_pattern(pattern_text)
+    if pattern.is_dynamic:
+        raise NotImplementedError(f"dynamic pattern {pattern_text!r} has no static kernel")
+    cfg = cfg or default_config(q.device, q.shape[-1], q.dtype)
+    lq, lk = q.shape[2], k.shape[2]
+    tables = None
+    if not _is_interval(pattern_text):
+        tables, _ = block_tables(pattern, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
+    return launch_forward(
+        kernel_module(pattern), q, k, v, kernel_bias(bias), tables, pattern_heads(pattern),
+        scale, dropout_p, seed, cfg,
+    )
+
+
+def backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern_text: str,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    bias_requires_grad: bool = False,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    cfg: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
+    pattern = parse_pattern(pattern_text)
+    cfg = cfg or default_config(q.device, q.shape[-1], q.dtype)
+    lq, lk = q.shape[2], k.shape[2]
+    module = kernel_module(pattern)
+    n_heads = pattern_heads(pattern)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    kb = kernel_bias(bias)
+    dbias = None
+    if bias is not None and bias_requires_grad and bias.is_floating_point():
+        dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
+    kv_tables = None
+    if not _is_interval(pattern_text):
+        kv_tables, _ = block_tables(pattern, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
+    _, q_tables = block_tables(pattern, lq, lk, cfg.kv_m, cfg.kv_n, q.device)
+    dq = launch_dq(
+        module, q, k, v, kb, dout, lse, delta, dbias, kv_tables, n_heads, scale, dropout_p,
+        seed, cfg,
+    )
+    dk, dv = launch_dkdv(
+        module, q, k, v, kb, dout, lse, delta, q_tables, n_heads, scale, dropout_p, seed, cfg,
+    )
+    if dbias is not None:
+        dbias = dbias.reshape(bias.shape).to(bias.dtype)
+    return dq, dk, dv, dbias

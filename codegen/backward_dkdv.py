@@ -1,0 +1,169 @@
+"""Backward kernel family, dK/dV pass.
+
+One program owns BN keys of one (batch, kv head) and loops over the Hq/Hkv query heads that
+share it (GQA without atomics), visiting only the query blocks the transposed block tables list:
+PARTIAL blocks with the predicate (or the interval bounds) inlined, FULL blocks without mask
+arithmetic. Works in the transposed orientation (keys x queries):
+dV += Pᵀ dO, dK += scale · dSᵀ Q.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .config import TileConfig
+from .forward import _bias_args, _table_args
+from .tables import BlockTables
+
+DKDV_SOURCE = '''
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, k_idx,
+                n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                drop_p, seed_bh,
+                HEAD_DIM: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr,
+                EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
+                DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate."""
+    q_idx = i * BM + offs_m
+    m_ok = q_idx < Lq
+    d_ok = offs_d < HEAD_DIM
+    io_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + q_idx[:, None] * sqm + offs_d[None, :] * sqd, mask=io_mask, other=0.0)
+    do = tl.load(do_base + q_idx[:, None] * sdom + offs_d[None, :] * sdod, mask=io_mask,
+                 other=0.0)
+    lse = tl.load(lse_base + q_idx, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_base + q_idx, mask=m_ok, other=0.0)
+    q_pos = q_idx + (Lk - Lq)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_base + q_idx[None, :] * sbm + k_idx[:, None] * sbn,
+                       mask=m_ok[None, :] & n_ok[:, None], other=0)
+        if BIAS_BOOL:
+            s_t = tl.where(bias != 0, s_t, float("-inf"))
+        else:
+            s_t = s_t + bias.to(tl.float32) * 1.4426950408889634
+    if MODE == 1:
+        lo, hi = _bounds(q_pos, hp)
+        kept = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
+        s_t = tl.where(kept & n_ok[:, None], s_t, float("-inf"))
+    elif MODE == 2:
+        kept = _keep(q_pos[None, :], k_idx[:, None], hp) & n_ok[:, None]
+        s_t = tl.where(kept, s_t, float("-inf"))
+    elif not EVEN_N:
+        s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:
+        rnd = tl.rand(seed_bh, (q_idx[None, :] * Lk + k_idx[:, None]).to(tl.uint32))
+        drop_keep = rnd >= drop_p
+        inv = 1.0 / (1.0 - drop_p)
+        pd_t = tl.where(drop_keep, p_t * inv, 0.0)
+        dp_t = tl.where(drop_keep, dp_t * inv, 0.0)
+    else:
+        pd_t = p_t
+    dv += tl.dot(pd_t.to(do.dtype), do, input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
+                 PC, PI, FC, FI, t_h, t_m,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
+                 Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, drop_p, seed,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = pid_bkv // Hkv
+    hkv = pid_bkv % Hkv
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, D_PAD)
+    n_ok = offs_n < Lk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + offs_n[:, None] * skn
+                + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + offs_n[:, None] * svn
+                + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BN, D_PAD], tl.float32)
+    dv = tl.zeros([BN, D_PAD], tl.float32)
+    for g in range(G):
+        h = hkv * G + g
+        hp = h % NPH
+        pid_bh = b * Hq + h
+        seed_bh = seed + pid_bh
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        lse_base = LSE + pid_bh.to(tl.int64) * Lq
+        delta_base = Delta + pid_bh.to(tl.int64) * Lq
+        bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+        row = hp * t_h + pid_n * t_m
+        n_part = tl.load(PC + hp * (t_h // t_m) + pid_n)
+        for t in range(n_part):
+            i = tl.load(PI + row + t)
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                drop_p, seed_bh, HEAD_DIM, BM, 1 if INTERVAL else 2, EVEN_N, HAS_BIAS,
+                BIAS_BOOL, DROPOUT, PRECISION)
+        n_full = tl.load(FC + hp * (t_h // t_m) + pid_n)
+        for t in range(n_full):
+            i = tl.load(FI + row + t)
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                drop_p, seed_bh, HEAD_DIM, BM, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                PRECISION)
+    dk = dk * scale
+    out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+'''
+
+
+def launch_dkdv(
+    module: object,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    tables: BlockTables,
+    num_pattern_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    cfg: TileConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
+
+    ``tables`` are the transposed (per key block) tables of the layout (cfg.kv_m, cfg.kv_n).
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dk = torch.empty((b, hkv, lk, d), device=k.device, dtype=k.dtype)
+    dv = torch.empty((b, hkv, lk, d), device=v.device, dtype=v.dtype)
+    bias_t, bias_strides = _bias_args(bias, q)
+    pc, pi, fc, fi, t_h, t_m = _table_args(tables, q)
+    grid = (triton.cdiv(lk, cfg.kv_n), b * hkv)
+    module._dkdv_kernel[grid](
+        q, k, v, bias_t, dout, lse, delta, dk, dv,
+        pc, pi, fc, fi, t_h, t_m,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
+        hq, hkv, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
+        dropout_p, seed,
+        HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.kv_m, BN=cfg.kv_n,
+        EVEN_N=lk % cfg.kv_n == 0, HAS_BIAS=bias is not None,
+        BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype),
+        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+    )
+    return dk, dv

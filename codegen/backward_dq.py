@@ -1,0 +1,201 @@
+"""Backward kernel family, dQ pass (and the bias gradient).
+
+One program handles BM query rows of one (batch, query head) and visits the same key blocks as
+the forward (interval bounds in-kernel, or the kv block tables of the backward layout). It
+recomputes P = exp2(s − LSE), regenerates the dropout mask from (seed, offset), and accumulates
+dQ = scale · dS K with dS = P ∘ (dP − Δ), Δ = rowsum(dO ∘ O). When the bias requires grad, dS is
+added into a float32 buffer shaped like the bias (broadcast rows / columns summed in-register
+first; broadcast batch / head dims meet through atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .config import TileConfig
+from .forward import _bias_args, _table_args
+from .tables import BlockTables
+
+DQ_SOURCE = '''
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, offs_m, q_pos,
+              lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, dbm, dbn, Lk,
+              qk_scale, drop_p, seed_bh,
+              HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+              EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
+              BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    k_idx = j * BN + offs_n
+    n_ok = k_idx < Lk
+    d_ok = offs_d < HEAD_DIM
+    if EVEN_N:
+        kv_mask = d_ok[None, :]
+    else:
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + k_idx[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + k_idx[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn,
+                       mask=n_ok[None, :], other=0)
+        if BIAS_BOOL:
+            s = tl.where(bias != 0, s, float("-inf"))
+        else:
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+    if MODE == 1:
+        kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+        s = tl.where(kept, s, float("-inf"))
+    elif MODE == 2:
+        kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
+        s = tl.where(kept, s, float("-inf"))
+    elif not EVEN_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        rnd = tl.rand(seed_bh, (offs_m[:, None] * Lk + k_idx[None, :]).to(tl.uint32))
+        dp = tl.where(rnd >= drop_p, dp * (1.0 / (1.0 - drop_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    if BIAS_GRAD:
+        db_mask = row_ok[:, None] & n_ok[None, :]
+        ds_b = tl.where(db_mask, ds, 0.0)
+        if DB_ROWS and DB_COLS:
+            tl.atomic_add(dbias_base, tl.sum(tl.sum(ds_b, 1), 0))
+        elif DB_ROWS:
+            tl.atomic_add(dbias_base + k_idx * dbn, tl.sum(ds_b, 0), mask=n_ok)
+        elif DB_COLS:
+            tl.atomic_add(dbias_base + offs_m * dbm, tl.sum(ds_b, 1), mask=row_ok)
+        else:
+            tl.atomic_add(dbias_base + offs_m[:, None] * dbm + k_idx[None, :] * dbn, ds_b,
+                          mask=db_mask)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
+               PC, PI, FC, FI, t_h, t_m,
+               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+               sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn,
+               Hq, G, NPH, Lq, Lk, scale, qk_scale, drop_p, seed,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
+               DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hkv = h // G
+    hp = h % NPH
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm
+                + offs_d[None, :] * sqd, mask=io_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom
+                 + offs_d[None, :] * sdod, mask=io_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+    bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    dbias_base = DBias + b.to(tl.int64) * dbb + h.to(tl.int64) * dbh
+    q_pos = offs_m + (Lk - Lq)
+    seed_bh = seed + pid_bh
+    dq = tl.zeros([BM, D_PAD], tl.float32)
+    if INTERVAL:
+        lo, hi = _bounds(q_pos, hp)
+        lo = tl.maximum(lo, 0)
+        hi = tl.minimum(hi, Lk - 1)
+        j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
+        for j in range(j_lo, jf_lo):
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+                           offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
+                           svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
+                           HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
+                           DB_COLS, DROPOUT, PRECISION)
+        for j in range(jf_lo, jf_hi):
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+                           offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
+                           svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
+                           HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
+                           DB_COLS, DROPOUT, PRECISION)
+        for j in range(jf_hi, j_hi):
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+                           offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
+                           svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
+                           HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
+                           DB_COLS, DROPOUT, PRECISION)
+    else:
+        row = hp * t_h + pid_m * t_m
+        n_part = tl.load(PC + hp * (t_h // t_m) + pid_m)
+        for t in range(n_part):
+            j = tl.load(PI + row + t)
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+                           offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd,
+                           svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
+                           HEAD_DIM, BN, 2, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
+                           DB_COLS, DROPOUT, PRECISION)
+        n_full = tl.load(FC + hp * (t_h // t_m) + pid_m)
+        for t in range(n_full):
+            j = tl.load(FI + row + t)
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+                           offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd,
+                           svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
+                           HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
+                           DB_COLS, DROPOUT, PRECISION)
+    dq = dq * scale
+    tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
+'''
+
+
+def launch_dq(
+    module: object,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dbias: torch.Tensor | None,
+    tables: BlockTables | None,
+    num_pattern_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    cfg: TileConfig,
+) -> torch.Tensor:
+    """dQ [B, Hq, Lq, D] (q's dtype, contiguous); adds the bias gradient into ``dbias``.
+
+    lse, delta: [B, Hq, Lq] float32. dbias: None or float32 shaped like the 4-D bias.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    bias_t, bias_strides = _bias_args(bias, q)
+    dbias_t, db_strides = _bias_args(dbias, q)
+    pc, pi, fc, fi, t_h, t_m = _table_args(tables, q)
+    grid = (triton.cdiv(lq, cfg.dq_m), b * hq)
+    module._dq_kernel[grid](
+        q, k, v, bias_t, dout, lse, delta, dq, dbias_t,
+        pc, pi, fc, fi, t_h, t_m,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
+        hq, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
+        dropout_p, seed,
+        HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
+        EVEN_N=lk % cfg.dq_n == 0, HAS_BIAS=bias is not None,
+        BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
+        BIAS_GRAD=dbias is not None,
+        DB_ROWS=dbias is not None and dbias.shape[2] == 1,
+        DB_COLS=dbias is not None and dbias.shape[3] == 1,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype),
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+    )
+    return dq

@@ -1,0 +1,68 @@
+"""Tile configurations: block sizes, warps and pipeline stages per kernel and device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of the three kernels.
+
+    fwd_m x fwd_n: forward query x key tile; dq_m x dq_n: dQ pass; kv_m x kv_n: dK/dV pass
+    (kv_n keys per program, kv_m queries per step).
+    """
+
+    fwd_m: int = 128
+    fwd_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_m: int = 128
+    dq_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+    kv_m: int = 64
+    kv_n: int = 128
+    kv_warps: int = 8
+    kv_stages: int = 2
+
+    @staticmethod
+    def d_pad(head_dim: int) -> int:
+        """Head dim padded to a power of two, at least 16 (tl.dot's minimum)."""
+        return max(16, 1 << (head_dim - 1).bit_length())
+
+    @staticmethod
+    def precision(dtype: torch.dtype) -> str:
+        """tl.dot input precision: exact fp32 products for fp32 inputs."""
+        return "ieee" if dtype == torch.float32 else "tf32"
+
+    def key(self) -> str:
+        return "-".join(str(getattr(self, f)) for f in self.__dataclass_fields__)
+
+
+# Interpreter: small tiles keep the numpy work per program small and exercise many blocks.
+INTERPRETER = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
+
+
+def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """Tiles for ``device``: tuned per GPU generation and head dim (see bench/NOTES.md)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return INTERPRETER
+    d = TileConfig.d_pad(head_dim)
+    major, _ = torch.cuda.get_device_capability(device)
+    cfg = TileConfig()
+    if dtype == torch.float32:
+        cfg = replace(cfg, fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32,
+                      dq_warps=4, kv_m=32, kv_n=64, kv_warps=4)
+        return cfg
+    if d <= 64:
+        cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
+    elif d <= 128:
+        cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3 if major >= 9 else 2)
+    else:
+        cfg = replace(cfg, fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32,
+                      dq_warps=4, kv_m=32, kv_n=64, kv_warps=4)
+    return cfg

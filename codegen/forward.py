@@ -1,0 +1,205 @@
+"""Forward kernel family: O = softmax(scale·QKᵀ + bias | pattern) V, saving the log-sum-exp.
+
+One program handles BM query rows of one (batch, query head). It visits only non-empty key
+blocks: FULL blocks with no mask arithmetic, PARTIAL blocks with the pattern predicate inlined.
+Scores are kept in log2 units (scale·log2(e) folded into one multiply) and exponentiated with
+exp2; accumulation is float32. The saved LSE is also in log2 units; rows with no kept key get
+LSE = +inf (so the backward's exp2(s − LSE) is 0 there) and output zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .config import TileConfig
+from .tables import BlockTables
+
+FORWARD_SOURCE = '''
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+               offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
+               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+               EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate."""
+    k_idx = j * BN + offs_n
+    n_ok = k_idx < Lk
+    d_ok = offs_d < HEAD_DIM
+    if EVEN_N:
+        kv_mask = d_ok[:, None]
+    else:
+        kv_mask = n_ok[None, :] & d_ok[:, None]
+    k = tl.load(k_base + k_idx[None, :] * skn + offs_d[:, None] * skd, mask=kv_mask, other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        b_ptrs = bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn
+        bias = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
+        if BIAS_BOOL:
+            s = tl.where(bias != 0, s, float("-inf"))
+        else:
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+    if MODE == 1:
+        kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+        s = tl.where(kept, s, float("-inf"))
+    elif MODE == 2:
+        kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
+        s = tl.where(kept, s, float("-inf"))
+    elif not EVEN_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        rnd = tl.rand(seed_bh, (offs_m[:, None] * Lk + k_idx[None, :]).to(tl.uint32))
+        p = tl.where(rnd >= drop_p, p * (1.0 / (1.0 - drop_p)), 0.0)
+    if EVEN_N:
+        v_mask = d_ok[None, :]
+    else:
+        v_mask = n_ok[:, None] & d_ok[None, :]
+    v = tl.load(v_base + k_idx[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Bias, Out, LSE,
+                PC, PI, FC, FI, t_h, t_m,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                sbb, sbh, sbm, sbn, sob, soh, som, sod,
+                Hq, G, NPH, Lq, Lk, qk_scale, drop_p, seed,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hkv = h // G
+    hp = h % NPH
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+    bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+    q_pos = offs_m + (Lk - Lq)
+    seed_bh = seed + pid_bh
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D_PAD], tl.float32)
+    if INTERVAL:
+        lo, hi = _bounds(q_pos, hp)
+        lo = tl.maximum(lo, 0)
+        hi = tl.minimum(hi, Lk - 1)
+        j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
+        for j in range(j_lo, jf_lo):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+                offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
+                HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+        for j in range(jf_lo, jf_hi):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+                offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
+                HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+        for j in range(jf_hi, j_hi):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+                offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
+                HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+    else:
+        row = hp * t_h + pid_m * t_m
+        n_part = tl.load(PC + hp * (t_h // t_m) + pid_m)
+        for t in range(n_part):
+            j = tl.load(PI + row + t)
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, q_pos, q_pos,
+                hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                seed_bh, HEAD_DIM, BN, 2, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+        n_full = tl.load(FC + hp * (t_h // t_m) + pid_m)
+        for t in range(n_full):
+            j = tl.load(FI + row + t)
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, q_pos, q_pos,
+                hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                seed_bh, HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+    o_base = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    tl.store(o_base + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+'''
+
+
+def launch_forward(
+    module: object,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    tables: BlockTables | None,
+    num_pattern_heads: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    cfg: TileConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel of a generated ``module``.
+
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (any strides), bias None or a 4-D tensor broadcast
+    to [B, Hq, Lq, Lk] through stride-0 dims (bool as uint8). ``tables`` are the layout's
+    kv tables for (cfg.fwd_m, cfg.fwd_n) or None for interval patterns.
+    Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32 (log2 units).
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    bias_t, bias_strides = _bias_args(bias, q)
+    pc, pi, fc, fi, t_h, t_m = _table_args(tables, q)
+    grid = (triton.cdiv(lq, cfg.fwd_m), b * hq)
+    module._fwd_kernel[grid](
+        q, k, v, bias_t, out, lse,
+        pc, pi, fc, fi, t_h, t_m,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
+        hq, hq // hkv, num_pattern_heads, lq, lk, scale * 1.4426950408889634,
+        dropout_p, seed,
+        HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.fwd_m, BN=cfg.fwd_n,
+        EVEN_N=lk % cfg.fwd_n == 0, HAS_BIAS=bias is not None,
+        BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return out, lse
+
+
+def _bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Bias pointer and its [B, H, Lq, Lk] strides (0 on broadcast dims); a dummy if None."""
+    if bias is None:
+        return like, [0, 0, 0, 0]
+    strides = [0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4)]
+    return bias, strides
+
+
+def _table_args(
+    tables: BlockTables | None, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(partial counts, partial indices, full counts, full indices, head stride, row stride)."""
+    if tables is None:
+        dummy = torch.zeros(1, device=like.device, dtype=torch.int32)
+        return dummy, dummy, dummy, dummy, 1, 1
+    return (
+        tables.partial_counts, tables.partial_indices,
+        tables.full_counts, tables.full_indices,
+        tables.partial_indices.stride(0), tables.partial_indices.stride(1),
+    )
