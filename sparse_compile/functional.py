@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from .fallback import chunked_attention
+from .op import attention_op
 
 
-def _as_pattern(pattern: Any) -> Any:
-    if isinstance(pattern, str):
-        from sparse_compile.patterns import parse
+@torch.compiler.assume_constant_result
+def _pattern_text(pattern: Any) -> str:
+    """Canonical DSL text of a Pattern or of DSL text (parsed, so errors surface here)."""
+    from sparse_compile.codegen.attention import parse_pattern
 
-        return parse(pattern)
-    return pattern
+    text = pattern if isinstance(pattern, str) else str(pattern)
+    parsed = parse_pattern(text)
+    if parsed.is_dynamic:
+        raise NotImplementedError(
+            f"pattern {text!r} is dynamic (dma/topk): use sparse_compile.dma_attention"
+        )
+    return str(parsed)
 
 
 def attention(
@@ -30,7 +37,12 @@ def attention(
 
     Computes ``softmax(scale · Q Kᵀ + bias + where(keep, 0, −inf)) V`` where ``keep`` is the
     pattern's predicate at absolute query position ``q + Lk − Lq`` (bottom-right alignment).
-    Rows with no kept key return zeros.
+    Rows with no kept key return zeros (and zero gradients).
+
+    Runs the generated Triton kernels on CUDA tensors, and on CPU tensors when
+    ``TRITON_INTERPRET=1``; otherwise the chunked PyTorch path (sparse_compile.fallback).
+    Differentiable in q, k, v and in a float ``bias`` that requires grad. Dropout draws its
+    seed from torch's default CPU generator (``torch.manual_seed`` makes it reproducible).
 
     Args:
         q: [B, Hq, Lq, D] float16 / bfloat16 / float32, any strides.
@@ -49,5 +61,10 @@ def attention(
         >>> q = torch.randn(1, 4, 128, 64); k = v = torch.randn(1, 2, 128, 64)
         >>> out = attention(q, k, v, "causal & sliding(32)")
     """
-    pattern = _as_pattern(pattern)
-    return chunked_attention(q, k, v, pattern, scale=scale, bias=bias, dropout_p=dropout_p)
+    text = _pattern_text(pattern)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed)
+    return out

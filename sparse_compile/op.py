@@ -1,0 +1,136 @@
+"""The differentiable custom op ``torch.ops.sparse_compile.attention``.
+
+A ``torch.library.custom_op`` with a fake implementation and a registered autograd formula, so
+Dynamo, AOTAutograd and Inductor see one opaque, differentiable node (static or dynamic shapes).
+The pattern travels as its canonical DSL text. Where the kernels can run (CUDA tensors, or CPU
+tensors with ``TRITON_INTERPRET=1``) both directions launch the generated Triton kernels;
+otherwise they use the chunked PyTorch path, the backward recomputing it under autograd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fallback import chunked_attention
+
+_NS = "sparse_compile"
+
+
+def kernels_available(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``'s device."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _seed_int(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _fallback(q, k, v, bias, pattern, scale, dropout_p, seed):
+    from sparse_compile.codegen.attention import parse_pattern
+
+    with torch.random.fork_rng(devices=[q.device] if q.is_cuda else [], enabled=dropout_p > 0):
+        if dropout_p > 0:
+            torch.manual_seed(_seed_int(seed))
+        return chunked_attention(q, k, v, parse_pattern(pattern), scale, bias, dropout_p)
+
+
+@torch.library.custom_op(f"{_NS}::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    pattern: str,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Lq, D] (q's dtype) and lse [B, Hq, Lq] float32 (log2 units; kernel path).
+
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk],
+    pattern: canonical DSL text, seed: int64 scalar tensor on the CPU (dropout only).
+    """
+    if kernels_available(q):
+        from sparse_compile.codegen.attention import forward
+
+        return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed))
+    out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed)
+    lse = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
+    return out.contiguous(), lse
+
+
+@attention_op.register_fake
+def _(q, k, v, bias, pattern, scale, dropout_p, seed):
+    b, hq, lq, d = q.shape
+    return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::attention_backward", mutates_args=())
+def attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    pattern: str,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias); dbias has bias's shape when ``bias_grad`` else is empty."""
+    if kernels_available(q):
+        from sparse_compile.codegen.attention import backward
+
+        dq, dk, dv, db = backward(
+            dout, q, k, v, out, lse, pattern, scale, bias, bias_grad, dropout_p, _seed_int(seed)
+        )
+    else:
+        # The op runs below the autograd dispatch key: differentiate with torch.func instead.
+        with_bias = bias is not None and bias_grad and bias.is_floating_point()
+
+        def fn(q_, k_, v_, b_):
+            return _fallback(q_, k_, v_, b_, pattern, scale, dropout_p, seed)
+
+        primals = (q, k, v, bias if with_bias else None)
+        if with_bias:
+            _, vjp = torch.func.vjp(fn, *primals)
+            dq, dk, dv, db = vjp(dout)
+        else:
+            _, vjp = torch.func.vjp(lambda q_, k_, v_: fn(q_, k_, v_, bias), q, k, v)
+            dq, dk, dv = vjp(dout)
+            db = None
+    if db is None:
+        db = q.new_empty((0,))
+    # The fake implementation promises contiguous results.
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
+
+
+@attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, bias, pattern, scale, dropout_p, seed, bias_grad):
+    db = bias.new_empty(bias.shape) if (bias is not None and bias_grad) else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, pattern, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+    ctx.pattern, ctx.scale, ctx.dropout_p = pattern, scale, dropout_p
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv, db = attention_backward_op(
+        grad_out.contiguous(), q, k, v, out, lse, bias, ctx.pattern, ctx.scale, ctx.dropout_p,
+        seed, ctx.bias_grad,
+    )
+    return dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
