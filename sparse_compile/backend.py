@@ -1,0 +1,162 @@
+"""The ``sparse`` torch.compile backend.
+
+``torch.compile(model, backend="sparse", options={...})`` (registered through the
+``torch_dynamo_backends`` entry point, so no import is needed) calls ``sparse_backend`` with
+each FX graph Dynamo captures. It finds the attention sites (``detect``), picks a pattern for
+each (``assign``, ``decorate``), replaces each provable site by one call of the sparse op
+(``rewrite``), records what it did (``report``) and hands the graph to the chosen compiler.
+
+Options (all optional): ``pattern`` (DSL text or Pattern, default ``"dense"``), ``assign``
+(module-path glob or class name → pattern), ``min_length`` (sites with fewer keys stay as they
+are), ``compiler`` (``"inductor"``, ``"eager"``, ``"aot_eager"``), ``on_unsupported``
+(``"warn"``: log and leave unprovable sites as they are; ``"error"``: raise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule
+
+from .assign import BackendOptions, choose_pattern
+from .decorate import decorated_pattern
+from .detect import AttentionSite, find_sites, module_info
+from .report import SiteReport, log, record
+from .rewrite import rewrite_site, site_pattern
+
+
+class UnsupportedAttentionError(RuntimeError):
+    """An attention site could not be rewritten and ``on_unsupported="error"`` was set."""
+
+
+def sparse_backend(
+    gm: GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+    **kwargs: Any,
+) -> Callable[..., Any]:
+    """Dynamo backend: rewrite the attention of ``gm`` and compile the result.
+
+    ``options`` is what ``torch.compile(..., options=...)`` passes; keyword arguments given
+    directly (e.g. through ``functools.partial``) are merged into it.
+    """
+    merged = {**(options or {}), **kwargs}
+    if mode is not None:
+        merged.setdefault("mode", mode)
+    config = BackendOptions.from_mapping(merged)
+    try:
+        rewritten = sparsify_graph(gm, config)
+    except UnsupportedAttentionError:
+        raise
+    except Exception as err:
+        if config.on_unsupported == "error":
+            raise
+        # The pass must never break a model: fall back to the graph as captured.
+        log.warning("sparse pass failed, compiling the graph unchanged: %r", err)
+        rewritten = gm
+    return compile_graph(rewritten, example_inputs, config)
+
+
+def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
+    """A copy of ``gm`` whose provable attention sites call the sparse op."""
+    graph = Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new_gm = GraphModule(gm, graph)
+    problems = []
+    for site in find_sites(new_gm):
+        row = _process(new_gm, site, config)
+        record(row)
+        if not row.rewritten and row.source != "min_length":
+            problems.append(row)
+    if problems and config.on_unsupported == "error":
+        raise UnsupportedAttentionError(
+            "attention left dense: " + "; ".join(row.line() for row in problems)
+        )
+    new_gm.graph.lint()
+    new_gm.recompile()
+    return new_gm
+
+
+def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> SiteReport:
+    path, classes = module_info(site.anchor)
+    decorated = decorated_pattern(classes, site.anchor.meta.get("stack_trace"))
+    pattern, source = choose_pattern(config, path, classes, decorated)
+    shapes = _shapes(site)
+    if site.reason is None:
+        pattern = site_pattern(site, pattern)
+    lq, lk = (shapes["q"][-2], shapes["k"][-2]) if "k" in shapes else (None, None)
+
+    def row(rewritten: bool, reason: str | None, source: str = source) -> SiteReport:
+        return SiteReport(path, site.form, shapes, str(pattern), _density(pattern, lq, lk),
+                          rewritten, reason, source)
+
+    if site.reason is not None:
+        return row(False, site.reason)
+    if config.min_length and _below(lk, config.min_length):
+        return row(False, f"{lk} keys < min_length {config.min_length}", "min_length")
+    rewrite_site(gm, site, pattern)
+    return row(True, None)
+
+
+def _below(length: Any, minimum: int) -> bool:
+    # A symbolic length is compared through its guard: a later call with a length on the
+    # other side of min_length recompiles.
+    return bool(length < minimum)
+
+
+def _shapes(site: AttentionSite) -> dict[str, tuple[Any, ...]]:
+    shapes = {}
+    for name in ("q", "k", "v"):
+        operand = getattr(site, name)
+        try:
+            shapes[name] = operand.shape() if operand is not None else ()
+        except (ValueError, AttributeError, IndexError):
+            continue
+    return {k: v for k, v in shapes.items() if v}
+
+
+def _density(pattern: Any, lq: Any, lk: Any) -> float | None:
+    hint = [_hint(x) for x in (lq, lk)]
+    if None in hint or getattr(pattern, "is_dynamic", False):
+        return None
+    try:
+        return float(pattern.layout(hint[0], hint[1]).density)
+    except Exception:  # noqa: BLE001 - density is informative only
+        return None
+
+
+def _hint(x: Any) -> int | None:
+    if isinstance(x, int):
+        return x
+    node = getattr(x, "node", None)
+    hint = getattr(node, "hint", None)
+    return hint if isinstance(hint, int) else None
+
+
+def compile_graph(
+    gm: GraphModule, example_inputs: Sequence[Any], config: BackendOptions
+) -> Callable[..., Any]:
+    """Hand the rewritten graph to Inductor, AOTAutograd with eager kernels, or run it as is."""
+    if config.compiler == "eager":
+        return gm.forward
+    if config.compiler == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = None
+    if config.mode not in (None, "default"):
+        patches = torch._inductor.list_mode_options(config.mode)
+    log.debug("compiling %d nodes with inductor", len(gm.graph.nodes))
+    if patches:
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs)
+
+
+__all__ = ["UnsupportedAttentionError", "sparse_backend", "sparsify_graph"]

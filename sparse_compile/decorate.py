@@ -1,0 +1,82 @@
+"""``@sparsify(pattern)``: declaring in code which pattern a model's attention uses.
+
+On an ``nn.Module`` class, the pattern applies to every attention computed while a module of
+that class (or a subclass) runs. On a function or method, it applies to attention computed in
+that function's body, including functions it calls that Dynamo inlines. The decorated object
+is returned unchanged apart from a marker, so the model runs exactly as before when it is not
+compiled with ``backend="sparse"``.
+
+Precedence against the backend options is ``assign`` > decorator > ``pattern`` > default (see
+``sparse_compile.assign``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .assign import as_pattern
+
+T = TypeVar("T")
+
+_ATTRIBUTE = "__sparse_compile_pattern__"
+
+
+@dataclass(frozen=True)
+class _Span:
+    filename: str
+    first: int
+    last: int
+
+
+_functions: dict[_Span, Any] = {}
+
+
+def sparsify(pattern: Any) -> Any:
+    """Decorator setting the attention pattern of a module class, function or method.
+
+    Example:
+        >>> @sparsify("causal & sliding(256)")
+        ... class MyAttention(torch.nn.Module): ...
+    """
+    parsed = as_pattern(pattern)
+
+    def mark(obj: T) -> T:
+        if inspect.isclass(obj):
+            setattr(obj, _ATTRIBUTE, parsed)
+            return obj
+        fn = inspect.unwrap(obj)
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            raise TypeError(f"sparsify cannot decorate {obj!r}")
+        lines, first = inspect.getsourcelines(fn)
+        _functions[_Span(code.co_filename, first, first + len(lines) - 1)] = parsed
+        setattr(obj, _ATTRIBUTE, parsed)
+        return obj
+
+    return mark
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def decorated_pattern(module_classes: list[type], stack_trace: str | None) -> Any:
+    """The pattern a decorator sets for a site, or None.
+
+    ``module_classes`` are the classes of the modules running the site, outermost first;
+    ``stack_trace`` is the node's recorded Python stack (outermost frame first). The innermost
+    decorated function frame wins; a decorated function or method beats a decorated class;
+    among classes the innermost decorated module wins.
+    """
+    frames = [(m["file"], int(m["line"])) for m in _FRAME.finditer(stack_trace or "")]
+    for filename, line in reversed(frames):
+        for span, pattern in _functions.items():
+            if span.filename == filename and span.first <= line <= span.last:
+                return pattern
+    for cls in reversed(module_classes):
+        pattern = getattr(cls, _ATTRIBUTE, None)
+        if pattern is not None:
+            return pattern
+    return None

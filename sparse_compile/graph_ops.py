@@ -1,0 +1,180 @@
+"""Recognising torch-level operations in the FX graphs Dynamo produces.
+
+Dynamo records the same operation in several spellings: ``torch.matmul``, ``operator.matmul``
+(``a @ b``), ``Tensor.matmul`` as a ``call_method`` node, and so on. The predicates here hide
+those spellings from the detection pass.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+
+def _is(node: Any, functions: tuple[Any, ...], methods: tuple[str, ...]) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def value(node: Any) -> Any:
+    """The example value Dynamo recorded for ``node`` (a FakeTensor, SymInt, ...)."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def tensor_value(node: Any) -> torch.Tensor | None:
+    """The example tensor of ``node``, or None when it is not a tensor."""
+    v = value(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` / keyword ``name`` of a call node (``call_method`` counts self)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_matmul(node: Any) -> bool:
+    return _is(node, (torch.matmul, operator.matmul), ("matmul", "__matmul__"))
+
+
+def is_bmm(node: Any) -> bool:
+    return _is(node, (torch.bmm,), ("bmm",))
+
+
+def is_baddbmm(node: Any) -> bool:
+    return _is(node, (torch.baddbmm,), ("baddbmm",))
+
+
+def is_einsum(node: Any) -> bool:
+    return _is(node, (torch.einsum, torch.functional.einsum), ())
+
+
+def is_product(node: Any) -> bool:
+    """A batched matrix product: matmul, ``@``, bmm, baddbmm or einsum."""
+    return is_matmul(node) or is_bmm(node) or is_baddbmm(node) or is_einsum(node)
+
+
+def einsum_operands(node: Node) -> tuple[str, list[Any]]:
+    """``(equation, operands)`` of an einsum node, whichever calling convention it used."""
+    equation, *rest = node.args
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = list(rest[0])
+    return equation, list(rest)
+
+
+def is_softmax(node: Any) -> bool:
+    return _is(node, (torch.softmax, F.softmax, torch.special.softmax), ("softmax",))
+
+
+def is_sdpa(node: Any) -> bool:
+    return _is(node, (F.scaled_dot_product_attention,), ())
+
+
+def is_dropout(node: Any) -> bool:
+    return _is(node, (F.dropout, torch.dropout), ("dropout",))
+
+
+def is_mul(node: Any) -> bool:
+    return _is(node, (operator.mul, operator.imul, torch.mul), ("mul", "mul_"))
+
+
+def is_div(node: Any) -> bool:
+    return _is(node, (operator.truediv, operator.itruediv, torch.div, torch.true_divide),
+               ("div", "div_", "true_divide"))
+
+
+def is_add(node: Any) -> bool:
+    return _is(node, (operator.add, operator.iadd, torch.add), ("add", "add_"))
+
+
+def is_sub(node: Any) -> bool:
+    return _is(node, (operator.sub, operator.isub, torch.sub), ("sub", "sub_"))
+
+
+def is_masked_fill(node: Any) -> bool:
+    return _is(node, (torch.masked_fill,), ("masked_fill",))
+
+
+def is_where(node: Any) -> bool:
+    return _is(node, (torch.where,), ("where",))
+
+
+def is_tanh(node: Any) -> bool:
+    return _is(node, (torch.tanh, F.tanh), ("tanh",))
+
+
+_CASTS = ("to", "float", "half", "bfloat16", "double", "type", "type_as")
+_IDENTITIES = ("contiguous", "clone")
+
+
+def is_cast_or_identity(node: Any) -> bool:
+    """Dtype casts and copies: they change neither values (up to rounding) nor layout."""
+    if _is(node, (), _CASTS + _IDENTITIES):
+        return True
+    return _is(node, (torch.clone,), ())
+
+
+def is_transpose(node: Any) -> bool:
+    return _is(node, (torch.transpose,), ("transpose",))
+
+
+def is_permute(node: Any) -> bool:
+    return _is(node, (torch.permute,), ("permute",))
+
+
+def is_reshape(node: Any) -> bool:
+    return _is(node, (torch.reshape, torch.flatten), ("reshape", "view", "flatten"))
+
+
+def is_expand(node: Any) -> bool:
+    return _is(node, (), ("expand",))
+
+
+def is_unsqueeze(node: Any) -> bool:
+    return _is(node, (torch.unsqueeze,), ("unsqueeze",)) or (
+        isinstance(node, Node)
+        and node.op == "call_function"
+        and node.target is operator.getitem
+        and isinstance(node.args[1], tuple)
+        and None in node.args[1]
+    )
+
+
+def is_repeat_interleave(node: Any) -> bool:
+    return _is(node, (torch.repeat_interleave,), ("repeat_interleave",))
+
+
+def constant_number(x: Any) -> float | None:
+    """A Python number behind ``x``: a literal, or ``torch.full([], c)`` / ``torch.tensor(c)``."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, Node) and x.op == "call_function":
+        if x.target is torch.full and len(x.args) >= 2 and isinstance(x.args[1], (int, float)):
+            return float(x.args[1])
+        if x.target is torch.tensor and x.args and isinstance(x.args[0], (int, float)):
+            return float(x.args[0])
+    return None
+
+
+def ancestors(node: Node, limit: int = 10_000) -> set[Node]:
+    """Every node ``node`` depends on (bounded, for pathological graphs)."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack and len(seen) < limit:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
