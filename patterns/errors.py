@@ -1,0 +1,50 @@
+"""The one error type for bad pattern text or bad pattern parameters."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PatternError(ValueError):
+    """A pattern could not be built: bad DSL text, a bad parameter, or an unsupported operation.
+
+    Attributes:
+        problem: what is wrong, in a sentence.
+        text: the DSL text being parsed (None when the pattern was built from Python).
+        column: 0-based column in ``text`` where the problem is (None when unknown).
+
+    ``str(err)`` names the problem, then quotes the text with a caret under the column::
+
+        unknown primitive 'casual' (did you mean 'causal'?)
+          casual & sliding(64)
+          ^
+    """
+
+    def __init__(self, problem: str, text: str | None = None, column: int | None = None):
+        self.problem = problem
+        self.text = text
+        self.column = column
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        if self.text is None:
+            return self.problem
+        # Columns are reported 1-based in the message (editors count that way), 0-based in .column.
+        where = f" (column {self.column + 1})" if self.column is not None else ""
+        lines = [f"{self.problem}{where}", f"  {self.text}"]
+        if self.column is not None:
+            lines.append("  " + " " * self.column + "^")
+        return "\n".join(lines)
+
+    def located(self, text: str, column: int) -> PatternError:
+        """The same problem, placed at ``column`` of ``text`` (keeps an existing location)."""
+        if self.text is not None:
+            return self
+        return PatternError(self.problem, text, column)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
