@@ -1,0 +1,128 @@
+"""DMA backward kernel: same gather as the forward; dK, dV and d delta by atomic adds.
+
+Program (query block, batch * query head). For each tile of the block's gather list the kernel
+recomputes P = exp(S - lse), accumulates dQ in registers, and adds dSᵀQ, PᵀdO and the column
+sums of dS (the gradient of delta, which enters the logits additively) into float32 buffers at the
+gathered key rows. Keys of a kv head receive from every query head of its GQA group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dma_select import DmaSelection
+
+__all__ = ["dma_backward"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dma_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, dout_ptr, lse_ptr,
+    dq_ptr, dk_ptr, dv_ptr, ddelta_ptr,
+    thr_ptr, gkey_ptr, grank_ptr, gcount_ptr,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdob, sdoh, sdom,
+    lq, lk, hq, hkv, cap, scale,
+    CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // hq
+    h = pid_bh % hq
+    hk = h // (hq // hkv)
+    bhk = b * hkv + hk
+    nq = tl.cdiv(lq, BLOCK_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < lq
+    d_ok = offs_d < HEAD_DIM
+    md_mask = row_ok[:, None] & d_ok[None, :]
+    pos = offs_m + (lk - lq)
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=md_mask, other=0.0)
+    do = tl.load(dout_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :],
+                 mask=md_mask, other=0.0)
+    o = tl.load(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+                mask=md_mask, other=0.0)
+    di = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse = tl.load(lse_ptr + pid_bh * lq + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+    count = tl.load(gcount_ptr + bhk * nq + pid_m)
+    list_base = (bhk * nq + pid_m) * cap
+    scale_log2 = scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, count, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < count
+        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
+        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * skn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2 + delta[None, :] * 1.4426950408889634
+        if HAS_KEY_BIAS:
+            kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
+            s += kb[None, :] * 1.4426950408889634
+        kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
+        if CAUSAL:
+            kept = kept & (keys[None, :] <= pos[:, None])
+        p = tl.where(kept, tl.exp2(s - lse2[:, None]), 0.0)
+        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - di[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask)
+        tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask)
+        tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok)
+    tl.store(dq_ptr + ((b * hq + h) * lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_mask)
+
+
+def dma_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    delta: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    selection: DmaSelection,
+    causal: bool,
+    scale: float,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, ddelta)`` in the dtypes of q, k, v, delta; shapes as the forward.
+    dout/q/out ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``, lse ``[B, Hq, Lq]`` from the forward."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dq = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(b, hkv, lk, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    ddelta = torch.zeros(b, hkv, lk, dtype=torch.float32, device=q.device)
+    block_m = selection.block_m
+    grid = (triton.cdiv(lq, block_m), b * hq)
+    _dma_bwd_kernel[grid](
+        q, k, v, delta, key_bias if key_bias is not None else delta, out, dout, lse,
+        dq, dk, dv, ddelta,
+        selection.thr, selection.gather_key, selection.gather_rank, selection.gather_count,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        lq, lk, hq, hkv, selection.gather_key.shape[-1], scale,
+        CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype), ddelta.to(delta.dtype)

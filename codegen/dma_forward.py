@@ -1,0 +1,120 @@
+"""DMA forward kernel: each query block gathers its selected keys instead of scanning Lk.
+
+Program (query block, batch * query head). The gather list of the block (``dma_select``) holds
+at most ``keep + BLOCK_M - 1`` keys in rank order; for each tile of it the kernel loads K/V rows
+by index, adds ``delta`` to the logits and applies the per-row predicate
+``rank <= thr[row]`` (and ``key <= row`` when causal). Online softmax in float32 with exp2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dma_select import DmaSelection
+
+__all__ = ["dma_forward"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dma_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, lse_ptr,
+    thr_ptr, gkey_ptr, grank_ptr, gcount_ptr,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    lq, lk, hq, hkv, cap, scale_log2,
+    CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // hq
+    h = pid_bh % hq
+    hk = h // (hq // hkv)
+    bhk = b * hkv + hk
+    nq = tl.cdiv(lq, BLOCK_M)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < lq
+    d_ok = offs_d < HEAD_DIM
+    pos = offs_m + (lk - lq)
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+    count = tl.load(gcount_ptr + bhk * nq + pid_m)
+    list_base = (bhk * nq + pid_m) * cap
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, count, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < count
+        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
+        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * skn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2 + delta[None, :] * 1.4426950408889634
+        if HAS_KEY_BIAS:
+            kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
+            s += kb[None, :] * 1.4426950408889634
+        kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
+        if CAUSAL:
+            kept = kept & (keys[None, :] <= pos[:, None])
+        s = tl.where(kept, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    has_any = l_i > 0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    # lse in natural-log units; -inf for rows with no kept key.
+    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=row_ok)
+
+
+def dma_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    delta: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    selection: DmaSelection,
+    causal: bool,
+    scale: float,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (last dim contiguous),
+    delta ``[B, Hkv, Lk]`` contiguous, key_bias ``[B, Lk]`` float32 (0 where allowed) or None.
+    Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    block_m = selection.block_m
+    grid = (triton.cdiv(lq, block_m), b * hq)
+    _dma_fwd_kernel[grid](
+        q, k, v, delta, key_bias if key_bias is not None else delta, out, lse,
+        selection.thr, selection.gather_key, selection.gather_rank, selection.gather_count,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,
+        CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return out, lse

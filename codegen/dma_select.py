@@ -1,0 +1,135 @@
+"""DMA selection on the device: per-row rank thresholds and per-query-block gather lists.
+
+Keys are ranked once per (batch, kv head) by (allowed first, delta descending, index ascending):
+``order[r]`` is the key of rank ``r``. Row ``p`` (absolute position) keeps key ``k`` iff ``k`` is
+allowed, ``k <= p`` when causal, and ``rank(k) <= thr[p]``, where ``thr[p]`` is the rank of the
+``keep``-th visible key in rank order (the last visible one when fewer are visible). ``thr`` is
+non-increasing in ``p``, so each key is kept by a contiguous range of rows, and a query block
+``[m0, m1]`` only ever needs the keys of rank ``<= thr[m0]`` with ``k <= m1``: at most
+``keep + BLOCK_M - 1`` keys. The kernel scans ranks in order until row ``m0`` has seen ``keep``
+visible keys, counting for every row of the block and writing that gather list.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["DmaSelection", "dma_select"]
+
+
+@triton.jit
+def _dma_select_kernel(
+    order_ptr,  # int32 [BH, Lk]
+    n_allowed_ptr,  # int32 [BH]
+    gather_key_ptr,  # int32 [BH, nq, CAP]
+    gather_rank_ptr,  # int32 [BH, nq, CAP]
+    gather_count_ptr,  # int32 [BH, nq]
+    thr_ptr,  # int32 [BH, Lq]
+    lq,
+    lk,
+    keep,
+    cap,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    nq = tl.cdiv(lq, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos = offs_m + (lk - lq)  # absolute query positions
+    p_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + (lk - lq)
+    n_allowed = tl.load(n_allowed_ptr + bh)
+    out_base = (bh * nq + pid_m) * cap
+
+    seen = tl.zeros([BLOCK_M], dtype=tl.int32)
+    thr = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    n_out = tl.zeros([], dtype=tl.int32)
+    r0 = tl.zeros([], dtype=tl.int32)
+    first_thr = tl.full([], -1, dtype=tl.int32)
+    while (r0 < n_allowed) & (first_thr < 0):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        valid = ranks < n_allowed
+        keys = tl.load(order_ptr + bh * lk + ranks, mask=valid, other=0)
+        if CAUSAL:
+            visible = valid[None, :] & (keys[None, :] <= pos[:, None])
+        else:
+            visible = valid[None, :] & (pos[:, None] >= -1)
+        counts = seen[:, None] + tl.cumsum(visible.to(tl.int32), axis=1)
+        reached = visible & (counts == keep)
+        thr = tl.maximum(thr, tl.max(tl.where(reached, ranks[None, :], -1), axis=1))
+        seen += tl.sum(visible.to(tl.int32), axis=1)
+        first_thr = tl.max(tl.where(tl.arange(0, BLOCK_M) == 0, thr, -1), axis=0)
+        bound = tl.where(first_thr >= 0, first_thr, 2147483647)
+        take = valid & (ranks <= bound)
+        if CAUSAL:
+            take = take & (keys <= p_last)
+        slot = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(gather_key_ptr + out_base + slot, keys, mask=take)
+        tl.store(gather_rank_ptr + out_base + slot, ranks, mask=take)
+        n_out += tl.sum(take.to(tl.int32), axis=0)
+        r0 += BLOCK_R
+    thr = tl.where(thr >= 0, thr, n_allowed - 1)
+    tl.store(thr_ptr + bh * lq + offs_m, thr, mask=offs_m < lq)
+    tl.store(gather_count_ptr + bh * nq + pid_m, n_out)
+
+
+class DmaSelection:
+    """What the attention kernels need to gather the kept keys of each query block.
+
+    thr ``[BH, Lq]`` int32 rank threshold per row; gather_key / gather_rank ``[BH, nq, cap]``
+    int32 (key index and its rank, in rank order, ``gather_count [BH, nq]`` valid entries);
+    block_m the query block size the lists were built for. BH = batch * kv heads.
+    """
+
+    def __init__(self, thr, gather_key, gather_rank, gather_count, block_m):
+        self.thr = thr
+        self.gather_key = gather_key
+        self.gather_rank = gather_rank
+        self.gather_count = gather_count
+        self.block_m = block_m
+
+
+def selection_rank_order(
+    delta: torch.Tensor, key_allowed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank order ``[BH, Lk]`` int32 (allowed first, delta desc, index asc) and allowed counts
+    ``[BH]`` int32. delta ``[B, Hkv, Lk]``; key_allowed bool ``[B, Lk]`` or None."""
+    b, h, lk = delta.shape
+    order = torch.sort(delta, dim=-1, descending=True, stable=True).indices
+    if key_allowed is None:
+        n_allowed = torch.full((b * h,), lk, dtype=torch.int32, device=delta.device)
+    else:
+        allowed = key_allowed[:, None, :].expand(b, h, lk)
+        removed = (~allowed).gather(-1, order).to(torch.int8)
+        order = order.gather(-1, torch.sort(removed, dim=-1, stable=True).indices)
+        n_allowed = allowed.sum(-1).reshape(-1).to(torch.int32)
+    return order.reshape(b * h, lk).to(torch.int32).contiguous(), n_allowed
+
+
+def dma_select(
+    delta: torch.Tensor,
+    key_allowed: torch.Tensor | None,
+    lq: int,
+    keep: int,
+    causal: bool,
+    block_m: int,
+    block_r: int = 64,
+) -> DmaSelection:
+    """Run the selection for delta ``[B, Hkv, Lk]`` and ``lq`` query rows (see module doc)."""
+    b, h, lk = delta.shape
+    order, n_allowed = selection_rank_order(delta, key_allowed)
+    nq = triton.cdiv(lq, block_m)
+    cap = max(1, min(keep + block_m, lk))
+    dev = delta.device
+    gather_key = torch.zeros(b * h, nq, cap, dtype=torch.int32, device=dev)
+    gather_rank = torch.zeros(b * h, nq, cap, dtype=torch.int32, device=dev)
+    gather_count = torch.empty(b * h, nq, dtype=torch.int32, device=dev)
+    thr = torch.empty(b * h, lq, dtype=torch.int32, device=dev)
+    _dma_select_kernel[(nq, b * h)](
+        order, n_allowed, gather_key, gather_rank, gather_count, thr, lq, lk, keep, cap,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_R=block_r,
+    )
+    return DmaSelection(thr, gather_key, gather_rank, gather_count, block_m)

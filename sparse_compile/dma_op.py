@@ -1,0 +1,109 @@
+"""The fused DMA op: ``torch.ops.sparse_compile.dma_attention_fwd`` / ``_bwd`` with autograd.
+
+Registered with ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` so that
+Dynamo, AOTAutograd and Inductor treat it as one opaque differentiable node. The selection
+(``codegen.dma_select``) runs inside both halves; it is cheap next to the attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_compile.codegen.dma_backward import dma_backward
+from sparse_compile.codegen.dma_forward import dma_forward
+from sparse_compile.codegen.dma_select import dma_select
+
+__all__ = ["dma_attention_fused", "block_sizes"]
+
+
+def block_sizes(device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): GPU tiles, or the smallest ``tl.dot`` tiles for the CPU interpreter."""
+    return (64, 64) if device.type == "cuda" else (16, 16)
+
+
+@torch.library.custom_op("sparse_compile::dma_attention_fwd", mutates_args=())
+def dma_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    delta: torch.Tensor,
+    key_allowed: torch.Tensor | None,
+    key_add: torch.Tensor | None,
+    keep: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``; see ``dma_attention_fused``."""
+    block_m, block_n = block_sizes(q.device)
+    q, k, v, delta = (t.contiguous() for t in (q, k, v, delta))
+    selection = dma_select(delta, key_allowed, q.shape[2], keep, causal, block_m)
+    return dma_forward(q, k, v, delta, key_add, selection, causal, scale, block_n)
+
+
+@dma_attention_fwd.register_fake
+def _fwd_fake(q, k, v, delta, key_allowed, key_add, keep, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_compile::dma_attention_bwd", mutates_args=())
+def dma_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    delta: torch.Tensor,
+    key_allowed: torch.Tensor | None,
+    key_add: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    keep: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dq, dk, dv, ddelta)`` shaped and typed like ``(q, k, v, delta)``."""
+    block_m, block_n = block_sizes(q.device)
+    grad_out, q, k, v, delta, out = (t.contiguous() for t in (grad_out, q, k, v, delta, out))
+    selection = dma_select(delta, key_allowed, q.shape[2], keep, causal, block_m)
+    return dma_backward(
+        grad_out, q, k, v, delta, key_add, out, lse, selection, causal, scale, block_n
+    )
+
+
+@dma_attention_bwd.register_fake
+def _bwd_fake(grad_out, q, k, v, delta, key_allowed, key_add, out, lse, keep, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(delta)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, delta, key_allowed, key_add, keep, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, delta, key_allowed, key_add, out, lse)
+    ctx.keep, ctx.causal, ctx.scale = keep, causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, delta, key_allowed, key_add, out, lse = ctx.saved_tensors
+    dq, dk, dv, ddelta = dma_attention_bwd(
+        grad_out, q, k, v, delta, key_allowed, key_add, out, lse, ctx.keep, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, ddelta, None, None, None, None, None
+
+
+dma_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dma_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    delta: torch.Tensor,
+    keep: int,
+    causal: bool,
+    key_allowed: torch.Tensor | None,
+    key_add: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Fused DMA with a key-only mask. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``,
+    delta ``[B, Hkv, Lk]``, key_allowed bool ``[B, Lk]`` or None, key_add float32 ``[B, Lk]``
+    (additive, 0 where removed) or None. Returns ``[B, Hq, Lq, D]``."""
+    return dma_attention_fwd(q, k, v, delta, key_allowed, key_add, keep, causal, scale)[0]
