@@ -16,6 +16,11 @@ from sparse_compile.codegen.dma_select import dma_select
 __all__ = ["dma_attention_fused", "block_sizes"]
 
 
+def _interpreter_dtype(t: torch.Tensor) -> torch.Tensor:
+    """The CPU interpreter's ``tl.dot`` mishandles bfloat16: compute those in float32 there."""
+    return t.float() if t.device.type != "cuda" and t.dtype == torch.bfloat16 else t
+
+
 def block_sizes(device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): GPU tiles, or the smallest ``tl.dot`` tiles for the CPU interpreter."""
     return (64, 64) if device.type == "cuda" else (16, 16)
@@ -35,9 +40,10 @@ def dma_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``; see ``dma_attention_fused``."""
     block_m, block_n = block_sizes(q.device)
-    q, k, v, delta = (t.contiguous() for t in (q, k, v, delta))
-    selection = dma_select(delta, key_allowed, q.shape[2], keep, causal, block_m)
-    return dma_forward(q, k, v, delta, key_add, selection, causal, scale, block_n)
+    selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
+    qc, kc, vc, dc = (_interpreter_dtype(t).contiguous() for t in (q, k, v, delta))
+    out, lse = dma_forward(qc, kc, vc, dc, key_add, selection, causal, scale, block_n)
+    return out.to(q.dtype), lse
 
 
 @dma_attention_fwd.register_fake
@@ -62,11 +68,11 @@ def dma_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, ddelta)`` shaped and typed like ``(q, k, v, delta)``."""
     block_m, block_n = block_sizes(q.device)
-    grad_out, q, k, v, delta, out = (t.contiguous() for t in (grad_out, q, k, v, delta, out))
-    selection = dma_select(delta, key_allowed, q.shape[2], keep, causal, block_m)
-    return dma_backward(
-        grad_out, q, k, v, delta, key_add, out, lse, selection, causal, scale, block_n
-    )
+    selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
+    tensors = (grad_out, q, k, v, delta, out)
+    go, qc, kc, vc, dc, oc = (_interpreter_dtype(t).contiguous() for t in tensors)
+    grads = dma_backward(go, qc, kc, vc, dc, key_add, oc, lse, selection, causal, scale, block_n)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, delta), strict=True))
 
 
 @dma_attention_bwd.register_fake

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .dma_chunked import dma_attention_chunked
 from .dma_reference import bias_allows
 
-__all__ = ["dma_attention", "dma_delta", "attach_dma", "key_only_mask"]
+__all__ = ["dma_attention", "dma_delta", "key_only_mask"]
 
 
 def dma_delta(

@@ -1,0 +1,127 @@
+"""Fused DMA (Triton, interpreted on CPU) and the chunked path against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_error
+
+from sparse_compile.dma_chunked import dma_attention_chunked
+from sparse_compile.dma_reference import dma_reference
+from sparse_compile.dynamic_mask import dma_attention, key_only_mask
+
+
+def make_inputs(b, hq, hkv, lq, lk, d, tied=False, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
+    if tied:  # few distinct values: ties straddle every row's keep-th place
+        delta = torch.randint(0, 3, (b, hkv, lk), generator=gen).to(dtype) / 2
+    else:
+        delta = torch.rand(b, hkv, lk, generator=gen, dtype=dtype) * 2
+    return [t.requires_grad_() for t in (q, k, v, delta)]
+
+
+def padding(b, lk, pads):
+    mask = torch.ones(b, lk, dtype=torch.bool)
+    for row, n in enumerate(pads):
+        mask[row, :n] = False
+    return mask
+
+
+def check(fn, inputs, keep, causal, bias, ref_bias, tol=1e-4):
+    q, k, v, delta = inputs
+    out = fn(q, k, v, delta, keep, causal, bias)
+    ref = dma_reference(q, k, v, delta, keep, causal=causal, bias=ref_bias)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_error(out, ref) < tol
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad.double())
+    for name, g, w in zip("q k v delta".split(), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == inputs["qkvd".index(name[0])].dtype
+        assert rel_error(g, w) < tol, name
+
+
+CASES = [
+    # b, hq, hkv, lq, lk, d, keep, pads, tied
+    (1, 2, 2, 40, 40, 16, 8, None, False),  # MHA, several query blocks
+    (2, 4, 2, 24, 33, 16, 5, [0, 7], False),  # GQA, ragged Lq < Lk, padding
+    (1, 3, 1, 19, 19, 24, 1, None, False),  # keep = 1, D not a power of two, MQA
+    (2, 2, 1, 30, 30, 16, 6, [4, 0], True),  # ties at the threshold
+    (1, 2, 2, 21, 21, 16, 32, [3], False),  # Lk <= keep: no sparsity
+    (1, 2, 2, 18, 18, 16, 18, None, True),  # Lk == keep exactly
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_fused_matches_reference(case, causal):
+    b, hq, hkv, lq, lk, d, keep, pads, tied = case
+    inputs = make_inputs(b, hq, hkv, lq, lk, d, tied)
+    mask = padding(b, lk, pads) if pads else None
+    ref_bias = mask[:, None, None, :] if mask is not None else None
+    check(dma_attention, inputs, keep, causal, mask, ref_bias)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_with_query_dependent_mask(causal):
+    """A mask that varies per row (not key-only) takes the chunked path, still exact."""
+    inputs = make_inputs(2, 4, 2, 20, 26, 8, tied=True, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    low = torch.finfo(torch.float32).min
+    bias = torch.where(torch.rand(2, 1, 20, 26, generator=gen) > 0.3, 0.0, low)
+    assert not key_only_mask(bias, 2, 26)[0]
+    check(dma_attention, inputs, 4, causal, bias, bias)
+
+
+def test_chunked_path_small_chunks():
+    inputs = make_inputs(1, 2, 1, 23, 23, 8, tied=True, seed=7)
+
+    def chunked(q, k, v, delta, keep, causal, bias):
+        return dma_attention_chunked(q, k, v, delta, keep, causal, bias, chunk=5)
+
+    check(chunked, inputs, 6, True, None, None)
+
+
+def test_additive_key_bias_is_added():
+    inputs = make_inputs(2, 2, 2, 17, 17, 16, seed=11)
+    bias = torch.randn(2, 17)
+    bias[1, :3] = float("-inf")
+    check(dma_attention, inputs, 4, True, bias, bias[:, None, None, :])
+
+
+def test_bfloat16_forward():
+    q, k, v, delta = make_inputs(1, 2, 2, 32, 32, 16, seed=13, dtype=torch.bfloat16)
+    out = dma_attention(q, k, v, delta, 6)
+    ref = dma_reference(q, k, v, delta, 6)
+    assert out.dtype == torch.bfloat16 and rel_error(out, ref) < 2e-2
+
+
+def test_rows_without_keys_are_zero():
+    q, k, v, delta = make_inputs(1, 1, 1, 8, 8, 16, seed=2)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 5:] = True  # causal rows 0..4 see only padding
+    out = dma_attention(q, k, v, delta, 2, True, mask)
+    assert torch.equal(out[0, 0, :5], torch.zeros(5, 16))
+    assert out[0, 0, 5:].abs().sum() > 0
+
+
+def test_keep_must_be_positive():
+    q, k, v, delta = make_inputs(1, 1, 1, 4, 4, 16)
+    with pytest.raises(ValueError, match="keep"):
+        dma_attention(q, k, v, delta, 0)
+
+
+def test_compiles_as_one_op():
+    inputs = make_inputs(1, 2, 1, 20, 20, 16, seed=4)
+    fn = torch.compile(lambda q, k, v, d: dma_attention(q, k, v, d, 5), backend="aot_eager",
+                       fullgraph=True)
+    out = fn(*inputs)
+    ref = dma_reference(*inputs, 5)
+    assert rel_error(out, ref) < 1e-4
+    got = torch.autograd.grad(out.sum(), inputs)
+    want = torch.autograd.grad(ref.sum(), inputs)
+    for g, w in zip(got, want, strict=True):
+        assert rel_error(g, w) < 1e-4
