@@ -192,6 +192,8 @@ class _Parser:
     def argument(self, name: Token, params: list[str], index: int) -> tuple[str, Token]:
         """One ``[NAME =] value`` argument; returns the parameter name and the value's token."""
         tok = self.peek()
+        if tok.kind == "end" or tok.text in (",", ")"):
+            raise self.error(f"{name.text}: expected an argument, found {self.describe(tok)}", tok)
         nxt = self.tokens[self.pos + 1]
         if tok.kind == "name" and nxt.kind == "op" and nxt.text == "=":
             self.pos += 2

@@ -46,5 +46,8 @@ class PatternError(ValueError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    # Short names (local's 'w') are far from their long spellings ('width') by edit distance.
+    close = close or [c for c in choices if word.startswith(c) or c.startswith(word)][:1]
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -337,11 +337,17 @@ class Heads(Pattern):
     def period(self) -> int:
         return len(self.patterns)
 
+    def _pick(self, head: int | None) -> Pattern:
+        # head None only reaches here when the period is 1 (keep_expr/interval check it).
+        return self.patterns[0 if head is None else head % len(self.patterns)]
+
     def for_head(self, head):
-        return self.patterns[head % len(self.patterns)].for_head(head)
+        return self._pick(head).for_head(head)
 
     def _keep(self, q, k, h):
         n = len(self.patterns)
+        if h is None and n == 1:
+            return self.patterns[0]._keep(q, k, h)
         which = torch.remainder(h, n)
         out = None
         for i, p in enumerate(self.patterns):
@@ -350,10 +356,10 @@ class Heads(Pattern):
         return out
 
     def _expr(self, head):
-        return self.for_head(head)._expr(head)
+        return self._pick(head)._expr(head)
 
     def _interval(self, head):
-        return self.patterns[head % len(self.patterns)]._interval(head)
+        return self._pick(head)._interval(head)
 
     def text(self):
         return "heads(" + ", ".join(p.text() for p in self.patterns) + ")"

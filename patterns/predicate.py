@@ -62,6 +62,10 @@ class Predicate(Pattern):
     def period(self) -> int:
         return self.heads or 1
 
+    @property
+    def uses_head(self) -> bool:
+        return H in self.expr.free_symbols
+
     @functools.cached_property
     def toeplitz(self) -> bool:
         """True when the expression depends on ``q - k`` only."""

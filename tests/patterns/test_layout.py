@@ -1,0 +1,140 @@
+"""Layouts are exact against the dense mask, including ragged blocks, Lq != Lk and per-head."""
+
+from __future__ import annotations
+
+import pytest
+import sparse_compile.patterns as P
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pattern_defs import PREDICATES, patterns
+
+
+def kinds_from_mask(mask: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
+    """Tile kinds computed the obvious way from a dense mask [..., lq, lk]."""
+    lq, lk = mask.shape[-2:]
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    out = torch.empty(mask.shape[:-2] + (nq, nk), dtype=torch.uint8)
+    for i in range(nq):
+        for j in range(nk):
+            tile = mask[..., i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            some = tile.flatten(-2).any(-1)
+            every = tile.flatten(-2).all(-1)
+            out[..., i, j] = torch.where(every, 2, torch.where(some, 1, 0)).to(torch.uint8)
+    return out
+
+
+def check_tables(layout: P.Layout, kinds: torch.Tensor) -> None:
+    """The CSR tables list exactly the PARTIAL / FULL tiles, ascending, padding 0."""
+    kinds = kinds if kinds.dim() == 3 else kinds[None]
+    n, nq, nk = kinds.shape
+    tables = [
+        (layout.kv_partial_counts, layout.kv_partial_indices, kinds, 1),
+        (layout.kv_full_counts, layout.kv_full_indices, kinds, 2),
+        (layout.q_partial_counts, layout.q_partial_indices, kinds.transpose(1, 2), 1),
+        (layout.q_full_counts, layout.q_full_indices, kinds.transpose(1, 2), 2),
+    ]
+    for counts, indices, k, kind in tables:
+        assert counts.dtype == indices.dtype == torch.int32
+        assert counts.shape == k.shape[:2] and indices.shape[:2] == k.shape[:2]
+        assert indices.shape[2] == max(1, int(counts.max()) if counts.numel() else 1)
+        for h in range(k.shape[0]):
+            for r in range(k.shape[1]):
+                want = (k[h, r] == kind).nonzero().flatten()
+                c = int(counts[h, r])
+                assert c == want.numel()
+                assert indices[h, r, :c].tolist() == want.tolist()
+                assert not indices[h, r, c:].any()
+
+
+def check_layout(p: P.Pattern, lq: int, lk: int, bm: int, bn: int) -> None:
+    layout = p.layout(lq, lk, bm, bn)
+    mask = p.mask(lq, lk)
+    expected = kinds_from_mask(mask, bm, bn)
+    assert layout.kinds.shape == expected.shape
+    assert torch.equal(layout.kinds, expected), f"{p} lq={lq} lk={lk} {bm}x{bn}"
+    assert layout.density == pytest.approx(mask.double().mean().item() if mask.numel() else 0)
+    tiles = expected.numel()
+    assert layout.block_density == pytest.approx((expected > 0).sum().item() / tiles)
+    assert layout.num_heads == p.num_heads
+    if layout.is_interval:
+        k = expected if expected.dim() == 3 else expected[None]
+        j = torch.arange(k.shape[-1])
+        inside = (j >= layout.kv_start[..., None]) & (j < layout.kv_end[..., None])
+        full = (j >= layout.kv_full_start[..., None]) & (j < layout.kv_full_end[..., None])
+        assert not (k[~inside] > 0).any()
+        assert torch.equal(full, k == 2)
+    check_tables(layout, expected)
+
+
+lengths = st.integers(1, 300)
+blocks = st.sampled_from([16, 32, 64, 128])
+
+
+@settings(max_examples=120, deadline=None)
+@given(p=patterns(), lq=lengths, lk=lengths, bm=blocks, bn=blocks)
+def test_layout_exact_random(p, lq, lk, bm, bn):
+    check_layout(p, lq, lk, bm, bn)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=patterns(max_leaves=3, per_head=False), lq=st.integers(300, 1000),
+       lk=st.integers(300, 1000), bm=st.sampled_from([64, 128]), bn=st.sampled_from([64, 128]))
+def test_layout_exact_long(p, lq, lk, bm, bn):
+    check_layout(p, lq, lk, bm, bn)
+
+
+SMALL_BLOCKS = [
+    P.axial(4, 3), P.axial(5) & P.causal, P.block(6) & ~P.strided(2), P.fanout(2) | P.sink(3),
+    P.global_(5) & ~P.causal, P.window(2, 0) & P.block(8), P.block(8) & P.window(0, 3),
+    ~P.local(3) & P.sliding(9), PREDICATES[0] & P.axial(3), P.prefix(5) | P.causal,
+]
+
+
+@pytest.mark.parametrize("p", SMALL_BLOCKS, ids=str)
+@pytest.mark.parametrize("bm,bn", [(1, 1), (2, 3), (4, 4), (3, 7)])
+@pytest.mark.parametrize("lq,lk", [(13, 13), (11, 17), (17, 11)])
+def test_layout_exact_tiny_tiles(p, bm, bn, lq, lk):
+    check_layout(p, lq, lk, bm, bn)
+
+
+@pytest.mark.parametrize("p", [
+    P.causal, P.sliding(100), P.local(64) & P.causal, P.block(96), P.sink(10) & P.causal,
+    P.prefix(200), P.causal & P.prefix(70), ~P.causal, ~P.sink(40), P.dense, P.window(300, 0),
+], ids=str)
+def test_interval_patterns_take_the_closed_form_route(p):
+    layout = p.layout(500, 700, 64, 32)
+    assert layout.is_interval and layout.kv_start.shape == (1, 8)
+    check_layout(p, 500, 700, 64, 32)
+
+
+def test_gap_rows_are_exact():
+    # Rows of block(8) & window(-) style intersections can skip k-blocks inside one q-block.
+    p = P.block(16) & P.window(0, 9) & ~P.sliding(1) & ~P.causal
+    check_layout(p, 64, 64, 16, 2)
+
+
+def test_layout_never_builds_dense(monkeypatch):
+    # Layout of a 2**16-long sequence stays cheap for every built-in route.
+    for p in (P.causal & P.sliding(1024), P.strided(4096) & P.causal, P.axial(256),
+              P.fanout(2), P.global_(64) | P.local(512)):
+        layout = p.layout(1 << 16, 1 << 16)
+        assert layout.kinds.shape == (512, 512)
+
+
+def test_per_head_layout_has_head_dim():
+    p = P.heads(P.causal, P.sliding(64) & P.causal, P.strided(16))
+    layout = p.layout(200, 200, 32, 32)
+    assert layout.kinds.shape == (3, 7, 7) and layout.kv_partial_counts.shape == (3, 7)
+    check_layout(p, 200, 200, 32, 32)
+
+
+@pytest.mark.parametrize("lq,lk", [(0, 5), (5, 0)])
+def test_empty_sequences(lq, lk):
+    layout = P.causal.layout(lq, lk, 16, 16)
+    assert layout.density == 0.0 and layout.kinds.numel() == 0
+
+
+def test_layout_rejects_bad_sizes():
+    with pytest.raises(P.PatternError, match="block_m"):
+        P.causal.layout(10, 10, 0, 16)
