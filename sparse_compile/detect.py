@@ -31,6 +31,32 @@ from .operands import Operand, product_operands, shapes_reason
 MASK_FILL_THRESHOLD = -1e4
 
 
+@dataclass(frozen=True)
+class BatchView:
+    """A reshape that only regroups the batch axes (``[B·H, L, L] -> [B, H, L, L]``):
+    ``args`` are the graph values of the new batch sizes, ``sizes`` their example values."""
+
+    args: tuple[Any, ...]
+    sizes: tuple[Any, ...]
+
+
+def batch_view(node: Node) -> BatchView | None:
+    """The ``BatchView`` of a reshape/view node, or None if it touches the last two axes."""
+    if not ops.is_reshape(node) or node.target in ("flatten", torch.flatten):
+        return None
+    before, after = ops.tensor_value(node.args[0]), ops.tensor_value(node)
+    if before is None or after is None or after.dim() not in (3, 4):
+        return None
+    if tuple(before.shape[-2:]) != tuple(after.shape[-2:]):
+        return None
+    shape = node.args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+        shape = tuple(shape[0])
+    if len(shape) != after.dim():
+        return None
+    return BatchView(tuple(shape[:-2]), tuple(after.shape[:-2]))
+
+
 @dataclass
 class AttentionSite:
     """One attention found in a graph, normalised to the sparse op's arguments.
@@ -56,6 +82,8 @@ class AttentionSite:
     is_causal: bool = False
     dropout_p: float = 0.0
     out_perm: tuple[int, ...] | None = None
+    score_view: BatchView | None = None
+    weights_view: BatchView | None = None
     nodes: list[Node] = field(default_factory=list)
     reason: str | None = None
 
@@ -125,7 +153,7 @@ def _score_path(node: Any, depth: int = 0) -> list[Node] | None:
 def _is_chain_op(node: Node) -> bool:
     checks: tuple[Callable[[Any], bool], ...] = (
         ops.is_mul, ops.is_div, ops.is_add, ops.is_sub, ops.is_masked_fill, ops.is_where,
-        ops.is_cast_or_identity, ops.is_tanh,
+        ops.is_cast_or_identity, ops.is_tanh, ops.is_reshape,
     )
     return any(check(node) for check in checks)
 
@@ -140,7 +168,8 @@ def _weights_path(softmax: Node) -> tuple[list[Node], Node | None, bool]:
         nxt = next((u for u in users if ops.is_product(u)), None)
         if nxt is not None:
             return path, nxt, elsewhere
-        nxt = next((u for u in users if ops.is_dropout(u) or ops.is_cast_or_identity(u)), None)
+        nxt = next((u for u in users if ops.is_dropout(u) or ops.is_cast_or_identity(u)
+                    or batch_view(u) is not None), None)
         if nxt is None:
             return path, None, elsewhere
         path.append(nxt)
@@ -167,11 +196,12 @@ def _softmax_site(softmax: Node) -> AttentionSite | None:
     site.nodes = [*chain, softmax, *post, pv]
     site.reason = (
         _softmax_dim_reason(softmax)
-        or _single_use_reason(chain, elsewhere)
+        or _single_use_reason(chain, site.nodes, elsewhere)
         or _read_scores(site, product)
         or _read_steps(site, product, steps)
         or _read_post(site, post)
         or _read_output(site, pv, post[-1] if post else softmax)
+        or _apply_views(site)
         or shapes_reason(site.q, site.k, site.v)
     )
     return site
@@ -195,8 +225,12 @@ def _softmax_dim_reason(softmax: Node) -> str | None:
     return None
 
 
-def _single_use_reason(chain: list[Node], weights_elsewhere: bool) -> str | None:
-    if weights_elsewhere or any(len(n.users) != 1 for n in chain):
+def _single_use_reason(chain: list[Node], site_nodes: list[Node],
+                       weights_elsewhere: bool) -> str | None:
+    """Scores and weights may only feed the site itself (``type_as(scores)`` after the
+    softmax reads a dtype only, and goes away with the site)."""
+    inside = set(site_nodes)
+    if weights_elsewhere or any(set(n.users) - inside for n in chain):
         return "the attention weights or scores are used elsewhere (returned or stored)"
     return None
 
@@ -258,6 +292,12 @@ def _step_reason(site: AttentionSite, node: Node, index: int) -> str | None:
                 "cannot express it")
     if ops.is_cast_or_identity(node):
         return None
+    if ops.is_reshape(node):
+        view = batch_view(node) if index == 0 else None
+        if view is None or site.score_view is not None:
+            return f"{node.name} reshapes the scores beyond regrouping batch axes"
+        site.score_view = view
+        return None
     if ops.is_mul(node) or (ops.is_div(node) and index == 0):
         return _factor_reason(site, node, node.args[1 - index], ops.is_div(node))
     if ops.is_add(node) or (ops.is_sub(node) and index == 0):
@@ -299,6 +339,10 @@ def _fill_reason(fill: Any) -> str | None:
 
 def _read_post(site: AttentionSite, post: list[Node]) -> str | None:
     for node in post:
+        if ops.is_reshape(node):
+            if site.weights_view is not None:
+                return "the attention weights are reshaped twice"
+            site.weights_view = batch_view(node)
         if ops.is_dropout(node):
             p = ops.arg(node, 1, "p", 0.5)
             training = ops.arg(node, 2, "training" if node.target is not torch.dropout
@@ -331,6 +375,15 @@ def _read_output(site: AttentionSite, pv: Node, weights: Node) -> str | None:
     if ops.tensor_value(v).dim() != ops.tensor_value(weights).dim():
         return "the values do not have the weights' number of dimensions"
     site.v = Operand(v)
+    return None
+
+
+def _apply_views(site: AttentionSite) -> str | None:
+    """Bring q, k, v to the softmax's layout when batch axes were regrouped on the way."""
+    if site.score_view is not None:
+        site.q.batch = site.k.batch = site.score_view
+    if site.weights_view is not None:
+        site.v.batch = site.score_view or BatchView(None, site.q.shape()[:-2])
     return None
 
 

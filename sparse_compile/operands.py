@@ -17,12 +17,16 @@ class Operand:
 
     node: Any
     perm: tuple[int, ...] | None = None
+    batch: Any = None  # a detect.BatchView regrouping the batch axes after the permute
 
     def shape(self) -> tuple[Any, ...]:
         t = ops.tensor_value(self.node)
         if t is None:
             raise ValueError("operand is not a tensor")
-        return tuple(t.shape) if self.perm is None else tuple(t.shape[i] for i in self.perm)
+        shape = tuple(t.shape) if self.perm is None else tuple(t.shape[i] for i in self.perm)
+        if self.batch is not None:
+            return (*self.batch.sizes, *shape[-2:])
+        return shape
 
 
 def _swap_last_two(ndim: int) -> tuple[int, ...]:
@@ -115,7 +119,7 @@ def peel_repeat_kv(node: Any) -> tuple[Node, int] | None:
 
 def peel_gqa(k: Operand, v: Operand) -> tuple[Operand, Operand]:
     """k and v without their GQA head repetition, when both repeat the same way."""
-    if k.perm is not None or v.perm is not None:
+    if k.perm is not None or v.perm is not None or k.batch is not None or v.batch is not None:
         return k, v
     pk, pv = peel_repeat_kv(k.node), peel_repeat_kv(v.node)
     if pk is None or pv is None or pk[1] != pv[1]:

@@ -11,6 +11,7 @@ masks and biases are kept: the score chain between Q·Kᵀ and the softmax is af
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,20 +28,46 @@ _OUT_OF_PLACE = {
 }
 
 
-def _materialise(graph: Graph, operand: Operand) -> Any:
-    if operand.perm is None:
-        return operand.node
-    return graph.call_method("permute", (operand.node, *operand.perm))
+def _sizes(graph: Graph, x: Any, dims: range) -> list[Node]:
+    return [graph.call_method("size", (x, d)) for d in dims]
+
+
+def _regroup(graph: Graph, x: Any, batch: tuple[Any, ...]) -> Node:
+    """``x [..., L, D]`` reshaped to ``[*batch, L, D]``."""
+    return graph.call_method("reshape", (x, *batch, *_sizes(graph, x, range(-2, 0))))
+
+
+def _materialise(graph: Graph, operand: Operand, like: Any = None) -> Any:
+    """The operand in ``[batch..., L, D]``; ``like`` supplies batch sizes a view leaves open."""
+    x = operand.node
+    if operand.perm is not None:
+        x = graph.call_method("permute", (x, *operand.perm))
+    if operand.batch is not None:
+        batch = operand.batch.args
+        if batch is None:
+            batch = _sizes(graph, like, range(len(operand.batch.sizes)))
+        x = _regroup(graph, x, batch)
+    return x
 
 
 def _replay_bias(graph: Graph, site: AttentionSite, like: Any) -> Any:
-    """The score chain applied to zero instead of Q·Kᵀ: the model's additive bias."""
+    """The score chain applied to zero instead of Q·Kᵀ: the model's additive bias.
+
+    ``like`` is q in the product's layout (dtype, device and batch sizes of the scores)."""
+    zero = None
     if site.bias_start is not None:
         start, beta = site.bias_start
         current = start if beta == 1 else graph.call_function(operator.mul, (start, beta))
     else:
-        current = graph.call_method("new_zeros", (like, ()))
+        current = zero = graph.call_method("new_zeros", (like, ()))
     for node, index in site.bias_steps:
+        if ops.is_reshape(node):
+            if current is not zero:
+                ndim = len(ops.tensor_value(node.args[0]).shape)
+                batch = _sizes(graph, like, range(ndim - 2))
+                current = graph.call_method("expand", (current, *batch, -1, -1))
+                current = _regroup(graph, current, site.score_view.args)
+            continue
         args = list(node.args)
         args[index] = current
         target = node.target
@@ -87,13 +114,14 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
     graph = gm.graph
     ndim = len(site.q.shape())
     with graph.inserting_before(site.output):
+        q_product = _materialise(graph, replace(site.q, batch=None))
         q = _materialise(graph, site.q)
         for kind, factor in site.q_factors:
             fn = operator.mul if kind == "mul" else operator.truediv
             q = graph.call_function(fn, (q, factor))
         k_operand, v_operand = peel_gqa(site.k, site.v)
-        k, v = _materialise(graph, k_operand), _materialise(graph, v_operand)
-        bias = _replay_bias(graph, site, site.q.node) if site.has_bias else None
+        k, v = _materialise(graph, k_operand), _materialise(graph, v_operand, like=q)
+        bias = _replay_bias(graph, site, q_product) if site.has_bias else None
         if site.form == "sdpa":
             bias = site.attn_mask
             if site.is_causal and not _lengths_equal(site.q, site.k):
@@ -107,6 +135,9 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
         )
         if ndim == 3:
             out = graph.call_method("squeeze", (out, 0))
+        if site.weights_view is not None:
+            v_batch = len(ops.tensor_value(site.v.node).shape) - 2
+            out = _regroup(graph, out, tuple(_sizes(graph, site.v.node, range(v_batch))))
         if site.out_perm is not None:
             out = graph.call_method("permute", (out, *site.out_perm))
         out = graph.call_method("to", (out, ops.tensor_value(site.output).dtype))

@@ -1,0 +1,74 @@
+"""The oracle for whole models: run a model uncompiled with the pattern applied by hand.
+
+Inside ``pattern_by_hand(pattern)`` every softmax over the last axis of a ``[..., Lq, Lk]``
+tensor gets ``where(keep, 0, -inf)`` added to its input, and every
+``F.scaled_dot_product_attention`` gets the pattern folded into its mask (with SDPA's own
+top-left ``is_causal`` mask made explicit). ``keep`` is ``pattern.mask(Lq, Lk)``, i.e. query
+``i`` at absolute position ``i + Lk - Lq`` (DESIGN.md §2). This shares no code with the
+backend's detection or rewrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sparse_compile.patterns import Pattern, parse
+
+
+def _pattern_bias(pattern: Pattern, lq: int, lk: int, like: torch.Tensor) -> torch.Tensor:
+    keep = pattern.mask(lq, lk, device=like.device)
+    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~keep, float("-inf"))
+
+
+@contextlib.contextmanager
+def pattern_by_hand(pattern: Pattern | str) -> Iterator[None]:
+    """Patch softmax and SDPA so attention applies ``pattern`` explicitly."""
+    pattern = parse(pattern) if isinstance(pattern, str) else pattern
+    originals = {
+        "torch.softmax": torch.softmax,
+        "F.softmax": F.softmax,
+        "Tensor.softmax": torch.Tensor.softmax,
+        "F.sdpa": F.scaled_dot_product_attention,
+    }
+
+    def masked(x: torch.Tensor, dim: Any) -> torch.Tensor:
+        if x.dim() >= 2 and isinstance(dim, int) and dim % x.dim() == x.dim() - 1:
+            return x + _pattern_bias(pattern, x.shape[-2], x.shape[-1], x)
+        return x
+
+    def f_softmax(x: torch.Tensor, dim: Any = None, _stacklevel: int = 3, dtype: Any = None):
+        return originals["F.softmax"](masked(x, dim), dim=dim, dtype=dtype)
+
+    def t_softmax(x: torch.Tensor, dim: Any, dtype: Any = None):
+        return originals["torch.softmax"](masked(x, dim), dim, dtype=dtype)
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
+        lq, lk = q.shape[-2], k.shape[-2]
+        bias = _pattern_bias(pattern, lq, lk, q)
+        if is_causal:
+            top_left = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            bias = bias.masked_fill(~top_left, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                bias = bias.masked_fill(~attn_mask, float("-inf"))
+            else:
+                bias = bias + attn_mask
+        return originals["F.sdpa"](q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p,
+                                   scale=scale, enable_gqa=enable_gqa)
+
+    torch.softmax = t_softmax
+    F.softmax = f_softmax
+    torch.Tensor.softmax = t_softmax
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.softmax = originals["torch.softmax"]
+        F.softmax = originals["F.softmax"]
+        torch.Tensor.softmax = originals["Tensor.softmax"]
+        F.scaled_dot_product_attention = originals["F.sdpa"]
