@@ -103,6 +103,8 @@ def dma_backward(
     causal: bool,
     scale: float,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, ddelta)`` in the dtypes of q, k, v, delta; shapes as the forward.
     dout/q/out ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``, lse ``[B, Hq, Lq]`` from the forward."""
@@ -124,5 +126,6 @@ def dma_backward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype), ddelta.to(delta.dtype)

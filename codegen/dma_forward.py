@@ -98,6 +98,8 @@ def dma_forward(
     causal: bool,
     scale: float,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (last dim contiguous),
     delta ``[B, Hkv, Lk]`` contiguous, key_bias ``[B, Lk]`` float32 (0 where allowed) or None.
@@ -116,5 +118,6 @@ def dma_forward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -1,0 +1,331 @@
+"""DMA benchmark: fused dynamic-mask attention against dense causal SDPA, FlexAttention with the
+equivalent block mask, and Doge's eager path.
+
+B=1, H=16, D=128, bf16, causal, keep=2048; delta = exp(A * softplus(V W + b)) from random V
+through a random projection (kept keys scattered over the whole sequence). Prints one table and
+saves it with the conditions to bench/results/dma-<gpu>.md.
+
+    python bench/dma.py                      # L = 8k, 32k, 128k on the GPU
+    python bench/dma.py --lengths 256 --keep 64 --heads 2 --dim 16 --device cpu   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sparse_compile.codegen.dma_backward import dma_backward
+from sparse_compile.codegen.dma_forward import dma_forward
+from sparse_compile.codegen.dma_select import dma_select, selection_rank_order
+
+from sparse_compile.dma_reference import keep_mask
+from sparse_compile.dynamic_mask import dma_attention, dma_delta
+
+
+def timed(fn, device: str) -> float:
+    """Median milliseconds of fn() (triton do_bench on CUDA, a wall-clock loop elsewhere)."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_problem(length, heads, dim, keep, device, dtype, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, length, dim, device=device, dtype=dtype, generator=gen)
+               for _ in range(3))
+    weight = torch.randn(heads, heads * dim, device=device, dtype=dtype, generator=gen)
+    weight = weight / math.sqrt(heads * dim)
+    bias = torch.zeros(heads, device=device, dtype=dtype)
+    a = torch.rand(heads, device=device, dtype=dtype, generator=gen) * 4
+    delta = dma_delta(v, weight, bias, a)
+    return q, k, v, delta.contiguous()
+
+
+def kept_entries(length: int, keep: int) -> int:
+    """Kept (q, k) entries of one head under causal DMA: sum over rows of min(keep, p + 1)."""
+    full = min(keep, length)
+    return full * (full + 1) // 2 + max(0, length - keep) * keep
+
+
+def flex_equivalent(q, k, v, delta, keep):
+    """FlexAttention with DMA's selection as mask_mod (block mask built here, outside timing)
+    and delta as score_mod. Returns (run_fn, build_seconds)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    heads, length = q.shape[1], q.shape[2]
+    order, _ = selection_rank_order(delta, None)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(length, device=q.device, dtype=order.dtype).expand_as(order)
+    )
+    sel = dma_select(delta, None, length, keep, True, 64)
+    thr = sel.thr  # [H, L] (B = 1)
+    d = delta[0].float()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (rank[h, kv_idx] <= thr[h, q_idx])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + d[h, kv_idx]
+
+    start = time.perf_counter()
+    block_mask = create_block_mask(mask_mod, 1, heads, length, length, device=q.device,
+                                   _compile=True)
+    torch.cuda.synchronize() if q.is_cuda else None
+    build = time.perf_counter() - start
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(qq, kk, vv):
+        return flex(qq, kk, vv, score_mod=score_mod, block_mask=block_mask)
+
+    return run, build, block_mask
+
+
+def doge_eager(q, k, v, delta, keep):
+    """Doge's own path: prepare_dynamic_mask on the 4D causal mask, then eager attention."""
+    from transformers.models.doge import modeling_doge as doge
+
+    length = q.shape[2]
+    low = torch.finfo(q.dtype).min
+    causal = torch.full((length, length), low, device=q.device, dtype=q.dtype).triu(1)
+    causal = causal[None, None]
+    hidden = q.new_empty(1, length, 1)
+
+    class Stub:
+        num_key_value_groups = 1
+        training = False
+
+    mask = doge.DogeAttention.prepare_dynamic_mask(None, hidden, delta, keep, causal)
+    out, _ = doge.eager_attention_forward(Stub(), q, k, v, mask, q.shape[-1] ** -0.5)
+    return out.transpose(1, 2)
+
+
+def exact_check(device: str) -> str:
+    """Public op (fused path) against the float64 reference at a small size: forward and the
+    gradients of q, k, v and delta, float32 inputs, GQA, key padding."""
+    from sparse_compile.dma_reference import dma_reference
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(2, 4, 1000, 64, device=device, generator=gen)
+    k, v = (torch.randn(2, 2, 1000, 64, device=device, generator=gen) for _ in range(2))
+    delta = torch.randint(0, 50, (2, 2, 1000), device=device, generator=gen).float() / 10
+    pad = torch.ones(2, 1000, dtype=torch.bool, device=device)
+    pad[1, :37] = False
+    inputs = [t.requires_grad_() for t in (q, k, v, delta)]
+    out = dma_attention(*inputs, 100, True, pad)
+    ref = dma_reference(*inputs, 100, True, pad[:, None, None, :])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad.double())
+    errs = [rel(out, ref)] + [rel(g, w) for g, w in zip(got, want, strict=True)]
+    names = ["out", "dq", "dk", "dv", "ddelta"]
+    return "exact check vs float64 reference (f32, tf32 dots): " + ", ".join(
+        f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True))
+
+
+def fused_fns(q, k, v, delta, keep, cfg_fwd, cfg_bwd):
+    scale = q.shape[-1] ** -0.5
+    bm_f, bn_f, w_f = cfg_fwd
+    bm_b, bn_b, w_b = cfg_bwd
+
+    def fwd():
+        sel = dma_select(delta, None, q.shape[2], keep, True, bm_f)
+        return dma_forward(q, k, v, delta, None, sel, True, scale, bn_f, w_f)
+
+    def fwd_bwd(dout):
+        out, lse = fwd()
+        sel = dma_select(delta, None, q.shape[2], keep, True, bm_b)
+        return dma_backward(dout, q, k, v, delta, None, out, lse, sel, True, scale, bn_b, w_b)
+
+    return fwd, fwd_bwd
+
+
+def tune(q, k, v, delta, keep, device):
+    """Pick (BLOCK_M, BLOCK_N, warps) for forward and backward at this size."""
+    dout = torch.randn_like(q)
+    best_f, best_b, rows = None, None, []
+    for cfg in [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4)]:
+        fwd, _ = fused_fns(q, k, v, delta, keep, cfg, cfg)
+        ms = timed(fwd, device)
+        rows.append(f"fwd {cfg}: {ms:.3f} ms")
+        best_f = min(best_f or (ms, cfg), (ms, cfg))
+    for cfg in [(64, 64, 4), (64, 32, 4), (128, 32, 8), (32, 64, 4)]:
+        _, fb = fused_fns(q, k, v, delta, keep, best_f[1], cfg)
+        ms = timed(lambda fb=fb: fb(dout), device)
+        rows.append(f"fwd+bwd {cfg}: {ms:.3f} ms")
+        best_b = min(best_b or (ms, cfg), (ms, cfg))
+    return best_f[1], best_b[1], rows
+
+
+def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines):
+    """Time every variant at one sequence length; appends rows to table and notes to lines."""
+    q, k, v, delta = make_problem(length, args.heads, args.dim, args.keep, device, dtype)
+    dout = torch.randn_like(q)
+    work = 4 * args.heads * args.dim * kept_entries(length, args.keep)
+    fwd, fwd_bwd = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b)
+
+    def add(name, f_ms, fb_ms, sdpa_fb, check):
+        tf = work / (f_ms * 1e-3) / 1e12 if f_ms else float("nan")
+        sp = f"{sdpa_fb / fb_ms:.2f}x" if fb_ms and sdpa_fb else "-"
+        fb = f"{fb_ms:.2f}" if fb_ms else "-"
+        table.append(f"| {length} | {name} | {f_ms:.2f} | {fb} | {tf:.1f} | {sp} | {check} |")
+        print(table[-1], flush=True)
+
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+    def sdpa_fb():
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        out.backward(dout)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa_f = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                       device)
+        sdpa_b = timed(sdpa_fb, device)
+    add("dense causal SDPA (flash)", sdpa_f, sdpa_b, sdpa_b, "-")
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cf = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                       device)
+            cb = timed(sdpa_fb, device)
+        add("dense causal SDPA (cuDNN)", cf, cb, sdpa_b, "-")
+    except RuntimeError as err:
+        lines.append(f"cuDNN SDPA unavailable at L={length}: {str(err)[:80]}")
+
+    start = time.perf_counter()
+    out_ours, _ = fwd()
+    torch.cuda.synchronize() if device == "cuda" else None
+    first = time.perf_counter() - start
+    f_ms = timed(fwd, device)
+    fb_ms = timed(lambda: fwd_bwd(dout), device)
+    sel_ms = timed(lambda: dma_select(delta, None, length, args.keep, True, cfg_f[0]), device)
+    op_ms = timed(lambda: dma_attention(q, k, v, delta, args.keep), device)
+    lines.append(f"L={length}: selection alone {sel_ms:.3f} ms; public op (default "
+                 f"blocks) fwd {op_ms:.3f} ms; ours first call {first:.2f} s")
+
+    check = "-"
+    if length <= args.flex_max:
+        run, build, block_mask = flex_equivalent(q, k, v, delta, args.keep)
+        out_flex = run(q, k, v)
+        check = f"rel err vs flex {rel(out_ours, out_flex):.1e}"
+        flex_f = timed(lambda run=run: run(q, k, v), device)
+
+        def flex_fb(run=run):
+            run(qg, kg, vg).backward(dout)
+
+        # FlexAttention has no CPU backward (smoke runs only).
+        flex_b = timed(flex_fb, device) if device == "cuda" else None
+        if length == args.lengths[0] and device == "cuda":
+            qg.grad = kg.grad = vg.grad = None
+            run(qg, kg, vg).backward(dout)
+            dq, dk, dv, _ = fwd_bwd(dout)
+            check += (f"; grads vs flex q {rel(dq, qg.grad):.1e} k {rel(dk, kg.grad):.1e}"
+                      f" v {rel(dv, vg.grad):.1e}")
+        add("FlexAttention (DMA block mask)", flex_f, flex_b, sdpa_b, "-")
+        lines.append(f"L={length}: flex block mask build {build:.2f} s, block density "
+                     f"{block_mask.sparsity() if hasattr(block_mask, 'sparsity') else '?'}% "
+                     "sparse")
+        del block_mask, run
+    add("ours: fused DMA", f_ms, fb_ms, sdpa_b, check)
+
+    if length <= args.doge_max:
+        try:
+            out_doge = doge_eager(q, k, v, delta, args.keep)
+            doge_ms = timed(lambda: doge_eager(q, k, v, delta, args.keep), device)
+
+            def doge_fb():
+                doge_eager(qg, kg, vg, delta, args.keep).backward(dout)
+
+            doge_fb_ms = timed(doge_fb, device)
+            add("Doge eager (dense mask + topk)", doge_ms, doge_fb_ms, sdpa_b,
+                f"rel err ours vs Doge {rel(out_ours, out_doge):.1e}")
+        except (ImportError, torch.OutOfMemoryError) as err:
+            lines.append(f"Doge eager skipped at L={length}: {type(err).__name__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--keep", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--doge-max", type=int, default=8192, help="largest L for Doge eager")
+    parser.add_argument("--flex-max", type=int, default=131072, help="largest L for Flex")
+    args = parser.parse_args()
+    torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
+    device, dtype = args.device, getattr(torch, args.dtype)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    tag = gpu.split()[-1].lower().replace("/", "-") if device == "cuda" else "cpu"
+    lines: list[str] = []
+
+    # Ties: CUDA torch.topk keeps the lower index among equal values (our documented rule).
+    tie_delta = torch.randint(0, 4, (2, 3, 6000), device=device).to(dtype)
+    allowed = torch.ones(1, 1, 1, 6000, dtype=torch.bool, device=device)
+    ties_ok = all(torch.equal(keep_mask(tie_delta, allowed, n, "topk"),
+                              keep_mask(tie_delta, allowed, n)) for n in (1, 100, 2048))
+    lines.append(f"torch.topk ties == lower-index rule on {device}: {ties_ok}")
+    print(lines[-1], flush=True)
+
+    lines.append(exact_check(device))
+    print(lines[-1], flush=True)
+
+    length0 = 32768 if 32768 in args.lengths else args.lengths[0]
+    q, k, v, delta = make_problem(length0, args.heads, args.dim, args.keep, device, dtype)
+    cfg_f, cfg_b, tune_rows = tune(q, k, v, delta, args.keep, device)
+    lines += [f"tuning at L={length0}: " + "; ".join(tune_rows),
+              f"chosen fwd {cfg_f}, bwd {cfg_b}"]
+    print("\n".join(lines[-2:]), flush=True)
+
+    header = ("| L | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s eff | speed-up fwd+bwd vs SDPA "
+              "| check |")
+    table = [header, "|---|---|---|---|---|---|---|"]
+
+    def save():
+        text = "\n".join([
+            f"# DMA benchmark on {gpu}", "",
+            f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+            f"- torch {torch.__version__}, triton {__import__('triton').__version__}, "
+            f"python {platform.python_version()}",
+            f"- command: `python {' '.join(sys.argv)}`",
+            f"- B=1, H={args.heads}, D={args.dim}, {args.dtype}, causal, keep={args.keep}; "
+            "delta from random V through a random projection; median of triton do_bench.",
+            "- TFLOP/s eff = 4*B*H*D*(kept entries)/fwd time (kept entries of DMA for every "
+            "variant); fwd+bwd counts 3.5x the forward's work.",
+            "- ours fwd includes the selection (sort + scan); fwd+bwd recomputes it.", "",
+            *[f"- {x}" for x in lines], "", *table, "",
+        ])
+        out = Path(__file__).parent / "results" / f"dma-{tag}.md"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+    for length in args.lengths:
+        bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines)
+        save()
+        torch.cuda.empty_cache() if device == "cuda" else None
+    print("\n".join(lines))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
