@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .backward_delta import launch_delta
 from .backward_dkdv import launch_dkdv
 from .backward_dq import launch_dq
 from .config import TileConfig, default_config
@@ -91,7 +92,7 @@ def backward(
     lq, lk = q.shape[2], k.shape[2]
     module = kernel_module(pattern)
     n_heads = pattern_heads(pattern)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    delta = launch_delta(out, dout)
     kb = kernel_bias(bias)
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():

@@ -1,0 +1,314 @@
+"""Benchmark: generated sparse attention vs FlexAttention vs dense SDPA (flash, cuDNN).
+
+One process, one call: for each head dim, length and pattern it checks our forward output and
+gradients against FlexAttention on the exact timed inputs, then times forward and
+forward+backward (median of triton.testing.do_bench) of ours and of compiled FlexAttention
+(same mask_mod, block mask built once outside the timed region), plus dense SDPA, and reports
+effective TFLOP/s on kept entries (forward 4·B·H·D·kept; backward counted as 2.5x the forward's
+work) and first-call cost (layout + codegen + compile) separately. Prints one table and writes
+it with the conditions to bench/results/<gpu>.md (or --out).
+
+    python bench/attention.py                       # the full grid of the issue
+    python bench/attention.py --dims 128 --lengths 16384 --patterns "causal"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import triton
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.config import TileConfig, default_config
+from sparse_compile.patterns import parse
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+PATTERNS = [
+    "dense",
+    "causal",
+    "causal & sliding(1024)",
+    "local(1024)",
+    "block(512)",
+    "axial(128)",
+    "causal & (sink(4) | sliding(1024))",
+    "global(16) | local(512)",
+    "causal & strided(64)",
+]
+
+
+def mask_mod_for(text: str) -> Callable:
+    """FlexAttention mask_mod with exactly the pattern's semantics (Lq == Lk here)."""
+    mods = {
+        "dense": lambda b, h, q, k: q >= 0,
+        "causal": lambda b, h, q, k: k <= q,
+        "causal & sliding(1024)": lambda b, h, q, k: (k <= q) & (q - k < 1024),
+        "local(1024)": lambda b, h, q, k: (q - k <= 512) & (k - q <= 512),
+        "block(512)": lambda b, h, q, k: q // 512 == k // 512,
+        "axial(128)": lambda b, h, q, k: (q // 128 == k // 128) | (q % 128 == k % 128),
+        "causal & (sink(4) | sliding(1024))": lambda b, h, q, k: (k <= q)
+        & ((k < 4) | (q - k < 1024)),
+        "global(16) | local(512)": lambda b, h, q, k: (k < 16) | (q < 16)
+        | ((q - k <= 256) & (k - q <= 256)),
+        "causal & strided(64)": lambda b, h, q, k: (k <= q) & ((q - k) % 64 == 0),
+    }
+    return mods[text]
+
+
+def check_mask_mod(text: str, n: int = 700) -> None:
+    """The mask_mod agrees with the pattern's numeric truth on an n x n grid."""
+    q = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    ours = parse(text).evaluate(q, k)
+    theirs = mask_mod_for(text)(0, 0, q, k).expand(n, n)
+    assert torch.equal(ours, theirs), f"mask_mod for {text!r} disagrees with the pattern"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench(fn: Callable, rep: int) -> float:
+    return triton.testing.do_bench(fn, warmup=rep // 4, rep=rep, return_mode="median")
+
+
+def first_call(fn: Callable) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def tune(d: int, length: int, heads: int, rep: int) -> TileConfig:
+    """Pick forward and backward tiles on causal & sliding(1024) (a typical banded pattern)."""
+    base = default_config(torch.device("cuda"), d, torch.bfloat16)
+    text = "causal & sliding(1024)"
+    q, k, v = (torch.randn(1, heads, length, d, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    scale = 1 / math.sqrt(d)
+    fwd_opts = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                (128, 32, 4, 4)]
+    bwd_opts = [(64, 64, 64, 128, 4, 2), (128, 64, 64, 128, 8, 2), (64, 64, 32, 128, 4, 2),
+                (128, 32, 32, 64, 4, 3), (128, 64, 64, 64, 8, 2)]
+    best_f, best_t = base, float("inf")
+    for m, n, w, s in fwd_opts:
+        cfg = replace(base, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
+        try:
+            t = bench(lambda c=cfg: kernels.forward(q, k, v, text, scale, cfg=c), rep)
+        except Exception as e:  # resource limits: this tile does not fit on this GPU
+            print(f"  tune fwd {m}x{n} w{w} s{s}: failed ({type(e).__name__})")
+            continue
+        print(f"  tune fwd {m}x{n} w{w} s{s}: {t:.3f} ms")
+        if t < best_t:
+            best_f, best_t = cfg, t
+    o, lse = kernels.forward(q, k, v, text, scale, cfg=best_f)
+    best_b, best_t = best_f, float("inf")
+    for dm, dn, km, kn, w, s in bwd_opts:
+        cfg = replace(best_f, dq_m=dm, dq_n=dn, kv_m=km, kv_n=kn, dq_warps=w, kv_warps=w,
+                      dq_stages=s, kv_stages=s)
+        try:
+            t = bench(lambda c=cfg: kernels.backward(do, q, k, v, o, lse, text, scale, cfg=c),
+                      rep)
+        except Exception as e:
+            print(f"  tune bwd {cfg.key()}: failed ({type(e).__name__})")
+            continue
+        print(f"  tune bwd dq {dm}x{dn} kv {km}x{kn} w{w} s{s}: {t:.3f} ms")
+        if t < best_t:
+            best_b, best_t = cfg, t
+    print(f"  D={d}: chose {best_b}")
+    return best_b
+
+
+def run_case(text, b, h, length, d, cfg, rep, do_bwd, sdpa_cache):
+    dev = "cuda"
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(b, h, length, d, device=dev, dtype=dt, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(b, h, length, d, device=dev, dtype=dt)
+    scale = 1 / math.sqrt(d)
+    layout = parse(text).layout(length, length, 128, 128)
+    kept = layout.density * length * length
+    flops_f = 4 * b * h * d * kept
+    row = {"pattern": text, "D": d, "L": length, "B": b, "H": h, "density": layout.density}
+
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+
+    def ours_fwd():
+        return kernels.forward(qd, kd, vd, text, scale, cfg=cfg)
+
+    def ours_bwd(o, lse):
+        return kernels.backward(do, qd, kd, vd, o, lse, text, scale, cfg=cfg)
+
+    def ours_both():
+        o, lse = ours_fwd()
+        return ours_bwd(o, lse)
+
+    row["ours_first_ms"] = first_call(ours_both if do_bwd else ours_fwd)
+
+    mask_mod = mask_mod_for(text)
+    flex = torch.compile(flex_attention, dynamic=False)
+    t0 = time.perf_counter()
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=dev,
+                                   _compile=True)
+
+    def flex_fwd():
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+
+    def flex_both():
+        return torch.autograd.grad(flex_fwd(), (q, k, v), do)
+
+    (flex_both if do_bwd else flex_fwd)()
+    torch.cuda.synchronize()
+    row["flex_first_ms"] = (time.perf_counter() - t0) * 1e3
+
+    # Correctness on the timed inputs: ours vs FlexAttention (both bf16, fp32 accumulation).
+    o, lse = ours_fwd()
+    with torch.no_grad():
+        fo = flex_fwd()
+    row["err_fwd"] = rel(o, fo)
+    if do_bwd:
+        dq, dk, dv, _ = ours_bwd(o, lse)
+        fq, fk, fv = flex_both()
+        row["err_bwd"] = max(rel(dq, fq), rel(dk, fk), rel(dv, fv))
+
+    row["ours_fwd"] = bench(ours_fwd, rep)
+    with torch.no_grad():
+        row["flex_fwd"] = bench(flex_fwd, rep)
+    if do_bwd:
+        row["ours_fb"] = bench(ours_both, rep)
+        row["flex_fb"] = bench(flex_both, rep)
+    row["tflops_fwd"] = flops_f / row["ours_fwd"] / 1e9
+    if do_bwd:
+        bwd = row["ours_fb"] - row["ours_fwd"]
+        row["tflops_bwd"] = 2.5 * flops_f / bwd / 1e9
+        row["flex_tflops_bwd"] = 2.5 * flops_f / (row["flex_fb"] - row["flex_fwd"]) / 1e9
+
+    causal = text == "causal"
+    key = (b, h, length, d, causal)
+    if key not in sdpa_cache:
+        sdpa_cache[key] = sdpa_times(q, k, v, do, causal, rep, do_bwd)
+    row.update(sdpa_cache[key])
+    return row
+
+
+def sdpa_times(q, k, v, do, causal, rep, do_bwd):
+    out = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                def fwd():
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal)
+
+                def both():
+                    return torch.autograd.grad(fwd(), (q, k, v), do)
+
+                with torch.no_grad():
+                    out[f"{name}_fwd"] = bench(fwd, rep)
+                if do_bwd:
+                    out[f"{name}_fb"] = bench(both, rep)
+        except RuntimeError as e:
+            print(f"  sdpa {name}: unavailable ({str(e)[:80]})")
+    return out
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows, do_bwd):
+    head = ["D", "L", "pattern", "dens%", "ours fwd ms", "flex fwd ms", "fwd x", "TF/s fwd",
+            "flash ms", "cudnn ms"]
+    if do_bwd:
+        head += ["ours f+b ms", "flex f+b ms", "bwd x", "TF/s bwd", "flex TF/s bwd",
+                 "flash f+b", "cudnn f+b"]
+    head += ["err fwd", "err bwd", "1st ours ms", "1st flex ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["D"], r["L"], r["pattern"], fmt(100 * r["density"], ".2f"),
+                 fmt(r["ours_fwd"]), fmt(r["flex_fwd"]), fmt(r["flex_fwd"] / r["ours_fwd"], ".2f"),
+                 fmt(r["tflops_fwd"], ".0f"), fmt(r.get("flash_fwd")), fmt(r.get("cudnn_fwd"))]
+        if do_bwd:
+            ob = r["ours_fb"] - r["ours_fwd"]
+            fb = r["flex_fb"] - r["flex_fwd"]
+            cells += [fmt(r["ours_fb"]), fmt(r["flex_fb"]), fmt(fb / ob, ".2f"),
+                      fmt(r["tflops_bwd"], ".0f"), fmt(r["flex_tflops_bwd"], ".0f"),
+                      fmt(r.get("flash_fb")), fmt(r.get("cudnn_fb"))]
+        cells += [fmt(r["err_fwd"], ".1e"), fmt(r.get("err_bwd"), ".1e"),
+                  fmt(r["ours_first_ms"], ".0f"), fmt(r["flex_first_ms"], ".0f")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--lengths", default="4096,16384,65536")
+    ap.add_argument("--patterns", default=";".join(PATTERNS), help="';'-separated DSL texts")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=16384, help="B = max(1, tokens // L)")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench rep in ms")
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="pick tiles per head dim first")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = 1000
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 1000
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = 10000
+    do_bwd = not args.no_bwd
+    patterns = [p.strip() for p in args.patterns.split(";") if p.strip()]
+    for p in patterns:
+        check_mask_mod(p)
+    gpu = torch.cuda.get_device_name()
+    rows, configs, sdpa_cache = [], {}, {}
+    for d in (int(x) for x in args.dims.split(",")):
+        cfg = default_config(torch.device("cuda"), d, torch.bfloat16)
+        if args.tune:
+            cfg = tune(d, 16384, args.heads, args.rep)
+        configs[d] = cfg
+        for length in (int(x) for x in args.lengths.split(",")):
+            b = max(1, args.tokens // length)
+            for p in patterns:
+                r = run_case(p, b, args.heads, length, d, cfg, args.rep, do_bwd, sdpa_cache)
+                rows.append(r)
+                print(f"D={d} L={length} {p}: ours {r['ours_fwd']:.3f} flex {r['flex_fwd']:.3f}"
+                      f" fb {r.get('ours_fb', 0):.3f}/{r.get('flex_fb', 0):.3f}"
+                      f" err {r['err_fwd']:.1e}/{r.get('err_bwd', 0):.1e}", flush=True)
+    tab = table(rows, do_bwd)
+    cfg_lines = "\n".join(f"- D={d}: `{c}`" for d, c in configs.items())
+    text = (
+        f"# Attention benchmark on {gpu}\n\n"
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}\n"
+        f"- torch {torch.__version__}, triton {triton.__version__}, "
+        f"python {platform.python_version()}\n"
+        f"- command: `python {' '.join(sys.argv)}`\n"
+        f"- bf16, H={args.heads}, B=max(1, {args.tokens}//L), Lq=Lk=L; times are medians of "
+        "triton.testing.do_bench in ms; `fwd x`/`bwd x` = FlexAttention time / ours (backward = "
+        "f+b − fwd); TF/s on kept entries (fwd 4·B·H·D·kept, bwd 2.5x that); flash/cudnn are "
+        "dense SDPA (is_causal for `causal`); err = relative error vs FlexAttention on the timed "
+        "inputs; 1st = first call (layout + codegen + compile, or block mask + compile)\n"
+        f"- tiles:\n{cfg_lines}\n\n{tab}\n"
+    )
+    print(tab)
+    out = Path(args.out) if args.out else (
+        Path(__file__).parent / "results" / (gpu.replace(" ", "_") + ".md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
