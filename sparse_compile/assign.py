@@ -4,7 +4,8 @@ Precedence, highest first:
 
 1. ``assign``: a mapping from module-path globs (``"model.layers.*.self_attn"``, matched with
    ``fnmatch`` against the dotted path of the attention module) or class names
-   (``"LlamaAttention"``, matched against every module class enclosing the site) to patterns;
+   (``"LlamaAttention"``, matched against every module class enclosing the site and their
+   base classes) to patterns;
    the first entry that matches, in the mapping's order, wins;
 2. a ``@sparsify(...)`` decorator on the enclosing module class or on a function or method the
    attention runs in (the innermost decorated one wins);
@@ -86,7 +87,7 @@ def choose_pattern(
 ) -> tuple[Any, str]:
     """``(pattern, where it came from)`` for one site; ``decorated`` is the decorator's
     pattern for the site or None."""
-    names = [cls.__name__ for cls in reversed(module_classes)]
+    names = {base.__name__ for cls in module_classes for base in cls.__mro__}
     for key, pattern in options.assign:
         if fnmatch.fnmatchcase(module_path, key) or key in names:
             return pattern, f"assign[{key!r}]"

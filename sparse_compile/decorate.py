@@ -1,10 +1,12 @@
 """``@sparsify(pattern)``: declaring in code which pattern a model's attention uses.
 
 On an ``nn.Module`` class, the pattern applies to every attention computed while a module of
-that class (or a subclass) runs. On a function or method, it applies to attention computed in
-that function's body, including functions it calls that Dynamo inlines. The decorated object
-is returned unchanged apart from a marker, so the model runs exactly as before when it is not
-compiled with ``backend="sparse"``.
+that class (or a subclass) runs. (When the decorated class is the very module passed to
+``torch.compile``, Dynamo does not record it as a module on the stack; then only attention in
+methods defined in the decorated class body itself is matched.) On a function or method, it
+applies to attention computed in that function's body, including functions it calls that
+Dynamo inlines. The decorated object is returned unchanged apart from a marker, so the model
+runs exactly as before when it is not compiled with ``backend="sparse"``.
 
 Precedence against the backend options is ``assign`` > decorator > ``pattern`` > default (see
 ``sparse_compile.assign``).
@@ -46,17 +48,25 @@ def sparsify(pattern: Any) -> Any:
     def mark(obj: T) -> T:
         if inspect.isclass(obj):
             setattr(obj, _ATTRIBUTE, parsed)
+            # The module torch.compile is called on is absent from Dynamo's module stack:
+            # its own methods are found through the recorded Python stack instead.
+            for member in vars(obj).values():
+                if inspect.isfunction(member):
+                    _register(member, parsed)
             return obj
         fn = inspect.unwrap(obj)
-        code = getattr(fn, "__code__", None)
-        if code is None:
+        if getattr(fn, "__code__", None) is None:
             raise TypeError(f"sparsify cannot decorate {obj!r}")
-        lines, first = inspect.getsourcelines(fn)
-        _functions[_Span(code.co_filename, first, first + len(lines) - 1)] = parsed
+        _register(fn, parsed)
         setattr(obj, _ATTRIBUTE, parsed)
         return obj
 
     return mark
+
+
+def _register(fn: Any, pattern: Any) -> None:
+    lines, first = inspect.getsourcelines(fn)
+    _functions[_Span(fn.__code__.co_filename, first, first + len(lines) - 1)] = pattern
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')

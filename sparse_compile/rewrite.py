@@ -150,15 +150,16 @@ def _erase_unused(graph: Graph, site: AttentionSite) -> None:
     """Erase the site's old nodes (and the GQA/transposes feeding only them)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates = set(site.nodes)
-    for operand in (site.k, site.v):
-        candidates |= _producers(operand.node)
+    for node in site.nodes:
+        for parent in node.all_input_nodes:
+            candidates |= _producers(parent)
     for node in sorted(candidates, key=lambda n: order.get(n, -1), reverse=True):
         if node.graph is graph and not node.users and node.op in ("call_function",
                                                                   "call_method"):
             graph.erase_node(node)
 
 
-def _producers(node: Any, depth: int = 4) -> set[Node]:
+def _producers(node: Any, depth: int = 5) -> set[Node]:
     """``node`` and the few nodes right above it (transposes, expand, reshape)."""
     if not isinstance(node, Node) or depth == 0 or node.op == "placeholder":
         return set()
