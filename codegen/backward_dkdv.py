@@ -35,7 +35,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
     lse = tl.load(lse_base + q_idx, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_base + q_idx, mask=m_ok, other=0.0)
     q_pos = q_idx + (Lk - Lq)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + q_idx[None, :] * sbm + k_idx[:, None] * sbn,
                        mask=m_ok[None, :] & n_ok[:, None], other=0)
@@ -53,7 +53,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
     elif not EVEN_N:
         s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
     p_t = tl.math.exp2(s_t - lse[None, :])
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dp_t = _dot(v, tl.trans(do), PRECISION)
     if DROPOUT:
         rnd = tl.rand(seed_bh, (q_idx[None, :] * Lk + k_idx[:, None]).to(tl.uint32))
         drop_keep = rnd >= drop_p
@@ -62,9 +62,9 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
         dp_t = tl.where(drop_keep, dp_t * inv, 0.0)
     else:
         pd_t = p_t
-    dv += tl.dot(pd_t.to(do.dtype), do, input_precision=PRECISION)
+    dv += _dot(pd_t.to(do.dtype), do, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 

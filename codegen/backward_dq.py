@@ -35,7 +35,7 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, o
         kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(k_base + k_idx[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(v_base + k_idx[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn,
                        mask=n_ok[None, :], other=0)
@@ -52,7 +52,7 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, o
     elif not EVEN_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     p = tl.math.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     if DROPOUT:
         rnd = tl.rand(seed_bh, (offs_m[:, None] * Lk + k_idx[None, :]).to(tl.uint32))
         dp = tl.where(rnd >= drop_p, dp * (1.0 / (1.0 - drop_p)), 0.0)
@@ -69,7 +69,7 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, o
         else:
             tl.atomic_add(dbias_base + offs_m[:, None] * dbm + k_idx[None, :] * dbn, ds_b,
                           mask=db_mask)
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq += _dot(ds.to(k.dtype), k, PRECISION)
     return dq
 
 

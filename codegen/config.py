@@ -36,8 +36,13 @@ class TileConfig:
 
     @staticmethod
     def precision(dtype: torch.dtype) -> str:
-        """tl.dot input precision: exact fp32 products for fp32 inputs."""
-        return "ieee" if dtype == torch.float32 else "tf32"
+        """tl.dot input precision: exact fp32 products for fp32 inputs; "upcast" (bf16 operands
+        multiplied as fp32) under the interpreter, whose bf16 tl.dot is wrong (triton 3.9)."""
+        if dtype == torch.float32:
+            return "ieee"
+        if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+            return "upcast"
+        return "tf32"
 
     def key(self) -> str:
         return "-".join(str(getattr(self, f)) for f in self.__dataclass_fields__)

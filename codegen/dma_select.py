@@ -26,6 +26,7 @@ def _dma_select_kernel(
     gather_key_ptr,  # int32 [BH, nq, CAP]
     gather_rank_ptr,  # int32 [BH, nq, CAP]
     gather_count_ptr,  # int32 [BH, nq]
+    slot_ptr,  # int32 [BH, nq, BLOCK_M] scratch, filled with a large value
     thr_ptr,  # int32 [BH, Lq]
     lq,
     lk,
@@ -38,42 +39,64 @@ def _dma_select_kernel(
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     nq = tl.cdiv(lq, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = offs_m + (lk - lq)  # absolute query positions
-    p_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + (lk - lq)
+    base = bh * nq + pid_m
+    list_base = base * cap
     n_allowed = tl.load(n_allowed_ptr + bh)
-    out_base = (bh * nq + pid_m) * cap
+    if CAUSAL:
+        p_first = pid_m * BLOCK_M + (lk - lq)
+        p_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, lq) - 1 + (lk - lq)
+    else:  # every row sees every key: no key is "new" to the block
+        p_first = lk
+        p_last = lk
 
-    seen = tl.zeros([BLOCK_M], dtype=tl.int32)
-    thr = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    # Phase 1 (1-D): walk ranks in order, list those with key <= p_last, until the first row
+    # of the block has seen `keep` keys. Block keys (key > p_first) note their list slot.
+    seen = tl.zeros([], dtype=tl.int32)
     n_out = tl.zeros([], dtype=tl.int32)
     r0 = tl.zeros([], dtype=tl.int32)
-    first_thr = tl.full([], -1, dtype=tl.int32)
-    while (r0 < n_allowed) & (first_thr < 0):
+    while (r0 < n_allowed) & (seen < keep):
         ranks = r0 + tl.arange(0, BLOCK_R)
         valid = ranks < n_allowed
         keys = tl.load(order_ptr + bh * lk + ranks, mask=valid, other=0)
-        if CAUSAL:
-            visible = valid[None, :] & (keys[None, :] <= pos[:, None])
-        else:
-            visible = valid[None, :] & (pos[:, None] >= -1)
-        counts = seen[:, None] + tl.cumsum(visible.to(tl.int32), axis=1)
-        reached = visible & (counts == keep)
-        thr = tl.maximum(thr, tl.max(tl.where(reached, ranks[None, :], -1), axis=1))
-        seen += tl.sum(visible.to(tl.int32), axis=1)
-        first_thr = tl.max(tl.where(tl.arange(0, BLOCK_M) == 0, thr, -1), axis=0)
-        bound = tl.where(first_thr >= 0, first_thr, 2147483647)
-        take = valid & (ranks <= bound)
-        if CAUSAL:
-            take = take & (keys <= p_last)
+        visible = valid & (keys <= p_first)
+        # stop right after the keep-th key visible to the first row
+        before = seen + tl.cumsum(visible.to(tl.int32), axis=0) - visible.to(tl.int32)
+        take = valid & (keys <= p_last) & (before < keep)
         slot = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(gather_key_ptr + out_base + slot, keys, mask=take)
-        tl.store(gather_rank_ptr + out_base + slot, ranks, mask=take)
+        tl.store(gather_key_ptr + list_base + slot, keys, mask=take)
+        tl.store(gather_rank_ptr + list_base + slot, ranks, mask=take)
+        fresh = take & (keys > p_first)
+        tl.store(slot_ptr + base * BLOCK_M + (keys - p_first), slot, mask=fresh)
+        seen += tl.sum(visible.to(tl.int32), axis=0)
         n_out += tl.sum(take.to(tl.int32), axis=0)
         r0 += BLOCK_R
+    tl.store(gather_count_ptr + base, n_out)
+
+    # Phase 2: row p's count at list slot i is (i + 1) minus the block keys after p listed at
+    # or before i; it reaches `keep` inside the window [keep - 1, keep + BLOCK_M - 2].
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if CAUSAL:
+        pos = offs_m + (lk - lq)
+    else:
+        pos = tl.zeros([BLOCK_M], dtype=tl.int32) + lk
+    offs_j = tl.arange(0, BLOCK_M)
+    block_slot = tl.load(slot_ptr + base * BLOCK_M + offs_j)  # block key p_first + j
+    block_key = p_first + offs_j
+    w0 = keep - 1
+    hidden_before = tl.sum(
+        ((block_key[None, :] > pos[:, None]) & (block_slot[None, :] < w0)).to(tl.int32), axis=1
+    )
+    offs_w = w0 + tl.arange(0, BLOCK_M)
+    w_ok = offs_w < n_out
+    w_key = tl.load(gather_key_ptr + list_base + offs_w, mask=w_ok, other=0)
+    w_rank = tl.load(gather_rank_ptr + list_base + offs_w, mask=w_ok, other=0)
+    w_visible = w_ok[None, :] & (w_key[None, :] <= pos[:, None])
+    w_hidden = (w_ok[None, :] & (w_key[None, :] > pos[:, None])).to(tl.int32)
+    counts = offs_w[None, :] + 1 - hidden_before[:, None] - tl.cumsum(w_hidden, axis=1)
+    reached = w_visible & (counts == keep)
+    thr = tl.max(tl.where(reached, w_rank[None, :], -1), axis=1)
     thr = tl.where(thr >= 0, thr, n_allowed - 1)
     tl.store(thr_ptr + bh * lq + offs_m, thr, mask=offs_m < lq)
-    tl.store(gather_count_ptr + bh * nq + pid_m, n_out)
 
 
 class DmaSelection:
@@ -116,7 +139,7 @@ def dma_select(
     keep: int,
     causal: bool,
     block_m: int,
-    block_r: int = 64,
+    block_r: int = 1024,
 ) -> DmaSelection:
     """Run the selection for delta ``[B, Hkv, Lk]`` and ``lq`` query rows (see module doc)."""
     b, h, lk = delta.shape
@@ -128,8 +151,9 @@ def dma_select(
     gather_rank = torch.zeros(b * h, nq, cap, dtype=torch.int32, device=dev)
     gather_count = torch.empty(b * h, nq, dtype=torch.int32, device=dev)
     thr = torch.empty(b * h, lq, dtype=torch.int32, device=dev)
+    slot = torch.full((b * h, nq, block_m), 2**30, dtype=torch.int32, device=dev)
     _dma_select_kernel[(nq, b * h)](
-        order, n_allowed, gather_key, gather_rank, gather_count, thr, lq, lk, keep, cap,
+        order, n_allowed, gather_key, gather_rank, gather_count, slot, thr, lq, lk, keep, cap,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_R=block_r,
     )
     return DmaSelection(thr, gather_key, gather_rank, gather_count, block_m)

@@ -31,7 +31,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo
     else:
         kv_mask = n_ok[None, :] & d_ok[:, None]
     k = tl.load(k_base + k_idx[None, :] * skn + offs_d[:, None] * skd, mask=kv_mask, other=0.0)
-    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = _dot(q, k, PRECISION) * qk_scale
     if HAS_BIAS:
         b_ptrs = bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn
         bias = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
@@ -60,7 +60,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo
     else:
         v_mask = n_ok[:, None] & d_ok[None, :]
     v = tl.load(v_base + k_idx[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, l_i, m_new
 
 

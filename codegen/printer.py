@@ -13,6 +13,14 @@ import sympy
 # Triton helpers every generated module starts with; printed expressions call them.
 HELPERS_SOURCE = '''
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation; "upcast" multiplies in fp32 (interpreter bf16 path)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+@triton.jit
 def _floordiv(a, b):
     """Python floor division of integers (Triton's // truncates toward zero)."""
     quot = a // b

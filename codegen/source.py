@@ -26,7 +26,11 @@ from .predicate import predicate_source
 from .printer import HELPERS_SOURCE
 from .visit import VISIT_SOURCE
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
+# Any edit of the templates changes the key, so stale files on disk are never reused.
+_TEMPLATES_HASH = hashlib.sha256(
+    "".join([HELPERS_SOURCE, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE]).encode()
+).hexdigest()[:12]
 
 _MODULES: dict[str, ModuleType] = {}
 
@@ -52,7 +56,7 @@ def module_source(pattern: Any) -> str:
 
 
 def source_key(pattern: Any) -> str:
-    text = f"{GENERATOR_VERSION}\n{pattern!s}"
+    text = f"{GENERATOR_VERSION}\n{_TEMPLATES_HASH}\n{pattern!s}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

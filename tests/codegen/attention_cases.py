@@ -1,0 +1,108 @@
+"""Helpers shared by the kernel tests: inputs, a differentiable float64 oracle, comparisons."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from sparse_compile.patterns import parse
+
+from sparse_compile.reference import reference_attention
+from tests.conftest import rel_error
+
+# Relative-error bounds per input dtype (DESIGN.md §5).
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# Primitive texts small enough to give EMPTY, PARTIAL and FULL blocks at L <= ~80 with 16x16 tiles.
+PRIMITIVES = [
+    "dense", "causal", "window(5, 2)", "local(9)", "sliding(7)", "block(12)", "axial(6)",
+    "axial(5, 3)", "strided(4)", "fanout", "fanout(3)", "sink(3)", "global(2)", "prefix(10)",
+]
+
+
+def random_pattern(rng: random.Random, depth: int = 2) -> str:
+    """A random composition of primitives with &, | and ~ (DSL text)."""
+    if depth == 0 or rng.random() < 0.3:
+        return rng.choice(PRIMITIVES)
+    op = rng.choice(["&", "|", "&", "~"])
+    if op == "~":
+        return f"~({random_pattern(rng, depth - 1)})"
+    return f"({random_pattern(rng, depth - 1)}) {op} ({random_pattern(rng, depth - 1)})"
+
+
+def make_qkv(
+    b: int, hq: int, hkv: int, lq: int, lk: int, d: int, dtype: torch.dtype,
+    noncontiguous: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random normal q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] requiring grad.
+
+    noncontiguous: views of [B, L, H, D] storage (the layout real models transpose from).
+    """
+    def one(h: int, length: int) -> torch.Tensor:
+        if noncontiguous:
+            t = torch.randn(b, length, h, d, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.randn(b, h, length, d, dtype=dtype)
+        return t.requires_grad_(True)
+
+    return one(hq, lq), one(hkv, lk), one(hkv, lk)
+
+
+def oracle(q, k, v, pattern, scale=None, bias=None):
+    """Float64 attention with autograd (same formula as reference_attention, which it matches).
+
+    Returns the output [B, Hq, Lq, D] float64, differentiable in q, k, v and a float bias.
+    """
+    p = parse(pattern) if isinstance(pattern, str) else pattern
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    g = hq // hkv
+    k64 = k.to(torch.float64).repeat_interleave(g, 1)
+    v64 = v.to(torch.float64).repeat_interleave(g, 1)
+    s = scale * (q.to(torch.float64) @ k64.transpose(-1, -2))
+    keep = p.mask(lq, lk, heads=hq if p.per_head else None).expand(b, hq, lq, lk)
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            keep = keep & bias
+        else:
+            s = s + bias.to(torch.float64)
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    out = (e / torch.where(den > 0, den, torch.ones_like(den))) @ v64
+    ref = reference_attention(q, k, v, p, scale, bias)
+    assert rel_error(out, ref) < 1e-12, "test oracle disagrees with reference_attention"
+    return out
+
+
+def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True):
+    """Run ``fn(q, k, v, pattern, scale, bias)`` and compare output and gradients with the oracle.
+
+    Returns the dict of relative errors (out, dq, dk, dv[, dbias]).
+    """
+    tol = TOL[q.dtype]
+    out = fn(q, k, v, pattern, scale, bias)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), f"non-finite output for {pattern!r}"
+    ref = oracle(q, k, v, pattern, scale, bias)
+    errs = {"out": rel_error(out, ref)}
+    if grads:
+        dout = torch.randn_like(out)
+        wrt = [q, k, v]
+        if bias is not None and bias.requires_grad:
+            wrt.append(bias)
+        got = torch.autograd.grad(out, wrt, dout)
+        want = torch.autograd.grad(ref, wrt, dout.to(torch.float64))
+        for name, g, w in zip(["dq", "dk", "dv", "dbias"], got, want, strict=False):
+            assert torch.isfinite(g).all(), f"non-finite {name} for {pattern!r}"
+            # A bias constant along the keys has an exactly zero gradient (softmax is
+            # shift-invariant): compare absolutely there.
+            zero = w.norm().item() < 1e-9
+            errs[name] = g.abs().max().item() if zero else rel_error(g, w)
+    bad = {n: e for n, e in errs.items() if e > tol}
+    assert not bad, f"{pattern!r} {tuple(q.shape)} k{tuple(k.shape)} {q.dtype}: errors {errs}"
+    return errs
