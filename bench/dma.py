@@ -25,6 +25,7 @@ from sparse_compile.codegen.dma_backward import dma_backward
 from sparse_compile.codegen.dma_forward import dma_forward
 from sparse_compile.codegen.dma_select import dma_select, selection_rank_order
 
+from sparse_compile.dma_op import block_sizes
 from sparse_compile.dma_reference import keep_mask
 from sparse_compile.dynamic_mask import dma_attention, dma_delta
 
@@ -139,6 +140,32 @@ def exact_check(device: str) -> str:
         f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True))
 
 
+def dv_spot_check(q, k, v, delta, dout, keep, dv_ours, dv_flex) -> str:
+    """dV of 16 keys of head 0 in float64 from first principles (P column by column)."""
+    length, scale = q.shape[2], q.shape[-1] ** -0.5
+    sel = dma_select(delta, None, length, keep, True, 64)
+    order, _ = selection_rank_order(delta, None)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(length, device=q.device, dtype=order.dtype).expand_as(order))
+    q0, k0, v0, d0, do0 = (t[0, 0].double() for t in (q, k, v, delta, dout))
+    thr0, rank0 = sel.thr[0].long(), rank[0].long()
+    rows = torch.arange(length, device=q.device)
+    # lse per row from the kept set, in chunks of rows (float64)
+    lse = torch.empty(length, dtype=torch.float64, device=q.device)
+    for start in range(0, length, 2048):
+        r = rows[start:start + 2048]
+        s = scale * q0[r] @ k0.T + d0
+        kept = (rows[None, :] <= r[:, None]) & (rank0[None, :] <= thr0[r][:, None])
+        lse[r] = torch.logsumexp(s.masked_fill(~kept, float("-inf")), dim=-1)
+    keys = torch.cat([order[0, :8].long(), torch.randint(0, length, (8,), device=q.device)])
+    s = scale * q0 @ k0[keys].T + d0[keys]
+    kept = (keys[None, :] <= rows[:, None]) & (rank0[keys][None, :] <= thr0[:, None])
+    p = torch.exp(s - lse[:, None]).masked_fill(~kept, 0.0)
+    want = p.T @ do0
+    return (f"dV spot check (16 keys, float64): ours {rel(dv_ours[0, 0, keys], want):.1e}, "
+            f"flex {rel(dv_flex[0, 0, keys], want):.1e}")
+
+
 def fused_fns(q, k, v, delta, keep, cfg_fwd, cfg_bwd):
     scale = q.shape[-1] ** -0.5
     bm_f, bn_f, w_f = cfg_fwd
@@ -238,6 +265,8 @@ def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines):
             dq, dk, dv, _ = fwd_bwd(dout)
             check += (f"; grads vs flex q {rel(dq, qg.grad):.1e} k {rel(dk, kg.grad):.1e}"
                       f" v {rel(dv, vg.grad):.1e}")
+            spot = dv_spot_check(q, k, v, delta, dout, args.keep, dv, vg.grad)
+            lines.append(f"L={length}: {spot}")
         add("FlexAttention (DMA block mask)", flex_f, flex_b, sdpa_b, "-")
         lines.append(f"L={length}: flex block mask build {build:.2f} s, block density "
                      f"{block_mask.sparsity() if hasattr(block_mask, 'sparsity') else '?'}% "
@@ -268,6 +297,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--tune", action="store_true", help="sweep block sizes first")
     parser.add_argument("--doge-max", type=int, default=8192, help="largest L for Doge eager")
     parser.add_argument("--flex-max", type=int, default=131072, help="largest L for Flex")
     args = parser.parse_args()
@@ -290,12 +320,15 @@ def main() -> None:
     lines.append(exact_check(device))
     print(lines[-1], flush=True)
 
-    length0 = 32768 if 32768 in args.lengths else args.lengths[0]
-    q, k, v, delta = make_problem(length0, args.heads, args.dim, args.keep, device, dtype)
-    cfg_f, cfg_b, tune_rows = tune(q, k, v, delta, args.keep, device)
-    lines += [f"tuning at L={length0}: " + "; ".join(tune_rows),
-              f"chosen fwd {cfg_f}, bwd {cfg_b}"]
-    print("\n".join(lines[-2:]), flush=True)
+    cfg_f = block_sizes(torch.device(device))
+    cfg_b = block_sizes(torch.device(device), backward=True)
+    if args.tune:
+        length0 = 32768 if 32768 in args.lengths else args.lengths[0]
+        q, k, v, delta = make_problem(length0, args.heads, args.dim, args.keep, device, dtype)
+        cfg_f, cfg_b, tune_rows = tune(q, k, v, delta, args.keep, device)
+        lines.append(f"tuning at L={length0}: " + "; ".join(tune_rows))
+    lines.append(f"blocks (BLOCK_M, BLOCK_N, warps): fwd {cfg_f}, bwd {cfg_b}")
+    print(lines[-1], flush=True)
 
     header = ("| L | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s eff | speed-up fwd+bwd vs SDPA "
               "| check |")

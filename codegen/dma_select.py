@@ -6,8 +6,14 @@ allowed, ``k <= p`` when causal, and ``rank(k) <= thr[p]``, where ``thr[p]`` is 
 ``keep``-th visible key in rank order (the last visible one when fewer are visible). ``thr`` is
 non-increasing in ``p``, so each key is kept by a contiguous range of rows, and a query block
 ``[m0, m1]`` only ever needs the keys of rank ``<= thr[m0]`` with ``k <= m1``: at most
-``keep + BLOCK_M - 1`` keys. The kernel scans ranks in order until row ``m0`` has seen ``keep``
-visible keys, counting for every row of the block and writing that gather list.
+``keep + BLOCK_M - 1`` keys, its gather list.
+
+One program per (query block, batch * kv head), in two phases:
+1. a 1-D walk over ranks (``BLOCK_R`` at a time) that writes the gather list and stops once row
+   ``m0`` has seen ``keep`` keys; keys of the block itself note their slot in the list;
+2. per-row thresholds from a ``BLOCK_M``-wide window of the list: row ``p``'s count at slot ``i``
+   is ``i + 1`` minus the block keys after ``p`` listed up to ``i``, so it reaches ``keep`` in
+   slots ``[keep - 1, keep + BLOCK_M - 2]``.
 """
 
 from __future__ import annotations

@@ -21,9 +21,12 @@ def _interpreter_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.device.type != "cuda" and t.dtype == torch.bfloat16 else t
 
 
-def block_sizes(device: torch.device) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): GPU tiles, or the smallest ``tl.dot`` tiles for the CPU interpreter."""
-    return (64, 64) if device.type == "cuda" else (16, 16)
+def block_sizes(device: torch.device, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward or backward: H100-tuned GPU tiles
+    (bench/dma.py sweeps them), or the smallest ``tl.dot`` tiles for the CPU interpreter."""
+    if device.type != "cuda":
+        return 16, 16, 4
+    return (128, 32, 8) if backward else (64, 32, 4)
 
 
 @torch.library.custom_op("sparse_compile::dma_attention_fwd", mutates_args=())
@@ -39,10 +42,10 @@ def dma_attention_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``; see ``dma_attention_fused``."""
-    block_m, block_n = block_sizes(q.device)
+    block_m, block_n, warps = block_sizes(q.device)
     selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
     qc, kc, vc, dc = (_interpreter_dtype(t).contiguous() for t in (q, k, v, delta))
-    out, lse = dma_forward(qc, kc, vc, dc, key_add, selection, causal, scale, block_n)
+    out, lse = dma_forward(qc, kc, vc, dc, key_add, selection, causal, scale, block_n, warps)
     return out.to(q.dtype), lse
 
 
@@ -67,11 +70,13 @@ def dma_attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, ddelta)`` shaped and typed like ``(q, k, v, delta)``."""
-    block_m, block_n = block_sizes(q.device)
+    block_m, block_n, warps = block_sizes(q.device, backward=True)
     selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
     tensors = (grad_out, q, k, v, delta, out)
     go, qc, kc, vc, dc, oc = (_interpreter_dtype(t).contiguous() for t in tensors)
-    grads = dma_backward(go, qc, kc, vc, dc, key_add, oc, lse, selection, causal, scale, block_n)
+    grads = dma_backward(
+        go, qc, kc, vc, dc, key_add, oc, lse, selection, causal, scale, block_n, warps
+    )
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, delta), strict=True))
 
 
