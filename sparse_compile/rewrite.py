@@ -98,14 +98,31 @@ def _lengths_equal(q: Operand, k: Operand) -> bool:
         return isinstance(lq, int) and lq == lk
 
 
+def _conjuncts(pattern: Any) -> list[Any]:
+    children = getattr(pattern, "children", None)
+    if type(pattern).__name__ == "And" and children is not None:
+        return [part for child in children() for part in _conjuncts(child)]
+    return [pattern]
+
+
 def site_pattern(site: AttentionSite, pattern: Any) -> Any:
     """The pattern the op applies: ``pattern & causal`` for SDPA's ``is_causal`` when the
-    causal mask's alignment does not matter (Lq == Lk)."""
+    causal mask's alignment does not matter (Lq == Lk); ``pattern`` itself when it already
+    has ``causal`` as a conjunct."""
     if site.is_causal and _lengths_equal(site.q, site.k):
         from sparse_compile.patterns import causal
 
-        return pattern & causal
+        if dense_pattern(pattern):
+            return causal
+        return pattern if causal in _conjuncts(pattern) else pattern & causal
     return pattern
+
+
+def dense_pattern(pattern: Any) -> bool:
+    """Whether ``pattern`` is the ``dense`` primitive."""
+    from sparse_compile.patterns import dense
+
+    return pattern == dense
 
 
 def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
