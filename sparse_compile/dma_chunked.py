@@ -92,7 +92,9 @@ class _ChunkedDMA(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, delta = ctx.saved_tensors
         keep, causal, bias, scale, chunk = ctx.args
-        grads = [torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v, delta)]
+        # Contiguous gradients: traced (fake) and real strides must agree under AOTAutograd.
+        grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                 for t in (q, k, v, delta)]
         key_allowed = _key_allowed(bias)
         order = selection_order(delta.detach(), key_allowed)
         lq = q.shape[2]
@@ -111,7 +113,9 @@ class _ChunkedDMA(torch.autograd.Function):
             grads[1] += gk
             grads[2] += gv
             grads[3] += gd
-        dq, dk, dv, dd = (g.to(t.dtype) for g, t in zip(grads, (q, k, v, delta), strict=True))
+        dq, dk, dv, dd = (
+            g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, delta), strict=True)
+        )
         return dq, dk, dv, dd, None, None, None, None, None
 
 
