@@ -83,9 +83,9 @@ def _dma_bwd_kernel(
         dq += tl.dot(ds.to(k.dtype), k)
         dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
         kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
-        tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask)
-        tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask)
-        tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok)
+        tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok, sem="relaxed")
     tl.store(dq_ptr + ((b * hq + h) * lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_mask)
 
