@@ -13,10 +13,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .dma_attach import attach_dma
 from .dma_chunked import dma_attention_chunked
 from .dma_reference import bias_allows
 
-__all__ = ["dma_attention", "dma_delta", "key_only_mask"]
+__all__ = ["dma_attention", "dma_delta", "key_only_mask", "attach_dma"]
 
 
 def dma_delta(
