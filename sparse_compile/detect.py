@@ -25,6 +25,7 @@ from torch.fx import GraphModule, Node
 
 from . import graph_ops as ops
 from .einsum import read_output_einsum, read_scores_einsum
+from .mha import mha_arguments, mha_site_reason
 from .operands import Operand, product_operands, shapes_reason
 
 # masked_fill / where fills at or below this are treated as "masked out".
@@ -101,6 +102,8 @@ def find_sites(gm: GraphModule) -> list[AttentionSite]:
     for node in gm.graph.nodes:
         if ops.is_sdpa(node):
             sites.append(_sdpa_site(node))
+        elif ops.is_mha(node):
+            sites.append(_mha_site(node))
         elif ops.is_softmax(node):
             site = _softmax_site(node)
             if site is not None:
@@ -127,6 +130,15 @@ def _sdpa_site(node: Node) -> AttentionSite:
         site.q_factors.append(("mul", site.scale))
         site.scale = 1.0
     site.reason = shapes_reason(site.q, site.k, site.v)
+    return site
+
+
+def _mha_site(node: Node) -> AttentionSite:
+    site = AttentionSite(anchor=node, output=node, form="mha", nodes=[node])
+    arguments = mha_arguments(node)
+    # [L, N, E] -> [N, L, E] for the report; the replacement takes the call's own arguments.
+    site.q, site.k = Operand(arguments["query"], (1, 0, 2)), Operand(arguments["key"], (1, 0, 2))
+    site.reason = mha_site_reason(arguments)
     return site
 
 

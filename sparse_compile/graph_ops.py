@@ -82,6 +82,11 @@ def is_sdpa(node: Any) -> bool:
     return _is(node, (F.scaled_dot_product_attention,), ())
 
 
+def is_mha(node: Any) -> bool:
+    """``F.multi_head_attention_forward``, which Dynamo keeps as one call."""
+    return _is(node, (F.multi_head_attention_forward,), ())
+
+
 def is_dropout(node: Any) -> bool:
     return _is(node, (F.dropout, torch.dropout), ("dropout",))
 

@@ -20,6 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 from . import graph_ops as ops
 from .detect import AttentionSite
 from .functional import attention
+from .mha import multi_head_attention_forward
 from .operands import Operand, peel_gqa
 
 _OUT_OF_PLACE = {
@@ -129,6 +130,8 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
     """Replace ``site`` in ``gm.graph`` by the sparse op with ``pattern`` (already passed
     through ``site_pattern``); returns the new output node."""
     graph = gm.graph
+    if site.form == "mha":
+        return _rewrite_mha(graph, site, pattern)
     ndim = len(site.q.shape())
     with graph.inserting_before(site.output):
         q_product = _materialise(graph, replace(site.q, batch=None))
@@ -160,6 +163,16 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
         out = graph.call_method("to", (out, ops.tensor_value(site.output).dtype))
     site.output.replace_all_uses_with(out)
     _erase_unused(graph, site)
+    return out
+
+
+def _rewrite_mha(graph: Graph, site: AttentionSite, pattern: Any) -> Node:
+    node = site.output
+    with graph.inserting_before(node):
+        out = graph.call_function(multi_head_attention_forward, (str(pattern), *node.args),
+                                  dict(node.kwargs))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
     return out
 
 

@@ -314,6 +314,24 @@ class SdpaFloatMask(Entry):
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+class TorchMHA(nn.Module):
+    """PyTorch ``nn.MultiheadAttention`` with ``need_weights=False`` and a causal
+    ``attn_mask``, as in ``nn.TransformerEncoderLayer`` and CLIP-style code."""
+
+    sites = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(C, 2, batch_first=True)
+
+    def forward(self, x):
+        n = x.shape[1]
+        future = torch.ones(n, n, dtype=torch.bool).triu(1)
+        return self.mha(x, x, x, need_weights=False, attn_mask=future)[0]
+
+    example_input = staticmethod(Entry.example_input)
+
+
 class FairseqBmm(Entry):
     """fairseq (``MultiheadAttention``): 3-D ``[B·H, L, D]`` tensors, ``q *= scaling``,
     ``torch.bmm``, additive mask, ``softmax(float32).type_as``, bmm with values."""
@@ -475,7 +493,7 @@ class TwoLayers(nn.Module):
 ZOO = [
     GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, NeoXLegacy,
     ViTSelf, WhisperCross, EinsumHeadsFirst, EinsumSeqFirst, NanoGPTFlash, LlamaSdpa,
-    SdpaFloatMask, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
+    SdpaFloatMask, TorchMHA, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
     GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, TwoLayers,
 ]
 
@@ -544,8 +562,16 @@ class StableSoftmaxByHand(Entry):
         return self.merge(torch.softmax(s, dim=-1) @ v)
 
 
+class MHAWithWeights(TorchMHA):
+    """``nn.MultiheadAttention`` with its default ``need_weights=True``: weights returned."""
+
+    def forward(self, x):
+        out, weights = self.mha(x, x, x)
+        return out, weights
+
+
 # (module, how many candidate sites it reports) – each must be left as it is.
 LOOKALIKES = [
     (SoftmaxOverQueries, 1), (LinearAttention, 0), (WeightsReturned, 1), (GemmaSoftcap, 1),
-    (SoftmaxClassifier, None), (StableSoftmaxByHand, 1),
+    (SoftmaxClassifier, None), (StableSoftmaxByHand, 1), (MHAWithWeights, None),
 ]
