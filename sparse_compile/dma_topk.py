@@ -1,0 +1,130 @@
+"""``topk(k, block=...)``: training-free dynamic block selection, run by the DMA gather kernels.
+
+For pretrained models that never learned a DMA score: per query block of ``block`` rows, estimate
+the attention mass of every key block by the product of the mean query and the mean key of the
+blocks (``mean(q_block) · mean(k_block)``), keep the ``k`` best key blocks allowed by causality,
+plus the key blocks holding the query block's own positions (the diagonal), and attend to their
+keys exactly (causal inside). Query heads of one kv head share the selection (their pooled
+queries are averaged), so a kv head's gather list serves its whole GQA group.
+
+The kept keys of a query block form the same kind of gather list as DMA's selection, with every
+listed key kept (rank 0, threshold 0, delta 0), so the forward and backward are the DMA kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from sparse_compile.codegen.dma_backward import dma_backward
+from sparse_compile.codegen.dma_forward import dma_forward
+from sparse_compile.codegen.dma_select import DmaSelection
+
+from .dma_op import _interpreter_dtype, block_sizes
+
+__all__ = ["topk_blocks", "topk_attention"]
+
+
+def topk_blocks(q: torch.Tensor, k: torch.Tensor, k_blocks: int, block: int, causal: bool
+                ) -> torch.Tensor:
+    """Kept key blocks per query block: bool ``[B, Hkv, nq_blocks, nk_blocks]``.
+
+    q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``. Scores are ``mean(q) · mean(k)`` per block pair
+    (query heads of a group averaged); the top ``k_blocks`` allowed blocks (ties: lower index)
+    plus the diagonal blocks are kept.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    nbq, nbk = triton.cdiv(lq, block), triton.cdiv(lk, block)
+    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nbq * block - lq))
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nbk * block - lk))
+    q_rows = torch.clamp(lq - torch.arange(nbq, device=q.device) * block, max=block)
+    k_rows = torch.clamp(lk - torch.arange(nbk, device=q.device) * block, max=block)
+    q_mean = qp.reshape(b, hq, nbq, block, d).sum(3) / q_rows[:, None]
+    k_mean = kp.reshape(b, hkv, nbk, block, d).sum(3) / k_rows[:, None]
+    q_mean = q_mean.reshape(b, hkv, hq // hkv, nbq, d).mean(2)
+    scores = q_mean @ k_mean.transpose(-1, -2)  # [B, Hkv, nbq, nbk]
+    first = torch.arange(nbq, device=q.device) * block + (lk - lq)
+    last = torch.clamp(first + block - 1, max=lk - 1)
+    key_start = torch.arange(nbk, device=q.device) * block
+    allowed = (key_start[None, :] <= last[:, None]) if causal else torch.ones(
+        nbq, nbk, dtype=torch.bool, device=q.device)
+    diagonal = (key_start[None, :] + block - 1 >= first[:, None]) & (
+        key_start[None, :] <= last[:, None])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    take = min(k_blocks, nbk)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept.scatter_(-1, order[..., :take], True)
+    return (kept & allowed) | diagonal
+
+
+def _selection(kept: torch.Tensor, lq: int, lk: int, block: int, block_m: int) -> DmaSelection:
+    """Gather lists of the kept blocks' keys for query blocks of ``block_m`` rows."""
+    b, h, nbq, nbk = kept.shape
+    n_kept = kept.sum(-1)
+    width = int(n_kept.max()) if n_kept.numel() else 0
+    ids = torch.where(kept, torch.arange(nbk, device=kept.device), nbk)
+    ids = torch.sort(ids, dim=-1).values[..., : max(width, 1)]  # kept blocks first, ascending
+    keys = ids[..., None] * block + torch.arange(block, device=kept.device)
+    keys = keys.reshape(b * h, nbq, -1)
+    valid = keys < lk  # padding blocks (id nbk) and the tail of the last block
+    count = valid.sum(-1).to(torch.int32)
+    keys = torch.where(valid, keys, 0).to(torch.int32)
+    repeat = block // block_m
+    nq = triton.cdiv(lq, block_m)
+    keys = keys.repeat_interleave(repeat, dim=1)[:, :nq].contiguous()
+    count = count.repeat_interleave(repeat, dim=1)[:, :nq].contiguous()
+    zeros_rank = torch.zeros_like(keys)
+    thr = torch.zeros(b * h, lq, dtype=torch.int32, device=kept.device)
+    return DmaSelection(thr, keys, zeros_rank, count, block_m)
+
+
+class _TopkAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_blocks, block, causal, scale):
+        kept = topk_blocks(q.detach(), k.detach(), k_blocks, block, causal)
+        block_m, block_n, warps = block_sizes(q.device)
+        block_m = math.gcd(block_m, block)
+        sel = _selection(kept, q.shape[2], k.shape[2], block, block_m)
+        qc, kc, vc = (_interpreter_dtype(t).contiguous() for t in (q, k, v))
+        delta = torch.zeros(k.shape[:3], dtype=qc.dtype, device=q.device)
+        out, lse = dma_forward(qc, kc, vc, delta, None, sel, causal, scale, block_n, warps)
+        ctx.save_for_backward(q, k, v, out, lse, kept)
+        ctx.args = (block, causal, scale)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, kept = ctx.saved_tensors
+        block, causal, scale = ctx.args
+        block_m, block_n, warps = block_sizes(q.device, backward=True)
+        block_m = math.gcd(block_m, block)
+        sel = _selection(kept, q.shape[2], k.shape[2], block, block_m)
+        go, qc, kc, vc = (_interpreter_dtype(t).contiguous() for t in (grad_out, q, k, v))
+        delta = torch.zeros(k.shape[:3], dtype=qc.dtype, device=q.device)
+        dq, dk, dv, _ = dma_backward(go, qc, kc, vc, delta, None, out, lse, sel, causal, scale,
+                                     block_n, warps)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_blocks: int,
+    block: int = 128,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over the ``k_blocks`` best key blocks (plus the diagonal) of each query block.
+
+    q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; ``block`` a multiple of 16. Differentiable in
+    q, k, v (the choice itself is not). Returns ``[B, Hq, Lq, D]`` in q's dtype.
+    """
+    if k_blocks < 1 or block < 16 or block % 16:
+        raise ValueError(f"need k >= 1 and block a multiple of 16, got k={k_blocks}, {block=}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _TopkAttention.apply(q, k, v, k_blocks, block, causal, scale)
