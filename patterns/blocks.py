@@ -29,6 +29,7 @@ from .primitives import Axial, Block, Dense, Global, Prefix, Primitive, Sink
 
 EMPTY_BIT, PARTIAL_BIT, FULL_BIT = 1, 2, 4
 ANY = EMPTY_BIT | PARTIAL_BIT | FULL_BIT
+_KIND_OF_BITS = torch.tensor([1, 0, 1, 1, 2, 1, 1, 1], dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,26 @@ def _state(some: torch.Tensor, every: torch.Tensor, t: Tiles) -> torch.Tensor:
     shape = (t.q0.shape[0], t.k0.shape[1])
     some = torch.as_tensor(some).expand(shape)
     every = torch.as_tensor(every).expand(shape)
-    out = torch.full(some.shape, PARTIAL_BIT, dtype=torch.uint8)
-    out[~some] = EMPTY_BIT
-    out[every] = FULL_BIT
-    return out
+    # some -> PARTIAL (2) else EMPTY (1); every -> FULL (4).
+    out = some.to(torch.uint8) + 1
+    return torch.where(every, FULL_BIT, out).to(torch.uint8)
 
 
-def classify(p: Pattern, t: Tiles) -> torch.Tensor:
-    """Possible states of every tile: uint8 bits ``[nq, nk]`` (one bit set = exact)."""
+def classify(p: Pattern, t: Tiles, prefixes: dict | None = None) -> torch.Tensor:
+    """Possible states of every tile: uint8 bits ``[nq, nk]`` (one bit set = exact).
+
+    ``prefixes`` caches the diagonal prefix sums of Toeplitz sub-patterns between calls on
+    chunks of the same grid (pass the same dict; the first call sizes them for its tiles, so
+    give a first chunk that spans all diagonals, or None).
+    """
+    prefixes = {} if prefixes is None else prefixes
     if is_toeplitz(p):
-        return _toeplitz(p, t)
+        return _toeplitz(p, t, prefixes)
     if isinstance(p, Not):
-        a = classify(p.inner, t)
+        a = classify(p.inner, t, prefixes)
         return ((a & EMPTY_BIT) << 2) | (a & PARTIAL_BIT) | ((a & FULL_BIT) >> 2)
     if isinstance(p, And):
-        a, b = classify(p.left, t), classify(p.right, t)
+        a, b = classify(p.left, t, prefixes), classify(p.right, t, prefixes)
         both_partial = ((a & b & PARTIAL_BIT) != 0).to(torch.uint8) * (EMPTY_BIT | PARTIAL_BIT)
         return (
             ((a | b) & EMPTY_BIT)
@@ -77,7 +83,7 @@ def classify(p: Pattern, t: Tiles) -> torch.Tensor:
             | both_partial
         ).to(torch.uint8)
     if isinstance(p, Or):
-        a, b = classify(p.left, t), classify(p.right, t)
+        a, b = classify(p.left, t, prefixes), classify(p.right, t, prefixes)
         both_partial = ((a & b & PARTIAL_BIT) != 0).to(torch.uint8) * (FULL_BIT | PARTIAL_BIT)
         return (
             ((a | b) & FULL_BIT)
@@ -92,13 +98,18 @@ def classify(p: Pattern, t: Tiles) -> torch.Tensor:
     raise TypeError(f"cannot classify {p!r}")
 
 
-def _toeplitz(p: Pattern, t: Tiles) -> torch.Tensor:
+def _toeplitz(p: Pattern, t: Tiles, prefixes: dict) -> torch.Tensor:
     d_min = int(t.q0.min()) - int(t.k1.max())
     d_max = int(t.q1.max()) - int(t.k0.min())
-    d = torch.arange(d_min, d_max + 1, dtype=torch.int64)
-    kept = p.evaluate(d, torch.zeros((), dtype=torch.int64))
-    prefix = torch.zeros(d.numel() + 1, dtype=torch.int64)
-    torch.cumsum(kept.to(torch.int64), 0, out=prefix[1:])
+    cached = prefixes.get(p)
+    if cached is not None and cached[0] <= d_min and d_max <= cached[1]:
+        d_min, _, prefix = cached
+    else:
+        d = torch.arange(d_min, d_max + 1, dtype=torch.int64)
+        kept = p.evaluate(d, torch.zeros((), dtype=torch.int64))
+        prefix = torch.zeros(d.numel() + 1, dtype=torch.int64)
+        torch.cumsum(kept.to(torch.int64), 0, out=prefix[1:])
+        prefixes[p] = (d_min, d_max, prefix)
     lo = t.q0 - t.k1 - d_min  # [nq, nk] indices into d
     hi = t.q1 - t.k0 - d_min
     count = prefix[hi + 1] - prefix[lo]
@@ -172,12 +183,12 @@ def resolve_tiles(
 ) -> torch.Tensor:
     """Exact kinds (0 EMPTY, 1 PARTIAL, 2 FULL) ``[nq, nk]`` uint8 from possible-state ``bits``,
     evaluating ``p`` on the ambiguous tiles only, ``budget`` entries at a time."""
-    kinds = torch.ones(bits.shape, dtype=torch.uint8)
-    kinds[bits == EMPTY_BIT] = 0
-    kinds[bits == FULL_BIT] = 2
-    open_tiles = ((bits != EMPTY_BIT) & (bits != PARTIAL_BIT) & (bits != FULL_BIT)).nonzero()
-    if open_tiles.numel() == 0:
+    # bits 1 -> 0 (EMPTY), 2 -> 1 (PARTIAL), 4 -> 2 (FULL); several bits -> undecided.
+    kinds = _KIND_OF_BITS[bits.to(torch.int64)]
+    undecided = (bits & (bits - 1)) != 0
+    if not bool(undecided.any()):
         return kinds
+    open_tiles = undecided.nonzero()
     per_batch = max(1, budget // (block_m * block_n))
     rm = torch.arange(block_m, dtype=torch.int64)
     rn = torch.arange(block_n, dtype=torch.int64)

@@ -1,15 +1,16 @@
 """Exact block layouts: which (q-block, k-block) tiles are EMPTY, PARTIAL or FULL.
 
-Two routes, both exact and neither building an ``lq x lk`` tensor:
+Three routes, all exact and none building an ``lq x lk`` tensor (see each module):
 
-* interval patterns (``Pattern.interval()`` is not None: causal, window, local, sliding, block,
-  sink, prefix, their intersections, ...): the per-row bounds ``lo(q), hi(q)`` are evaluated in
-  closed form and reduced per q-block to loop bounds ``kv_start/kv_end`` (visited k-blocks) and
-  ``kv_full_start/kv_full_end`` (FULL k-blocks). ``kinds`` and the CSR tables are derived from
-  them lazily, on first access.
-* everything else: per-tile analysis (``blocks.py``), a bounded chunk of q-blocks at a time, with
-  tile-by-tile evaluation only where the analysis cannot decide (opaque custom predicates,
-  PARTIAL-with-PARTIAL in non-Toeplitz compositions).
+* interval patterns -> ``intervals.py``: per q-block loop bounds in closed form, O(nq);
+* patterns of ``q - k`` only -> ``diagonals.py``: one classification per tile diagonal, CSR
+  tables listed directly, O(nq + nk) plus the size of the tables;
+* everything else -> ``blocks.py``: per-tile analysis, a bounded chunk of q-blocks at a time,
+  with tile-by-tile evaluation only where the analysis cannot decide (opaque custom predicates,
+  PARTIAL-with-PARTIAL in compositions that mix kinds of primitives).
+
+``kinds``, densities and the CSR tables a route does not produce directly are derived on first
+access and cached.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import Tiles, classify, is_toeplitz, resolve_tiles
+from .diagonals import toeplitz_tables
 from .errors import PatternError
+from .intervals import interval_bounds, kept_entries
 from .nodes import Pattern
-from .numeric import INT_INF, evaluate_expr
-from .symbolic import Q
+from .tables import CHUNK, csr_from_ranges, csr_from_rows, transpose_csr
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_CHUNK = 1 << 22  # tiles (or entries) handled per step: bounds temporary memory
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -38,23 +39,26 @@ class Layout:
     """Block structure of a static pattern for ``lq`` queries, ``lk`` keys and
     ``block_m x block_n`` tiles; ``n = num_heads`` (1 unless per-head), ``nq = cdiv(lq,
     block_m)``, ``nk = cdiv(lk, block_n)``. Row ``i`` of a q-block holds query ``i`` at absolute
-    position ``i + lk - lq``.
+    position ``i + lk - lq``. Head ``h`` of a model uses layout head ``h % n``.
 
-    Always available (computed when the layout is built):
-        is_interval: rows are single intervals; then the kernels need no tables:
-        kv_start, kv_end: int32 ``[n, nq]``, the k-blocks ``[kv_start, kv_end)`` hold every kept
-            entry of the q-block (only for ``is_interval``; None otherwise);
-        kv_full_start, kv_full_end: int32 ``[n, nq]``, the FULL k-blocks
-            ``[kv_full_start, kv_full_end)`` (empty range when start >= end; ``is_interval`` only).
-    Computed on first access (cached):
+    Computed when the layout is built:
+        is_interval: rows are single intervals; the kernels then need no tables, and
+        kv_start, kv_end: int32 ``[n, nq]``: k-blocks ``[kv_start, kv_end)`` hold every kept
+            entry of the q-block (None unless ``is_interval``);
+        kv_full_start, kv_full_end: int32 ``[n, nq]``: the FULL k-blocks are exactly
+            ``[kv_full_start, kv_full_end)`` (an empty range when start == end).
+            (Rarely, an interval q-block visits k-blocks with EMPTY ones between them; the
+            tables and ``kinds`` say so exactly, the range is then a superset.)
+    Computed on first access, then cached:
         kinds: uint8 ``[nq, nk]`` (``[n, nq, nk]`` when per-head): 0 EMPTY, 1 PARTIAL, 2 FULL.
-        density: kept fraction of the ``lq * lk`` entries; block_density: visited (non-EMPTY)
-            fraction of the tiles.
-        CSR tables, int32, always with the leading head dim n:
-            kv_partial_counts/kv_full_counts ``[n, nq]``, kv_partial_indices/kv_full_indices
-            ``[n, nq, max(1, max count)]`` (k-block indices, ascending, padding 0);
-            q_partial_counts/q_full_counts ``[n, nk]``, q_partial_indices/q_full_indices
-            ``[n, nk, max(1, max count)]`` (the transpose: q-blocks per k-block, for dK/dV).
+        density: kept fraction of the ``n * lq * lk`` entries; block_density: visited
+            (non-EMPTY) fraction of the ``n * nq * nk`` tiles.
+        CSR tables, int32 CPU tensors, always with the leading head dim n:
+            kv_partial_counts, kv_full_counts ``[n, nq]``;
+            kv_partial_indices, kv_full_indices ``[n, nq, max(1, max count)]``: k-block indices,
+                ascending within a row, padding 0 (never read);
+            q_partial_counts, q_full_counts ``[n, nk]`` and q_partial_indices, q_full_indices
+                ``[n, nk, max(1, max count)]``: the transpose (q-blocks per k-block, for dK/dV).
     """
 
     lq: int
@@ -68,11 +72,7 @@ class Layout:
     kv_end: torch.Tensor | None = None
     kv_full_start: torch.Tensor | None = None
     kv_full_end: torch.Tensor | None = None
-    # Exact kinds for q-blocks whose visited k-blocks are not one contiguous range (rare).
-    _gap_rows: dict = field(default_factory=dict, repr=False)
-    _kept: int | None = field(default=None, repr=False)
-    _kinds: torch.Tensor | None = field(default=None, repr=False)
-    _pattern: Pattern | None = field(default=None, repr=False)
+    _source: object = field(default=None, repr=False)
 
     @property
     def nq(self) -> int:
@@ -82,97 +82,45 @@ class Layout:
     def nk(self) -> int:
         return _cdiv(self.lk, self.block_n)
 
-    # -- kinds -------------------------------------------------------------------------------
     def kind_rows(self, head: int, i0: int, i1: int) -> torch.Tensor:
-        """Kinds of q-blocks ``[i0, i1)`` for head ``head``: uint8 ``[i1 - i0, nk]``."""
-        if self._kinds is not None:
-            return self._kinds[head, i0:i1]
-        j = torch.arange(self.nk, dtype=torch.int32)
-        start, end = self.kv_start[head, i0:i1, None], self.kv_end[head, i0:i1, None]
-        fs, fe = self.kv_full_start[head, i0:i1, None], self.kv_full_end[head, i0:i1, None]
-        rows = torch.where((j >= fs) & (j < fe), FULL, torch.where((j >= start) & (j < end),
-                                                                   PARTIAL, EMPTY))
-        rows = rows.to(torch.uint8)
-        for (h, i), row in self._gap_rows.items():
-            if h == head and i0 <= i < i1:
-                rows[i - i0] = row
-        return rows
+        """Kinds of q-blocks ``[i0, i1)`` for layout head ``head``: uint8 ``[i1 - i0, nk]``."""
+        return self._source.kind_rows(self, head, i0, i1)
 
     @functools.cached_property
     def _all_kinds(self) -> torch.Tensor:
-        if self._kinds is not None:
-            return self._kinds
         return torch.stack([self.kind_rows(h, 0, self.nq) for h in range(self.num_heads)])
 
     @property
     def kinds(self) -> torch.Tensor:
-        k = self._all_kinds
-        return k if self.per_head else k[0]
+        return self._all_kinds if self.per_head else self._all_kinds[0]
 
-    # -- densities ---------------------------------------------------------------------------
     @functools.cached_property
     def density(self) -> float:
         total = self.num_heads * self.lq * self.lk
-        if total == 0:
-            return 0.0
-        kept = self._kept if self._kept is not None else _count_kept(self)
-        return kept / total
+        return self._source.kept(self) / total if total else 0.0
 
     @functools.cached_property
     def block_density(self) -> float:
         tiles = self.num_heads * self.nq * self.nk
-        if tiles == 0:
-            return 0.0
-        visited = sum(
-            int((self.kind_rows(h, i, min(i + self._row_chunk, self.nq)) != EMPTY).sum())
-            for h in range(self.num_heads) for i in range(0, self.nq, self._row_chunk)
-        )
-        return visited / tiles
-
-    @property
-    def _row_chunk(self) -> int:
-        return max(1, _CHUNK // max(1, self.nk))
-
-    # -- CSR tables --------------------------------------------------------------------------
-    @functools.cached_property
-    def _forward_tables(self):
-        return _csr(self, transpose=False)
+        visited = self._forward[0][0].sum() + self._forward[1][0].sum()
+        return int(visited) / tiles if tiles else 0.0
 
     @functools.cached_property
-    def _backward_tables(self):
-        return _csr(self, transpose=True)
+    def _forward(self):
+        return self._source.forward(self)
 
-    @property
-    def kv_partial_counts(self) -> torch.Tensor:
-        return self._forward_tables[0][0]
+    @functools.cached_property
+    def _backward(self):
+        return self._source.backward(self)
 
-    @property
-    def kv_partial_indices(self) -> torch.Tensor:
-        return self._forward_tables[0][1]
-
-    @property
-    def kv_full_counts(self) -> torch.Tensor:
-        return self._forward_tables[1][0]
-
-    @property
-    def kv_full_indices(self) -> torch.Tensor:
-        return self._forward_tables[1][1]
-
-    @property
-    def q_partial_counts(self) -> torch.Tensor:
-        return self._backward_tables[0][0]
-
-    @property
-    def q_partial_indices(self) -> torch.Tensor:
-        return self._backward_tables[0][1]
-
-    @property
-    def q_full_counts(self) -> torch.Tensor:
-        return self._backward_tables[1][0]
-
-    @property
-    def q_full_indices(self) -> torch.Tensor:
-        return self._backward_tables[1][1]
+    kv_partial_counts = property(lambda self: self._forward[0][0])
+    kv_partial_indices = property(lambda self: self._forward[0][1])
+    kv_full_counts = property(lambda self: self._forward[1][0])
+    kv_full_indices = property(lambda self: self._forward[1][1])
+    q_partial_counts = property(lambda self: self._backward[0][0])
+    q_partial_indices = property(lambda self: self._backward[0][1])
+    q_full_counts = property(lambda self: self._backward[1][0])
+    q_full_indices = property(lambda self: self._backward[1][1])
 
     def __repr__(self) -> str:
         return (
@@ -195,73 +143,28 @@ def build_layout(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int)
         )
     n = pattern.num_heads
     heads = [pattern.for_head(h) for h in range(n)]
-    intervals = [p.interval() for p in heads]
     common = dict(lq=lq, lk=lk, block_m=block_m, block_n=block_n, num_heads=n,
-                  per_head=pattern.per_head, _pattern=pattern)
+                  per_head=pattern.per_head)
+    if lq == 0 or lk == 0:
+        kinds = torch.zeros((n, _cdiv(lq, block_m), _cdiv(lk, block_n)), dtype=torch.uint8)
+        return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
+    intervals = [p.interval() for p in heads]
     if all(iv is not None for iv in intervals):
-        per_head = [_interval_bounds(iv, lq, lk, block_m, block_n) for iv in intervals]
-        if all(b is not None for b in per_head):
-            stacked = [torch.stack([b[f] for b in per_head]) for f in range(4)]
-            gaps = {(h, i): row for h, b in enumerate(per_head) for i, row in b[4].items()}
-            return Layout(
-                is_interval=True, kv_start=stacked[0], kv_end=stacked[1],
-                kv_full_start=stacked[2], kv_full_end=stacked[3], _gap_rows=gaps,
-                _kept=sum(b[5] for b in per_head), **common,
-            )
+        bounds = [interval_bounds(iv, lq, lk, block_m, block_n) for iv in intervals]
+        i32 = torch.int32
+        return Layout(
+            is_interval=True,
+            kv_start=torch.stack([b.start for b in bounds]).to(i32),
+            kv_end=torch.stack([b.end for b in bounds]).to(i32),
+            kv_full_start=torch.stack([b.full_start for b in bounds]).to(i32),
+            kv_full_end=torch.stack([b.full_end for b in bounds]).to(i32),
+            _source=_IntervalSource(intervals, bounds), **common,
+        )
+    if all(is_toeplitz(p) for p in heads):
+        tables = [toeplitz_tables(p, lq, lk, block_m, block_n) for p in heads]
+        return Layout(is_interval=False, _source=_TableSource(heads, tables), **common)
     kinds = torch.stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
-    return Layout(is_interval=False, _kinds=kinds, **common)
-
-
-def _interval_bounds(iv, lq: int, lk: int, bm: int, bn: int):
-    """Per q-block loop bounds from per-row interval bounds (one int64 pass over the rows).
-
-    Returns (kv_start, kv_end, full_start, full_end, gap_rows, kept) or None when the bounds
-    are not monotone (then the tile analysis takes over).
-    """
-    nq, nk = _cdiv(lq, bm), _cdiv(lk, bn)
-    q = torch.arange(lk - lq, lk, dtype=torch.int64)
-    lo = torch.as_tensor(evaluate_expr(iv[0], {Q: q}), dtype=torch.int64).expand(lq)
-    hi = torch.as_tensor(evaluate_expr(iv[1], {Q: q}), dtype=torch.int64).expand(lq)
-    lo = lo.clamp(min=0)
-    hi = hi.clamp(max=lk - 1)
-    nonempty = lo <= hi
-    kept = int(torch.where(nonempty, hi - lo + 1, 0).sum()) if lq else 0
-    if lq > 1:
-        lo_ne = lo[nonempty]
-        if bool((lo_ne[1:] < lo_ne[:-1]).any()):
-            return None
-    pad = nq * bm - lq
-    big = INT_INF
-    lo_p = torch.nn.functional.pad(lo, (0, pad), value=big).view(nq, bm)
-    hi_p = torch.nn.functional.pad(hi, (0, pad), value=-1).view(nq, bm)
-    ne = torch.nn.functional.pad(nonempty, (0, pad), value=False).view(nq, bm)
-    real = torch.nn.functional.pad(torch.ones(lq, dtype=torch.bool), (0, pad)).view(nq, bm)
-    jlo, jhi = lo_p // bn, hi_p // bn
-    any_row = ne.any(1)
-    start = torch.where(ne, jlo, big).amin(1)
-    end = torch.where(ne, jhi, -1).amax(1) + 1
-    start = torch.where(any_row, start, 0)
-    end = torch.where(any_row, end, 0)
-    # FULL k-blocks of a row: those inside [lo, hi]; the ragged last block counts when hi == lk-1.
-    f0 = (lo_p + bn - 1) // bn
-    f1 = torch.where(hi_p == lk - 1, nk, (hi_p + 1) // bn)
-    f0 = torch.where(real, torch.where(ne, f0, nk), 0)
-    f1 = torch.where(real, torch.where(ne, f1, 0), nk)
-    fs, fe = f0.amax(1), f1.amin(1)
-    fe = torch.maximum(fe, fs)
-    # Rows are sorted by lo, so a q-block's visited k-blocks are one range unless a row starts
-    # past everything seen before it in the block.
-    seen = torch.cummax(torch.where(ne, jhi, -1), 1).values
-    gap = ne[:, 1:] & (seen[:, :-1] >= 0) & (jlo[:, 1:] > seen[:, :-1] + 1)
-    gap_rows = {}
-    for i in gap.any(1).nonzero().flatten().tolist():
-        row = torch.zeros(nk, dtype=torch.uint8)
-        for a, b in zip(jlo[i][ne[i]].tolist(), jhi[i][ne[i]].tolist(), strict=True):
-            row[a:b + 1] = PARTIAL
-        row[int(fs[i]):int(fe[i])] = FULL
-        gap_rows[i] = row
-    i32 = torch.int32
-    return start.to(i32), end.to(i32), fs.to(i32), fe.to(i32), gap_rows, kept
+    return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
 
 
 def _tiles(lq: int, lk: int, bm: int, bn: int, i0: int, i1: int) -> Tiles:
@@ -278,94 +181,141 @@ def _tile_kinds(p: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
     """Exact kinds ``[nq, nk]`` of a head-resolved pattern, a chunk of q-blocks at a time."""
     nq, nk = _cdiv(lq, bm), _cdiv(lk, bn)
     kinds = torch.empty((nq, nk), dtype=torch.uint8)
-    if nq == 0 or nk == 0:
-        return kinds
-    step = max(1, _CHUNK // nk)
-    toeplitz = is_toeplitz(p)
-    if toeplitz:
-        step = nq  # one prefix sum over all diagonals serves every chunk: do it once
+    step = max(1, CHUNK // nk)
+    # Diagonal prefix sums sized for the whole grid, shared by all chunks.
+    everything = Tiles(q0=torch.tensor([[lk - lq]]), q1=torch.tensor([[lk - 1]]),
+                       k0=torch.tensor([[0]]), k1=torch.tensor([[lk - 1]]))
+    prefixes: dict = {}
+    classify(p, everything, prefixes)
     for i0 in range(0, nq, step):
         i1 = min(nq, i0 + step)
         t = _tiles(lq, lk, bm, bn, i0, i1)
-        kinds[i0:i1] = resolve_tiles(p, t, classify(p, t), bm, bn)
+        kinds[i0:i1] = resolve_tiles(p, t, classify(p, t, prefixes), bm, bn)
     return kinds
 
 
-def _count_kept(layout: Layout) -> int:
-    """Exact kept entries of a non-interval layout: FULL tiles by area, PARTIAL tiles by
-    evaluation, bounded memory."""
-    p = layout._pattern
-    total = 0
-    bm, bn = layout.block_m, layout.block_n
-    for h in range(layout.num_heads):
-        ph = p.for_head(h)
-        kinds = layout.kind_rows(h, 0, layout.nq)
-        t = _tiles(layout.lq, layout.lk, bm, bn, 0, layout.nq)
-        area = (t.q1 - t.q0 + 1) * (t.k1 - t.k0 + 1)
-        total += int(area[kinds == FULL].sum())
-        if is_toeplitz(ph):
-            total += _toeplitz_partial_count(ph, t, kinds)
-            continue
-        i, j = (kinds == PARTIAL).nonzero().unbind(1)
-        per_batch = max(1, _CHUNK // (bm * bn))
-        rm, rn = torch.arange(bm), torch.arange(bn)
-        for s in range(0, i.numel(), per_batch):
-            ii, jj = i[s:s + per_batch], j[s:s + per_batch]
-            qpos = t.q0[ii, 0, None] + rm
-            kpos = t.k0[0, jj, None] + rn
-            valid = (qpos <= t.q1[ii, 0, None])[:, :, None] & (kpos <= t.k1[0, jj, None])[:, None]
-            total += int((ph.evaluate(qpos[:, :, None], kpos[:, None, :]) & valid).sum())
-    return total
+def _transposed_tables(layout: Layout):
+    return tuple(transpose_csr(c, i, layout.nk) for c, i in layout._forward)
 
 
-def _toeplitz_partial_count(p: Pattern, t: Tiles, kinds: torch.Tensor) -> int:
-    """Kept entries in PARTIAL tiles of a pattern that depends on d = q - k only: each tile
-    holds, for every d, the number of its rows q with q - d inside its key range."""
-    total = 0
-    i, j = (kinds == PARTIAL).nonzero().unbind(1)
-    for s in range(0, i.numel(), 4096):
-        ii, jj = i[s:s + 4096], j[s:s + 4096]
-        q0, q1 = t.q0[ii, 0], t.q1[ii, 0]
-        k0, k1 = t.k0[0, jj], t.k1[0, jj]
-        d_lo, d_hi = int((q0 - k1).min()), int((q1 - k0).max())
-        d = torch.arange(d_lo, d_hi + 1)
-        kept = p.evaluate(d, torch.zeros((), dtype=torch.int64))
-        dd = d[kept][None, :]
-        mult = (torch.minimum(q1[:, None], dd + k1[:, None])
-                - torch.maximum(q0[:, None], dd + k0[:, None]) + 1).clamp(min=0)
-        total += int(mult.sum())
-    return total
-
-
-def _csr(layout: Layout, transpose: bool):
-    """((partial_counts, partial_indices), (full_counts, full_indices)) int32, head dim first."""
+def _forward_from_rows(layout: Layout):
     n, nq, nk = layout.num_heads, layout.nq, layout.nk
-    rows = nk if transpose else nq
-    kinds_all = layout._all_kinds if transpose else None
-    out = []
-    for kind in (PARTIAL, FULL):
-        counts = torch.zeros((n, rows), dtype=torch.int32)
-        chunks = []
-        for h in range(n):
-            if transpose:
-                chunks.append(kinds_all[h].t() == kind)
-                counts[h] = chunks[-1].sum(1, dtype=torch.int32)
-            else:
-                for i in range(0, nq, layout._row_chunk):
-                    i1 = min(nq, i + layout._row_chunk)
-                    counts[h, i:i1] = (layout.kind_rows(h, i, i1) == kind).sum(1, dtype=torch.int32)
-        width = max(1, int(counts.max()) if counts.numel() else 1)
-        indices = torch.zeros((n, rows, width), dtype=torch.int32)
-        for h in range(n):
-            step = layout._row_chunk if not transpose else max(1, _CHUNK // max(1, nq))
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                m = chunks[h][r0:r1] if transpose else layout.kind_rows(h, r0, r1) == kind
-                r, c = m.nonzero().unbind(1)
-                if r.numel() == 0:
-                    continue
-                first = torch.cumsum(m.sum(1), 0) - m.sum(1)
-                pos = torch.arange(r.numel()) - first[r]
-                indices[h, r0 + r, pos] = c.to(torch.int32)
-        out.append((counts, indices))
-    return out[0], out[1]
+    return (csr_from_rows(layout.kind_rows, n, nq, nk, PARTIAL),
+            csr_from_rows(layout.kind_rows, n, nq, nk, FULL))
+
+
+class _IntervalSource:
+    """Kinds and tables derived from per q-block bounds."""
+
+    def __init__(self, intervals, bounds):
+        self.intervals, self.bounds = intervals, bounds
+
+    def kind_rows(self, layout, head, i0, i1):
+        b = self.bounds[head]
+        j = torch.arange(layout.nk, dtype=torch.int64)
+        start, end = b.start[i0:i1, None], b.end[i0:i1, None]
+        fs, fe = b.full_start[i0:i1, None], b.full_end[i0:i1, None]
+        rows = torch.where((j >= fs) & (j < fe), FULL,
+                           torch.where((j >= start) & (j < end), PARTIAL, EMPTY)).to(torch.uint8)
+        for i, row in b.gap_rows.items():
+            if i0 <= i < i1:
+                rows[i - i0] = row
+        return rows
+
+    def forward(self, layout):
+        if any(b.gap_rows for b in self.bounds):
+            return _forward_from_rows(layout)
+        stack = [torch.stack([getattr(b, f) for b in self.bounds])
+                 for f in ("start", "end", "full_start", "full_end")]
+        partial = csr_from_ranges(stack[0], stack[1], stack[2], stack[3])
+        full = csr_from_ranges(stack[2], stack[3])
+        return partial, full
+
+    def backward(self, layout):
+        return _transposed_tables(layout)
+
+    def kept(self, layout):
+        return sum(kept_entries(iv, layout.lq, layout.lk) for iv in self.intervals)
+
+
+def _stack_tables(per_head):
+    counts = torch.stack([c for c, _ in per_head])
+    width = max(i.shape[-1] for _, i in per_head)
+    idx = torch.stack([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for _, i in per_head])
+    return counts, idx
+
+
+class _TableSource:
+    """CSR tables built directly (Toeplitz route); kinds scattered from them on demand."""
+
+    def __init__(self, heads, tables):
+        self.heads, self.tables = heads, tables
+
+    def kind_rows(self, layout, head, i0, i1):
+        rows = torch.zeros((i1 - i0, layout.nk), dtype=torch.uint8)
+        for kind, (counts, idx) in zip((PARTIAL, FULL), self.tables[head]["kv"], strict=True):
+            c, ix = counts[i0:i1].to(torch.int64), idx[i0:i1].to(torch.int64)
+            valid = torch.arange(ix.shape[1]) < c[:, None]
+            r = torch.arange(i1 - i0)[:, None].expand_as(ix)
+            rows[r[valid], ix[valid]] = kind
+        return rows
+
+    def forward(self, layout):
+        return tuple(_stack_tables([t["kv"][k] for t in self.tables]) for k in (0, 1))
+
+    def backward(self, layout):
+        return tuple(_stack_tables([t["q"][k] for t in self.tables]) for k in (0, 1))
+
+    def kept(self, layout):
+        return sum(_toeplitz_kept(p, layout.lq, layout.lk) for p in self.heads)
+
+
+def _toeplitz_kept(p: Pattern, lq: int, lk: int) -> int:
+    """Kept entries of a pattern of ``d = q - k``: sum over d of keep(d) times the number of
+    rows ``q`` in ``[lk - lq, lk - 1]`` whose key ``q - d`` lies in ``[0, lk - 1]``."""
+    qa, qb = lk - lq, lk - 1
+    total = 0
+    for d0 in range(qa - (lk - 1), qb + 1, 1 << 22):
+        d = torch.arange(d0, min(qb + 1, d0 + (1 << 22)), dtype=torch.int64)
+        keep = p.evaluate(d, torch.zeros((), dtype=torch.int64))
+        rows = (torch.minimum(torch.full_like(d, qb), d + lk - 1)
+                - torch.maximum(torch.full_like(d, qa), d) + 1).clamp(min=0)
+        total += int(rows[keep].sum())
+    return total
+
+
+class _KindsSource:
+    """Kinds computed tile by tile and stored; tables and densities derived from them."""
+
+    def __init__(self, heads, kinds):
+        self.heads, self.kinds = heads, kinds
+
+    def kind_rows(self, layout, head, i0, i1):
+        return self.kinds[head, i0:i1]
+
+    def forward(self, layout):
+        return _forward_from_rows(layout)
+
+    def backward(self, layout):
+        return _transposed_tables(layout)
+
+    def kept(self, layout):
+        return sum(_count_kept(p, self.kinds[h], layout) for h, p in enumerate(self.heads))
+
+
+def _count_kept(p: Pattern, kinds: torch.Tensor, layout: Layout) -> int:
+    """Kept entries: FULL tiles by area, PARTIAL tiles by evaluation (bounded batches)."""
+    bm, bn = layout.block_m, layout.block_n
+    t = _tiles(layout.lq, layout.lk, bm, bn, 0, layout.nq)
+    area = (t.q1 - t.q0 + 1) * (t.k1 - t.k0 + 1)
+    total = int(area.expand_as(kinds)[kinds == FULL].sum())
+    i, j = (kinds == PARTIAL).nonzero().unbind(1)
+    per_batch = max(1, CHUNK // (bm * bn))
+    rm, rn = torch.arange(bm), torch.arange(bn)
+    for s in range(0, i.numel(), per_batch):
+        ii, jj = i[s:s + per_batch], j[s:s + per_batch]
+        qpos = t.q0[ii, 0, None] + rm
+        kpos = t.k0[0, jj, None] + rn
+        valid = (qpos <= t.q1[ii, 0, None])[:, :, None] & (kpos <= t.k1[0, jj, None])[:, None]
+        total += int((p.evaluate(qpos[:, :, None], kpos[:, None, :]) & valid).sum())
+    return total
