@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sparse_compile.backend as backend_module
 from sparse_compile.assign import BackendOptions
@@ -18,7 +19,16 @@ from sparse_compile.backend import sparse_backend, sparsify_graph
 from sparse_compile.report import collecting
 from tests.backend.by_hand import pattern_by_hand
 from tests.backend.conftest import assert_grads_close
-from tests.backend.zoo import BertSelf, GemmaSoftcap, LlamaEager, NanoGPTFlash, ViTSelf
+from tests.backend.zoo import (
+    BertSelf,
+    BloomAlibi,
+    EinsumSeqFirst,
+    Entry,
+    GemmaSoftcap,
+    LlamaEager,
+    NanoGPTFlash,
+    ViTSelf,
+)
 from tests.conftest import rel_error
 
 
@@ -100,8 +110,10 @@ def test_inference_modes(mode):
     assert rel_error(out, ref) < 1e-4
 
 
-def test_changing_sequence_lengths():
-    model = NanoGPTFlash()
+@pytest.mark.parametrize("entry", [NanoGPTFlash, LlamaEager, BloomAlibi, EinsumSeqFirst],
+                         ids=lambda e: e.__name__)
+def test_changing_sequence_lengths(entry):
+    model = entry()
     compiled = torch.compile(model, backend="sparse",
                              options={"pattern": "sliding(3)", "compiler": "aot_eager"})
     for n in (8, 12, 16, 12):
@@ -163,3 +175,21 @@ def test_kwargs_given_directly_merge_into_options():
         torch.compile(model, backend=lambda gm, ex: sparse_backend(
             gm, ex, pattern="block(2)", compiler="eager"))(x)
     assert [r.pattern for r in report] == ["block(2)"]
+
+
+class CausalCrossLengths(Entry):
+    """SDPA ``is_causal=True`` with Lq = 4 < Lk = 8: PyTorch aligns that mask top-left."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        return self.merge(F.scaled_dot_product_attention(q[:, :, :4], k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("pattern", ["dense", "strided(2)"])
+def test_sdpa_is_causal_with_unequal_lengths_keeps_top_left_alignment(pattern):
+    model, x = CausalCrossLengths(), Entry.example_input()
+    out = torch.compile(model, backend="sparse",
+                        options={"pattern": pattern, "compiler": "aot_eager"})(x)
+    with pattern_by_hand(pattern):
+        ref = model(x)
+    assert rel_error(out, ref) < 1e-4
