@@ -120,3 +120,14 @@ def test_explain_rows_and_table():
     assert all(r.rewritten and r.reason is None for r in report)
     table = str(report)
     assert "blocks.0" in table and "sliding(2)" in table and "2 rewritten" in table
+
+
+def test_assign_by_module_path_glob_and_class_name_in_a_transformers_model():
+    from tests.backend.hf_models import llama
+
+    model, inputs, layers = llama("sdpa")
+    report = explain(model, inputs["input_ids"], compiler="eager", assign={
+        "model.layers.0.self_attn": "sliding(2)", "LlamaAttention": "block(4)"})
+    assert [r.module_path for r in report] == [f"model.layers.{i}.self_attn"
+                                               for i in range(layers)]
+    assert [r.pattern for r in report] == ["sliding(2) & causal", "block(4) & causal"]
