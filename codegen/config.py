@@ -65,8 +65,12 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
         return cfg
     if d <= 64:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
+    elif d <= 128 and major >= 9:
+        # H100, bf16, D=128: bench/attention.py --tune (bench/NOTES.md, version 2).
+        cfg = replace(cfg, fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=32,
+                      dq_warps=4, dq_stages=3, kv_m=32, kv_n=64, kv_warps=4, kv_stages=3)
     elif d <= 128:
-        cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3 if major >= 9 else 2)
+        cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=2)
     else:
         cfg = replace(cfg, fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32,
                       dq_warps=4, kv_m=32, kv_n=64, kv_warps=4)
