@@ -1,0 +1,118 @@
+"""sparse_compile.functional.attention: the public entry point, its custom op, the chunked
+PyTorch path used without GPU and interpreter, and its behaviour inside torch.compile."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from sparse_compile.patterns import PatternError, parse
+
+import sparse_compile.fallback as fallback
+from sparse_compile.functional import attention
+from sparse_compile.op import attention_op
+from tests.codegen.attention_cases import check_against_oracle, make_qkv
+from tests.conftest import rel_error
+
+
+def run(q, k, v, pattern, scale, bias):
+    return attention(q, k, v, pattern, scale=scale, bias=bias)
+
+
+def test_pattern_object_and_text_agree():
+    q, k, v = make_qkv(1, 2, 1, 30, 30, 16, torch.float32)
+    a = attention(q, k, v, "causal & sliding(7)")
+    b = attention(q, k, v, parse("causal") & parse("sliding(7)"))
+    assert torch.equal(a, b)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 16, torch.float32)
+    assert torch.equal(attention(q, k, v, "causal"), attention(q, k, v, "causal", scale=0.25))
+
+
+def test_bad_pattern_text_raises_pattern_error():
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
+    with pytest.raises(PatternError):
+        attention(q, k, v, "causal & (")
+
+
+def test_dynamic_patterns_are_refused():
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
+    with pytest.raises(NotImplementedError):
+        attention(q, k, v, "dma(keep=4)")
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """CPU without the Triton interpreter: the chunked PyTorch path."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.mark.parametrize(
+    "text, lq, lk", [("causal & sliding(6)", 30, 30), ("strided(3) | sink(2)", 20, 41),
+                     ("heads(causal, local(5))", 25, 25), ("prefix(6)", 30, 30)],
+)
+def test_chunked_path_matches_oracle(no_kernels, text, lq, lk):
+    q, k, v = make_qkv(2, 4, 2, lq, lk, 16, torch.float32)
+    bias = torch.randn(1, 4, 1, lk, requires_grad=True)
+    check_against_oracle(run, q, k, v, text, bias=bias)
+
+
+def test_chunked_path_logs_once(no_kernels, caplog, monkeypatch):
+    monkeypatch.setattr(fallback, "_logged", False)
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
+    with caplog.at_level(logging.INFO, logger="sparse_compile"):
+        attention(q, k, v, "causal")
+        attention(q, k, v, "causal")
+    msgs = [r for r in caplog.records if "chunked PyTorch path" in r.getMessage()]
+    assert len(msgs) == 1
+
+
+def test_chunked_path_never_builds_the_full_score_matrix(monkeypatch):
+    seen = []
+    inner = fallback._chunk_attention
+
+    def spy(q, *args):
+        seen.append(q.shape[-2])
+        return inner(q, *args)
+
+    monkeypatch.setattr(fallback, "_chunk_attention", spy)
+    q, k, v = make_qkv(1, 2, 1, 50, 50, 16, torch.float32)
+    budget = 2 * 50 * 8  # B·Hq·Lk·8 score entries: chunks of 8 query rows
+    out = fallback.chunked_attention(q, k, v, parse("local(9)"), max_scores=budget)
+    assert max(seen) == 8 and sum(seen) == 50
+    full = fallback.chunked_attention(q, k, v, parse("local(9)"))
+    assert rel_error(out, full) < 1e-6
+    dq_chunked, = torch.autograd.grad(out.sum(), q)
+    dq_full, = torch.autograd.grad(full.sum(), q)
+    assert rel_error(dq_chunked, dq_full) < 1e-6
+
+
+def test_chunked_dropout_is_reproducible(no_kernels):
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 16, torch.float32)
+    outs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        outs.append(attention(q, k, v, "causal", dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_inside_torch_compile_with_dynamic_shapes(backend):
+    fn = torch.compile(lambda q, k, v: attention(q, k, v, "causal & sliding(8)"),
+                       backend=backend, dynamic=True, fullgraph=True)
+    for length in (24, 37):
+        q, k, v = make_qkv(1, 2, 1, length, length, 16, torch.float32)
+        check_against_oracle(lambda q, k, v, p, s, b: fn(q, k, v), q, k, v,
+                             "causal & sliding(8)")
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 20, 20, 16, torch.float32))
+    bias = torch.randn(1, 2, 20, 20)
+    torch.library.opcheck(
+        attention_op, (q, k, v, bias, "causal & sliding(5)", 0.25, 0.0, None),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
