@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .config import TileConfig
-from .forward import _bias_args, _table_args
+from .forward import bias_args, table_args
 from .tables import BlockTables
 
 DKDV_SOURCE = '''
@@ -151,8 +151,8 @@ def launch_dkdv(
     hkv, lk = k.shape[1], k.shape[2]
     dk = torch.empty((b, hkv, lk, d), device=k.device, dtype=k.dtype)
     dv = torch.empty((b, hkv, lk, d), device=v.device, dtype=v.dtype)
-    bias_t, bias_strides = _bias_args(bias, q)
-    pc, pi, fc, fi, t_h, t_m = _table_args(tables, q)
+    bias_t, bias_strides = bias_args(bias, q)
+    pc, pi, fc, fi, t_h, t_m = table_args(tables, q)
     grid = (triton.cdiv(lk, cfg.kv_n), b * hkv)
     module._dkdv_kernel[grid](
         q, k, v, bias_t, dout, lse, delta, dk, dv,

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .config import TileConfig
-from .forward import _bias_args, _table_args
+from .forward import bias_args, table_args
 from .tables import BlockTables
 
 DQ_SOURCE = '''
@@ -179,9 +179,9 @@ def launch_dq(
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
-    bias_t, bias_strides = _bias_args(bias, q)
-    dbias_t, db_strides = _bias_args(dbias, q)
-    pc, pi, fc, fi, t_h, t_m = _table_args(tables, q)
+    bias_t, bias_strides = bias_args(bias, q)
+    dbias_t, db_strides = bias_args(dbias, q)
+    pc, pi, fc, fi, t_h, t_m = table_args(tables, q)
     grid = (triton.cdiv(lq, cfg.dq_m), b * hq)
     module._dq_kernel[grid](
         q, k, v, bias_t, dout, lse, delta, dq, dbias_t,

@@ -165,8 +165,8 @@ def launch_forward(
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
-    bias_t, bias_strides = _bias_args(bias, q)
-    pc, pi, fc, fi, t_h, t_m = _table_args(tables, q)
+    bias_t, bias_strides = bias_args(bias, q)
+    pc, pi, fc, fi, t_h, t_m = table_args(tables, q)
     grid = (triton.cdiv(lq, cfg.fwd_m), b * hq)
     module._fwd_kernel[grid](
         q, k, v, bias_t, out, lse,
@@ -183,7 +183,7 @@ def launch_forward(
     return out, lse
 
 
-def _bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Bias pointer and its [B, H, Lq, Lk] strides (0 on broadcast dims); a dummy if None."""
     if bias is None:
         return like, [0, 0, 0, 0]
@@ -191,7 +191,7 @@ def _bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Ten
     return bias, strides
 
 
-def _table_args(
+def table_args(
     tables: BlockTables | None, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """(partial counts, partial indices, full counts, full indices, head stride, row stride)."""
