@@ -192,15 +192,15 @@ def resolve_tiles(
     per_batch = max(1, budget // (block_m * block_n))
     rm = torch.arange(block_m, dtype=torch.int64)
     rn = torch.arange(block_n, dtype=torch.int64)
-    q0, q1 = t.q0[:, 0], t.q1[:, 0]
-    k0, k1 = t.k0[0], t.k1[0]
+    # Works for a grid ([nq, 1] x [1, nk]) and for a flat list of tiles ([c, 1] x [c, 1]).
+    q0, q1, k0, k1 = (x.expand(bits.shape) for x in (t.q0, t.q1, t.k0, t.k1))
     for start in range(0, open_tiles.shape[0], per_batch):
-        i, j = open_tiles[start:start + per_batch].unbind(1)
-        qpos = q0[i, None] + rm  # [b, BM]
-        kpos = k0[j, None] + rn  # [b, BN]
-        valid = (qpos <= q1[i, None])[:, :, None] & (kpos <= k1[j, None])[:, None, :]
+        r, c = open_tiles[start:start + per_batch].unbind(1)
+        qpos = q0[r, c][:, None] + rm  # [b, BM]
+        kpos = k0[r, c][:, None] + rn  # [b, BN]
+        valid = (qpos <= q1[r, c][:, None])[:, :, None] & (kpos <= k1[r, c][:, None])[:, None, :]
         keep = p.evaluate(qpos[:, :, None], kpos[:, None, :])
         some = (keep & valid).flatten(1).any(1)
         every = (keep | ~valid).flatten(1).all(1)
-        kinds[i, j] = torch.where(every, 2, torch.where(some, 1, 0)).to(torch.uint8)
+        kinds[r, c] = torch.where(every, 2, torch.where(some, 1, 0)).to(torch.uint8)
     return kinds

@@ -5,6 +5,8 @@ Three routes, all exact and none building an ``lq x lk`` tensor (see each module
 * interval patterns -> ``intervals.py``: per q-block loop bounds in closed form, O(nq);
 * patterns of ``q - k`` only -> ``diagonals.py``: one classification per tile diagonal, CSR
   tables listed directly, O(nq + nk) plus the size of the tables;
+* sparse compositions with known candidate ranges (unions with sink/global, ...) ->
+  ``candidates.py``: only tiles inside the candidate ranges are classified;
 * everything else -> ``blocks.py``: per-tile analysis, a bounded chunk of q-blocks at a time,
   with tile-by-tile evaluation only where the analysis cannot decide (opaque custom predicates,
   PARTIAL-with-PARTIAL in compositions that mix kinds of primitives).
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import Tiles, classify, is_toeplitz, resolve_tiles
+from .candidates import candidate_ranges, candidate_tables
 from .diagonals import toeplitz_tables
 from .errors import PatternError
 from .intervals import interval_bounds, kept_entries
@@ -163,6 +166,14 @@ def build_layout(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int)
     if all(is_toeplitz(p) for p in heads):
         tables = [toeplitz_tables(p, lq, lk, block_m, block_n) for p in heads]
         return Layout(is_interval=False, _source=_TableSource(heads, tables), **common)
+    ranges = [candidate_ranges(p, lq, lk, block_m, block_n) for p in heads]
+    nq, nk = _cdiv(lq, block_m), _cdiv(lk, block_n)
+    if all(r is not None and int((r[1] - r[0]).clamp(min=0).sum()) <= nq * nk // 2
+           for r in ranges):
+        tables = [candidate_tables(p, lq, lk, block_m, block_n, r)
+                  for p, r in zip(heads, ranges, strict=True)]
+        return Layout(is_interval=False, _source=_TableSource(heads, tables, toeplitz=False),
+                      **common)
     kinds = torch.stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
     return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
 
@@ -248,8 +259,8 @@ def _stack_tables(per_head):
 class _TableSource:
     """CSR tables built directly (Toeplitz route); kinds scattered from them on demand."""
 
-    def __init__(self, heads, tables):
-        self.heads, self.tables = heads, tables
+    def __init__(self, heads, tables, toeplitz: bool = True):
+        self.heads, self.tables, self.toeplitz = heads, tables, toeplitz
 
     def kind_rows(self, layout, head, i0, i1):
         rows = torch.zeros((i1 - i0, layout.nk), dtype=torch.uint8)
@@ -264,10 +275,15 @@ class _TableSource:
         return tuple(_stack_tables([t["kv"][k] for t in self.tables]) for k in (0, 1))
 
     def backward(self, layout):
+        if any("q" not in t for t in self.tables):
+            return _transposed_tables(layout)
         return tuple(_stack_tables([t["q"][k] for t in self.tables]) for k in (0, 1))
 
     def kept(self, layout):
-        return sum(_toeplitz_kept(p, layout.lq, layout.lk) for p in self.heads)
+        if self.toeplitz:
+            return sum(_toeplitz_kept(p, layout.lq, layout.lk) for p in self.heads)
+        return sum(_count_kept(p, layout.kind_rows(h, 0, layout.nq), layout)
+                   for h, p in enumerate(self.heads))
 
 
 def _toeplitz_kept(p: Pattern, lq: int, lk: int) -> int:

@@ -138,3 +138,19 @@ def test_empty_sequences(lq, lk):
 def test_layout_rejects_bad_sizes():
     with pytest.raises(P.PatternError, match="block_m"):
         P.causal.layout(10, 10, 0, 16)
+
+
+@pytest.mark.parametrize("p", [
+    P.sliding(40) | P.sink(20), P.global_(30) | P.local(50), P.global_(17),
+    (P.causal & P.local(60)) | (P.sink(8) & ~P.strided(3)), P.sliding(64) & P.axial(9),
+    P.local(30) & PREDICATES[1], P.heads(P.sliding(30) | P.sink(5), P.global_(9)),
+    P.block(32) & (P.strided(5) | P.sink(3)),
+], ids=str)
+@pytest.mark.parametrize("lq,lk,bm,bn", [(400, 400, 16, 16), (333, 517, 32, 16),
+                                         (517, 333, 16, 32)])
+def test_candidate_route_is_exact(p, lq, lk, bm, bn):
+    from sparse_compile.patterns.candidates import candidate_ranges
+
+    assert all(candidate_ranges(p.for_head(h), lq, lk, bm, bn) is not None
+               for h in range(p.num_heads))
+    check_layout(p, lq, lk, bm, bn)

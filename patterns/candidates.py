@@ -1,0 +1,93 @@
+"""Layout route for sparse compositions: classify only tiles that may hold a kept entry.
+
+Each q-block gets a few candidate k-block ranges that are guaranteed to contain all its
+non-EMPTY tiles: an interval sub-pattern contributes its exact visited range
+(``intervals.py``), ``global(n)`` its rows, ``a | b`` the ranges of both sides, ``a & b`` those of
+the tighter side. Only the tiles in these ranges are classified (``blocks.py``, exact), and the
+CSR tables are listed from them directly. Patterns with no such bound (``~``, strided, fanout,
+axial, custom predicates at the top) return None and take the all-tiles route.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocks import Tiles, classify, resolve_tiles
+from .intervals import interval_bounds
+from .nodes import And, Or, Pattern
+from .primitives import Global
+from .tables import CHUNK
+
+PARTIAL, FULL = 1, 2
+
+
+def candidate_ranges(p: Pattern, lq: int, lk: int, bm: int, bn: int):
+    """``(starts, ends)`` int64 ``[nq, m]``: k-block ranges ``[start, end)`` covering every
+    non-EMPTY tile of each q-block; None when no useful bound is known."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    iv = p.interval()
+    if iv is not None:
+        b = interval_bounds(iv, lq, lk, bm, bn)
+        extra = torch.tensor(sorted(b.gap_rows), dtype=torch.int64)
+        start, end = b.start.clone(), b.end.clone()
+        if extra.numel():  # rows with gaps: cover them fully (still exact after classifying)
+            start[extra], end[extra] = 0, nk
+        return start[:, None], end[:, None]
+    if isinstance(p, Global):
+        i = torch.arange(nq, dtype=torch.int64)
+        first_q = i * bm + (lk - lq)
+        end = torch.where(first_q < p.n, nk, -(-min(p.n, lk) // bn))
+        return torch.zeros_like(end)[:, None], end[:, None]
+    if isinstance(p, Or):
+        a = candidate_ranges(p.left, lq, lk, bm, bn)
+        b = candidate_ranges(p.right, lq, lk, bm, bn)
+        if a is None or b is None:
+            return None
+        return torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
+    if isinstance(p, And):
+        a = candidate_ranges(p.left, lq, lk, bm, bn)
+        b = candidate_ranges(p.right, lq, lk, bm, bn)
+        if a is None or b is None:
+            return a if b is None else b
+        size = [int((r[1] - r[0]).clamp(min=0).sum()) for r in (a, b)]
+        return a if size[0] <= size[1] else b
+    return None
+
+
+def candidate_tables(p: Pattern, lq: int, lk: int, bm: int, bn: int, ranges):
+    """``{"kv": ((pc, pi), (fc, fi))}`` forward CSR tables (no head dim) from classifying the
+    candidate tiles of the head-resolved pattern ``p`` (the transpose is derived on demand)."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    starts, ends = ranges
+    lengths = (ends.clamp(max=nk) - starts.clamp(min=0)).clamp(min=0)
+    rows = torch.arange(nq, dtype=torch.int64)[:, None].expand_as(starts)
+    flat_len = lengths.flatten()
+    first = starts.clamp(min=0).flatten().repeat_interleave(flat_len)
+    offset = torch.arange(int(flat_len.sum())) - (torch.cumsum(flat_len, 0) - flat_len
+                                                  ).repeat_interleave(flat_len)
+    keys = rows.flatten().repeat_interleave(flat_len) * nk + first + offset
+    keys = torch.unique(keys)  # sorted: row-major, k-blocks ascending within a row
+    i, j = keys // nk, keys % nk
+    off = lk - lq
+    everything = Tiles(q0=torch.tensor([[off]]), q1=torch.tensor([[lk - 1]]),
+                       k0=torch.tensor([[0]]), k1=torch.tensor([[lk - 1]]))
+    prefixes: dict = {}
+    classify(p, everything, prefixes)
+    kinds = torch.empty(keys.numel(), dtype=torch.uint8)
+    for s in range(0, keys.numel(), CHUNK):
+        ii, jj = i[s:s + CHUNK, None], j[s:s + CHUNK, None]
+        t = Tiles(q0=ii * bm + off, q1=torch.clamp((ii + 1) * bm, max=lq) - 1 + off,
+                  k0=jj * bn, k1=torch.clamp((jj + 1) * bn, max=lk) - 1)
+        kinds[s:s + CHUNK] = resolve_tiles(p, t, classify(p, t, prefixes), bm, bn)[:, 0]
+    out = []
+    for kind in (PARTIAL, FULL):
+        mine = kinds == kind
+        ik, jk = i[mine], j[mine]
+        counts = torch.bincount(ik, minlength=nq)
+        width = max(1, int(counts.max()) if counts.numel() else 1)
+        idx = torch.zeros((nq, width), dtype=torch.int32)
+        pos = torch.arange(ik.numel()) - (torch.cumsum(counts, 0) - counts)[ik]
+        idx[ik, pos] = jk.to(torch.int32)
+        counts = counts.to(torch.int32)
+        out.append((counts, idx))
+    return {"kv": tuple(out)}
