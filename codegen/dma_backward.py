@@ -51,7 +51,7 @@ def _dma_bwd_kernel(
                 mask=md_mask, other=0.0)
     di = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     lse = tl.load(lse_ptr + pid_bh * lq + offs_m, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # base 2, from the forward
     thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
     count = tl.load(gcount_ptr + bhk * nq + pid_m)
     list_base = (bhk * nq + pid_m) * cap
@@ -107,7 +107,8 @@ def dma_backward(
     num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, ddelta)`` in the dtypes of q, k, v, delta; shapes as the forward.
-    dout/q/out ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``, lse ``[B, Hq, Lq]`` from the forward."""
+    dout/q/out ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; lse ``[B, Hq, Lq]``, the forward's
+    base-2 log-sum-exp."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dq = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)

@@ -80,9 +80,9 @@ def _dma_fwd_kernel(
         m_i = m_new
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    # lse in natural-log units; -inf for rows with no kept key.
-    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
+    # lse in log2 units (as the backward uses it: no round trip through natural-log units,
+    # which costs precision when delta makes logits large); -inf for rows with no kept key.
+    lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
     tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=row_ok)
@@ -103,7 +103,7 @@ def dma_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (last dim contiguous),
     delta ``[B, Hkv, Lk]`` contiguous, key_bias ``[B, Lk]`` float32 (0 where allowed) or None.
-    Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``."""
+    Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32, base-2 log-sum-exp of the logits)``."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)

@@ -41,7 +41,8 @@ def dma_attention_fwd(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``; see ``dma_attention_fused``."""
+    """Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32, base 2)``; see
+    ``dma_attention_fused``."""
     block_m, block_n, warps = block_sizes(q.device)
     selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
     qc, kc, vc, dc = (_interpreter_dtype(t).contiguous() for t in (q, k, v, delta))

@@ -92,6 +92,14 @@ def test_additive_key_bias_is_added():
     check(dma_attention, inputs, 4, True, bias, bias[:, None, None, :])
 
 
+def test_large_delta_keeps_gradients_accurate():
+    """delta of order 1e4 (large A): logits far from 0 must not cost the backward precision."""
+    q, k, v, delta = make_inputs(1, 2, 2, 40, 40, 16, seed=17)
+    with torch.no_grad():
+        delta.mul_(1e4)
+    check(dma_attention, [q, k, v, delta], 6, True, None, None, tol=2e-3)
+
+
 def test_bfloat16_forward():
     q, k, v, delta = make_inputs(1, 2, 2, 32, 32, 16, seed=13, dtype=torch.bfloat16)
     out = dma_attention(q, k, v, delta, 6)
