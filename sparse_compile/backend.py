@@ -67,7 +67,7 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     new_gm = GraphModule(gm, graph)
-    problems = []
+    problems = _rewrite_dynamic_mask_sites(new_gm)
     for site in find_sites(new_gm):
         row = _process(new_gm, site, config)
         record(row)
@@ -80,6 +80,23 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     new_gm.graph.lint()
     new_gm.recompile()
     return new_gm
+
+
+def _rewrite_dynamic_mask_sites(gm: GraphModule) -> list[SiteReport]:
+    """Doge-style dynamic-mask attention (its mask is built from the values) goes to the DMA
+    op, which computes the same thing; returns the rows of sites that could not be proven."""
+    from .dma_detect import find_dma_sites, rewrite_dma_sites
+
+    if not find_dma_sites(gm):
+        return []
+    problems = []
+    for site in rewrite_dma_sites(gm):
+        row = SiteReport(site.module_path, "dma", {}, site.pattern, None, site.reason is None,
+                         site.reason, "model")
+        record(row)
+        if not row.rewritten:
+            problems.append(row)
+    return problems
 
 
 def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> SiteReport:
