@@ -76,7 +76,7 @@ def _dma_bwd_kernel(
         kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
         if CAUSAL:
             kept = kept & (keys[None, :] <= pos[:, None])
-        p = tl.where(kept, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.exp2(tl.where(kept, s, float("-inf")) - lse2[:, None])
         dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - di[:, None])
