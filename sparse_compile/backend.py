@@ -23,6 +23,7 @@ from torch.fx import Graph, GraphModule
 from .assign import BackendOptions, choose_pattern
 from .decorate import decorated_pattern
 from .detect import AttentionSite, find_sites, module_info
+from .inplace import functionalize_score_updates
 from .report import SiteReport, log, record
 from .rewrite import rewrite_site, site_pattern
 
@@ -67,6 +68,7 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     new_gm = GraphModule(gm, graph)
+    functionalize_score_updates(new_gm.graph)
     problems = _rewrite_dynamic_mask_sites(new_gm)
     for site in find_sites(new_gm):
         row = _process(new_gm, site, config)

@@ -193,3 +193,17 @@ def test_sdpa_is_causal_with_unequal_lengths_keeps_top_left_alignment(pattern):
     with pattern_by_hand(pattern):
         ref = model(x)
     assert rel_error(out, ref) < 1e-4
+
+
+def test_in_place_updates_of_inputs_and_views_are_kept():
+    def f(x, y):
+        x.add_(1)
+        s = y * 2
+        view = s.view(-1)
+        s.mul_(3)
+        return view + 0
+
+    x, y = torch.zeros(2, 3), torch.ones(2, 3)
+    out = torch.compile(f, backend="sparse", options={"compiler": "eager"})(x, y)
+    assert torch.equal(x, torch.ones(2, 3))
+    assert torch.equal(out, torch.full((6,), 6.0))

@@ -473,6 +473,19 @@ class FalconMQA(Entry):
         return self.merge(s.softmax(dim=-1) @ v)
 
 
+class InPlaceMasking(Entry):
+    """Older PyTorch code (e.g. the Annotated Transformer's ``attention`` with in-place
+    ``masked_fill_``, Longformer-era ``div_``): scores updated in place."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        n = x.shape[1]
+        scores = torch.matmul(q, k.transpose(-2, -1))
+        scores.div_(math.sqrt(self.d))
+        scores.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), -1e9)
+        return self.merge(torch.matmul(F.softmax(scores, dim=-1), v))
+
+
 class TwoLayers(nn.Module):
     """Two stacked blocks (a Llama eager layer then a ViT layer): both sites found."""
 
@@ -494,7 +507,7 @@ ZOO = [
     GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, NeoXLegacy,
     ViTSelf, WhisperCross, EinsumHeadsFirst, EinsumSeqFirst, NanoGPTFlash, LlamaSdpa,
     SdpaFloatMask, TorchMHA, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
-    GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, TwoLayers,
+    GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, InPlaceMasking, TwoLayers,
 ]
 
 
