@@ -207,3 +207,15 @@ def test_in_place_updates_of_inputs_and_views_are_kept():
     out = torch.compile(f, backend="sparse", options={"compiler": "eager"})(x, y)
     assert torch.equal(x, torch.ones(2, 3))
     assert torch.equal(out, torch.full((6,), 6.0))
+
+
+def test_min_length_with_dynamic_lengths_recompiles_across_the_threshold():
+    model = NanoGPTFlash()
+    compiled = torch.compile(model, backend="sparse", dynamic=True, options={
+        "pattern": "sliding(2)", "min_length": 10, "compiler": "eager"})
+    for n, sparse in ((8, False), (16, True), (12, True), (9, False)):
+        x = torch.randn(2, n, 16)
+        out = compiled(x)
+        with pattern_by_hand("sliding(2)" if sparse else "dense"):
+            ref = model(x)
+        assert rel_error(out, ref) < 1e-4, n
