@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -53,8 +54,10 @@ def measure(text: str, max_log2: int) -> dict:
             layout = p.layout(n, n, 128, 128)
             times.append(time.perf_counter() - t0)
         out["build_ms"][log2] = 1e3 * statistics.median(times)
+    source = layout._source
     out["route"] = "interval" if layout.is_interval else (
-        "diagonal" if type(layout._source).__name__ == "_TableSource" else "tiles")
+        "tiles" if type(source).__name__ == "_KindsSource" else (
+            "diagonal" if source.toeplitz else "candidates"))
     out["peak_build_mb"] = _rss_mb() - base
     if layout.is_interval:
         out["tables_ms"] = None
@@ -75,15 +78,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-log2", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: steady timings on a shared machine)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # subprocess worker
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.one is not None:
         print(json.dumps(measure(args.one, args.max_log2)))
         return
     results = {}
     for text in PATTERNS:
         done = subprocess.run(
-            [sys.executable, __file__, "--one", text, "--max-log2", str(args.max_log2)],
+            [sys.executable, __file__, "--one", text, "--max-log2", str(args.max_log2),
+             "--threads", str(args.threads)],
             capture_output=True, text=True, check=True)
         results[text] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"measured {text}", file=sys.stderr)
@@ -113,18 +120,21 @@ def main() -> None:
         header = [
             "# Layout building benchmark (CPU)", "",
             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-            f"- machine: {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, {platform.platform()}",
+            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{platform.platform()}; torch threads: {args.threads}; load average at the end: "
+            f"{os.getloadavg()[0]:.1f} (the machine is shared, other jobs were running)",
             f"- python {platform.python_version()}, torch {torch.__version__}",
-            f"- command: `python bench/layout.py --max-log2 {n} --out {args.out}`",
+            f"- command: `python bench/layout.py --max-log2 {n} --threads {args.threads} "
+            f"--out {args.out}`",
             "- routes: interval = closed-form per q-block bounds; diagonal = per-diagonal "
-            "classification with direct CSR tables; tiles = per-tile analysis over all "
-            "nq x nk tiles (chunked)",
+            "classification with direct CSR tables; candidates = only tiles inside candidate "
+            "k-block ranges are classified; tiles = per-tile analysis over all nq x nk tiles "
+            "(chunked)",
             "- peak MB: growth of the process's max RSS after a warm-up at 2^10; coarse "
             "(allocator caching), an upper bound for the largest length", "",
         ]
         with open(args.out, "w") as f:
-            f.write("\n".join(header) + table + "\n")
+            f.write("\n".join(header) + "\n" + table + "\n")
 
 
 if __name__ == "__main__":
