@@ -13,7 +13,7 @@ import torch
 
 from .dma_reference import bias_allows
 
-__all__ = ["dma_attention_chunked", "selection_order"]
+__all__ = ["dma_attention_chunked", "dma_chunked_grads", "selection_order"]
 
 
 def selection_order(delta: torch.Tensor, key_allowed: torch.Tensor | None) -> torch.Tensor:
@@ -117,6 +117,43 @@ class _ChunkedDMA(torch.autograd.Function):
             g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, delta), strict=True)
         )
         return dq, dk, dv, dd, None, None, None, None, None
+
+
+def dma_chunked_grads(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    delta: torch.Tensor,
+    keep: int,
+    causal: bool,
+    bias: torch.Tensor | None,
+    scale: float,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, ddelta)`` of the chunked path by ``torch.func.vjp`` per row chunk.
+
+    Usable where autograd is not (inside a custom op's implementation); shapes as
+    ``dma_attention_chunked``, bias 4-D or None.
+    """
+    lq = q.shape[2]
+    order = selection_order(delta, _key_allowed(bias))
+    idx = order[..., None].expand(*order.shape, k.shape[-1])
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v, delta)]
+    for start in range(0, lq, chunk):
+        rows = slice(start, min(start + chunk, lq))
+
+        def rows_out(qc, kk, vv, dd, start=start):
+            return _chunk_forward(qc, kk.gather(2, idx), vv.gather(2, idx), dd.gather(-1, order),
+                                  order, start, lq, keep, causal, bias, scale)
+
+        _, pullback = torch.func.vjp(rows_out, q[:, :, rows], k, v, delta)
+        gq, gk, gv, gd = pullback(grad_out[:, :, rows].contiguous())
+        grads[0][:, :, rows] += gq
+        grads[1] += gk
+        grads[2] += gv
+        grads[3] += gd
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, delta), strict=True))
 
 
 def _key_allowed(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -13,9 +13,10 @@ softmax attention::
 
 ``rewrite_dma_sites(gm)`` finds each such site (anchored at the ``masked_fill`` of an expanded
 ``[B, H, Lk]`` tensor, followed by the top-k/scatter chain or not), proves the chain, and replaces
-the attention output by one call of ``sparse_compile.dynamic_mask.dma_attention`` with the model
-mask as ``bias``. The mask construction nodes die with the rewrite; ``delta``'s producers (and so
-A and dt_proj) stay, so gradients reach them through the op.
+the attention output by one call of ``dma_attention_masked`` (the model's ``[B, 1, Lq, Lk]``
+mask: fused kernels when it is causal & key padding, the chunked path otherwise) or of
+``dma_attention`` (no mask). The mask construction nodes die with the rewrite; ``delta``'s
+producers (and so A and dt_proj) stay, so gradients reach them through the op.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from .dma_masked import dma_attention_masked
 from .dynamic_mask import dma_attention
 
 __all__ = ["DmaSite", "find_dma_sites", "rewrite_dma_sites"]
@@ -216,16 +218,21 @@ def _dma_call(q, k, v, delta, keep, mask, scale):
     group = q.shape[1] // delta.shape[1]
     if group > 1:
         k, v = k[:, ::group], v[:, ::group]
-    bias = None if mask is None else mask[..., : k.shape[-2]]
-    return dma_attention(q, k, v, delta, keep, causal=False, bias=bias, scale=scale)
+    if mask is None:
+        return dma_attention(q, k, v, delta, keep, causal=False, scale=scale)
+    mask = mask[..., : k.shape[-2]]
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        return dma_attention_masked(q, k, v, delta, mask, keep, scale)
+    return dma_attention(q, k, v, delta, keep, causal=False, bias=mask, scale=scale)
 
 
 def rewrite_dma_sites(gm: GraphModule) -> list[DmaSite]:
     """Replace every rewritable site's attention output by ``dma_attention``; returns all sites.
 
-    The model mask (causal, padding) is passed as ``bias``; ``causal=False`` because the mask
-    already holds causality. Without a top-k in the graph, ``keep`` is the traced Lk (no
-    selection happens). Dead mask-construction nodes are erased and the graph recompiled.
+    The model mask (causal, padding) goes to ``dma_attention_masked``, which runs the fused
+    kernels when it is exactly causal & key padding. Without a top-k in the graph, ``keep`` is
+    the traced Lk (no selection happens). Dead mask-construction nodes are erased and the
+    graph recompiled.
     """
     sites = find_dma_sites(gm)
     for site in sites:
