@@ -134,11 +134,20 @@ class Layout:
 
 
 def build_layout(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> Layout:
-    """The exact :class:`Layout` of a static ``pattern`` (see the module docstring)."""
+    """The exact :class:`Layout` of a static ``pattern`` (see the module docstring).
+
+    Cached per (pattern, lq, lk, block_m, block_n): a model calls it with the same shapes on
+    every step, and layouts are immutable. Sizes must be Python ints (not symbolic sizes).
+    """
     for name, v, low in (("lq", lq, 0), ("lk", lk, 0), ("block_m", block_m, 1),
                          ("block_n", block_n, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise PatternError(f"layout: {name} must be an integer >= {low}, got {v!r}")
+    return _build(pattern, int(lq), int(lk), int(block_m), int(block_n))
+
+
+@functools.lru_cache(maxsize=32)
+def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> Layout:
     if pattern.is_dynamic:
         raise PatternError(
             f"'{pattern}' is dynamic (dma/topk): its blocks depend on the data, so it has no "

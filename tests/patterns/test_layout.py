@@ -154,3 +154,9 @@ def test_candidate_route_is_exact(p, lq, lk, bm, bn):
     assert all(candidate_ranges(p.for_head(h), lq, lk, bm, bn) is not None
                for h in range(p.num_heads))
     check_layout(p, lq, lk, bm, bn)
+
+
+def test_layouts_are_cached():
+    a = P.parse("causal & strided(8)").layout(300, 300, 32, 32)
+    assert P.causal & P.strided(8) is not None
+    assert (P.causal & P.strided(8)).layout(300, 300, 32, 32) is a
