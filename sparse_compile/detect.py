@@ -84,6 +84,7 @@ class AttentionSite:
     dropout_p: float = 0.0
     out_perm: tuple[int, ...] | None = None
     score_view: BatchView | None = None
+    shifts: set[Node] = field(default_factory=set)
     weights_view: BatchView | None = None
     nodes: list[Node] = field(default_factory=list)
     reason: str | None = None
@@ -208,9 +209,9 @@ def _softmax_site(softmax: Node) -> AttentionSite | None:
     site.nodes = [*chain, softmax, *post, pv]
     site.reason = (
         _softmax_dim_reason(softmax)
-        or _single_use_reason(chain, site.nodes, elsewhere)
         or _read_scores(site, product)
         or _read_steps(site, product, steps)
+        or _single_use_reason(chain, site.nodes, elsewhere)
         or _read_post(site, post)
         or _read_output(site, pv, post[-1] if post else softmax)
         or _apply_views(site)
@@ -285,7 +286,8 @@ def _read_steps(site: AttentionSite, product: Node, steps: list[Node]) -> str | 
         reason = _step_reason(site, node, index)
         if reason is not None:
             return reason
-        site.bias_steps.append((node, index))
+        if not (ops.is_sub(node) and node.args[1] in site.shifts):
+            site.bias_steps.append((node, index))
         score = node
     return None
 
@@ -297,6 +299,8 @@ def _independent(x: Any, product: Node) -> bool:
 def _step_reason(site: AttentionSite, node: Node, index: int) -> str | None:
     product = site.nodes[0]
     others = [a for i, a in enumerate(node.args) if i != index] + list(node.kwargs.values())
+    if ops.is_sub(node) and index == 0 and _row_shift(site, node.args[1]):
+        return None
     if not all(_independent(o, product) for o in others):
         return f"{node.name} combines the scores with a value computed from them"
     if ops.is_tanh(node):
@@ -319,6 +323,21 @@ def _step_reason(site: AttentionSite, node: Node, index: int) -> str | None:
     if ops.is_where(node) and index in (1, 2):
         return _fill_reason(node.args[3 - index])
     return f"{node.name} ({node.target}) is not an affine map of the scores"
+
+
+def _row_shift(site: AttentionSite, shift: Any) -> bool:
+    """Whether ``shift`` is the row maximum of the scores so far (the "stable softmax" done by
+    hand). Softmax is invariant to per-row shifts, so the step is exact to drop; its nodes
+    join the site."""
+    source = ops.row_max_source(shift)
+    if source is None or source not in site.nodes:
+        return False
+    node = shift
+    while node is not source:
+        site.nodes.append(node)
+        site.shifts.add(node)
+        node = node.args[0]
+    return True
 
 
 def _factor_reason(site: AttentionSite, node: Node, factor: Any, divide: bool) -> str | None:

@@ -183,3 +183,23 @@ def ancestors(node: Node, limit: int = 10_000) -> set[Node]:
                 seen.add(parent)
                 stack.append(parent)
     return seen
+
+
+def row_max_source(node: Any) -> Node | None:
+    """``x`` when ``node`` is the maximum of ``x`` over its last axis with ``keepdim=True``
+    (``x.amax(-1, keepdim=True)``, ``x.max(-1, keepdim=True)[0]`` / ``.values``, optionally
+    ``.detach()``-ed), else None."""
+    if _is(node, (torch.detach,), ("detach",)):
+        node = node.args[0]
+    if isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem:
+        if node.args[1] != 0:
+            return None
+        node = node.args[0]
+    if not _is(node, (torch.amax, torch.max), ("amax", "max")):
+        return None
+    x, dim = node.args[0], arg(node, 1, "dim")
+    keepdim = arg(node, 2, "keepdim", False)
+    t = tensor_value(x)
+    if t is None or not isinstance(dim, int) or dim % t.dim() != t.dim() - 1 or keepdim is not True:
+        return None
+    return x

@@ -486,6 +486,20 @@ class InPlaceMasking(Entry):
         return self.merge(torch.matmul(F.softmax(scores, dim=-1), v))
 
 
+class RowMaxShift(Entry):
+    """CogView (PB-Relax) / hand-written stable softmax: the row maximum subtracted from the
+    scores before the softmax, with and without ``detach``."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        s = q @ k.transpose(-1, -2) / math.sqrt(self.d)
+        s = s - s.max(dim=-1, keepdim=True)[0].detach()
+        s = s + torch.zeros(x.shape[1], x.shape[1]).masked_fill(
+            _causal(x.shape[1]).logical_not(), float("-inf"))
+        s = s - torch.amax(s, -1, keepdim=True)
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
 class TwoLayers(nn.Module):
     """Two stacked blocks (a Llama eager layer then a ViT layer): both sites found."""
 
@@ -507,7 +521,8 @@ ZOO = [
     GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, NeoXLegacy,
     ViTSelf, WhisperCross, EinsumHeadsFirst, EinsumSeqFirst, NanoGPTFlash, LlamaSdpa,
     SdpaFloatMask, TorchMHA, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
-    GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, InPlaceMasking, TwoLayers,
+    GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, InPlaceMasking,
+    RowMaxShift, TwoLayers,
 ]
 
 
