@@ -63,7 +63,11 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
         cfg = replace(cfg, fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32,
                       dq_warps=4, kv_m=32, kv_n=64, kv_warps=4)
         return cfg
-    if d <= 64:
+    if d <= 64 and major >= 9:
+        # H100, bf16, D=64: bench/attention.py --tune (bench/NOTES.md).
+        cfg = replace(cfg, fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=64,
+                      dq_warps=4, dq_stages=3, kv_m=64, kv_n=64, kv_warps=4, kv_stages=3)
+    elif d <= 64:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
     elif d <= 128 and major >= 9:
         # H100, bf16, D=128: bench/attention.py --tune (bench/NOTES.md, version 2).

@@ -62,7 +62,8 @@ def oracle(q, k, v, pattern, scale=None, bias=None):
     k64 = k.to(torch.float64).repeat_interleave(g, 1)
     v64 = v.to(torch.float64).repeat_interleave(g, 1)
     s = scale * (q.to(torch.float64) @ k64.transpose(-1, -2))
-    keep = p.mask(lq, lk, heads=hq if p.per_head else None).expand(b, hq, lq, lk)
+    keep = p.mask(lq, lk, heads=hq if p.per_head else None, device=q.device)
+    keep = keep.expand(b, hq, lq, lk)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
+import torch
 
 
-@pytest.fixture
-def rng() -> random.Random:
-    """Fresh randomness each run (seed reported on failure through the pattern text)."""
-    return random.Random()
+@pytest.fixture(autouse=True)
+def kernel_device():
+    """Tensors on the GPU where there is one (the kernels run there), else on the CPU (the
+    interpreter runs them)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(previous)
