@@ -173,7 +173,7 @@ def _run(q, k, v, delta, keep, causal, bias, scale, chunk):
     order = selection_order(delta, _key_allowed(bias))
     idx = order[..., None].expand(*order.shape, k.shape[-1])
     k_sorted, v_sorted, d_sorted = k.gather(2, idx), v.gather(2, idx), delta.gather(-1, order)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for start in range(0, lq, chunk):
         rows = slice(start, min(start + chunk, lq))
         out[:, :, rows] = _chunk_forward(

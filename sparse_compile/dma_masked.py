@@ -50,12 +50,12 @@ def dma_attention_masked(
     keys = causal_padding_keys(mask) if _fusable(q) else None
     if keys is not None:
         return dma_attention_fwd(q, k, v, delta, keys, None, keep, True, scale)[0]
-    return dma_attention_chunked(q, k, v, delta, keep, False, mask, scale)
+    return dma_attention_chunked(q, k, v, delta, keep, False, mask, scale).contiguous()
 
 
 @dma_attention_masked.register_fake
 def _fake(q, k, v, delta, mask, keep, scale):
-    return torch.empty_like(q)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.custom_op("sparse_compile::dma_attention_masked_bwd", mutates_args=())
@@ -74,7 +74,7 @@ def dma_attention_masked_bwd(
 
 @dma_attention_masked_bwd.register_fake
 def _bwd_fake(grad_out, q, k, v, delta, mask, keep, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(delta)
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, delta))
 
 
 def _setup_context(ctx, inputs, output):

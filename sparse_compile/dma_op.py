@@ -21,6 +21,10 @@ def _interpreter_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.device.type != "cuda" and t.dtype == torch.bfloat16 else t
 
 
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def block_sizes(device: torch.device, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward or backward: H100-tuned GPU tiles
     (bench/dma.py sweeps them), or the smallest ``tl.dot`` tiles for the CPU interpreter."""
@@ -47,12 +51,13 @@ def dma_attention_fwd(
     selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
     qc, kc, vc, dc = (_interpreter_dtype(t).contiguous() for t in (q, k, v, delta))
     out, lse = dma_forward(qc, kc, vc, dc, key_add, selection, causal, scale, block_n, warps)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype).contiguous(), lse
 
 
 @dma_attention_fwd.register_fake
 def _fwd_fake(q, k, v, delta, key_allowed, key_add, keep, causal, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # Outputs are always contiguous, whatever the inputs' strides.
+    return _contiguous_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_compile::dma_attention_bwd", mutates_args=())
@@ -78,12 +83,12 @@ def dma_attention_bwd(
     grads = dma_backward(
         go, qc, kc, vc, dc, key_add, oc, lse, selection, causal, scale, block_n, warps
     )
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v, delta), strict=True))
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, delta), strict=True))
 
 
 @dma_attention_bwd.register_fake
 def _bwd_fake(grad_out, q, k, v, delta, key_allowed, key_add, out, lse, keep, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(delta)
+    return tuple(_contiguous_like(t) for t in (q, k, v, delta))
 
 
 def _setup_context(ctx, inputs, output):

@@ -66,3 +66,24 @@ def test_dropout_in_training_is_not_rewritten():
     torch._dynamo.reset()
     torch.compile(model, backend=backend)(input_ids=ids, attention_mask=mask, use_cache=False)
     assert len(found) == 1 and "dropout" in found[0].reason
+
+
+def test_doge_with_pass_under_inductor():
+    """The rewritten graph goes through AOTAutograd and Inductor (custom ops' fake kernels)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    model = tiny_doge(4, 2)
+    ids, mask = doge_inputs(2, 12, [0, 3])
+    expected, expected_grads = loss_and_grads(model, model, ids, mask)
+    sites = []
+
+    def backend(gm, example_inputs):
+        sites.extend(rewrite_dma_sites(gm))
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    actual, grads = loss_and_grads(model, torch.compile(model, backend=backend), ids, mask)
+    assert len(sites) == 1 and sites[0].reason is None
+    assert rel_error(actual, expected) < 1e-5
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert rel_error(g, e) < 2e-3
