@@ -6,10 +6,19 @@ each FX graph Dynamo captures. It finds the attention sites (``detect``), picks 
 each (``assign``, ``decorate``), replaces each provable site by one call of the sparse op
 (``rewrite``), records what it did (``report``) and hands the graph to the chosen compiler.
 
-Options (all optional): ``pattern`` (DSL text or Pattern, default ``"dense"``), ``assign``
-(module-path glob or class name → pattern), ``min_length`` (sites with fewer keys stay as they
-are), ``compiler`` (``"inductor"``, ``"eager"``, ``"aot_eager"``), ``on_unsupported``
-(``"warn"``: log and leave unprovable sites as they are; ``"error"``: raise).
+Options (all optional): ``pattern`` (DSL text or Pattern, default ``"dense"``, which still
+routes attention through the sparse op), ``assign`` (module-path glob or class name →
+pattern; precedence ``assign`` > ``@sparsify`` decorator > ``pattern`` > default, see
+``sparse_compile.assign``), ``min_length`` (sites with fewer keys stay as they are; with
+dynamic shapes the comparison becomes a guard, so crossing it recompiles), ``compiler``
+(``"inductor"``, ``"eager"``, ``"aot_eager"``: what runs the rest of the graph),
+``on_unsupported`` (``"warn"``: log and leave sites that cannot be proven as they are;
+``"error"``: raise ``UnsupportedAttentionError`` for any such site, and let failures of the
+pass itself propagate instead of falling back to the graph as captured). ``mode`` is passed to
+Inductor as its mode options.
+
+Before detection, in-place updates of fresh score tensors (``w.masked_fill_(...)``) are made
+out-of-place, and Doge-style dynamic-mask attention is handed to the DMA pass.
 """
 
 from __future__ import annotations
@@ -22,10 +31,11 @@ from torch.fx import Graph, GraphModule
 
 from .assign import BackendOptions, choose_pattern
 from .decorate import decorated_pattern
-from .detect import AttentionSite, find_sites, module_info
+from .detect import find_sites, module_info
 from .inplace import functionalize_score_updates
 from .report import SiteReport, log, record
 from .rewrite import rewrite_site, site_pattern
+from .site import AttentionSite
 
 
 class UnsupportedAttentionError(RuntimeError):

@@ -9,15 +9,19 @@ is None``) or the reason it must stay as it is. What is proven before a site is 
 - the softmax runs over the key axis (the last axis of the scores);
 - between the product and the softmax the scores only go through an affine map
   ``a·S + b``: multiplication/division by numbers or by tensors constant along the key axis,
-  additive biases, ``masked_fill``/``where`` with a large negative fill, dtype casts;
+  additive biases, ``masked_fill``/``where`` with a large negative fill, dtype casts,
+  reshapes that only regroup batch axes, and subtraction of the row maximum (dropped: softmax
+  ignores per-row shifts). Logit soft-capping (``tanh``) is not affine and is refused;
 - no intermediate result is used anywhere else (attention weights returned or stored);
 - q, k and v have consistent shapes, and the same head dimension.
+
+``nn.MultiheadAttention`` reaches the backend as one ``F.multi_head_attention_forward`` call;
+it is a site of its own (``form="mha"``, see ``sparse_compile.mha``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,74 +31,8 @@ from . import graph_ops as ops
 from .einsum import read_output_einsum, read_scores_einsum
 from .mha import mha_arguments, mha_site_reason
 from .operands import Operand, product_operands, shapes_reason
-
-# masked_fill / where fills at or below this are treated as "masked out".
-MASK_FILL_THRESHOLD = -1e4
-
-
-@dataclass(frozen=True)
-class BatchView:
-    """A reshape that only regroups the batch axes (``[B·H, L, L] -> [B, H, L, L]``):
-    ``args`` are the graph values of the new batch sizes, ``sizes`` their example values."""
-
-    args: tuple[Any, ...]
-    sizes: tuple[Any, ...]
-
-
-def batch_view(node: Node) -> BatchView | None:
-    """The ``BatchView`` of a reshape/view node, or None if it touches the last two axes."""
-    if not ops.is_reshape(node) or node.target in ("flatten", torch.flatten):
-        return None
-    before, after = ops.tensor_value(node.args[0]), ops.tensor_value(node)
-    if before is None or after is None or after.dim() not in (3, 4):
-        return None
-    if tuple(before.shape[-2:]) != tuple(after.shape[-2:]):
-        return None
-    shape = node.args[1:]
-    if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
-        shape = tuple(shape[0])
-    if len(shape) != after.dim():
-        return None
-    return BatchView(tuple(shape[:-2]), tuple(after.shape[:-2]))
-
-
-@dataclass
-class AttentionSite:
-    """One attention found in a graph, normalised to the sparse op's arguments.
-
-    ``q``, ``k``, ``v`` bring graph values to ``[batch..., L, D]`` (batch is ``[B, H]`` for
-    4-D attention, ``[B·H]`` for 3-D). The scores the model computes equal
-    ``scale · (q·Πfactors) kᵀ + bias`` where ``bias`` is the score chain replayed on zeros
-    (``bias_steps``, starting from ``bias_start``), plus ``attn_mask`` and ``is_causal`` for
-    ``scaled_dot_product_attention``.
-    """
-
-    anchor: Node
-    output: Node
-    form: str
-    q: Operand | None = None
-    k: Operand | None = None
-    v: Operand | None = None
-    q_factors: list[tuple[str, Any]] = field(default_factory=list)
-    scale: float | None = None
-    bias_steps: list[tuple[Node, int]] = field(default_factory=list)
-    bias_start: tuple[Node, Any] | None = None
-    attn_mask: Any = None
-    is_causal: bool = False
-    dropout_p: float = 0.0
-    out_perm: tuple[int, ...] | None = None
-    score_view: BatchView | None = None
-    shifts: set[Node] = field(default_factory=set)
-    weights_view: BatchView | None = None
-    nodes: list[Node] = field(default_factory=list)
-    reason: str | None = None
-
-    @property
-    def has_bias(self) -> bool:
-        return self.bias_start is not None or any(
-            not (ops.is_mul(n) or ops.is_div(n) or ops.is_cast_or_identity(n))
-            for n, _ in self.bias_steps
-        )
+from .score_chain import read_steps
+from .site import AttentionSite, BatchView, batch_view
 
 
 def find_sites(gm: GraphModule) -> list[AttentionSite]:
@@ -210,7 +148,7 @@ def _softmax_site(softmax: Node) -> AttentionSite | None:
     site.reason = (
         _softmax_dim_reason(softmax)
         or _read_scores(site, product)
-        or _read_steps(site, product, steps)
+        or read_steps(site, product, steps)
         or _single_use_reason(chain, site.nodes, elsewhere)
         or _read_post(site, post)
         or _read_output(site, pv, post[-1] if post else softmax)
@@ -275,96 +213,6 @@ def _read_scores(site: AttentionSite, product: Node) -> str | None:
         site.scale = float(alpha)
         if beta != 0:
             site.bias_start = (product.args[0], beta)
-    return None
-
-
-def _read_steps(site: AttentionSite, product: Node, steps: list[Node]) -> str | None:
-    """Check each score-chain op is affine in the scores and record how to replay it."""
-    score = product
-    for node in steps:
-        index = next(i for i, a in enumerate(node.args) if a is score)
-        reason = _step_reason(site, node, index)
-        if reason is not None:
-            return reason
-        if not (ops.is_sub(node) and node.args[1] in site.shifts):
-            site.bias_steps.append((node, index))
-        score = node
-    return None
-
-
-def _independent(x: Any, product: Node) -> bool:
-    return not isinstance(x, Node) or product not in ops.ancestors(x)
-
-
-def _step_reason(site: AttentionSite, node: Node, index: int) -> str | None:
-    product = site.nodes[0]
-    others = [a for i, a in enumerate(node.args) if i != index] + list(node.kwargs.values())
-    if ops.is_sub(node) and index == 0 and _row_shift(site, node.args[1]):
-        return None
-    if not all(_independent(o, product) for o in others):
-        return f"{node.name} combines the scores with a value computed from them"
-    if ops.is_tanh(node):
-        return ("logit soft-capping (tanh) is not affine in the scores: the sparse op "
-                "cannot express it")
-    if ops.is_cast_or_identity(node):
-        return None
-    if ops.is_reshape(node):
-        view = batch_view(node) if index == 0 else None
-        if view is None or site.score_view is not None:
-            return f"{node.name} reshapes the scores beyond regrouping batch axes"
-        site.score_view = view
-        return None
-    if ops.is_mul(node) or (ops.is_div(node) and index == 0):
-        return _factor_reason(site, node, node.args[1 - index], ops.is_div(node))
-    if ops.is_add(node) or (ops.is_sub(node) and index == 0):
-        return _bias_shape_reason(node, node.args[1 - index])
-    if ops.is_masked_fill(node) and index == 0:
-        return _fill_reason(ops.arg(node, 2, "value"))
-    if ops.is_where(node) and index in (1, 2):
-        return _fill_reason(node.args[3 - index])
-    return f"{node.name} ({node.target}) is not an affine map of the scores"
-
-
-def _row_shift(site: AttentionSite, shift: Any) -> bool:
-    """Whether ``shift`` is the row maximum of the scores so far (the "stable softmax" done by
-    hand). Softmax is invariant to per-row shifts, so the step is exact to drop; its nodes
-    join the site."""
-    source = ops.row_max_source(shift)
-    if source is None or source not in site.nodes:
-        return False
-    node = shift
-    while node is not source:
-        site.nodes.append(node)
-        site.shifts.add(node)
-        node = node.args[0]
-    return True
-
-
-def _factor_reason(site: AttentionSite, node: Node, factor: Any, divide: bool) -> str | None:
-    number = factor if isinstance(factor, (int, float)) else None
-    if number is not None:
-        if number == 0:
-            return "the scores are multiplied by zero"
-        site.scale = site.scale / number if divide else site.scale * number
-        return None
-    t = ops.tensor_value(factor)
-    if t is not None and t.dim() > 0 and t.shape[-1] != 1:
-        return f"{node.name} scales the scores differently per key"
-    site.q_factors.append(("div" if divide else "mul", factor))
-    return None
-
-
-def _bias_shape_reason(node: Node, bias: Any) -> str | None:
-    out, b = ops.tensor_value(node), ops.tensor_value(bias)
-    if b is not None and b.dim() > out.dim():
-        return f"{node.name} broadcasts the scores to a larger shape"
-    return None
-
-
-def _fill_reason(fill: Any) -> str | None:
-    number = ops.constant_number(fill)
-    if number is None or number > MASK_FILL_THRESHOLD:
-        return f"a mask fills scores with {fill!r}, not a large negative constant"
     return None
 
 

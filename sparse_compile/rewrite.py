@@ -18,10 +18,10 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from . import graph_ops as ops
-from .detect import AttentionSite
 from .functional import attention
 from .mha import multi_head_attention_forward
 from .operands import Operand, peel_gqa
+from .site import AttentionSite
 
 _OUT_OF_PLACE = {
     operator.iadd: operator.add, operator.isub: operator.sub,
