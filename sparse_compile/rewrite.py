@@ -55,15 +55,17 @@ def _replay_bias(graph: Graph, site: AttentionSite, like: Any) -> Any:
     """The score chain applied to zero instead of Q·Kᵀ: the model's additive bias.
 
     ``like`` is q in the product's layout (dtype, device and batch sizes of the scores)."""
-    zero = None
+    scalar = site.bias_start is None  # still a 0-dim tensor: batch views do not apply
     if site.bias_start is not None:
         start, beta = site.bias_start
         current = start if beta == 1 else graph.call_function(operator.mul, (start, beta))
     else:
-        current = zero = graph.call_method("new_zeros", (like, ()))
+        current = graph.call_method("new_zeros", (like, ()))
     for node, index in site.bias_steps:
+        scalar = scalar and (ops.is_mul(node) or ops.is_div(node) or ops.is_cast_or_identity(node)
+                             or ops.is_reshape(node))
         if ops.is_reshape(node):
-            if current is not zero:
+            if not scalar:
                 ndim = len(ops.tensor_value(node.args[0]).shape)
                 batch = _sizes(graph, like, range(ndim - 2))
                 current = graph.call_method("expand", (current, *batch, -1, -1))

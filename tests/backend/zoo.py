@@ -178,6 +178,8 @@ class BloomAlibi(Entry):
         self.register_buffer("slopes", slopes, persistent=False)
         self.inv_norm_factor = 1.0 / math.sqrt(self.d)
 
+    without_alibi = False
+
     def forward(self, x):
         b, n, _ = x.shape
         q, k, v = self.qkv(x)
@@ -185,13 +187,23 @@ class BloomAlibi(Entry):
         k = k.reshape(b * self.h, n, self.d).transpose(-1, -2)
         v = v.reshape(b * self.h, n, self.d)
         alibi = (self.slopes[:, None] * torch.arange(n)[None, :]).repeat(b, 1)[:, None, :]
-        scores = alibi.baddbmm(batch1=q, batch2=k, beta=1.0, alpha=self.inv_norm_factor)
-        w = scores.view(b, self.h, n, -1)
+        if self.without_alibi:
+            w = (torch.bmm(q, k) * self.inv_norm_factor).view(b, self.h, n, -1)
+        else:
+            scores = alibi.baddbmm(batch1=q, batch2=k, beta=1.0, alpha=self.inv_norm_factor)
+            w = scores.view(b, self.h, n, -1)
         w = w + torch.full((n, n), torch.finfo(x.dtype).min).triu(1)
         probs = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = probs.view(b * self.h, n, -1)
         ctx = torch.bmm(probs, v).view(b, self.h, n, self.d)
         return self.merge(ctx)
+
+
+class Bmm3dThenView(BloomAlibi):
+    """Megatron-style: 3-D ``torch.bmm`` scaled by a number, viewed to 4-D, then the additive
+    mask (the scale comes before the view, the bias after it)."""
+
+    without_alibi = True
 
 
 class NeoXLegacy(Entry):
@@ -518,7 +530,8 @@ class TwoLayers(nn.Module):
 
 
 ZOO = [
-    GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, NeoXLegacy,
+    GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, Bmm3dThenView,
+    NeoXLegacy,
     ViTSelf, WhisperCross, EinsumHeadsFirst, EinsumSeqFirst, NanoGPTFlash, LlamaSdpa,
     SdpaFloatMask, TorchMHA, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
     GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, InPlaceMasking,
