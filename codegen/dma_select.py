@@ -149,6 +149,7 @@ def dma_select(
 ) -> DmaSelection:
     """Run the selection for delta ``[B, Hkv, Lk]`` and ``lq`` query rows (see module doc)."""
     b, h, lk = delta.shape
+    keep = min(keep, lk)  # keep >= Lk keeps every allowed key; also keeps int32 math in range
     order, n_allowed = selection_rank_order(delta, key_allowed)
     nq = triton.cdiv(lq, block_m)
     cap = max(1, min(keep + block_m, lk))

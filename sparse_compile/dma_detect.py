@@ -35,6 +35,9 @@ from .dynamic_mask import dma_attention
 __all__ = ["DmaSite", "find_dma_sites", "rewrite_dma_sites"]
 
 _MASK_FILL_LIMIT = -1e30  # Doge fills with finfo(dtype).min; anything this low means "removed".
+# A graph traced with Lk <= keep_window_size has no top-k (and a guard keeping Lk there): every
+# allowed key is kept, which is DMA with an unbounded keep.
+NO_SELECTION = 2**31 - 1
 
 
 @dataclass
@@ -42,7 +45,7 @@ class DmaSite:
     """One Doge-style DMA site. ``pattern`` is the DSL text (``dma(keep=...)``)."""
 
     module_path: str
-    keep: int | None  # None: no top-k in the graph (Lk <= keep when traced)
+    keep: int  # NO_SELECTION when the graph has no top-k (Lk <= keep_window_size)
     delta: Node
     model_mask: Node | None
     q: Node
@@ -54,7 +57,7 @@ class DmaSite:
 
     @property
     def pattern(self) -> str:
-        return f"dma(keep={self.keep})" if self.keep is not None else "dma(keep=inf)"
+        return f"dma(keep={self.keep})"
 
 
 def _call(node: Any, functions: tuple[Any, ...], methods: tuple[str, ...]) -> bool:
@@ -111,11 +114,11 @@ def _model_mask(fill: Node) -> Node | None:
     return None
 
 
-def _after_topk(masked: Node) -> tuple[int | None, Node, str | None]:
+def _after_topk(masked: Node) -> tuple[int, Node, str | None]:
     """``(keep, final mask node, reason)`` following the top-k/scatter chain if present."""
     topks = [u for u in masked.users if _call(u, (torch.topk,), ("topk",))]
     if not topks:
-        return None, masked, None
+        return NO_SELECTION, masked, None
     topk = topks[0]
     keep = _arg(topk, 1, "k")
     if not isinstance(keep, int) or _arg(topk, 2, "dim", -1) not in (-1, 3):
@@ -231,19 +234,16 @@ def rewrite_dma_sites(gm: GraphModule) -> list[DmaSite]:
 
     The model mask (causal, padding) goes to ``dma_attention_masked``, which runs the fused
     kernels when it is exactly causal & key padding. Without a top-k in the graph, ``keep`` is
-    the traced Lk (no selection happens). Dead mask-construction nodes are erased and the
-    graph recompiled.
+    ``NO_SELECTION`` (every allowed key is kept, as in Doge when Lk <= keep_window_size). Dead
+    mask-construction nodes are erased and the graph recompiled.
     """
     sites = find_dma_sites(gm)
     for site in sites:
         if site.reason is not None:
             continue
-        keep = site.keep
-        if keep is None:
-            keep = int(_val(site.delta).shape[-1])
         with gm.graph.inserting_before(site.output):
             new = gm.graph.call_function(
-                _dma_call, (site.q, site.k, site.v, site.delta, keep, site.model_mask,
+                _dma_call, (site.q, site.k, site.v, site.delta, site.keep, site.model_mask,
                             site.scale)
             )
         new.meta.update(site.output.meta)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_error
 
 from sparse_compile.dma_chunked import dma_attention_chunked
 from sparse_compile.dma_reference import dma_reference
 from sparse_compile.dynamic_mask import dma_attention, key_only_mask
+from tests.conftest import rel_error
 
 
 def make_inputs(b, hq, hkv, lq, lk, d, tied=False, seed=0, dtype=torch.float32):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_error
 
 from sparse_compile.dma_masked import causal_padding_keys, dma_attention_masked
 from sparse_compile.dma_reference import dma_reference
+from tests.conftest import rel_error
 
 LOW = torch.finfo(torch.float32).min
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_error
 from doge_site import doge_inputs, replace_dma_site, tiny_doge, valid_rows
 
 from sparse_compile.dma_reference import dma_reference, keep_mask
+from tests.conftest import rel_error
 
 
 def run_doge(model, ids, mask, site=None):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_error
 
 from sparse_compile.dma_topk import topk_attention, topk_blocks
+from tests.conftest import rel_error
 
 
 def dense_kept(q, k, k_blocks, block, causal):
