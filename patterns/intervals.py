@@ -38,8 +38,24 @@ class Bounds:
     gap_rows: dict[int, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class RowTable:
+    """Row bounds held as arrays: rows at absolute positions ``first, first + 1, ...`` keep
+    ``[lo[r], hi[r]]`` (int64 ``[lq]``, clamped, non-decreasing). Used where the bounds are
+    known numerically for one (lq, lk) only, e.g. a union of intervals."""
+
+    first: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
 def row_bounds(iv, q: torch.Tensor, lk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``lo, hi`` (int64, shaped like ``q``) clamped to the keys ``[0, lk - 1]``."""
+    if isinstance(iv, RowTable):
+        # Rows past the ends (padding of a ragged last block) read the nearest row; callers
+        # mask them out.
+        r = (q - iv.first).clamp(0, iv.lo.numel() - 1)
+        return iv.lo[r], iv.hi[r]
     lo = torch.as_tensor(evaluate_expr(iv[0], {Q: q}), dtype=torch.int64).expand(q.shape)
     hi = torch.as_tensor(evaluate_expr(iv[1], {Q: q}), dtype=torch.int64).expand(q.shape)
     return lo.clamp(min=0), hi.clamp(max=lk - 1)
@@ -111,3 +127,26 @@ def _by_rows(iv, blocks, a, b, lk, bm, bn, nk):
             row[int(fs[u]):int(fe[u])] = FULL
         gaps[int(blocks[u])] = row
     return start, end, fs, fe, gaps
+
+
+def union_rows(ivs: list, lq: int, lk: int) -> RowTable | None:
+    """The rows of ``ivs[0] | ivs[1] | ...`` as one :class:`RowTable`, or None when, for these
+    lengths, some row is not a single non-empty interval or the bounds are not monotone.
+
+    Intervals are merged in order; each merge needs the next interval to touch or overlap the
+    hull so far (or one of them to be empty), so the check is exact but may miss unions whose
+    order matters. One O(lq) pass per interval.
+    """
+    q = torch.arange(lk - lq, lk, dtype=torch.int64)
+    lo, hi = row_bounds(ivs[0], q, lk)
+    for iv in ivs[1:]:
+        lo2, hi2 = row_bounds(iv, q, lk)
+        ne1, ne2 = lo <= hi, lo2 <= hi2
+        apart = ne1 & ne2 & ((lo2 > hi + 1) | (lo > hi2 + 1))
+        if bool(apart.any()):
+            return None
+        lo = torch.where(ne1 & ne2, torch.minimum(lo, lo2), torch.where(ne1, lo, lo2))
+        hi = torch.where(ne1 & ne2, torch.maximum(hi, hi2), torch.where(ne1, hi, hi2))
+    if bool((lo > hi).any()) or bool((lo[1:] < lo[:-1]).any()) or bool((hi[1:] < hi[:-1]).any()):
+        return None
+    return RowTable(lk - lq, lo, hi)

@@ -3,6 +3,9 @@
 Three routes, all exact and none building an ``lq x lk`` tensor (see each module):
 
 * interval patterns -> ``intervals.py``: per q-block loop bounds in closed form, O(nq);
+* unions of interval patterns whose rows stay single intervals at the given lengths
+  (prefix-LM ``causal | prefix(n)``, ``sliding(w) | sink(n)``) -> the same bounds computed from
+  the rows numerically, O(lq);
 * patterns of ``q - k`` only -> ``diagonals.py``: one classification per tile diagonal, CSR
   tables listed directly, O(nq + nk) plus the size of the tables;
 * sparse compositions with known candidate ranges (unions with sink/global, ...) ->
@@ -26,8 +29,8 @@ from .blocks import Tiles, classify, is_toeplitz, resolve_tiles
 from .candidates import candidate_ranges, candidate_tables
 from .diagonals import toeplitz_tables
 from .errors import PatternError
-from .intervals import interval_bounds, kept_entries
-from .nodes import Pattern
+from .intervals import interval_bounds, kept_entries, union_rows
+from .nodes import Or, Pattern
 from .tables import CHUNK, csr_from_ranges, csr_from_rows, transpose_csr
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -172,6 +175,10 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
             kv_full_end=torch.stack([b.full_end for b in bounds]).to(i32),
             _source=_IntervalSource(intervals, bounds), **common,
         )
+    unions = [_interval_union(p, lq, lk) for p in heads]
+    if all(u is not None for u in unions):
+        bounds = [interval_bounds(u, lq, lk, block_m, block_n) for u in unions]
+        return Layout(is_interval=False, _source=_IntervalSource(unions, bounds), **common)
     if all(is_toeplitz(p) for p in heads):
         tables = [toeplitz_tables(p, lq, lk, block_m, block_n) for p in heads]
         return Layout(is_interval=False, _source=_TableSource(heads, tables), **common)
@@ -185,6 +192,25 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
                       **common)
     kinds = torch.stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
     return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
+
+
+def _interval_union(p: Pattern, lq: int, lk: int):
+    """Row bounds of a union of interval patterns when, at these lengths, every row is one
+    interval (e.g. prefix-LM ``causal | prefix(n)``, ``sliding(w) | sink(n)``); else None.
+    Not ``is_interval``: the rows are one interval only for these lengths, with no closed form."""
+    leaves, stack = [], [p]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Or):
+            stack += [node.right, node.left]
+        else:
+            leaves.append(node)
+    if len(leaves) < 2:
+        return None
+    ivs = [leaf.interval() for leaf in leaves]
+    if any(iv is None for iv in ivs):
+        return None
+    return union_rows(ivs, lq, lk)
 
 
 def _tiles(lq: int, lk: int, bm: int, bn: int, i0: int, i1: int) -> Tiles:
@@ -252,7 +278,22 @@ class _IntervalSource:
         return partial, full
 
     def backward(self, layout):
-        return _transposed_tables(layout)
+        """Transposed tables from the bounds when they are monotone over q-blocks (then the
+        q-blocks visiting a k-block form one range), else by transposing the forward tables."""
+        per_head = []
+        j = torch.arange(layout.nk, dtype=torch.int64)
+        for b in self.bounds:
+            fields = (b.start, b.end, b.full_start, b.full_end)
+            if b.gap_rows or any(bool((f[1:] < f[:-1]).any()) for f in fields):
+                return _transposed_tables(layout)
+            first = torch.searchsorted(b.end, j, right=True)  # first q-block with end > j
+            stop = torch.searchsorted(b.start, j, right=True)  # q-blocks with start <= j
+            f_first = torch.searchsorted(b.full_end, j, right=True)
+            f_stop = torch.maximum(torch.searchsorted(b.full_start, j, right=True), f_first)
+            per_head.append((first, stop, f_first, f_stop))
+        stack = [torch.stack([h[f] for h in per_head]) for f in range(4)]
+        return (csr_from_ranges(stack[0], stack[1], stack[2], stack[3]),
+                csr_from_ranges(stack[2], stack[3]))
 
     def kept(self, layout):
         return sum(kept_entries(iv, layout.lq, layout.lk) for iv in self.intervals)

@@ -160,3 +160,16 @@ def test_layouts_are_cached():
     a = P.parse("causal & strided(8)").layout(300, 300, 32, 32)
     assert P.causal & P.strided(8) is not None
     assert (P.causal & P.strided(8)).layout(300, 300, 32, 32) is a
+
+
+@pytest.mark.parametrize("p", [
+    P.causal | P.prefix(37), P.local(9) | P.prefix(30), P.causal | P.sink(2) | P.local(9),
+    P.heads(P.causal | P.prefix(20), P.block(8) | P.causal),
+], ids=str)
+@pytest.mark.parametrize("lq,lk,bm,bn", [(200, 200, 16, 16), (150, 233, 32, 16),
+                                         (233, 150, 16, 32), (97, 97, 8, 128)])
+def test_interval_union_route_is_exact(p, lq, lk, bm, bn):
+    layout = p.layout(lq, lk, bm, bn)
+    if lq <= lk:  # with lq > lk some rows sit before key 0 and are empty: another route
+        assert type(layout._source).__name__ == "_IntervalSource" and not layout.is_interval
+    check_layout(p, lq, lk, bm, bn)
