@@ -97,10 +97,10 @@ def backward(
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():
         dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
-    kv_tables = None
+    kv_tables = q_tables = None
     if not _is_interval(pattern_text):
         kv_tables, _ = block_tables(pattern, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
-    _, q_tables = block_tables(pattern, lq, lk, cfg.kv_m, cfg.kv_n, q.device)
+        _, q_tables = block_tables(pattern, lq, lk, cfg.kv_m, cfg.kv_n, q.device)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, kv_tables, n_heads, scale, dropout_p,
         seed, cfg,

@@ -1,10 +1,12 @@
 """Backward kernel family, dK/dV pass.
 
 One program owns BN keys of one (batch, kv head) and loops over the Hq/Hkv query heads that
-share it (GQA without atomics), visiting only the query blocks the transposed block tables list:
-PARTIAL blocks with the predicate (or the interval bounds) inlined, FULL blocks without mask
-arithmetic. Works in the transposed orientation (keys x queries):
-dV += Pᵀ dO, dK += scale · dSᵀ Q.
+share it (GQA without atomics), visiting only non-empty query blocks: PARTIAL blocks with the
+predicate (or the interval bounds) inlined, FULL blocks without mask arithmetic. Interval
+patterns find their query-row ranges in-kernel: lo(Q) and hi(Q) are non-decreasing, so the rows
+that keep some key of the block, and the rows that keep all of them, are intervals found by
+binary search (no index tensor); other patterns read the transposed block tables.
+Works in the transposed orientation (keys x queries): dV += Pᵀ dO, dK += scale · dSᵀ Q.
 """
 
 from __future__ import annotations
@@ -17,6 +19,43 @@ from .forward import bias_args, table_args
 from .tables import BlockTables
 
 DKDV_SOURCE = '''
+@triton.jit
+def _first_row(Lq, Lk, hp, target, USE_HI: tl.constexpr):
+    """First query index i in [0, Lq] with hi(i) >= target (USE_HI) or lo(i) > target."""
+    a = Lq * 0
+    b = Lq + 0
+    while a < b:
+        mid = (a + b) // 2
+        lo, hi = _bounds(mid + (Lk - Lq), hp)
+        if USE_HI:
+            ok = hi >= target
+        else:
+            ok = lo > target
+        a = tl.where(ok, a, mid + 1)
+        b = tl.where(ok, mid, b)
+    return a
+
+
+@triton.jit
+def _row_blocks(Lq, Lk, hp, n_first, n_last, BM: tl.constexpr):
+    """Query-block ranges (i_lo, if_lo, if_hi, i_hi) for keys [n_first, n_last]: PARTIAL
+    [i_lo, if_lo), FULL [if_lo, if_hi), PARTIAL [if_hi, i_hi)."""
+    q_a = _first_row(Lq, Lk, hp, n_first, True)
+    q_b = _first_row(Lq, Lk, hp, n_last, False)
+    qf_a = _first_row(Lq, Lk, hp, n_last, True)
+    qf_b = _first_row(Lq, Lk, hp, n_first, False)
+    i_lo = q_a // BM
+    i_hi = tl.where(q_b > q_a, (q_b + BM - 1) // BM, i_lo)
+    # Rows past Lq are inert (LSE = +inf), so a last block ending at Lq may count as FULL.
+    f_end = tl.where(qf_b >= Lq, (Lq + BM - 1) // BM, qf_b // BM)
+    if_lo = tl.maximum((qf_a + BM - 1) // BM, i_lo)
+    if_hi = tl.minimum(f_end, i_hi)
+    has_full = (if_lo < if_hi) & (qf_b > qf_a)
+    if_lo = tl.where(has_full, if_lo, i_hi)
+    if_hi = tl.where(has_full, if_hi, i_hi)
+    return i_lo, if_lo, if_hi, i_hi
+
+
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, k_idx,
                 n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
@@ -103,23 +142,45 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
         lse_base = LSE + pid_bh.to(tl.int64) * Lq
         delta_base = Delta + pid_bh.to(tl.int64) * Lq
         bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-        row = hp * t_h + pid_n * t_m
-        n_part = tl.load(PC + hp * (t_h // t_m) + pid_n)
-        for t in range(n_part):
-            i = tl.load(PI + row + t)
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                drop_p, seed_bh, HEAD_DIM, BM, 1 if INTERVAL else 2, EVEN_N, HAS_BIAS,
-                BIAS_BOOL, DROPOUT, PRECISION)
-        n_full = tl.load(FC + hp * (t_h // t_m) + pid_n)
-        for t in range(n_full):
-            i = tl.load(FI + row + t)
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                drop_p, seed_bh, HEAD_DIM, BM, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                PRECISION)
+        if INTERVAL:
+            n_last = tl.minimum(pid_n * BN + BN, Lk) - 1
+            i_lo, if_lo, if_hi, i_hi = _row_blocks(Lq, Lk, hp, pid_n * BN, n_last, BM)
+            for i in range(i_lo, if_lo):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                    drop_p, seed_bh, HEAD_DIM, BM, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION)
+            for i in range(if_lo, if_hi):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                    drop_p, seed_bh, HEAD_DIM, BM, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION)
+            for i in range(if_hi, i_hi):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                    drop_p, seed_bh, HEAD_DIM, BM, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION)
+        else:
+            row = hp * t_h + pid_n * t_m
+            n_part = tl.load(PC + hp * (t_h // t_m) + pid_n)
+            for t in range(n_part):
+                i = tl.load(PI + row + t)
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                    drop_p, seed_bh, HEAD_DIM, BM, 2, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION)
+            n_full = tl.load(FC + hp * (t_h // t_m) + pid_n)
+            for t in range(n_full):
+                i = tl.load(FI + row + t)
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
+                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
+                    drop_p, seed_bh, HEAD_DIM, BM, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -136,7 +197,7 @@ def launch_dkdv(
     dout: torch.Tensor,
     lse: torch.Tensor,
     delta: torch.Tensor,
-    tables: BlockTables,
+    tables: BlockTables | None,
     num_pattern_heads: int,
     scale: float,
     dropout_p: float,
@@ -145,7 +206,8 @@ def launch_dkdv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
 
-    ``tables`` are the transposed (per key block) tables of the layout (cfg.kv_m, cfg.kv_n).
+    ``tables`` are the transposed (per key block) tables of the layout (cfg.kv_m, cfg.kv_n),
+    or None for interval patterns.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]

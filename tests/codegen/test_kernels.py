@@ -130,3 +130,15 @@ def test_bias_masking_whole_rows():
     out = run(q, k, v, "dense", None, bias)
     assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
     check_against_oracle(run, q, k, v, "dense", bias=bias)
+
+
+@pytest.mark.parametrize(
+    "text, lq, lk",
+    [("sliding(40)", 80, 80), ("local(41)", 77, 83), ("block(32)", 80, 80),
+     ("window(20, 30)", 70, 90), ("causal & sliding(33)", 90, 75), ("prefix(50)", 80, 80)],
+)
+def test_wide_intervals_mix_full_and_partial_blocks(text, lq, lk):
+    # Windows several tiles wide: the in-kernel ranges then contain FULL blocks (no mask) on
+    # both sides of PARTIAL ones, in the forward, dQ and dK/dV passes.
+    q, k, v = make_qkv(1, 2, 1, lq, lk, 16, torch.float32)
+    check_against_oracle(run, q, k, v, text)
