@@ -22,8 +22,9 @@ DKDV_SOURCE = '''
 @triton.jit
 def _first_row(Lq, Lk, hp, target, USE_HI: tl.constexpr):
     """First query index i in [0, Lq] with hi(i) >= target (USE_HI) or lo(i) > target."""
-    a = Lq * 0
-    b = Lq + 0
+    # Tensors from the start: Triton may specialise Lq == 1 into a constant.
+    a = tl.full([], 0, tl.int32)
+    b = tl.full([], 0, tl.int32) + Lq
     while a < b:
         mid = (a + b) // 2
         lo, hi = _bounds(mid + (Lk - Lq), hp)
