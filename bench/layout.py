@@ -27,6 +27,7 @@ PATTERNS = [
     "dense", "causal", "window(256, 256)", "local(1024)", "sliding(4096)", "block(512)",
     "sink(64)", "prefix(1024)", "strided(4096)", "fanout(2)", "axial(1024)", "global(64)",
     "causal & sliding(4096)", "causal & strided(4096)", "sliding(4096) | sink(64)",
+    "causal | prefix(1024)",
 ]
 
 
@@ -41,6 +42,7 @@ def _rss_mb() -> float:
 def measure(text: str, max_log2: int) -> dict:
     """Build times (ms, median of up to 5 runs) for every length; tables/memory at the last."""
     from sparse_compile.patterns import parse
+    from sparse_compile.patterns.layout import _build  # layouts are cached: time fresh builds
 
     p = parse(text)
     _ = p.layout(1024, 1024).kinds  # warm up: sympy caches, torch kernels
@@ -50,14 +52,16 @@ def measure(text: str, max_log2: int) -> dict:
         n = 1 << log2
         times = []
         while len(times) < 5 and sum(times) < 1.0:
+            _build.cache_clear()
             t0 = time.perf_counter()
             layout = p.layout(n, n, 128, 128)
             times.append(time.perf_counter() - t0)
         out["build_ms"][log2] = 1e3 * statistics.median(times)
     source = layout._source
+    kind = type(source).__name__
     out["route"] = "interval" if layout.is_interval else (
-        "tiles" if type(source).__name__ == "_KindsSource" else (
-            "diagonal" if source.toeplitz else "candidates"))
+        "tiles" if kind == "_KindsSource" else "interval union" if kind == "_IntervalSource"
+        else "diagonal" if source.toeplitz else "candidates")
     out["peak_build_mb"] = _rss_mb() - base
     if layout.is_interval:
         out["tables_ms"] = None
@@ -126,10 +130,11 @@ def main() -> None:
             f"- python {platform.python_version()}, torch {torch.__version__}",
             f"- command: `python bench/layout.py --max-log2 {n} --threads {args.threads} "
             f"--out {args.out}`",
-            "- routes: interval = closed-form per q-block bounds; diagonal = per-diagonal "
-            "classification with direct CSR tables; candidates = only tiles inside candidate "
-            "k-block ranges are classified; tiles = per-tile analysis over all nq x nk tiles "
-            "(chunked)",
+            "- routes: interval = closed-form per q-block bounds; interval union = the same "
+            "bounds from numeric row bounds of a union that stays one interval per row; "
+            "diagonal = per-diagonal classification with direct CSR tables; "
+            "candidates = only tiles inside candidate k-block ranges are classified; "
+            "tiles = per-tile analysis over all nq x nk tiles (chunked)",
             "- peak MB: growth of the process's max RSS after a warm-up at 2^10; coarse "
             "(allocator caching), an upper bound for the largest length", "",
         ]
