@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "topk": "sparse_compile.patterns",
     "heads": "sparse_compile.patterns",
     "predicate": "sparse_compile.patterns",
+    "minimum": "sparse_compile.patterns",
+    "maximum": "sparse_compile.patterns",
     # The dense float64 oracle every kernel and rewrite is checked against.
     "reference_attention": "sparse_compile.reference",
     # Running attention and compiling models.

@@ -1,4 +1,9 @@
-"""Command line: ``python -m sparse_compile show "<pattern>" --length N [-o picture.png]``."""
+"""Command line: ``python -m sparse_compile show "<pattern>" ...`` and ``... demo [options]``.
+
+``show`` prints a pattern's picture, density and block density (and draws it); ``demo`` runs the
+main demonstration (``sparse_compile.demo``): a transformers Llama compiled with the sparse
+backend, checked against the reference and timed against the dense model.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--block", type=int, default=128, help="block size (default 128)")
     show.add_argument("--width", type=int, default=64, help="picture width in characters")
     show.add_argument("-o", "--output", default=None, help="also draw a PNG to this path")
+    sub.add_parser("demo", add_help=False,
+                   help="compile a small transformers Llama with the sparse backend, check it "
+                        "against the reference and time it (options: demo --help)")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a bad pattern)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from sparse_compile.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         pattern = parse(args.pattern)

@@ -287,5 +287,6 @@ def _normalise_path(path: str) -> str:
     path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
     parts = [p for p in path.split(".") if p]
     if parts and parts[0] in ("L", "G"):
-        parts = parts[2:]
+        # Drop the root: ``L['self']``, or ``L['args'][0]`` when a wrapper calls the forward.
+        parts = parts[3:] if len(parts) > 2 and parts[1] in ("args", "kwargs") else parts[2:]
     return ".".join(parts)

@@ -1,4 +1,4 @@
-"""``python -m sparse_compile show``."""
+"""``python -m sparse_compile show`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -34,3 +34,14 @@ def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "sparse_compile", "show", "local(8)",
                            "--length", "32"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "local(8)" in done.stdout
+
+
+def test_demo_compiles_a_llama_checks_it_and_times_it(capsys):
+    pytest.importorskip("transformers")
+    status = main(["demo", "--device", "cpu", "--length", "96", "--window", "16", "--layers", "1",
+                   "--hidden", "64", "--heads", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "model.layers.0.self_attn" in out and "1 rewritten" in out
+    assert "causal & sliding(16)" in out and "OK" in out and "speed-up" in out
+    assert "CPU (no GPU found)" in out

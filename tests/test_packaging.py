@@ -49,3 +49,19 @@ def test_ci_runs_the_readme_test_command() -> None:
     command = match.group(1).strip()
     ci_script = (ROOT / ".ci" / "run").read_text()
     assert command in ci_script
+
+
+@pytest.mark.parametrize("name", sparse_compile.__all__)
+def test_every_public_name_resolves(name: str) -> None:
+    assert getattr(sparse_compile, name) is not None
+
+
+def test_global_is_an_alias_of_global_() -> None:
+    assert getattr(sparse_compile, "global") is sparse_compile.global_
+
+
+def test_readme_main_command_runs_the_demo() -> None:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- main-command -->\s*```(?:bash|sh)?\n(.+?)\n```", readme, re.S)
+    assert match, "README.md must mark its main command with <!-- main-command -->"
+    assert match.group(1).strip().endswith("python -m sparse_compile demo")
