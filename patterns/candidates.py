@@ -58,27 +58,9 @@ def candidate_tables(p: Pattern, lq: int, lk: int, bm: int, bn: int, ranges):
     """``{"kv": ((pc, pi), (fc, fi))}`` forward CSR tables (no head dim) from classifying the
     candidate tiles of the head-resolved pattern ``p`` (the transpose is derived on demand)."""
     nq, nk = -(-lq // bm), -(-lk // bn)
-    starts, ends = ranges
-    lengths = (ends.clamp(max=nk) - starts.clamp(min=0)).clamp(min=0)
-    rows = torch.arange(nq, dtype=torch.int64)[:, None].expand_as(starts)
-    flat_len = lengths.flatten()
-    first = starts.clamp(min=0).flatten().repeat_interleave(flat_len)
-    offset = torch.arange(int(flat_len.sum())) - (torch.cumsum(flat_len, 0) - flat_len
-                                                  ).repeat_interleave(flat_len)
-    keys = rows.flatten().repeat_interleave(flat_len) * nk + first + offset
-    keys = torch.unique(keys)  # sorted: row-major, k-blocks ascending within a row
+    keys = tile_keys(ranges[0], ranges[1], nq, nk)
     i, j = keys // nk, keys % nk
-    off = lk - lq
-    everything = Tiles(q0=torch.tensor([[off]]), q1=torch.tensor([[lk - 1]]),
-                       k0=torch.tensor([[0]]), k1=torch.tensor([[lk - 1]]))
-    prefixes: dict = {}
-    classify(p, everything, prefixes)
-    kinds = torch.empty(keys.numel(), dtype=torch.uint8)
-    for s in range(0, keys.numel(), CHUNK):
-        ii, jj = i[s:s + CHUNK, None], j[s:s + CHUNK, None]
-        t = Tiles(q0=ii * bm + off, q1=torch.clamp((ii + 1) * bm, max=lq) - 1 + off,
-                  k0=jj * bn, k1=torch.clamp((jj + 1) * bn, max=lk) - 1)
-        kinds[s:s + CHUNK] = resolve_tiles(p, t, classify(p, t, prefixes), bm, bn)[:, 0]
+    kinds = classify_listed(p, lq, lk, bm, bn, i, j)
     out = []
     for kind in (PARTIAL, FULL):
         mine = kinds == kind
@@ -91,3 +73,34 @@ def candidate_tables(p: Pattern, lq: int, lk: int, bm: int, bn: int, ranges):
         counts = counts.to(torch.int32)
         out.append((counts, idx))
     return {"kv": tuple(out)}
+
+
+def tile_keys(starts: torch.Tensor, ends: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """Sorted distinct tile keys ``i * nk + j`` of the k-block ranges ``[starts, ends)``
+    (int64 ``[nq, m]``, clipped to ``[0, nk)``): row-major, k-blocks ascending within a row."""
+    lengths = (ends.clamp(max=nk) - starts.clamp(min=0)).clamp(min=0)
+    rows = torch.arange(nq, dtype=torch.int64)[:, None].expand_as(starts)
+    flat_len = lengths.flatten()
+    first = starts.clamp(min=0).flatten().repeat_interleave(flat_len)
+    offset = torch.arange(int(flat_len.sum())) - (torch.cumsum(flat_len, 0) - flat_len
+                                                  ).repeat_interleave(flat_len)
+    keys = rows.flatten().repeat_interleave(flat_len) * nk + first + offset
+    return torch.unique(keys)
+
+
+def classify_listed(p: Pattern, lq: int, lk: int, bm: int, bn: int, i: torch.Tensor,
+                    j: torch.Tensor) -> torch.Tensor:
+    """Exact kinds uint8 ``[c]`` of the listed tiles ``(i, j)`` (int64 ``[c]``), ``CHUNK`` at a
+    time; diagonal prefix sums of q - k sub-patterns are sized once for the whole grid."""
+    off = lk - lq
+    everything = Tiles(q0=torch.tensor([[off]]), q1=torch.tensor([[lk - 1]]),
+                       k0=torch.tensor([[0]]), k1=torch.tensor([[lk - 1]]))
+    prefixes: dict = {}
+    classify(p, everything, prefixes)
+    kinds = torch.empty(i.numel(), dtype=torch.uint8)
+    for s in range(0, i.numel(), CHUNK):
+        ii, jj = i[s:s + CHUNK, None], j[s:s + CHUNK, None]
+        t = Tiles(q0=ii * bm + off, q1=torch.clamp((ii + 1) * bm, max=lq) - 1 + off,
+                  k0=jj * bn, k1=torch.clamp((jj + 1) * bn, max=lk) - 1)
+        kinds[s:s + CHUNK] = resolve_tiles(p, t, classify(p, t, prefixes), bm, bn)[:, 0]
+    return kinds

@@ -31,6 +31,7 @@ from .diagonals import toeplitz_tables
 from .errors import PatternError
 from .intervals import interval_bounds, kept_entries, union_rows
 from .nodes import Or, Pattern
+from .split import split_kinds, split_pattern
 from .tables import CHUNK, csr_from_ranges, csr_from_rows, transpose_csr
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -178,7 +179,8 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
     unions = [_interval_union(p, lq, lk) for p in heads]
     if all(u is not None for u in unions):
         bounds = [interval_bounds(u, lq, lk, block_m, block_n) for u in unions]
-        return Layout(is_interval=False, _source=_IntervalSource(unions, bounds), **common)
+        return Layout(is_interval=False, _source=_IntervalSource(unions, bounds, "interval union"),
+                      **common)
     if all(is_toeplitz(p) for p in heads):
         tables = [toeplitz_tables(p, lq, lk, block_m, block_n) for p in heads]
         return Layout(is_interval=False, _source=_TableSource(heads, tables), **common)
@@ -190,8 +192,18 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
                   for p, r in zip(heads, ranges, strict=True)]
         return Layout(is_interval=False, _source=_TableSource(heads, tables, toeplitz=False),
                       **common)
-    kinds = torch.stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
+    splits = [split_pattern(p, lq, lk, block_m, block_n) for p in heads]
+    if all(s is not None for s in splits):
+        kinds = _stack([split_kinds(p, s, lq, lk, block_m, block_n)
+                        for p, s in zip(heads, splits, strict=True)])
+        return Layout(is_interval=False, _source=_KindsSource(heads, kinds, "split"), **common)
+    kinds = _stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
     return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
+
+
+def _stack(per_head: list[torch.Tensor]) -> torch.Tensor:
+    """``[n, nq, nk]`` kinds; one head is a view (no copy of a possibly large grid)."""
+    return per_head[0][None] if len(per_head) == 1 else torch.stack(per_head)
 
 
 def _interval_union(p: Pattern, lq: int, lk: int):
@@ -253,8 +265,8 @@ def _forward_from_rows(layout: Layout):
 class _IntervalSource:
     """Kinds and tables derived from per q-block bounds."""
 
-    def __init__(self, intervals, bounds):
-        self.intervals, self.bounds = intervals, bounds
+    def __init__(self, intervals, bounds, route: str = "interval"):
+        self.intervals, self.bounds, self.route = intervals, bounds, route
 
     def kind_rows(self, layout, head, i0, i1):
         b = self.bounds[head]
@@ -311,6 +323,7 @@ class _TableSource:
 
     def __init__(self, heads, tables, toeplitz: bool = True):
         self.heads, self.tables, self.toeplitz = heads, tables, toeplitz
+        self.route = "diagonal" if toeplitz else "candidates"
 
     def kind_rows(self, layout, head, i0, i1):
         rows = torch.zeros((i1 - i0, layout.nk), dtype=torch.uint8)
@@ -351,10 +364,11 @@ def _toeplitz_kept(p: Pattern, lq: int, lk: int) -> int:
 
 
 class _KindsSource:
-    """Kinds computed tile by tile and stored; tables and densities derived from them."""
+    """Kinds computed and stored (route "split": background plus exceptions, ``split.py``;
+    "tiles": per-tile analysis of every tile); tables and densities derived from them."""
 
-    def __init__(self, heads, kinds):
-        self.heads, self.kinds = heads, kinds
+    def __init__(self, heads, kinds, route: str = "tiles"):
+        self.heads, self.kinds, self.route = heads, kinds, route
 
     def kind_rows(self, layout, head, i0, i1):
         return self.kinds[head, i0:i1]
