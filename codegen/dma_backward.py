@@ -23,7 +23,7 @@ LOG2E = 1.4426950408889634
 def _dma_bwd_kernel(
     q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, dout_ptr, lse_ptr,
     dq_ptr, dk_ptr, dv_ptr, ddelta_ptr,
-    thr_ptr, gkey_ptr, grank_ptr, gcount_ptr,
+    thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdob, sdoh, sdom,
     lq, lk, hq, hkv, cap, scale,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -53,6 +53,7 @@ def _dma_bwd_kernel(
     lse = tl.load(lse_ptr + pid_bh * lq + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # base 2, from the forward
     thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+    shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
     count = tl.load(gcount_ptr + bhk * nq + pid_m)
     list_base = (bhk * nq + pid_m) * cap
     scale_log2 = scale * 1.4426950408889634
@@ -69,7 +70,9 @@ def _dma_bwd_kernel(
         v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2 + delta[None, :] * 1.4426950408889634
+        # delta - shift first (exact in float32), then scale: see dma_select's module doc
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
         if HAS_KEY_BIAS:
             kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
             s += kb[None, :] * 1.4426950408889634
@@ -120,7 +123,8 @@ def dma_backward(
     _dma_bwd_kernel[grid](
         q, k, v, delta, key_bias if key_bias is not None else delta, out, dout, lse,
         dq, dk, dv, ddelta,
-        selection.thr, selection.gather_key, selection.gather_rank, selection.gather_count,
+        selection.thr, selection.shift, selection.gather_key, selection.gather_rank,
+        selection.gather_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),

@@ -22,7 +22,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _dma_fwd_kernel(
     q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, lse_ptr,
-    thr_ptr, gkey_ptr, grank_ptr, gcount_ptr,
+    thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     lq, lk, hq, hkv, cap, scale_log2,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -46,6 +46,7 @@ def _dma_fwd_kernel(
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )
     thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+    shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
     count = tl.load(gcount_ptr + bhk * nq + pid_m)
     list_base = (bhk * nq + pid_m) * cap
 
@@ -63,7 +64,9 @@ def _dma_fwd_kernel(
         v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2 + delta[None, :] * 1.4426950408889634
+        # delta - shift first (exact in float32), then scale: see dma_select's module doc
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
         if HAS_KEY_BIAS:
             kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
             s += kb[None, :] * 1.4426950408889634
@@ -80,8 +83,8 @@ def _dma_fwd_kernel(
         m_i = m_new
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    # lse in log2 units (as the backward uses it: no round trip through natural-log units,
-    # which costs precision when delta makes logits large); -inf for rows with no kept key.
+    # lse in log2 units of the shifted logits (selection.shift), as the backward uses it;
+    # -inf for rows with no kept key.
     lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
     tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -103,7 +106,8 @@ def dma_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (last dim contiguous),
     delta ``[B, Hkv, Lk]`` contiguous, key_bias ``[B, Lk]`` float32 (0 where allowed) or None.
-    Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32, base-2 log-sum-exp of the logits)``."""
+    Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32)``: lse is the base-2 log-sum-exp of
+    the logits with ``selection.shift`` subtracted from delta (only the backward reads it)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
@@ -112,7 +116,8 @@ def dma_forward(
     grid = (triton.cdiv(lq, block_m), b * hq)
     _dma_fwd_kernel[grid](
         q, k, v, delta, key_bias if key_bias is not None else delta, out, lse,
-        selection.thr, selection.gather_key, selection.gather_rank, selection.gather_count,
+        selection.thr, selection.shift, selection.gather_key, selection.gather_rank,
+        selection.gather_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,

@@ -13,7 +13,15 @@ One program per (query block, batch * kv head), in two phases:
    ``m0`` has seen ``keep`` keys; keys of the block itself note their slot in the list;
 2. per-row thresholds from a ``BLOCK_M``-wide window of the list: row ``p``'s count at slot ``i``
    is ``i + 1`` minus the block keys after ``p`` listed up to ``i``, so it reaches ``keep`` in
-   slots ``[keep - 1, keep + BLOCK_M - 2]``.
+   slots ``[keep - 1, keep + BLOCK_M - 2]``;
+3. per-row shifts: the largest delta among the row's kept keys (its first visible key in rank
+   order, always within the list's first ``BLOCK_M`` slots).
+
+Why the shift: delta = exp(A * softplus(.)) reaches 1e6..1e8 for trained or random A, and
+``q.k * scale + delta`` formed in float32 at that magnitude keeps only a few bits of ``q.k``
+(ulp(1e7) = 1); storing ``lse`` at that magnitude loses ``log(l)`` too. Softmax is invariant to a
+per-row constant, so the kernels use ``(delta - shift[row])`` (exact in float32 for nearby values)
+and keep every logit and ``lse`` near 0. The gradient through the shift is exactly zero.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ __all__ = ["DmaSelection", "dma_select"]
 @triton.jit
 def _dma_select_kernel(
     order_ptr,  # int32 [BH, Lk]
+    delta_ptr,  # [BH, Lk]
     n_allowed_ptr,  # int32 [BH]
     gather_key_ptr,  # int32 [BH, nq, CAP]
     gather_rank_ptr,  # int32 [BH, nq, CAP]
     gather_count_ptr,  # int32 [BH, nq]
     slot_ptr,  # int32 [BH, nq, BLOCK_M] scratch, filled with a large value
     thr_ptr,  # int32 [BH, Lq]
+    shift_ptr,  # float32 [BH, Lq]
     lq,
     lk,
     keep,
@@ -77,6 +87,8 @@ def _dma_select_kernel(
         n_out += tl.sum(take.to(tl.int32), axis=0)
         r0 += BLOCK_R
     tl.store(gather_count_ptr + base, n_out)
+    # Phases 2 and 3 read list entries other threads of this program wrote.
+    tl.debug_barrier()
 
     # Phase 2: row p's count at list slot i is (i + 1) minus the block keys after p listed at
     # or before i; it reaches `keep` inside the window [keep - 1, keep + BLOCK_M - 2].
@@ -104,17 +116,28 @@ def _dma_select_kernel(
     thr = tl.where(thr >= 0, thr, n_allowed - 1)
     tl.store(thr_ptr + bh * lq + offs_m, thr, mask=offs_m < lq)
 
+    # Phase 3: row shift = largest delta among the row's visible listed keys (-> 0 if none).
+    h_ok = offs_j < n_out
+    h_key = tl.load(gather_key_ptr + list_base + offs_j, mask=h_ok, other=0)
+    h_delta = tl.load(delta_ptr + bh * lk + h_key, mask=h_ok, other=0.0).to(tl.float32)
+    h_visible = h_ok[None, :] & (h_key[None, :] <= pos[:, None])
+    shift = tl.max(tl.where(h_visible, h_delta[None, :], float("-inf")), axis=1)
+    shift = tl.where(shift == float("-inf"), 0.0, shift)
+    tl.store(shift_ptr + bh * lq + offs_m, shift, mask=offs_m < lq)
+
 
 class DmaSelection:
     """What the attention kernels need to gather the kept keys of each query block.
 
-    thr ``[BH, Lq]`` int32 rank threshold per row; gather_key / gather_rank ``[BH, nq, cap]``
+    thr ``[BH, Lq]`` int32 rank threshold per row; shift ``[BH, Lq]`` float32, the constant the
+    kernels subtract from delta on each row (module doc); gather_key / gather_rank ``[BH, nq, cap]``
     int32 (key index and its rank, in rank order, ``gather_count [BH, nq]`` valid entries);
     block_m the query block size the lists were built for. BH = batch * kv heads.
     """
 
-    def __init__(self, thr, gather_key, gather_rank, gather_count, block_m):
+    def __init__(self, thr, gather_key, gather_rank, gather_count, block_m, shift):
         self.thr = thr
+        self.shift = shift
         self.gather_key = gather_key
         self.gather_rank = gather_rank
         self.gather_count = gather_count
@@ -158,9 +181,11 @@ def dma_select(
     gather_rank = torch.zeros(b * h, nq, cap, dtype=torch.int32, device=dev)
     gather_count = torch.empty(b * h, nq, dtype=torch.int32, device=dev)
     thr = torch.empty(b * h, lq, dtype=torch.int32, device=dev)
+    shift = torch.empty(b * h, lq, dtype=torch.float32, device=dev)
     slot = torch.full((b * h, nq, block_m), 2**30, dtype=torch.int32, device=dev)
     _dma_select_kernel[(nq, b * h)](
-        order, n_allowed, gather_key, gather_rank, gather_count, slot, thr, lq, lk, keep, cap,
+        order, delta, n_allowed, gather_key, gather_rank, gather_count, slot, thr, shift,
+        lq, lk, keep, cap,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_R=block_r,
     )
-    return DmaSelection(thr, gather_key, gather_rank, gather_count, block_m)
+    return DmaSelection(thr, gather_key, gather_rank, gather_count, block_m, shift)

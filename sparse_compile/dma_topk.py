@@ -79,7 +79,8 @@ def _selection(kept: torch.Tensor, lq: int, lk: int, block: int, block_m: int) -
     count = count.repeat_interleave(repeat, dim=1)[:, :nq].contiguous()
     zeros_rank = torch.zeros_like(keys)
     thr = torch.zeros(b * h, lq, dtype=torch.int32, device=kept.device)
-    return DmaSelection(thr, keys, zeros_rank, count, block_m)
+    shift = torch.zeros(b * h, lq, dtype=torch.float32, device=kept.device)
+    return DmaSelection(thr, keys, zeros_rank, count, block_m, shift)
 
 
 class _TopkAttention(torch.autograd.Function):

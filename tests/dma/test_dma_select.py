@@ -32,6 +32,9 @@ def test_selection_equals_reference(b, h, lq, lk, keep, values, causal):
         b * h, lq, lk
     )
     assert torch.equal(got, expected)
+    # row shift: the largest delta among the row's kept keys, 0 for rows with none
+    kept_delta = torch.where(expected, delta.reshape(b * h, 1, lk), float("-inf")).amax(-1)
+    assert torch.equal(sel.shift, torch.where(expected.any(-1), kept_delta, 0.0))
 
     for bh in range(b * h):
         for block in range(sel.gather_count.shape[1]):
