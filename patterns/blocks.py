@@ -204,3 +204,28 @@ def resolve_tiles(
         every = (keep | ~valid).flatten(1).all(1)
         kinds[r, c] = torch.where(every, 2, torch.where(some, 1, 0)).to(torch.uint8)
     return kinds
+
+
+def kept_in_tiles(
+    p: Pattern, lq: int, lk: int, block_m: int, block_n: int, i: torch.Tensor, j: torch.Tensor,
+    kinds: torch.Tensor, budget: int = 1 << 22,
+) -> int:
+    """Kept entries of the listed tiles ``(i, j)`` (int64 ``[c]``) of known ``kinds``
+    (uint8 ``[c]``): FULL by area, PARTIAL by evaluation, ``budget`` entries at a time."""
+    off = lk - lq
+
+    def extent(x, b, n):
+        return torch.clamp((x + 1) * b, max=n) - x * b
+
+    full = kinds == 2
+    total = int((extent(i[full], block_m, lq) * extent(j[full], block_n, lk)).sum())
+    i, j = i[kinds == 1], j[kinds == 1]
+    per_batch = max(1, budget // (block_m * block_n))
+    rm, rn = torch.arange(block_m), torch.arange(block_n)
+    for s in range(0, i.numel(), per_batch):
+        ii, jj = i[s:s + per_batch, None], j[s:s + per_batch, None]
+        qpos, kpos = ii * block_m + rm, jj * block_n + rn  # [b, BM], [b, BN]
+        valid = (qpos < lq)[:, :, None] & (kpos < lk)[:, None, :]
+        keep = p.evaluate(qpos[:, :, None] + off, kpos[:, None, :])
+        total += int((keep & valid).sum())
+    return total

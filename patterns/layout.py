@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import Tiles, classify, is_toeplitz, resolve_tiles
+from .blocks import Tiles, classify, is_toeplitz, kept_in_tiles, resolve_tiles
 from .candidates import candidate_ranges, candidate_tables
 from .diagonals import toeplitz_tables
 from .errors import PatternError
 from .intervals import interval_bounds, kept_entries, union_rows
 from .nodes import Or, Pattern
-from .split import split_kinds, split_pattern
+from .split import split_kept, split_kinds, split_pattern
 from .tables import CHUNK, csr_from_ranges, csr_from_rows, transpose_csr
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -196,7 +196,8 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
     if all(s is not None for s in splits):
         kinds = _stack([split_kinds(p, s, lq, lk, block_m, block_n)
                         for p, s in zip(heads, splits, strict=True)])
-        return Layout(is_interval=False, _source=_KindsSource(heads, kinds, "split"), **common)
+        return Layout(is_interval=False, _source=_KindsSource(heads, kinds, "split", splits),
+                      **common)
     kinds = _stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
     return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
 
@@ -367,8 +368,8 @@ class _KindsSource:
     """Kinds computed and stored (route "split": background plus exceptions, ``split.py``;
     "tiles": per-tile analysis of every tile); tables and densities derived from them."""
 
-    def __init__(self, heads, kinds, route: str = "tiles"):
-        self.heads, self.kinds, self.route = heads, kinds, route
+    def __init__(self, heads, kinds, route: str = "tiles", splits=None):
+        self.heads, self.kinds, self.route, self.splits = heads, kinds, route, splits
 
     def kind_rows(self, layout, head, i0, i1):
         return self.kinds[head, i0:i1]
@@ -380,22 +381,15 @@ class _KindsSource:
         return _transposed_tables(layout)
 
     def kept(self, layout):
+        if self.splits is not None:
+            sizes = (layout.lq, layout.lk, layout.block_m, layout.block_n)
+            return sum(split_kept(p, s, self.kinds[h], *sizes)
+                       for h, (p, s) in enumerate(zip(self.heads, self.splits, strict=True)))
         return sum(_count_kept(p, self.kinds[h], layout) for h, p in enumerate(self.heads))
 
 
 def _count_kept(p: Pattern, kinds: torch.Tensor, layout: Layout) -> int:
     """Kept entries: FULL tiles by area, PARTIAL tiles by evaluation (bounded batches)."""
-    bm, bn = layout.block_m, layout.block_n
-    t = _tiles(layout.lq, layout.lk, bm, bn, 0, layout.nq)
-    area = (t.q1 - t.q0 + 1) * (t.k1 - t.k0 + 1)
-    total = int(area.expand_as(kinds)[kinds == FULL].sum())
-    i, j = (kinds == PARTIAL).nonzero().unbind(1)
-    per_batch = max(1, CHUNK // (bm * bn))
-    rm, rn = torch.arange(bm), torch.arange(bn)
-    for s in range(0, i.numel(), per_batch):
-        ii, jj = i[s:s + per_batch], j[s:s + per_batch]
-        qpos = t.q0[ii, 0, None] + rm
-        kpos = t.k0[0, jj, None] + rn
-        valid = (qpos <= t.q1[ii, 0, None])[:, :, None] & (kpos <= t.k1[0, jj, None])[:, None]
-        total += int((p.evaluate(qpos[:, :, None], kpos[:, None, :]) & valid).sum())
-    return total
+    i, j = (kinds > 0).nonzero().unbind(1)
+    return kept_in_tiles(p, layout.lq, layout.lk, layout.block_m, layout.block_n, i, j,
+                         kinds[i, j])

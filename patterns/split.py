@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .blocks import _KIND_OF_BITS, Tiles, classify, is_toeplitz
+from .blocks import _KIND_OF_BITS, Tiles, classify, is_toeplitz, kept_in_tiles
 from .candidates import candidate_ranges, classify_listed, tile_keys
 from .nodes import And, Not, Or, Pattern
 from .primitives import Axial, Dense, Global, Strided
@@ -122,9 +122,39 @@ def _axial_ranges(p: Axial, lq: int, lk: int, bm: int, bn: int):
 
 def split_kinds(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
     """Exact kinds uint8 ``[nq, nk]`` of the head-resolved ``p`` from its split ``s``."""
-    nq, nk = -(-lq // bm), -(-lk // bn)
+    nk = -(-lk // bn)
     kinds = _background_kinds(s.background, lq, lk, bm, bn)
-    # Exceptions, plus the ragged last k-block column and q-block row (not full-size tiles).
+    keys = _exception_keys(s, lq, lk, bm, bn)
+    kinds.view(-1)[keys] = classify_listed(p, lq, lk, bm, bn, keys // nk, keys % nk)
+    return kinds
+
+
+def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: int,
+               bn: int) -> int:
+    """Exact number of kept entries of ``p`` (kinds ``[nq, nk]`` from :func:`split_kinds`):
+    background tiles through per-``v`` counts, exception tiles by area or evaluation."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    g = math.gcd(bm, bn)
+    a, b = bm // g, bn // g
+    count_v = _background_counts(s.background, lq, lk, bm, bn)  # per v index i*a + (nk-1-j)*b
+    # Sum over every tile as if full-size: row i reads count_v at i*a + t*b, t in [0, nk).
+    per_residue = torch.nn.functional.pad(count_v, (0, (-count_v.numel()) % b + (nk + 1) * b))
+    prefix = torch.cumsum(per_residue.view(-1, b), 0)
+    prefix = torch.cat([torch.zeros((1, b), dtype=torch.int64), prefix])  # prefix[t] = sum < t
+    x0 = torch.arange(nq, dtype=torch.int64) * a
+    r, t0 = x0 % b, x0 // b
+    total = int((prefix[t0 + nk, r] - prefix[t0, r]).sum())
+    # Exception tiles (and ragged ones): replace their background count by the exact one.
+    keys = _exception_keys(s, lq, lk, bm, bn)
+    i, j = keys // nk, keys % nk
+    total -= int(count_v[i * a + (nk - 1 - j) * b].sum())
+    return total + kept_in_tiles(p, lq, lk, bm, bn, i, j, kinds.view(-1)[keys])
+
+
+def _exception_keys(s: Split, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
+    """Sorted tile keys ``i * nk + j`` of the exceptions plus the ragged last k-block column
+    and q-block row (whose tiles are not full-size)."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
     starts, ends = [s.starts], [s.ends]
     rows = torch.arange(nq, dtype=torch.int64)[:, None]
     if lk % bn:
@@ -133,9 +163,30 @@ def split_kinds(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> tor
     if lq % bm:
         starts.append(torch.zeros_like(rows))
         ends.append(torch.where(rows == nq - 1, nk, 0))
-    keys = tile_keys(torch.cat(starts, 1), torch.cat(ends, 1), nq, nk)
-    kinds.view(-1)[keys] = classify_listed(p, lq, lk, bm, bn, keys // nk, keys % nk)
-    return kinds
+    return tile_keys(torch.cat(starts, 1), torch.cat(ends, 1), nq, nk)
+
+
+def _diagonal_tiles(lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
+    """``v = i * bm - j * bn`` of full-size tiles, ascending in steps of gcd(bm, bn)."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    return torch.arange(-(nk - 1) * bn, (nq - 1) * bm + 1, math.gcd(bm, bn), dtype=torch.int64)
+
+
+def _background_counts(bg: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
+    """Kept entries int64 of a full-size tile of the q - k pattern ``bg`` per ``v``: a tile
+    covers ``d = v + off + x - y`` for ``x < bm``, ``y < bn``, so two prefix sums of
+    ``keep(d)`` give every tile's count."""
+    v = _diagonal_tiles(lq, lk, bm, bn)
+    d0 = int(v[0]) + lk - lq - (bn - 1)
+    d = torch.arange(d0, int(v[-1]) + lk - lq + bm, dtype=torch.int64)
+    keep = bg.evaluate(d, torch.zeros((), dtype=torch.int64)).to(torch.int64)
+    s1 = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
+    # window[u] = keep[u] + ... + keep[u - bn + 1] for u = bn - 1 ... (indices into d)
+    window = s1[bn:] - s1[:-bn]
+    s2 = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(window, 0)])
+    # Tile v: sum of window over u in [v + off - d0 + x] for x < bm, shifted by bn - 1.
+    u0 = v + lk - lq - d0 - (bn - 1)
+    return s2[u0 + bm] - s2[u0]
 
 
 def _background_kinds(bg: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
@@ -145,7 +196,7 @@ def _background_kinds(bg: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch.
         return torch.full((nq, nk), 2 if bg == EVERYTHING else 0, dtype=torch.uint8)
     g = math.gcd(bm, bn)
     a, b = bm // g, bn // g
-    v = torch.arange(-(nk - 1) * bn, (nq - 1) * bm + 1, g, dtype=torch.int64)
+    v = _diagonal_tiles(lq, lk, bm, bn)
     diag = Tiles(q0=(v + lk - lq)[:, None], q1=(v + lk - lq + bm - 1)[:, None],
                  k0=torch.zeros((1, 1), dtype=torch.int64),
                  k1=torch.full((1, 1), bn - 1, dtype=torch.int64))
