@@ -129,6 +129,118 @@ def tune(d: int, length: int, heads: int, rep: int) -> TileConfig:
     return best_b
 
 
+FWD_SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 2),
+             (128, 128, 8, 2), (64, 128, 4, 2)]
+DQ_SWEEP = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3),
+            (128, 64, 8, 3)]
+KV_SWEEP = [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 4), (64, 128, 8, 3),
+            (16, 128, 8, 3)]
+
+
+def sweep(args) -> None:
+    """Time each kernel (forward, dQ, dK/dV) alone per tile option on a few patterns, with a
+    correctness check against the first option; no FlexAttention (compiles too slowly)."""
+    from functools import partial
+
+    from sparse_compile.codegen.attention import visit_plan
+    from sparse_compile.codegen.backward_delta import launch_delta
+    from sparse_compile.codegen.backward_dkdv import launch_dkdv
+    from sparse_compile.codegen.backward_dq import launch_dq
+    from sparse_compile.codegen.forward import launch_forward
+    from sparse_compile.codegen.predicate import pattern_heads
+    from sparse_compile.codegen.source import kernel_module
+
+    t_start = time.perf_counter()
+    d, length, h = int(args.dims.split(",")[-1]), int(args.lengths.split(",")[0]), args.heads
+    dev = torch.device("cuda")
+    base = default_config(dev, d, torch.bfloat16)
+    q, k, v, do = (torch.randn(1, h, length, d, device=dev, dtype=torch.bfloat16)
+                   for _ in range(4))
+    scale = 1 / math.sqrt(d)
+    lines = [f"# Tile sweep on {torch.cuda.get_device_name()}", "",
+             f"- torch {torch.__version__}, triton {triton.__version__}, "
+             f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- B=1, H={h}, L={length}, D={d}, bf16; median ms of do_bench; err = relative "
+             "error vs the first option", "",
+             "| pattern | kernel | tiles (m x n, warps, stages) | ms | TF/s | err |",
+             "|---|---|---|---|---|---|"]
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+        out = Path(args.out) if args.out else Path("sweep.md")
+        out.write_text("\n".join(lines) + "\n")
+
+    for name, causal in (("cudnn dense", False), ("cudnn causal", True)):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            def fn(c=causal):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=c)
+            with torch.no_grad():
+                t = bench(fn, args.rep)
+        flops = 4 * h * d * length * length * (0.5 if causal else 1.0)
+        emit(f"| {name} (SDPA anchor) | fwd | - | {t:.3f} | {flops / t / 1e9:.0f} | - |")
+    for text in [p.strip() for p in args.patterns.split(";") if p.strip()]:
+        pattern = parse(text)
+        label = text.replace("|", "\\|")
+        module = kernel_module(pattern)
+        nph = pattern_heads(pattern)
+        kept = pattern.layout(length, length, 128, 128).density * length * length
+        flops = 4 * h * d * kept
+        ref_o = ref_lse = None
+        for m, n, w, s in FWD_SWEEP:
+            if time.perf_counter() - t_start > args.deadline:
+                break
+            cfg = replace(base, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
+            visit = visit_plan(text, length, length, m, n, dev)
+            fwd = partial(launch_forward, module, q, k, v, None, visit, nph, scale, 0.0, 0, cfg)
+            try:
+                o, lse = fwd()
+                t = bench(fwd, args.rep)
+            except Exception as e:  # resource limits: this tile does not fit
+                emit(f"| {label} | fwd | {m}x{n} w{w} s{s} | failed {type(e).__name__} | | |")
+                continue
+            if ref_o is None:
+                ref_o, ref_lse = o, lse
+            emit(f"| {label} | fwd | {m}x{n} w{w} s{s} | {t:.3f} | {flops / t / 1e9:.0f} | "
+                 f"{rel(o, ref_o):.1e} |")
+        if ref_o is None:
+            continue
+        delta = launch_delta(ref_o, do)
+        ref_dq = ref_dkv = None
+        for m, n, w, s in DQ_SWEEP:
+            if time.perf_counter() - t_start > args.deadline:
+                break
+            cfg = replace(base, dq_m=m, dq_n=n, dq_warps=w, dq_stages=s)
+            visit = visit_plan(text, length, length, m, n, dev)
+            dq_fn = partial(launch_dq, module, q, k, v, None, do, ref_lse, delta, None, visit,
+                            nph, scale, 0.0, 0, cfg)
+            try:
+                g = dq_fn()
+                t = bench(dq_fn, args.rep)
+            except Exception as e:
+                emit(f"| {label} | dQ | {m}x{n} w{w} s{s} | failed {type(e).__name__} | | |")
+                continue
+            ref_dq = g if ref_dq is None else ref_dq
+            emit(f"| {label} | dQ | {m}x{n} w{w} s{s} | {t:.3f} | {flops / t / 1e9:.0f} | "
+                 f"{rel(g, ref_dq):.1e} |")
+        for m, n, w, s in KV_SWEEP:
+            if time.perf_counter() - t_start > args.deadline:
+                break
+            cfg = replace(base, kv_m=m, kv_n=n, kv_warps=w, kv_stages=s)
+            visit = visit_plan(text, length, length, m, n, dev, transposed=True)
+            kv_fn = partial(launch_dkdv, module, q, k, v, None, do, ref_lse, delta, visit, nph,
+                            scale, 0.0, 0, cfg)
+            try:
+                g = torch.cat(kv_fn())
+                t = bench(kv_fn, args.rep)
+            except Exception as e:
+                emit(f"| {label} | dKdV | {m}x{n} w{w} s{s} | failed {type(e).__name__} | | |")
+                continue
+            ref_dkv = g if ref_dkv is None else ref_dkv
+            emit(f"| {label} | dKdV | {m}x{n} w{w} s{s} | {t:.3f} | "
+                 f"{1.5 * flops / t / 1e9:.0f} | {rel(g, ref_dkv):.1e} |")
+
+
 def run_case(text, b, h, length, d, cfg, rep, do_bwd, sdpa_cache):
     dev = "cuda"
     dt = torch.bfloat16
@@ -262,7 +374,14 @@ def main() -> None:
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--tune", action="store_true", help="pick tiles per head dim first")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="time each kernel alone per tile option (first length, last dim)")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="--sweep: stop starting new options after this many seconds")
     args = ap.parse_args()
+    if args.sweep:
+        sweep(args)
+        return
     torch._dynamo.config.cache_size_limit = 1000
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 1000

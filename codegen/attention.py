@@ -18,7 +18,7 @@ from .config import TileConfig, default_config
 from .forward import launch_forward
 from .predicate import interval_bounds, pattern_heads
 from .source import kernel_module
-from .tables import block_tables
+from .tables import CLOSED_FORM, ROW_BOUNDS, TABLES, Visit, block_tables, row_bounds
 
 
 @lru_cache(maxsize=256)
@@ -32,6 +32,23 @@ def parse_pattern(text: str) -> Any:
 @lru_cache(maxsize=256)
 def _is_interval(text: str) -> bool:
     return interval_bounds(parse_pattern(text)) is not None
+
+
+def visit_plan(
+    pattern_text: str, lq: int, lk: int, block_m: int, block_n: int, device: torch.device,
+    transposed: bool = False,
+) -> Visit:
+    """How a kernel with ``block_m x block_n`` tiles finds its blocks: closed-form bounds,
+    row bounds of an interval union, or the layout's compact tables (per query block, or per
+    key block when ``transposed``)."""
+    if _is_interval(pattern_text):
+        return Visit(CLOSED_FORM)
+    pattern = parse_pattern(pattern_text)
+    rows = row_bounds(pattern, lq, lk, device)
+    if rows is not None:
+        return Visit(ROW_BOUNDS, rows=rows)
+    kv, q_tables = block_tables(pattern, lq, lk, block_m, block_n, device)
+    return Visit(TABLES, tables=q_tables if transposed else kv)
 
 
 def kernel_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -62,11 +79,9 @@ def forward(
         raise NotImplementedError(f"dynamic pattern {pattern_text!r} has no static kernel")
     cfg = cfg or default_config(q.device, q.shape[-1], q.dtype)
     lq, lk = q.shape[2], k.shape[2]
-    tables = None
-    if not _is_interval(pattern_text):
-        tables, _ = block_tables(pattern, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
+    visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
     return launch_forward(
-        kernel_module(pattern), q, k, v, kernel_bias(bias), tables, pattern_heads(pattern),
+        kernel_module(pattern), q, k, v, kernel_bias(bias), visit, pattern_heads(pattern),
         scale, dropout_p, seed, cfg,
     )
 
@@ -97,16 +112,14 @@ def backward(
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():
         dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
-    kv_tables = q_tables = None
-    if not _is_interval(pattern_text):
-        kv_tables, _ = block_tables(pattern, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
-        _, q_tables = block_tables(pattern, lq, lk, cfg.kv_m, cfg.kv_n, q.device)
+    dq_visit = visit_plan(pattern_text, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
+    kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True)
     dq = launch_dq(
-        module, q, k, v, kb, dout, lse, delta, dbias, kv_tables, n_heads, scale, dropout_p,
+        module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
         seed, cfg,
     )
     dk, dv = launch_dkdv(
-        module, q, k, v, kb, dout, lse, delta, q_tables, n_heads, scale, dropout_p, seed, cfg,
+        module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed, cfg,
     )
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).to(bias.dtype)

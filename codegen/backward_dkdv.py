@@ -15,19 +15,32 @@ import torch
 import triton
 
 from .config import TileConfig
-from .forward import bias_args, table_args
-from .tables import BlockTables
+from .forward import bias_args
+from .tables import Visit, visit_args
+from .tma import row_descriptors
 
 DKDV_SOURCE = '''
 @triton.jit
-def _first_row(Lq, Lk, hp, target, USE_HI: tl.constexpr):
+def _row_bounds_at(i, Lq, Lk, hp, RLO, RHI, RANGES: tl.constexpr):
+    """(lo, hi) of query index i: closed form (RANGES 1) or the row-bound arrays (2)."""
+    if RANGES == 2:
+        r = tl.minimum(tl.maximum(i, 0), Lq - 1)
+        lo = tl.load(RLO + hp * Lq + r)
+        hi = tl.load(RHI + hp * Lq + r)
+    else:
+        lo, hi = _bounds(i + (Lk - Lq), hp)
+    return lo, hi
+
+
+@triton.jit
+def _first_row(Lq, Lk, hp, target, RLO, RHI, USE_HI: tl.constexpr, RANGES: tl.constexpr):
     """First query index i in [0, Lq] with hi(i) >= target (USE_HI) or lo(i) > target."""
     # Tensors from the start: Triton may specialise Lq == 1 into a constant.
     a = tl.full([], 0, tl.int32)
     b = tl.full([], 0, tl.int32) + Lq
     while a < b:
         mid = (a + b) // 2
-        lo, hi = _bounds(mid + (Lk - Lq), hp)
+        lo, hi = _row_bounds_at(mid, Lq, Lk, hp, RLO, RHI, RANGES)
         if USE_HI:
             ok = hi >= target
         else:
@@ -38,13 +51,14 @@ def _first_row(Lq, Lk, hp, target, USE_HI: tl.constexpr):
 
 
 @triton.jit
-def _row_blocks(Lq, Lk, hp, n_first, n_last, BM: tl.constexpr):
+def _row_blocks(Lq, Lk, hp, n_first, n_last, RLO, RHI, BM: tl.constexpr,
+                RANGES: tl.constexpr):
     """Query-block ranges (i_lo, if_lo, if_hi, i_hi) for keys [n_first, n_last]: PARTIAL
     [i_lo, if_lo), FULL [if_lo, if_hi), PARTIAL [if_hi, i_hi)."""
-    q_a = _first_row(Lq, Lk, hp, n_first, True)
-    q_b = _first_row(Lq, Lk, hp, n_last, False)
-    qf_a = _first_row(Lq, Lk, hp, n_last, True)
-    qf_b = _first_row(Lq, Lk, hp, n_first, False)
+    q_a = _first_row(Lq, Lk, hp, n_first, RLO, RHI, True, RANGES)
+    q_b = _first_row(Lq, Lk, hp, n_last, RLO, RHI, False, RANGES)
+    qf_a = _first_row(Lq, Lk, hp, n_last, RLO, RHI, True, RANGES)
+    qf_b = _first_row(Lq, Lk, hp, n_first, RLO, RHI, False, RANGES)
     i_lo = q_a // BM
     i_hi = tl.where(q_b > q_a, (q_b + BM - 1) // BM, i_lo)
     # Rows past Lq are inert (LSE = +inf), so a last block ending at Lq may count as FULL.
@@ -58,24 +72,33 @@ def _row_blocks(Lq, Lk, hp, n_first, n_last, BM: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, k_idx,
-                n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                drop_p, seed_bh,
+def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                k_idx, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                qk_scale, drop_p, seed_bh, RLO, RHI,
                 HEAD_DIM: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr,
-                EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
-                DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate."""
     q_idx = i * BM + offs_m
     m_ok = q_idx < Lq
-    d_ok = offs_d < HEAD_DIM
-    io_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_base + q_idx[:, None] * sqm + offs_d[None, :] * sqd, mask=io_mask, other=0.0)
-    do = tl.load(do_base + q_idx[:, None] * sdom + offs_d[None, :] * sdod, mask=io_mask,
-                 other=0.0)
+    if TMA:
+        q = q_src.load([q_row + i * BM, 0])
+        do = do_src.load([q_row + i * BM, 0])
+    else:
+        q_ptrs = q_src + q_idx[:, None] * sqm + offs_d[None, :] * sqd
+        do_ptrs = do_src + q_idx[:, None] * sdom + offs_d[None, :] * sdod
+        if EVEN_D:
+            io_mask = m_ok[:, None]
+        else:
+            io_mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=io_mask, other=0.0)
     lse = tl.load(lse_base + q_idx, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_base + q_idx, mask=m_ok, other=0.0)
-    q_pos = q_idx + (Lk - Lq)
-    s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
+    s_t = _dot(k, tl.trans(q), PRECISION)
+    if not FOLD:
+        s_t = s_t * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + q_idx[None, :] * sbm + k_idx[:, None] * sbn,
                        mask=m_ok[None, :] & n_ok[:, None], other=0)
@@ -84,15 +107,19 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
         else:
             s_t = s_t + bias.to(tl.float32) * 1.4426950408889634
     if MODE == 1:
-        lo, hi = _bounds(q_pos, hp)
+        lo, hi = _row_bounds_at(q_idx, Lq, Lk, hp, RLO, RHI, RANGES)
         kept = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
         s_t = tl.where(kept & n_ok[:, None], s_t, float("-inf"))
     elif MODE == 2:
+        q_pos = q_idx + (Lk - Lq)
         kept = _keep(q_pos[None, :], k_idx[:, None], hp) & n_ok[:, None]
         s_t = tl.where(kept, s_t, float("-inf"))
     elif not EVEN_N:
         s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
-    p_t = tl.math.exp2(s_t - lse[None, :])
+    if FOLD:
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+    else:
+        p_t = tl.math.exp2(s_t - lse[None, :])
     dp_t = _dot(v, tl.trans(do), PRECISION)
     if DROPOUT:
         rnd = tl.rand(seed_bh, (q_idx[None, :] * Lk + k_idx[:, None]).to(tl.uint32))
@@ -102,25 +129,28 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
         dp_t = tl.where(drop_keep, dp_t * inv, 0.0)
     else:
         pd_t = p_t
-    dv += _dot(pd_t.to(do.dtype), do, PRECISION)
+    dv = _dot_acc(pd_t.to(do.dtype), do, dv, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+    dk = _dot_acc(ds_t.to(q.dtype), q, dk, PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
-                 PC, PI, FC, FI, t_h, t_m,
+                 PO, PI, FO, FI, t_rows, RLO, RHI,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
                  Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, drop_p, seed,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+                 BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                 RANGES: tl.constexpr, TMA: tl.constexpr):
+    # Heads fastest; key blocks in order (under causal the first key blocks are the longest).
+    pid_bkv = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bkv // Hkv
     hkv = pid_bkv % Hkv
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D_PAD)
@@ -138,50 +168,59 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
         hp = h % NPH
         pid_bh = b * Hq + h
         seed_bh = seed + pid_bh
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        if TMA:
+            q_src = Q
+            do_src = DO
+            q_row = pid_bh * Lq
+        else:
+            q_src = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+            do_src = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+            q_row = 0
         lse_base = LSE + pid_bh.to(tl.int64) * Lq
         delta_base = Delta + pid_bh.to(tl.int64) * Lq
         bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
-        if INTERVAL:
+        if RANGES != 0:
             n_last = tl.minimum(pid_n * BN + BN, Lk) - 1
-            i_lo, if_lo, if_hi, i_hi = _row_blocks(Lq, Lk, hp, pid_n * BN, n_last, BM)
+            i_lo, if_lo, if_hi, i_hi = _row_blocks(Lq, Lk, hp, pid_n * BN, n_last, RLO, RHI,
+                                                   BM, RANGES)
             for i in range(i_lo, if_lo):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                    drop_p, seed_bh, HEAD_DIM, BM, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION)
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
             for i in range(if_lo, if_hi):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                    drop_p, seed_bh, HEAD_DIM, BM, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION)
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
             for i in range(if_hi, i_hi):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                    drop_p, seed_bh, HEAD_DIM, BM, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION)
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
         else:
-            row = hp * t_h + pid_n * t_m
-            n_part = tl.load(PC + hp * (t_h // t_m) + pid_n)
-            for t in range(n_part):
-                i = tl.load(PI + row + t)
+            row = hp * t_rows + pid_n
+            p_start = tl.load(PO + row)
+            p_end = tl.load(PO + row + 1)
+            for t in range(p_start, p_end):
+                i = tl.load(PI + t)
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                    drop_p, seed_bh, HEAD_DIM, BM, 2, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION)
-            n_full = tl.load(FC + hp * (t_h // t_m) + pid_n)
-            for t in range(n_full):
-                i = tl.load(FI + row + t)
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+            f_start = tl.load(FO + row)
+            f_end = tl.load(FO + row + 1)
+            for t in range(f_start, f_end):
+                i = tl.load(FI + t)
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, i, offs_n,
-                    n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk, qk_scale,
-                    drop_p, seed_bh, HEAD_DIM, BM, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION)
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -198,7 +237,7 @@ def launch_dkdv(
     dout: torch.Tensor,
     lse: torch.Tensor,
     delta: torch.Tensor,
-    tables: BlockTables | None,
+    visit: Visit,
     num_pattern_heads: int,
     scale: float,
     dropout_p: float,
@@ -207,26 +246,29 @@ def launch_dkdv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
 
-    ``tables`` are the transposed (per key block) tables of the layout (cfg.kv_m, cfg.kv_n),
-    or None for interval patterns.
+    ``visit``: closed form, row bounds, or the transposed (per key block) tables of the layout
+    (cfg.kv_m, cfg.kv_n).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dk = torch.empty((b, hkv, lk, d), device=k.device, dtype=k.dtype)
     dv = torch.empty((b, hkv, lk, d), device=v.device, dtype=v.dtype)
     bias_t, bias_strides = bias_args(bias, q)
-    pc, pi, fc, fi, t_h, t_m = table_args(tables, q)
-    grid = (triton.cdiv(lk, cfg.kv_n), b * hkv)
+    if dk.numel() == 0:
+        return dk, dv
+    descs = row_descriptors(cfg.tma and lq % cfg.kv_m == 0, cfg.kv_m, q, dout)
+    q_arg, do_arg = descs or (q, dout)
+    grid = (b * hkv, triton.cdiv(lk, cfg.kv_n))
     module._dkdv_kernel[grid](
-        q, k, v, bias_t, dout, lse, delta, dk, dv,
-        pc, pi, fc, fi, t_h, t_m,
+        q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
         hq, hkv, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
         dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.kv_m, BN=cfg.kv_n,
-        EVEN_N=lk % cfg.kv_n == 0, HAS_BIAS=bias is not None,
+        EVEN_N=lk % cfg.kv_n == 0, FOLD=bias is None and scale > 0,
+        HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
-        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype),
-        num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
+        TMA=descs is not None, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
     )
     return dk, dv

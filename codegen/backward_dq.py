@@ -14,28 +14,38 @@ import torch
 import triton
 
 from .config import TileConfig
-from .forward import bias_args, table_args
-from .tables import BlockTables
+from .forward import bias_args
+from .tables import Visit, visit_args
+from .tma import row_descriptors
 
 DQ_SOURCE = '''
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, offs_m, q_pos,
-              lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, dbm, dbn, Lk,
-              qk_scale, drop_p, seed_bh,
+def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, offs_m,
+              q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, dbm, dbn,
+              Lk, qk_scale, drop_p, seed_bh,
               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
-              EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
-              BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr,
-              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+              EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr,
+              DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DROPOUT: tl.constexpr,
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
     k_idx = j * BN + offs_n
     n_ok = k_idx < Lk
-    d_ok = offs_d < HEAD_DIM
-    if EVEN_N:
-        kv_mask = d_ok[None, :]
+    if TMA:
+        k = k_src.load([kv_row + j * BN, 0])
+        v = v_src.load([kv_row + j * BN, 0])
     else:
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + k_idx[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + k_idx[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        k_ptrs = k_src + k_idx[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = v_src + k_idx[:, None] * svn + offs_d[None, :] * svd
+        if EVEN_N and EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kv_mask = n_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), PRECISION)
+    if not FOLD:
+        s = s * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn,
                        mask=n_ok[None, :], other=0)
@@ -51,7 +61,11 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, o
         s = tl.where(kept, s, float("-inf"))
     elif not EVEN_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    p = tl.math.exp2(s - lse[:, None])
+    if FOLD:
+        # Scale folded into the exponent: one FMA per entry.
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+    else:
+        p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), PRECISION)
     if DROPOUT:
         rnd = tl.rand(seed_bh, (offs_m[:, None] * Lk + k_idx[None, :]).to(tl.uint32))
@@ -69,26 +83,29 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j, o
         else:
             tl.atomic_add(dbias_base + offs_m[:, None] * dbm + k_idx[None, :] * dbn, ds_b,
                           mask=db_mask)
-    dq += _dot(ds.to(k.dtype), k, PRECISION)
+    dq = _dot_acc(ds.to(k.dtype), k, dq, PRECISION)
     return dq
 
 
 @triton.jit
 def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
-               PC, PI, FC, FI, t_h, t_m,
+               PO, PI, FO, FI, t_rows, RLO, RHI,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn,
                Hq, G, NPH, Lq, Lk, scale, qk_scale, drop_p, seed,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
-               DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+               DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+               RANGES: tl.constexpr, TMA: tl.constexpr):
+    # Heads fastest, query tiles last-first (longest rows first under causal-like patterns).
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hkv = h // G
     hp = h % NPH
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D_PAD)
@@ -101,54 +118,66 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
                  + offs_d[None, :] * sdod, mask=io_mask, other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+    if TMA:
+        k_src = K
+        v_src = V
+        kv_row = (b * (Hq // G) + hkv) * Lk
+    else:
+        k_src = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+        v_src = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+        kv_row = 0
     bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     dbias_base = DBias + b.to(tl.int64) * dbb + h.to(tl.int64) * dbh
     q_pos = offs_m + (Lk - Lq)
     seed_bh = seed + pid_bh
     dq = tl.zeros([BM, D_PAD], tl.float32)
-    if INTERVAL:
-        lo, hi = _bounds(q_pos, hp)
-        lo = tl.maximum(lo, 0)
-        hi = tl.minimum(hi, Lk - 1)
+    if RANGES != 0:
+        if RANGES == 2:
+            lo = tl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
+            hi = tl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
+        else:
+            lo, hi = _bounds(q_pos, hp)
+            lo = tl.maximum(lo, 0)
+            hi = tl.minimum(hi, Lk - 1)
         j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
         for j in range(j_lo, jf_lo):
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
                            offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
                            svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
-                           DB_COLS, DROPOUT, PRECISION)
+                           HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
         for j in range(jf_lo, jf_hi):
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
                            offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
                            svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
-                           DB_COLS, DROPOUT, PRECISION)
+                           HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
         for j in range(jf_hi, j_hi):
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
                            offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
                            svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
-                           DB_COLS, DROPOUT, PRECISION)
+                           HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
     else:
-        row = hp * t_h + pid_m * t_m
-        n_part = tl.load(PC + hp * (t_h // t_m) + pid_m)
-        for t in range(n_part):
-            j = tl.load(PI + row + t)
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+        row = hp * t_rows + pid_m
+        p_start = tl.load(PO + row)
+        p_end = tl.load(PO + row + 1)
+        for t in range(p_start, p_end):
+            j = tl.load(PI + t)
+            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
                            offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd,
                            svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 2, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
-                           DB_COLS, DROPOUT, PRECISION)
-        n_full = tl.load(FC + hp * (t_h // t_m) + pid_m)
-        for t in range(n_full):
-            j = tl.load(FI + row + t)
-            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, bias_base, dbias_base, j,
+                           HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+        f_start = tl.load(FO + row)
+        f_end = tl.load(FO + row + 1)
+        for t in range(f_start, f_end):
+            j = tl.load(FI + t)
+            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
                            offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd,
                            svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS,
-                           DB_COLS, DROPOUT, PRECISION)
+                           HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
     dq = dq * scale
     tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -165,7 +194,7 @@ def launch_dq(
     lse: torch.Tensor,
     delta: torch.Tensor,
     dbias: torch.Tensor | None,
-    tables: BlockTables | None,
+    visit: Visit,
     num_pattern_heads: int,
     scale: float,
     dropout_p: float,
@@ -181,21 +210,24 @@ def launch_dq(
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     bias_t, bias_strides = bias_args(bias, q)
     dbias_t, db_strides = bias_args(dbias, q)
-    pc, pi, fc, fi, t_h, t_m = table_args(tables, q)
-    grid = (triton.cdiv(lq, cfg.dq_m), b * hq)
+    if dq.numel() == 0:
+        return dq
+    descs = row_descriptors(cfg.tma and lk % cfg.dq_n == 0, cfg.dq_n, k, v)
+    k_arg, v_arg = descs or (k, v)
+    grid = (b * hq, triton.cdiv(lq, cfg.dq_m))
     module._dq_kernel[grid](
-        q, k, v, bias_t, dout, lse, delta, dq, dbias_t,
-        pc, pi, fc, fi, t_h, t_m,
+        q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
         hq, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
         dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
-        EVEN_N=lk % cfg.dq_n == 0, HAS_BIAS=bias is not None,
+        EVEN_N=lk % cfg.dq_n == 0, FOLD=bias is None and scale > 0,
+        HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         BIAS_GRAD=dbias is not None,
         DB_ROWS=dbias is not None and dbias.shape[2] == 1,
         DB_COLS=dbias is not None and dbias.shape[3] == 1,
-        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype),
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
+        TMA=descs is not None, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
     return dq

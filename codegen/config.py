@@ -28,6 +28,8 @@ class TileConfig:
     kv_n: int = 128
     kv_warps: int = 8
     kv_stages: int = 2
+    # Inner-loop tiles through TMA descriptors where the operand allows it (codegen/tma.py).
+    tma: bool = False
 
     @staticmethod
     def d_pad(head_dim: int) -> int:

@@ -13,25 +13,37 @@ import torch
 import triton
 
 from .config import TileConfig
-from .tables import BlockTables
+from .tables import Visit, visit_args
+from .tma import row_descriptors
 
 FORWARD_SOURCE = '''
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
-               offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
+def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi,
+               hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
                HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
-               EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
-               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate."""
+               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate.
+
+    FOLD (no bias, scale > 0): scores stay unscaled and the scale is folded into the exp2
+    argument (one FMA per entry), since max(scale * s) = scale * max(s). TMA: k_src / v_src
+    are row descriptors (this tile's rows start at kv_row + j * BN), else base pointers."""
     k_idx = j * BN + offs_n
     n_ok = k_idx < Lk
-    d_ok = offs_d < HEAD_DIM
-    if EVEN_N:
-        kv_mask = d_ok[:, None]
+    if TMA:
+        k = tl.trans(k_src.load([kv_row + j * BN, 0]))
     else:
-        kv_mask = n_ok[None, :] & d_ok[:, None]
-    k = tl.load(k_base + k_idx[None, :] * skn + offs_d[:, None] * skd, mask=kv_mask, other=0.0)
-    s = _dot(q, k, PRECISION) * qk_scale
+        k_ptrs = k_src + k_idx[None, :] * skn + offs_d[:, None] * skd
+        if EVEN_N and EVEN_D:
+            k = tl.load(k_ptrs)
+        elif EVEN_N:
+            k = tl.load(k_ptrs, mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+    s = _dot(q, k, PRECISION)
+    if not FOLD:
+        s = s * qk_scale
     if HAS_BIAS:
         b_ptrs = bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn
         bias = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
@@ -47,38 +59,58 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo
         s = tl.where(kept, s, float("-inf"))
     elif not EVEN_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MODE == 0 and not HAS_BIAS:
+        # Every row of a FULL block keeps a key: the running maximum is finite.
+        m_safe = m_new
+    else:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FOLD:
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         rnd = tl.rand(seed_bh, (offs_m[:, None] * Lk + k_idx[None, :]).to(tl.uint32))
         p = tl.where(rnd >= drop_p, p * (1.0 / (1.0 - drop_p)), 0.0)
-    if EVEN_N:
-        v_mask = d_ok[None, :]
+    if TMA:
+        v = v_src.load([kv_row + j * BN, 0])
     else:
-        v_mask = n_ok[:, None] & d_ok[None, :]
-    v = tl.load(v_base + k_idx[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        v_ptrs = v_src + k_idx[:, None] * svn + offs_d[None, :] * svd
+        if EVEN_N and EVEN_D:
+            v = tl.load(v_ptrs)
+        elif EVEN_N:
+            v = tl.load(v_ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    acc = acc * alpha[:, None]
+    acc = _dot_acc(p.to(v.dtype), v, acc, PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, Bias, Out, LSE,
-                PC, PI, FC, FI, t_h, t_m,
+                PO, PI, FO, FI, t_rows, RLO, RHI,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sbb, sbh, sbm, sbn, sob, soh, som, sod,
                 Hq, G, NPH, Lq, Lk, qk_scale, drop_p, seed,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+                BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
+                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr):
+    # Heads vary fastest and query tiles are issued last-first: under causal-like patterns the
+    # longest rows start first, which shortens the tail of the launch.
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hkv = h // G
     hp = h % NPH
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D_PAD)
@@ -87,50 +119,67 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+    if TMA:
+        k_src = K
+        v_src = V
+        kv_row = (b * (Hq // G) + hkv) * Lk
+    else:
+        k_src = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+        v_src = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+        kv_row = 0
     bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     q_pos = offs_m + (Lk - Lq)
     seed_bh = seed + pid_bh
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
-    if INTERVAL:
-        lo, hi = _bounds(q_pos, hp)
-        lo = tl.maximum(lo, 0)
-        hi = tl.minimum(hi, Lk - 1)
+    if RANGES != 0:
+        if RANGES == 2:
+            lo = tl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
+            hi = tl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
+        else:
+            lo, hi = _bounds(q_pos, hp)
+            lo = tl.maximum(lo, 0)
+            hi = tl.minimum(hi, Lk - 1)
         j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
         for j in range(j_lo, jf_lo):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi, hp,
                 offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-                HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+                HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION,
+                TMA)
         for j in range(jf_lo, jf_hi):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi, hp,
                 offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-                HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+                HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION,
+                TMA)
         for j in range(jf_hi, j_hi):
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, lo, hi, hp,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi, hp,
                 offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-                HEAD_DIM, BN, 1, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+                HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION,
+                TMA)
     else:
-        row = hp * t_h + pid_m * t_m
-        n_part = tl.load(PC + hp * (t_h // t_m) + pid_m)
-        for t in range(n_part):
-            j = tl.load(PI + row + t)
+        row = hp * t_rows + pid_m
+        p_start = tl.load(PO + row)
+        p_end = tl.load(PO + row + 1)
+        for t in range(p_start, p_end):
+            j = tl.load(PI + t)
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, q_pos, q_pos,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, q_pos, q_pos,
                 hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                seed_bh, HEAD_DIM, BN, 2, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
-        n_full = tl.load(FC + hp * (t_h // t_m) + pid_m)
-        for t in range(n_full):
-            j = tl.load(FI + row + t)
+                seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                PRECISION, TMA)
+        f_start = tl.load(FO + row)
+        f_end = tl.load(FO + row + 1)
+        for t in range(f_start, f_end):
+            j = tl.load(FI + t)
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, bias_base, j, offs_m, q_pos, q_pos, q_pos,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, q_pos, q_pos,
                 hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                seed_bh, HEAD_DIM, BN, 0, EVEN_N, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION)
+                seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                PRECISION, TMA)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -147,7 +196,7 @@ def launch_forward(
     k: torch.Tensor,
     v: torch.Tensor,
     bias: torch.Tensor | None,
-    tables: BlockTables | None,
+    visit: Visit,
     num_pattern_heads: int,
     scale: float,
     dropout_p: float,
@@ -157,28 +206,30 @@ def launch_forward(
     """Run the forward kernel of a generated ``module``.
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (any strides), bias None or a 4-D tensor broadcast
-    to [B, Hq, Lq, Lk] through stride-0 dims (bool as uint8). ``tables`` are the layout's
-    kv tables for (cfg.fwd_m, cfg.fwd_n) or None for interval patterns.
+    to [B, Hq, Lq, Lk] through stride-0 dims (bool as uint8). ``visit`` says how the kernel
+    finds its key blocks (kv tables for (cfg.fwd_m, cfg.fwd_n) when it reads tables).
     Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32 (log2 units).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("inf"))
     bias_t, bias_strides = bias_args(bias, q)
-    pc, pi, fc, fi, t_h, t_m = table_args(tables, q)
-    grid = (triton.cdiv(lq, cfg.fwd_m), b * hq)
+    descs = row_descriptors(cfg.tma and lk % cfg.fwd_n == 0, cfg.fwd_n, k, v)
+    k_arg, v_arg = descs or (k, v)
+    grid = (b * hq, triton.cdiv(lq, cfg.fwd_m))
     module._fwd_kernel[grid](
-        q, k, v, bias_t, out, lse,
-        pc, pi, fc, fi, t_h, t_m,
+        q, k_arg, v_arg, bias_t, out, lse, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, scale * 1.4426950408889634,
         dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.fwd_m, BN=cfg.fwd_n,
-        EVEN_N=lk % cfg.fwd_n == 0, HAS_BIAS=bias is not None,
-        BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
-        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype),
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0,
+        HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
+        TMA=descs is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return out, lse
 
@@ -189,17 +240,3 @@ def bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tens
         return like, [0, 0, 0, 0]
     strides = [0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4)]
     return bias, strides
-
-
-def table_args(
-    tables: BlockTables | None, like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """(partial counts, partial indices, full counts, full indices, head stride, row stride)."""
-    if tables is None:
-        dummy = torch.zeros(1, device=like.device, dtype=torch.int32)
-        return dummy, dummy, dummy, dummy, 1, 1
-    return (
-        tables.partial_counts, tables.partial_indices,
-        tables.full_counts, tables.full_indices,
-        tables.partial_indices.stride(0), tables.partial_indices.stride(1),
-    )

@@ -20,6 +20,15 @@ def _dot(a, b, PRECISION: tl.constexpr):
     else:
         return tl.dot(a, b, input_precision=PRECISION)
 
+
+@triton.jit
+def _dot_acc(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b, accumulated in place (no second fp32 tile in registers)."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
 @triton.jit
 def _floordiv(a, b):
     """Python floor division of integers (Triton's // truncates toward zero)."""

@@ -1,4 +1,14 @@
-"""Layout block tables on the device, cached per (pattern, Lq, Lk, tile, device)."""
+"""How the kernels find their blocks, on the device, cached per (pattern, Lq, Lk, tile, device).
+
+Three ways (the kernels' ``RANGES`` constexpr):
+
+* 1, closed form: interval patterns; bounds computed in-kernel, nothing to pass;
+* 2, row bounds: unions of intervals that are one interval per row at these lengths
+  (prefix-LM ``causal | prefix(n)``): int32 ``lo``/``hi`` arrays ``[heads, Lq]`` (O(Lq), no
+  tables, monotone so the dK/dV pass binary-searches them);
+* 0, block tables: compact CSR (offsets + flat indices), O(visited blocks) whatever the longest
+  row; the transposed tables (dK/dV) come from the forward ones in O(entries).
+"""
 
 from __future__ import annotations
 
@@ -6,40 +16,42 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sparse_compile.patterns.intervals import union_rows
+from sparse_compile.patterns.nodes import Or
+from sparse_compile.patterns.tables import compact_csr, transpose_compact
+
+CLOSED_FORM, ROW_BOUNDS, TABLES = 1, 2, 0
 
 
 @dataclass(frozen=True)
 class BlockTables:
-    """CSR block lists for one direction of one layout.
+    """Compact CSR block lists for one direction of one layout.
 
-    partial_counts, full_counts: int32 [n, rows]; partial_indices, full_indices: int32
-    [n, rows, W] (same W for both, so one pair of strides addresses either).
-    rows are query blocks (kv tables) or key blocks (transposed q tables).
+    partial_offsets, full_offsets: int32 [n, rows + 1] into partial_indices, full_indices
+    (int32, flat). rows are query blocks (kv tables) or key blocks (transposed q tables).
     """
 
-    partial_counts: torch.Tensor
+    partial_offsets: torch.Tensor
     partial_indices: torch.Tensor
-    full_counts: torch.Tensor
+    full_offsets: torch.Tensor
     full_indices: torch.Tensor
+
+    @property
+    def row_stride(self) -> int:
+        return self.partial_offsets.shape[1]
+
+
+@dataclass(frozen=True)
+class RowBounds:
+    """Per-row kept keys ``[lo, hi]`` (int32 [n, Lq], clamped to the keys, non-decreasing)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
 
 
 _CACHE: dict[tuple, tuple[BlockTables, BlockTables]] = {}
+_ROWS: dict[tuple, RowBounds | None] = {}
 _LAYOUTS: dict[tuple, Any] = {}
-
-
-def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    if t.shape[-1] == width:
-        return t
-    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
-
-
-def _tables(pc, pi, fc, fi, device: torch.device) -> BlockTables:
-    width = max(pi.shape[-1], fi.shape[-1], 1)
-
-    def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=torch.int32).contiguous()
-
-    return BlockTables(dev(pc), dev(_pad(pi, width)), dev(fc), dev(_pad(fi, width)))
 
 
 def layout_for(pattern: Any, lq: int, lk: int, block_m: int, block_n: int) -> Any:
@@ -50,6 +62,52 @@ def layout_for(pattern: Any, lq: int, lk: int, block_m: int, block_n: int) -> An
     return _LAYOUTS[key]
 
 
+def _union_leaves(p: Any) -> list[Any]:
+    leaves, stack = [], [p]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Or):
+            stack += [node.right, node.left]
+        else:
+            leaves.append(node)
+    return leaves
+
+
+def row_bounds(pattern: Any, lq: int, lk: int, device: torch.device) -> RowBounds | None:
+    """Row bounds of a union of interval patterns that stays one monotone interval per row at
+    these lengths (every pattern head), else None."""
+    key = (str(pattern), lq, lk, str(device))
+    if key in _ROWS:
+        return _ROWS[key]
+    result = None
+    if lq > 0 and lk > 0:
+        heads = [pattern.for_head(h) for h in range(pattern.num_heads)]
+        rows = []
+        for p in heads:
+            leaves = _union_leaves(p)
+            ivs = [leaf.interval() for leaf in leaves]
+            table = None
+            if len(leaves) >= 2 and all(iv is not None for iv in ivs):
+                table = union_rows(ivs, lq, lk)
+            if table is None:
+                break
+            rows.append(table)
+        else:
+            def dev(name: str) -> torch.Tensor:
+                t = torch.stack([getattr(r, name) for r in rows])
+                return t.to(device=device, dtype=torch.int32).contiguous()
+
+            result = RowBounds(dev("lo"), dev("hi"))
+    _ROWS[key] = result
+    return result
+
+
+def _dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device=device, dtype=torch.int32).contiguous()
+    # A zero-length array still needs a valid pointer.
+    return t if t.numel() else torch.zeros(1, device=device, dtype=torch.int32)
+
+
 def block_tables(
     pattern: Any, lq: int, lk: int, block_m: int, block_n: int, device: torch.device
 ) -> tuple[BlockTables, BlockTables]:
@@ -58,10 +116,34 @@ def block_tables(
     hit = _CACHE.get(key)
     if hit is None:
         lay = layout_for(pattern, lq, lk, block_m, block_n)
-        kv = _tables(lay.kv_partial_counts, lay.kv_partial_indices,
-                     lay.kv_full_counts, lay.kv_full_indices, device)
-        qt = _tables(lay.q_partial_counts, lay.q_partial_indices,
-                     lay.q_full_counts, lay.q_full_indices, device)
-        hit = (kv, qt)
+        po, pi = compact_csr(lay.kv_partial_counts, lay.kv_partial_indices)
+        fo, fi = compact_csr(lay.kv_full_counts, lay.kv_full_indices)
+        tpo, tpi = transpose_compact(po, pi, lay.nk)
+        tfo, tfi = transpose_compact(fo, fi, lay.nk)
+        hit = tuple(
+            BlockTables(*(_dev(t, device) for t in ts))
+            for ts in ((po, pi, fo, fi), (tpo, tpi, tfo, tfi))
+        )
         _CACHE[key] = hit
     return hit
+
+
+@dataclass(frozen=True)
+class Visit:
+    """How one kernel launch finds its blocks: ``ranges`` (CLOSED_FORM, ROW_BOUNDS or TABLES)
+    with the tables (for this kernel's tiles and direction) or row bounds it reads."""
+
+    ranges: int
+    tables: BlockTables | None = None
+    rows: RowBounds | None = None
+
+
+def visit_args(visit: Visit, like: torch.Tensor) -> tuple:
+    """Kernel arguments (PO, PI, FO, FI, t_rows, RLO, RHI); dummies where unused."""
+    dummy = torch.zeros(1, device=like.device, dtype=torch.int32)
+    t = visit.tables
+    po, pi, fo, fi, t_rows = (
+        (t.partial_offsets, t.partial_indices, t.full_offsets, t.full_indices, t.row_stride)
+        if t is not None else (dummy, dummy, dummy, dummy, 1))
+    rlo, rhi = (visit.rows.lo, visit.rows.hi) if visit.rows is not None else (dummy, dummy)
+    return po, pi, fo, fi, t_rows, rlo, rhi

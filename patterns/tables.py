@@ -90,3 +90,37 @@ def transpose_csr(
         pos = torch.arange(col.numel()) - first[col]
         t_idx[h, col, pos] = row.to(torch.int32)
     return t_counts, t_idx
+
+
+def compact_csr(counts: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact form of padded tables: offsets int32 ``[heads, rows + 1]`` into one flat index
+    array int32 ``[entries]`` (heads after one another, rows in order, each row ascending).
+
+    Row ``r`` of head ``h`` lists ``indices[offsets[h, r]:offsets[h, r + 1]]``; memory is
+    O(entries) whatever the longest row (padded tables cost rows x longest row)."""
+    heads, rows = counts.shape
+    c = counts.to(torch.int64)
+    valid = torch.arange(indices.shape[-1]) < c[..., None]
+    flat = indices[valid].to(torch.int32)
+    ends = torch.cumsum(c.flatten(), 0).reshape(heads, rows)
+    offsets = torch.cat([ends[:, :1] - c[:, :1], ends], 1) if rows else torch.zeros((heads, 1))
+    return offsets.to(torch.int32), flat
+
+
+def transpose_compact(
+    offsets: torch.Tensor, indices: torch.Tensor, cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transpose of compact tables (for each column, the rows listing it, ascending), in
+    compact form: offsets ``[heads, cols + 1]``, flat indices; cost O(entries)."""
+    heads, rows = offsets.shape[0], offsets.shape[1] - 1
+    off = offsets.to(torch.int64)
+    per_row = (off[:, 1:] - off[:, :-1]).flatten()
+    head_row = torch.arange(heads * rows).repeat_interleave(per_row)
+    head, row = head_row // max(rows, 1), head_row % max(rows, 1)
+    col = indices.to(torch.int64)
+    # Sort by (head, column); the stable sort keeps rows ascending within a column.
+    order = torch.argsort(head * cols + col, stable=True)
+    counts = torch.bincount(head * cols + col, minlength=heads * cols).reshape(heads, cols)
+    ends = torch.cumsum(counts.flatten(), 0).reshape(heads, cols)
+    t_off = torch.cat([ends[:, :1] - counts[:, :1], ends], 1) if cols else off[:, :1]
+    return t_off.to(torch.int32), row[order].to(torch.int32)
