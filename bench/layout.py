@@ -27,7 +27,7 @@ PATTERNS = [
     "dense", "causal", "window(256, 256)", "local(1024)", "sliding(4096)", "block(512)",
     "sink(64)", "prefix(1024)", "strided(4096)", "fanout(2)", "axial(1024)", "global(64)",
     "causal & sliding(4096)", "causal & strided(4096)", "sliding(4096) | sink(64)",
-    "causal | prefix(1024)",
+    "causal | prefix(1024)", "causal & axial(1024)",
 ]
 
 
@@ -57,11 +57,7 @@ def measure(text: str, max_log2: int) -> dict:
             layout = p.layout(n, n, 128, 128)
             times.append(time.perf_counter() - t0)
         out["build_ms"][log2] = 1e3 * statistics.median(times)
-    source = layout._source
-    kind = type(source).__name__
-    out["route"] = "interval" if layout.is_interval else (
-        "tiles" if kind == "_KindsSource" else "interval union" if kind == "_IntervalSource"
-        else "diagonal" if source.toeplitz else "candidates")
+    out["route"] = layout._source.route
     out["peak_build_mb"] = _rss_mb() - base
     if layout.is_interval:
         out["tables_ms"] = None
@@ -134,7 +130,11 @@ def main() -> None:
             "bounds from numeric row bounds of a union that stays one interval per row; "
             "diagonal = per-diagonal classification with direct CSR tables; "
             "candidates = only tiles inside candidate k-block ranges are classified; "
-            "tiles = per-tile analysis over all nq x nk tiles (chunked)",
+            "split = kinds copied from a per-diagonal classification of the pattern's q - k "
+            "background, exception tiles (axial bands, leading/global rows, interval parts, "
+            "ragged edges) classified exactly; "
+            "tiles = per-tile analysis over all nq x nk tiles (chunked; opaque custom predicates "
+            "only)",
             "- peak MB: growth of the process's max RSS after a warm-up at 2^10; coarse "
             "(allocator caching), an upper bound for the largest length", "",
         ]
