@@ -1,6 +1,6 @@
 """Exact block layouts: which (q-block, k-block) tiles are EMPTY, PARTIAL or FULL.
 
-Three routes, all exact and none building an ``lq x lk`` tensor (see each module):
+Routes, tried in this order, all exact and none building an ``lq x lk`` tensor (see each module):
 
 * interval patterns -> ``intervals.py``: per q-block loop bounds in closed form, O(nq);
 * unions of interval patterns whose rows stay single intervals at the given lengths
@@ -10,9 +10,11 @@ Three routes, all exact and none building an ``lq x lk`` tensor (see each module
   tables listed directly, O(nq + nk) plus the size of the tables;
 * sparse compositions with known candidate ranges (unions with sink/global, ...) ->
   ``candidates.py``: only tiles inside the candidate ranges are classified;
-* everything else -> ``blocks.py``: per-tile analysis, a bounded chunk of q-blocks at a time,
-  with tile-by-tile evaluation only where the analysis cannot decide (opaque custom predicates,
-  PARTIAL-with-PARTIAL in compositions that mix kinds of primitives).
+* every other composition of built-in primitives (axial, strided/fanout with sink/global/block,
+  negations, ...) -> ``split.py``: kinds copied from a per-diagonal classification of the
+  pattern's ``q - k`` background, the few exception tiles classified exactly, O(nq * nk) bytes;
+* patterns with an opaque custom predicate -> ``blocks.py``: per-tile analysis, a bounded chunk
+  of q-blocks at a time, with tile-by-tile evaluation only where the analysis cannot decide.
 
 ``kinds``, densities and the CSR tables a route does not produce directly are derived on first
 access and cached.
