@@ -75,7 +75,11 @@ def parse(text: str) -> Pattern:
     parser = _Parser(text)
     if parser.peek().kind == "end":
         raise PatternError("empty pattern", text, 0)
-    result = parser.pattern()
+    try:
+        result = parser.pattern()
+    except RecursionError:
+        tok = parser.tokens[min(parser.pos, len(parser.tokens) - 1)]
+        raise PatternError("pattern nested too deeply", text, tok.column) from None
     tok = parser.peek()
     if tok.kind != "end":
         problem = (
@@ -240,7 +244,7 @@ class _Parser:
         cond = _Condition(self).condition()
         if not isinstance(cond, Condition):
             raise self.error("predicate needs a condition (a comparison), not a number", start)
-        heads = None
+        heads, value = None, None
         if self.accept(","):
             key = self.take()
             if not (key.text == "heads" and self.accept("=")):
@@ -251,7 +255,9 @@ class _Parser:
         try:
             return Predicate(cond.expr, heads)
         except PatternError as e:
-            raise self.error(e.problem, start) from None
+            # A bad heads= value is marked there; a condition problem at the condition.
+            at = value if value is not None and "heads must" in e.problem else start
+            raise self.error(e.problem, at) from None
 
 
 class _Condition:

@@ -12,13 +12,17 @@ class PatternError(ValueError):
     Attributes:
         problem: what is wrong, in a sentence.
         text: the DSL text being parsed (None when the pattern was built from Python).
-        column: 0-based column in ``text`` where the problem is (None when unknown).
+        column: 0-based offset in ``text`` where the problem is (None when unknown); for
+            one-line text that is the column.
 
     ``str(err)`` names the problem, then quotes the text with a caret under the column::
 
-        unknown primitive 'casual' (did you mean 'causal'?)
+        unknown primitive 'casual' (did you mean 'causal'?) (column 1)
           casual & sliding(64)
           ^
+
+    For text of several lines it names the line, quotes only that line and puts the caret
+    in it: ``... (line 2, column 3)``.
     """
 
     def __init__(self, problem: str, text: str | None = None, column: int | None = None):
@@ -27,14 +31,32 @@ class PatternError(ValueError):
         self.column = column
         super().__init__(self._render())
 
+    @property
+    def line(self) -> int | None:
+        """1-based line of ``column`` in ``text`` (None when either is unknown)."""
+        if self.text is None or self.column is None:
+            return None
+        return self.text.count("\n", 0, self.column) + 1
+
     def _render(self) -> str:
         if self.text is None:
             return self.problem
-        # Columns are reported 1-based in the message (editors count that way), 0-based in .column.
-        where = f" (column {self.column + 1})" if self.column is not None else ""
-        lines = [f"{self.problem}{where}", f"  {self.text}"]
-        if self.column is not None:
-            lines.append("  " + " " * self.column + "^")
+        if "\n" not in self.text.rstrip("\n"):
+            quoted = self.text.rstrip("\n")
+            # Columns are 1-based in the message (editors count that way), 0-based in .column.
+            where = f" (column {self.column + 1})" if self.column is not None else ""
+            caret = self.column
+        elif self.column is None:
+            quoted, where, caret = self.text, "", None
+        else:
+            start = self.text.rfind("\n", 0, self.column) + 1
+            end = self.text.find("\n", self.column)
+            quoted = self.text[start:end if end >= 0 else len(self.text)]
+            caret = self.column - start
+            where = f" (line {self.line}, column {caret + 1})"
+        lines = [f"{self.problem}{where}", f"  {quoted}"]
+        if caret is not None:
+            lines.append("  " + " " * caret + "^")
         return "\n".join(lines)
 
     def located(self, text: str, column: int) -> PatternError:

@@ -103,6 +103,25 @@ BAD = [
     ("predicate(h < 2)", "needs heads=n", 10),
     ("predicate((q < 2) + 1 < 3)", "expected a number", 10),
     ("topk(4, block=0)", "must be positive", 14),
+    ("dma(keep=0)", "'keep' must be positive, got 0", 9),
+    ("topk(0)", "'k' must be positive", 5),
+    ("local(w=)", "must be an integer, got ')'", 8),
+    ("local(+3)", "must be an integer, got '+'", 6),
+    ("sliding(1e3)", "must be an integer, got '1e3'", 8),
+    ("local(0x10)", "expected ')' or ','", 7),
+    ("window(a=1, b=2)", "no parameter 'a' (did you mean 'after'?)", 7),
+    ("heads", "heads needs a list of patterns", 0),
+    ("heads(causal, local(4)", "never closed", 5),
+    ("predicate", "predicate needs a condition", 0),
+    ("predicate(q < k, foo=2)", "optionally heads=n", 17),
+    ("predicate(q < k, heads=0)", "heads must be a positive integer, got 0", 23),
+    ("predicate(is_power(q - k, 1))", "is_power takes", 10),
+    ("predicate(mn(q, k) < 3)", "unknown name 'mn' in predicate (did you mean 'min'?)", 10),
+    ("causal(", "expected an argument, found the end of the text", 7),
+    ("local(3)(4)", "unexpected '(' after the pattern", 8),
+    ("causal ~local(4)", "unexpected '~' after the pattern", 7),
+    ("causal \u2227 local(4)", "unexpected character '\u2227'", 7),
+    ("()", "expected a pattern before ')'", 1),
 ]
 
 
@@ -117,6 +136,36 @@ def test_bad_inputs(text, fragment, column):
     assert lines[1] == "  " + text.splitlines()[0] if text else True
     assert lines[-1] == "  " + " " * column + "^"
     assert isinstance(err, ValueError)
+
+
+# Text of several lines: (text, fragment, 0-based offset, line, the quoted line, caret column)
+BAD_MULTILINE = [
+    ("causal &\n  slidng(64)", "did you mean 'sliding'", 11, 2, "  slidng(64)", 2),
+    ("# Mistral\ncausal & sliding(64\n", "never closed", 26, 2, "causal & sliding(64", 16),
+    ("local(3)\n\n)", "unmatched ')'", 10, 3, ")", 0),
+    ("heads(causal,\n      local(-2))", "must be positive, got -2", 26, 2, "      local(-2))", 12),
+]
+
+
+@pytest.mark.parametrize("text,fragment,offset,line,quoted,caret", BAD_MULTILINE,
+                         ids=[b[0].replace("\n", "/") for b in BAD_MULTILINE])
+def test_bad_multiline_inputs_point_into_their_line(text, fragment, offset, line, quoted, caret):
+    with pytest.raises(P.PatternError) as info:
+        P.parse(text)
+    err = info.value
+    assert fragment in str(err) and (err.column, err.line, err.text) == (offset, line, text)
+    first, shown, marker = str(err).splitlines()
+    assert first.endswith(f"(line {line}, column {caret + 1})")
+    assert shown == "  " + quoted and marker == "  " + " " * caret + "^"
+
+
+@pytest.mark.parametrize("text", ["(" * 3000 + "causal" + ")" * 3000, "~" * 3000 + "causal",
+                                  "predicate(" + "-" * 3000 + "q < k)"],
+                         ids=["parentheses", "negations", "minus signs"])
+def test_deep_nesting_is_a_pattern_error(text):
+    with pytest.raises(P.PatternError, match="nested too deeply") as info:
+        P.parse(text)
+    assert info.value.text == text and 0 < info.value.column < len(text)
 
 
 @settings(max_examples=300, deadline=None)
