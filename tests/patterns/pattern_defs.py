@@ -1,6 +1,10 @@
-"""Independent numpy definitions of every primitive and a hypothesis strategy for patterns."""
+"""Independent numpy definitions of every primitive and hypothesis strategies for patterns, for
+DSL text written alongside its Python builder, and for random custom predicates."""
 
 from __future__ import annotations
+
+import dataclasses
+import operator
 
 import numpy as np
 import sparse_compile.patterns as P
@@ -95,3 +99,102 @@ def patterns(max_leaves: int = 4, per_head: bool = True):
         return st.one_of(*options)
 
     return st.recursive(leaf, extend, max_leaves=max_leaves)
+
+
+# -- text and builder side by side ------------------------------------------------------------
+_SPACE = st.sampled_from(["", " ", "  ", "\n", " # note\n"])
+
+
+@st.composite
+def _leaf_text(draw) -> tuple[str, P.Pattern]:
+    """A primitive written as DSL text (positional, named or mixed arguments, free spacing)
+    together with the same primitive from its Python builder."""
+    name = draw(st.sampled_from(sorted(BUILDERS)))
+    params = draw(PARAMS[name])
+    built = BUILDERS[name](*params)
+    names = [f.name for f in dataclasses.fields(built)]
+    positional = draw(st.integers(0, len(params)))
+    args = [str(v) for v in params[:positional]]
+    named = [f"{n}{draw(_SPACE)}={draw(_SPACE)}{v}" for n, v in
+             zip(names[positional:], params[positional:], strict=True)]
+    named = draw(st.permutations(named))
+    if not params:
+        return name + draw(st.sampled_from(["", "()", "( )"])), built
+    return f"{name}({draw(_SPACE)}{(',' + draw(_SPACE)).join(args + list(named))})", built
+
+
+def text_and_pattern(max_leaves: int = 5):
+    """``(text, pattern)``: DSL text and the equal pattern built from Python, composed
+    independently (the text is fully parenthesised and never produced by ``str``)."""
+
+    def extend(children):
+        def binary(op):
+            def make(pair):
+                (ta, a), (tb, b) = pair
+                return f"({ta}) {op} ({tb})", (a & b) if op == "&" else (a | b)
+            return st.tuples(children, children).map(make)
+
+        return st.one_of(
+            binary("&"), binary("|"), children.map(lambda c: (f"~({c[0]})", ~c[1])),
+            st.lists(children, min_size=1, max_size=3).map(
+                lambda cs: ("heads(" + ", ".join(t for t, _ in cs) + ")",
+                            P.heads(*(p for _, p in cs)))),
+        )
+
+    return st.recursive(_leaf_text(), extend, max_leaves=max_leaves)
+
+
+# -- random custom predicates, as trees evaluated three ways ----------------------------------
+_INT = st.integers(-20, 40).map(lambda n: ("int", n))
+TERMS = st.recursive(
+    st.one_of(st.just(("q",)), st.just(("k",)), _INT),
+    lambda t: st.one_of(
+        st.tuples(st.sampled_from(["+", "-", "*", "min", "max"]), t, t),
+        st.tuples(st.sampled_from(["//", "%"]), t, st.integers(1, 9).map(lambda n: ("int", n))),
+        st.tuples(st.just("abs"), t),
+    ),
+    max_leaves=5,
+)
+CONDITIONS = st.recursive(
+    st.tuples(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), TERMS, TERMS),
+    lambda c: st.one_of(st.tuples(st.sampled_from(["&", "|"]), c, c), st.tuples(st.just("~"), c)),
+    max_leaves=3,
+)
+_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv,
+           "%": operator.mod, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+           ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "&": operator.and_,
+           "|": operator.or_}
+
+
+def evaluate_tree(tree, q, k, constant, minimum, maximum):
+    """Evaluate a tree of ``TERMS`` / ``CONDITIONS`` with the given leaves and min/max."""
+    op, *args = tree
+    if op == "q":
+        return q
+    if op == "k":
+        return k
+    if op == "int":
+        return constant(args[0])
+    vals = [evaluate_tree(a, q, k, constant, minimum, maximum) for a in args]
+    if op == "abs":
+        return abs(vals[0])
+    if op == "~":
+        return ~vals[0]
+    if op in ("min", "max"):
+        return (minimum if op == "min" else maximum)(*vals)
+    return _BINARY[op](*vals)
+
+
+def tree_text(tree) -> str:
+    """DSL text of a tree (fully parenthesised)."""
+    op, *args = tree
+    if op in ("q", "k"):
+        return op
+    if op == "int":
+        return f"({args[0]})" if args[0] < 0 else str(args[0])
+    parts = [tree_text(a) for a in args]
+    if op in ("abs", "min", "max"):
+        return f"{op}({', '.join(parts)})"
+    if op == "~":
+        return f"~({parts[0]})"
+    return f"({parts[0]} {op} {parts[1]})"

@@ -6,7 +6,7 @@ import pytest
 import sparse_compile.patterns as P
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pattern_defs import patterns
+from pattern_defs import patterns, text_and_pattern
 
 
 @settings(max_examples=200, deadline=None)
@@ -16,6 +16,14 @@ def test_str_parse_round_trip(p):
     again = P.parse(text)
     assert again == p and hash(again) == hash(p)
     assert str(again) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(pair=text_and_pattern())
+def test_builders_equal_parsed_text(pair):
+    text, built = pair
+    parsed = P.parse(text)
+    assert parsed == built and hash(parsed) == hash(built)
 
 
 @pytest.mark.parametrize("text,built", [

@@ -8,9 +8,9 @@ import sympy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pattern_defs import patterns
+from pattern_defs import CONDITIONS, evaluate_tree, patterns, tree_text
 from sparse_compile.patterns.numeric import evaluate_expr
-from sparse_compile.patterns.symbolic import IsPowerOf, K, Q
+from sparse_compile.patterns.symbolic import IsPowerOf, K, Q, Term
 
 
 def positions(lq: int, lk: int):
@@ -37,6 +37,28 @@ def test_keep_expr_and_interval_match_evaluate(p, lq, lk, head):
         lo = torch.as_tensor(evaluate_expr(iv[0], {Q: q}))
         hi = torch.as_tensor(evaluate_expr(iv[1], {Q: q}))
         assert torch.equal(((lo <= k) & (k <= hi)).expand(lq, lk), expected), str(p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree=CONDITIONS, lq=st.integers(1, 60), lk=st.integers(1, 60),
+       points=st.lists(st.tuples(st.integers(-60, 60), st.integers(0, 60)), max_size=6))
+def test_random_predicates_match_numpy(tree, lq, lk, points):
+    # The same random condition three ways: traced from Python, parsed from DSL text, and
+    # evaluated by numpy on the positions (the oracle); the sympy expression checked by
+    # substitution at a few points too.
+    import numpy as np
+
+    q, k = positions(lq, lk)
+    expected = np.broadcast_to(
+        evaluate_tree(tree, q.numpy(), k.numpy(), np.int64, np.minimum, np.maximum), (lq, lk))
+    traced = P.predicate(lambda q, k: evaluate_tree(tree, q, k, Term, P.minimum, P.maximum))
+    np.testing.assert_array_equal(traced.mask(lq, lk).numpy(), expected)
+    parsed = P.parse(f"predicate({tree_text(tree)})")
+    np.testing.assert_array_equal(parsed.mask(lq, lk).numpy(), expected)
+    expr = traced.keep_expr()
+    for qi, ki in points:
+        want = evaluate_tree(tree, np.int64(qi), np.int64(ki), np.int64, np.minimum, np.maximum)
+        assert bool(expr.subs({Q: qi, K: ki})) == bool(want), (qi, ki)
 
 
 @pytest.mark.parametrize("p", [
