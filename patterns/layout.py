@@ -380,7 +380,14 @@ class _KindsSource:
         return _forward_from_rows(layout)
 
     def backward(self, layout):
-        return _transposed_tables(layout)
+        # Listing the stored kinds column by column is cheaper than sorting the forward
+        # tables' entries (no argsort over every listed tile).
+        def column_rows(head, j0, j1):
+            return self.kinds[head, :, j0:j1].t().contiguous()
+
+        n, nq, nk = layout.num_heads, layout.nq, layout.nk
+        return (csr_from_rows(column_rows, n, nk, nq, PARTIAL),
+                csr_from_rows(column_rows, n, nk, nq, FULL))
 
     def kept(self, layout):
         if self.splits is not None:
