@@ -85,6 +85,7 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
         record(row)
         if not row.rewritten and row.source != "min_length":
             problems.append(row)
+    _strip_value_tags(new_gm)
     if problems and config.on_unsupported == "error":
         raise UnsupportedAttentionError(
             "attention left dense: " + "; ".join(row.line() for row in problems)
@@ -111,6 +112,13 @@ def _rewrite_dynamic_mask_sites(gm: GraphModule) -> list[SiteReport]:
     return problems
 
 
+def _strip_value_tags(gm: GraphModule) -> None:
+    """attach_dma's value tags (sparse_compile.dma_values) have served the dynamic sites."""
+    from .dma_values import strip_value_tags
+
+    strip_value_tags(gm.graph)
+
+
 def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> SiteReport:
     path, classes = module_info(site.anchor)
     decorated = decorated_pattern(classes, site.anchor.meta.get("stack_trace"))
@@ -126,6 +134,12 @@ def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> Si
 
     if site.reason is not None:
         return row(False, site.reason)
+    if getattr(pattern, "is_dynamic", False):  # dma / topk on a generic site
+        from .dma_sites import dynamic_site_problem
+
+        problem = dynamic_site_problem(site, pattern)
+        if problem is not None:
+            return row(False, problem)
     if config.min_length and _below(lk, config.min_length):
         return row(False, f"{lk} keys < min_length {config.min_length}", "min_length")
     rewrite_site(gm, site, pattern)

@@ -5,9 +5,11 @@ from the flattened values ``[.., Hkv * D]`` to ``Hkv``), and scores every key by
 ``delta = exp(A * softplus(dt_proj(V_flat)))``. ``attach_dma`` registers the same parameters on
 the attention modules of a model that never had them, initialised as Doge initialises them
 (``A = 0`` so that ``delta = 1`` and selection starts from position order; ``dt_proj`` weight
-``N(0, initializer_range)``, bias 0), so optimizers see them. Compiled with
-``pattern="dma(keep=...)"``, the backend computes ``delta`` from each site's values with
-``module_delta`` and runs ``dma_attention``.
+``N(0, initializer_range)``, bias 0), so optimizers see them, and hooks the module's value
+projection so that, under ``torch.compile``, its output carries ``delta`` into the graph
+(``sparse_compile.dma_values``; eager runs are unchanged). Compiled with
+``backend="sparse", options={"pattern": "dma(keep=...)"}``, each attention site then runs
+``dma_attention`` with that ``delta`` and the model's own mask, and A and dt_proj train.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .dma_values import tag_value_projection
 
 __all__ = ["DmaAttachment", "attach_dma", "module_delta"]
 
@@ -56,6 +60,7 @@ def attach_dma(
     modules: list[str] | None = None,
     std: float | None = None,
     bias: bool = False,
+    value_projection: str | None = None,
 ) -> list[DmaAttachment]:
     """Register ``A`` and ``dt_proj`` on each attention module of ``model`` (in place).
 
@@ -67,6 +72,8 @@ def attach_dma(
         keep: keys kept per query row; stored as ``module.dma_keep``.
         std: init std of ``dt_proj.weight``; default ``config.initializer_range`` or 0.02.
         bias: give ``dt_proj`` a bias (Doge: ``config.attention_bias``).
+        value_projection: name of the child module producing ``V_flat [B, L, Hkv * D]``;
+            default the first of ``v_proj``, ``value``, ``v``, ``v_lin``, ``value_proj``.
 
     Returns:
         One ``DmaAttachment`` per module. Modules that already have ``A``/``dt_proj`` (Doge)
@@ -91,6 +98,7 @@ def attach_dma(
             continue
         kv, head_dim = shape
         if not (hasattr(module, "A") and hasattr(module, "dt_proj")):
+            tag_value_projection(module, value_projection)  # raises before any change
             param = next(module.parameters(), None)
             device = param.device if param is not None else None
             dtype = param.dtype if param is not None else None

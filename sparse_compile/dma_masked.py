@@ -20,8 +20,8 @@ __all__ = ["dma_attention_masked", "causal_padding_keys"]
 
 
 def causal_padding_keys(mask: torch.Tensor) -> torch.Tensor | None:
-    """``[B, Lk]`` allowed keys if ``mask`` ``[B, 1, Lq, Lk]`` (bool or additive) equals
-    bottom-right causal & key padding, else None. Reads the whole mask once."""
+    """``[B, Lk]`` allowed keys if ``mask`` ``[B, 1, Lq, Lk]`` (bool, or additive with 0 on
+    every allowed entry) equals bottom-right causal & key padding, else None."""
     if mask.dim() != 4 or mask.shape[1] != 1:
         return None
     lq, lk = mask.shape[-2:]
@@ -31,6 +31,8 @@ def causal_padding_keys(mask: torch.Tensor) -> torch.Tensor | None:
     causal = torch.arange(lk, device=mask.device)[None, :] <= pos
     if not torch.equal(allowed, causal[None] & keys[:, None, :]):
         return None
+    if mask.dtype != torch.bool and bool((mask[:, 0][allowed] != 0).any()):
+        return None  # additive values on kept entries (position biases): not a plain mask
     return keys.contiguous()
 
 
@@ -69,7 +71,8 @@ def dma_attention_masked_bwd(
         out, lse = dma_attention_fwd(q, k, v, delta, keys, None, keep, True, scale)
         return dma_attention_bwd(grad_out, q, k, v, delta, keys, None, out, lse, keep, True,
                                  scale)
-    return dma_chunked_grads(grad_out, q, k, v, delta, keep, False, mask, scale)
+    grads = dma_chunked_grads(grad_out, q, k, v, delta, keep, False, mask, scale)
+    return tuple(g.contiguous() for g in grads)  # the fake promises contiguous outputs
 
 
 @dma_attention_masked_bwd.register_fake

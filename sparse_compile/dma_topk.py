@@ -22,9 +22,10 @@ from sparse_compile.codegen.dma_backward import dma_backward
 from sparse_compile.codegen.dma_forward import dma_forward
 from sparse_compile.codegen.dma_select import DmaSelection
 
+from .dma_masked import causal_padding_keys
 from .dma_op import _interpreter_dtype, block_sizes
 
-__all__ = ["topk_blocks", "topk_attention"]
+__all__ = ["topk_blocks", "topk_attention", "topk_attention_masked"]
 
 
 def topk_blocks(q: torch.Tensor, k: torch.Tensor, k_blocks: int, block: int, causal: bool
@@ -83,32 +84,68 @@ def _selection(kept: torch.Tensor, lq: int, lk: int, block: int, block_m: int) -
     return DmaSelection(thr, keys, zeros_rank, count, block_m, shift)
 
 
-class _TopkAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, k_blocks, block, causal, scale):
-        kept = topk_blocks(q.detach(), k.detach(), k_blocks, block, causal)
-        block_m, block_n, warps = block_sizes(q.device)
-        block_m = math.gcd(block_m, block)
-        sel = _selection(kept, q.shape[2], k.shape[2], block, block_m)
-        qc, kc, vc = (_interpreter_dtype(t).contiguous() for t in (q, k, v))
-        delta = torch.zeros(k.shape[:3], dtype=qc.dtype, device=q.device)
-        out, lse = dma_forward(qc, kc, vc, delta, None, sel, causal, scale, block_n, warps)
-        ctx.save_for_backward(q, k, v, out, lse, kept)
-        ctx.args = (block, causal, scale)
-        return out.to(q.dtype)
+@torch.library.custom_op("sparse_compile::topk_attention_fwd", mutates_args=())
+def topk_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_add: torch.Tensor | None,
+    k_blocks: int, block: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, Hq, Lq, D], lse [B, Hq, Lq] float32, kept blocks bool)``."""
+    kept = topk_blocks(q.detach(), k.detach(), k_blocks, block, causal)
+    block_m, block_n, warps = block_sizes(q.device)
+    block_m = math.gcd(block_m, block)
+    sel = _selection(kept, q.shape[2], k.shape[2], block, block_m)
+    qc, kc, vc = (_interpreter_dtype(t).contiguous() for t in (q, k, v))
+    delta = torch.zeros(k.shape[:3], dtype=qc.dtype, device=q.device)
+    out, lse = dma_forward(qc, kc, vc, delta, key_add, sel, causal, scale, block_n, warps)
+    return out.to(q.dtype).contiguous(), lse, kept
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, kept = ctx.saved_tensors
-        block, causal, scale = ctx.args
-        block_m, block_n, warps = block_sizes(q.device, backward=True)
-        block_m = math.gcd(block_m, block)
-        sel = _selection(kept, q.shape[2], k.shape[2], block, block_m)
-        go, qc, kc, vc = (_interpreter_dtype(t).contiguous() for t in (grad_out, q, k, v))
-        delta = torch.zeros(k.shape[:3], dtype=qc.dtype, device=q.device)
-        dq, dk, dv, _ = dma_backward(go, qc, kc, vc, delta, None, out, lse, sel, causal, scale,
-                                     block_n, warps)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+@topk_attention_fwd.register_fake
+def _fwd_fake(q, k, v, key_add, k_blocks, block, causal, scale):
+    b, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    kept = q.new_empty((b, hkv, -(-lq // block), -(-lk // block)), dtype=torch.bool)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(
+        (b, hq, lq), dtype=torch.float32), kept
+
+
+@torch.library.custom_op("sparse_compile::topk_attention_bwd", mutates_args=())
+def topk_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_add: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, kept: torch.Tensor,
+    block: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of the blocks the forward kept."""
+    block_m, block_n, warps = block_sizes(q.device, backward=True)
+    block_m = math.gcd(block_m, block)
+    sel = _selection(kept, q.shape[2], k.shape[2], block, block_m)
+    tensors = (grad_out, q, k, v, out)
+    go, qc, kc, vc, oc = (_interpreter_dtype(t).contiguous() for t in tensors)
+    delta = torch.zeros(k.shape[:3], dtype=qc.dtype, device=q.device)
+    dq, dk, dv, _ = dma_backward(go, qc, kc, vc, delta, key_add, oc, lse, sel, causal, scale,
+                                 block_n, warps)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip((dq, dk, dv), (q, k, v), strict=True))
+
+
+@topk_attention_bwd.register_fake
+def _bwd_fake(grad_out, q, k, v, key_add, out, lse, kept, block, causal, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_add, _, block, causal, scale = inputs
+    out, lse, kept = output
+    ctx.save_for_backward(q, k, v, key_add, out, lse, kept)
+    ctx.args = (block, causal, scale)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_kept):
+    q, k, v, key_add, out, lse, kept = ctx.saved_tensors
+    dq, dk, dv = topk_attention_bwd(grad_out, q, k, v, key_add, out, lse, kept, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+topk_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def topk_attention(
@@ -119,13 +156,50 @@ def topk_attention(
     block: int = 128,
     causal: bool = True,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over the ``k_blocks`` best key blocks (plus the diagonal) of each query block.
 
-    q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; ``block`` a multiple of 16. Differentiable in
-    q, k, v (the choice itself is not). Returns ``[B, Hq, Lq, D]`` in q's dtype.
+    q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; ``block`` a multiple of 16; key_padding
+    bool ``[B, Lk]`` (True = keep) or None: removed keys get no weight (the block choice still
+    pools every key). Differentiable in q, k, v (the choice itself is not). Returns
+    ``[B, Hq, Lq, D]`` in q's dtype; rows with no kept key are 0.
     """
     if k_blocks < 1 or block < 16 or block % 16:
         raise ValueError(f"need k >= 1 and block a multiple of 16, got k={k_blocks}, {block=}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _TopkAttention.apply(q, k, v, k_blocks, block, causal, scale)
+    key_add = None
+    if key_padding is not None:
+        key_padding = key_padding.expand(q.shape[0], k.shape[2])
+        key_add = torch.where(key_padding, 0.0, float("-inf")).float().contiguous()
+    return topk_attention_fwd(q, k, v, key_add, k_blocks, block, causal, scale)[0]
+
+
+@torch.library.custom_op("sparse_compile::topk_mask_keys", mutates_args=())
+def topk_mask_keys(mask: torch.Tensor) -> torch.Tensor:
+    """Additive key mask ``[B, Lk]`` float32 (0 kept, -inf removed) of a ``[B, 1, Lq, Lk]``
+    mask that is bottom-right causal & key padding; raises ``ValueError`` for any other mask
+    (topk's kernels take only that structure)."""
+    keys = causal_padding_keys(mask)
+    if keys is None:
+        raise ValueError("topk patterns support causal and key-padding masks only; this "
+                         "model's mask is neither")
+    return torch.where(keys, 0.0, float("-inf")).float().contiguous()
+
+
+@topk_mask_keys.register_fake
+def _mask_keys_fake(mask):
+    return mask.new_empty((mask.shape[0], mask.shape[-1]), dtype=torch.float32)
+
+
+def topk_attention_masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k_blocks: int,
+    block: int = 128, scale: float | None = None,
+) -> torch.Tensor:
+    """``topk_attention`` under a model's dense ``[B, 1, Lq, Lk]`` mask, which must be causal
+    and key padding (checked when it runs)."""
+    if k_blocks < 1 or block < 16 or block % 16:
+        raise ValueError(f"need k >= 1 and block a multiple of 16, got k={k_blocks}, {block=}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    key_add = topk_mask_keys(mask)
+    return topk_attention_fwd(q, k, v, key_add, k_blocks, block, True, scale)[0]

@@ -16,12 +16,12 @@ def _pattern_text(pattern: Any) -> str:
     from sparse_compile.codegen.attention import parse_pattern
 
     text = pattern if isinstance(pattern, str) else str(pattern)
-    parsed = parse_pattern(text)
-    if parsed.is_dynamic:
-        raise NotImplementedError(
-            f"pattern {text!r} is dynamic (dma/topk): use sparse_compile.dma_attention"
-        )
-    return str(parsed)
+    return str(parse_pattern(text))
+
+
+def _is_dynamic(text: str) -> bool:
+    """Whether canonical pattern text holds ``dma(...)`` or ``topk(...)``."""
+    return "dma(" in text or "topk(" in text
 
 
 def attention(
@@ -32,6 +32,7 @@ def attention(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse scaled dot-product attention.
 
@@ -53,6 +54,9 @@ def attention(
         bias: optional additive float tensor or boolean keep-mask broadcastable to
             [B, Hq, Lq, Lk].
         dropout_p: attention dropout probability (applied whenever > 0).
+        delta: DMA content score ``[B, Hkv, Lk]`` (``dma_delta``), required by ``dma(keep)``.
+            Dynamic patterns (``dma(keep)``, ``topk(k, block)``, each alone or ``& causal``)
+            run through ``sparse_compile.dma_dispatch``; they take no dropout.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype.
@@ -62,6 +66,10 @@ def attention(
         >>> out = attention(q, k, v, "causal & sliding(32)")
     """
     text = _pattern_text(pattern)
+    if _is_dynamic(text):
+        from .dma_dispatch import dynamic_attention
+
+        return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = None
     if dropout_p > 0.0:

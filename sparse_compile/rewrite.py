@@ -150,11 +150,16 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
                 bias = _causal_top_left(graph, q, k)
         if ndim == 3:
             q, k, v = (graph.call_method("unsqueeze", (t, 0)) for t in (q, k, v))
-        out = graph.call_function(
-            attention,
-            (q, k, v, str(pattern)),
-            {"scale": site.scale, "bias": bias, "dropout_p": site.dropout_p},
-        )
+        if getattr(pattern, "is_dynamic", False):  # dma / topk: see dma_sites
+            from .dma_sites import dynamic_site_call
+
+            out = dynamic_site_call(graph, site, pattern, q, k, v, bias)
+        else:
+            out = graph.call_function(
+                attention,
+                (q, k, v, str(pattern)),
+                {"scale": site.scale, "bias": bias, "dropout_p": site.dropout_p},
+            )
         if ndim == 3:
             out = graph.call_method("squeeze", (out, 0))
         if site.weights_view is not None:
