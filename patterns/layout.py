@@ -380,14 +380,12 @@ class _KindsSource:
         return _forward_from_rows(layout)
 
     def backward(self, layout):
-        # Listing the stored kinds column by column is cheaper than sorting the forward
-        # tables' entries (no argsort over every listed tile).
-        def column_rows(head, j0, j1):
-            return self.kinds[head, :, j0:j1].t().contiguous()
-
+        # Listing the transposed kinds row by row is cheaper than sorting the forward tables'
+        # entries (no argsort over every listed tile).
+        columns = _Transposed(self.kinds)
         n, nq, nk = layout.num_heads, layout.nq, layout.nk
-        return (csr_from_rows(column_rows, n, nk, nq, PARTIAL),
-                csr_from_rows(column_rows, n, nk, nq, FULL))
+        return (csr_from_rows(columns.rows, n, nk, nq, PARTIAL),
+                csr_from_rows(columns.rows, n, nk, nq, FULL))
 
     def kept(self, layout):
         if self.splits is not None:
@@ -395,6 +393,19 @@ class _KindsSource:
             return sum(split_kept(p, s, self.kinds[h], *sizes)
                        for h, (p, s) in enumerate(zip(self.heads, self.splits, strict=True)))
         return sum(_count_kept(p, self.kinds[h], layout) for h, p in enumerate(self.heads))
+
+
+class _Transposed:
+    """Rows of the transposed kinds ``[n, nk, nq]``, one head's contiguous copy at a time."""
+
+    def __init__(self, kinds: torch.Tensor):
+        self.kinds, self.head, self.copy = kinds, None, None
+
+    def rows(self, head: int, j0: int, j1: int) -> torch.Tensor:
+        if head != self.head:
+            self.head, self.copy = head, None  # drop the previous copy before making the next
+            self.copy = self.kinds[head].t().contiguous()
+        return self.copy[j0:j1]
 
 
 def _count_kept(p: Pattern, kinds: torch.Tensor, layout: Layout) -> int:
