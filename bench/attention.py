@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -88,60 +89,31 @@ def first_call(fn: Callable) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def tune(d: int, length: int, heads: int, rep: int) -> TileConfig:
-    """Pick forward and backward tiles on causal & sliding(1024) (a typical banded pattern)."""
-    base = default_config(torch.device("cuda"), d, torch.bfloat16)
-    text = "causal & sliding(1024)"
-    q, k, v = (torch.randn(1, heads, length, d, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
-    do = torch.randn_like(q)
-    scale = 1 / math.sqrt(d)
-    fwd_opts = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
-                (64, 64, 4, 3), (64, 128, 4, 3)]
-    bwd_opts = [(128, 64, 64, 128, 8, 2), (64, 64, 64, 128, 4, 2), (128, 32, 32, 128, 4, 3),
-                (64, 64, 64, 64, 4, 3), (128, 64, 64, 128, 8, 3), (64, 32, 32, 64, 4, 3)]
-    best_f, best_t = base, float("inf")
-    for m, n, w, s in fwd_opts:
-        cfg = replace(base, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
-        try:
-            t = bench(lambda c=cfg: kernels.forward(q, k, v, text, scale, cfg=c), rep)
-        except Exception as e:  # resource limits: this tile does not fit on this GPU
-            print(f"  tune fwd {m}x{n} w{w} s{s}: failed ({type(e).__name__})")
-            continue
-        print(f"  tune fwd {m}x{n} w{w} s{s}: {t:.3f} ms")
-        if t < best_t:
-            best_f, best_t = cfg, t
-    o, lse = kernels.forward(q, k, v, text, scale, cfg=best_f)
-    best_b, best_t = best_f, float("inf")
-    for dm, dn, km, kn, w, s in bwd_opts:
-        cfg = replace(best_f, dq_m=dm, dq_n=dn, kv_m=km, kv_n=kn, dq_warps=w, kv_warps=w,
-                      dq_stages=s, kv_stages=s)
-        try:
-            t = bench(lambda c=cfg: kernels.backward(do, q, k, v, o, lse, text, scale, cfg=c),
-                      rep)
-        except Exception as e:
-            print(f"  tune bwd {cfg.key()}: failed ({type(e).__name__})")
-            continue
-        print(f"  tune bwd dq {dm}x{dn} kv {km}x{kn} w{w} s{s}: {t:.3f} ms")
-        if t < best_t:
-            best_b, best_t = cfg, t
-    print(f"  D={d}: chose {best_b}")
-    return best_b
+# Tile options per kernel: (m, n, warps, stages, tma, merged); m x n = query x key tile (the
+# dK/dV pass: m queries per step, n keys per program). The first option is the error reference.
+SWEEP = {
+    "fwd": [(64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True), (64, 64, 4, 2, True, True),
+            (128, 64, 8, 3, True, True), (64, 64, 4, 3, False, True)],
+    "dq": [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True), (64, 64, 4, 3, True, True),
+           (128, 64, 8, 3, False, True), (64, 32, 4, 3, False, True)],
+    "kv": [(32, 64, 4, 3, True, False), (32, 64, 4, 3, True, True), (64, 64, 4, 3, True, True),
+           (64, 128, 8, 3, False, True), (32, 64, 4, 2, True, True)],
+}
+# --tune: the few options that decide between the candidate defaults (before the grid).
+TUNE = {name: opts[:3] for name, opts in SWEEP.items()}
 
 
-FWD_SWEEP = [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 2),
-             (128, 128, 8, 2), (64, 128, 4, 2)]
-DQ_SWEEP = [(64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3),
-            (128, 64, 8, 3)]
-KV_SWEEP = [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 4), (64, 128, 8, 3),
-            (16, 128, 8, 3)]
+def with_option(cfg: TileConfig, kernel: str, opt: tuple) -> TileConfig:
+    m, n, w, s, tma, merged = opt
+    return replace(cfg, **{f"{kernel}_m": m, f"{kernel}_n": n, f"{kernel}_warps": w,
+                           f"{kernel}_stages": s, f"{kernel}_tma": tma,
+                           f"{kernel}_merged": merged})
 
 
-def sweep(args) -> None:
-    """Time each kernel (forward, dQ, dK/dV) alone per tile option on a few patterns, with a
-    correctness check against the first option; no FlexAttention (compiles too slowly)."""
-    from functools import partial
-
+def time_kernels(text: str, length: int, d: int, heads: int, base: TileConfig, options: dict,
+                 rep: int, deadline: float, emit: Callable[[str], None]) -> TileConfig:
+    """Time the forward, dQ and dK/dV kernels alone for each option (B=1, bf16) and return
+    ``base`` with each kernel's fastest option; outputs are checked against the first option."""
     from sparse_compile.codegen.attention import visit_plan
     from sparse_compile.codegen.backward_delta import launch_delta
     from sparse_compile.codegen.backward_dkdv import launch_dkdv
@@ -150,95 +122,88 @@ def sweep(args) -> None:
     from sparse_compile.codegen.predicate import pattern_heads
     from sparse_compile.codegen.source import kernel_module
 
-    t_start = time.perf_counter()
-    d, length, h = int(args.dims.split(",")[-1]), int(args.lengths.split(",")[0]), args.heads
     dev = torch.device("cuda")
-    base = default_config(dev, d, torch.bfloat16)
-    q, k, v, do = (torch.randn(1, h, length, d, device=dev, dtype=torch.bfloat16)
+    q, k, v, do = (torch.randn(1, heads, length, d, device=dev, dtype=torch.bfloat16)
                    for _ in range(4))
     scale = 1 / math.sqrt(d)
-    lines = [f"# Tile sweep on {torch.cuda.get_device_name()}", "",
-             f"- torch {torch.__version__}, triton {triton.__version__}, "
-             f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
-             f"- command: `python {' '.join(sys.argv)}`",
-             f"- B=1, H={h}, L={length}, D={d}, bf16; median ms of do_bench; err = relative "
-             "error vs the first option", "",
-             "| pattern | kernel | tiles (m x n, warps, stages) | ms | TF/s | err |",
-             "|---|---|---|---|---|---|"]
+    pattern = parse(text)
+    module, nph = kernel_module(pattern), pattern_heads(pattern)
+    flops = 4 * heads * d * pattern.layout(length, length, 128, 128).density * length ** 2
+    label = text.replace("|", "\\|")
+    o, lse = kernels.forward(q, k, v, text, scale, cfg=base)
+    delta = launch_delta(o, do)
+    best = base
+    for kernel, work in (("fwd", 1.0), ("dq", 1.0), ("kv", 1.5)):
+        ref, best_t = None, float("inf")
+        for opt in options[kernel]:
+            if time.perf_counter() > deadline:
+                return best
+            cfg = with_option(base, kernel, opt)
+            m, n = opt[0], opt[1]
+            if kernel == "fwd":
+                visit = visit_plan(text, length, length, m, n, dev)
+                fn = partial(launch_forward, module, q, k, v, None, visit, nph, scale, 0.0, 0,
+                             cfg)
+            elif kernel == "dq":
+                visit = visit_plan(text, length, length, m, n, dev)
+                fn = partial(launch_dq, module, q, k, v, None, do, lse, delta, None, visit, nph,
+                             scale, 0.0, 0, cfg)
+            else:
+                visit = visit_plan(text, length, length, m, n, dev, transposed=True)
+                fn = partial(launch_dkdv, module, q, k, v, None, do, lse, delta, visit, nph,
+                             scale, 0.0, 0, cfg)
+            name = (f"{m}x{n} w{opt[2]} s{opt[3]}{' tma' if opt[4] else ''}"
+                    f"{' merged' if opt[5] else ''}")
+            try:
+                out = torch.cat([t.flatten() for t in fn()])
+                t = bench(fn, rep)
+            except Exception as e:  # resource limits: this tile does not fit
+                emit(f"| {label} | {kernel} | {name} | failed {type(e).__name__} | | |")
+                continue
+            ref = out if ref is None else ref
+            emit(f"| {label} | {kernel} | {name} | {t:.3f} | {work * flops / t / 1e9:.0f} | "
+                 f"{rel(out, ref):.1e} |")
+            if t < best_t:
+                best_t = t
+                best = with_option(best, kernel, opt)
+    return best
+
+
+def sweep_header(title: str, length: int, d: int, heads: int) -> list[str]:
+    return [f"# {title} on {torch.cuda.get_device_name()}", "",
+            f"- torch {torch.__version__}, triton {triton.__version__}, "
+            f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+            f"- command: `python {' '.join(sys.argv)}`",
+            f"- B=1, H={heads}, L={length}, D={d}, bf16; each kernel alone, median ms of "
+            "do_bench; TF/s on kept entries (dK/dV counted 1.5x the forward); err = relative "
+            "error vs the kernel's first option", "",
+            "| pattern | kernel | tiles (m x n, warps, stages) | ms | TF/s | err |",
+            "|---|---|---|---|---|---|"]
+
+
+def sweep(args) -> None:
+    """--sweep: every option of SWEEP on each pattern, plus cuDNN SDPA as a drift anchor."""
+    t_start = time.perf_counter()
+    d, length, h = int(args.dims.split(",")[-1]), int(args.lengths.split(",")[0]), args.heads
+    lines = sweep_header("Tile sweep", length, d, h)
+    out = Path(args.out) if args.out else Path("sweep.md")
+
     def emit(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
-        out = Path(args.out) if args.out else Path("sweep.md")
         out.write_text("\n".join(lines) + "\n")
 
+    q, k, v = (torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
     for name, causal in (("cudnn dense", False), ("cudnn causal", True)):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            def fn(c=causal):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=c)
-            with torch.no_grad():
-                t = bench(fn, args.rep)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION), torch.no_grad():
+            t = bench(partial(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+                              is_causal=causal), args.rep)
         flops = 4 * h * d * length * length * (0.5 if causal else 1.0)
         emit(f"| {name} (SDPA anchor) | fwd | - | {t:.3f} | {flops / t / 1e9:.0f} | - |")
+    base = default_config(torch.device("cuda"), d, torch.bfloat16)
     for text in [p.strip() for p in args.patterns.split(";") if p.strip()]:
-        pattern = parse(text)
-        label = text.replace("|", "\\|")
-        module = kernel_module(pattern)
-        nph = pattern_heads(pattern)
-        kept = pattern.layout(length, length, 128, 128).density * length * length
-        flops = 4 * h * d * kept
-        ref_o = ref_lse = None
-        for m, n, w, s in FWD_SWEEP:
-            if time.perf_counter() - t_start > args.deadline:
-                break
-            cfg = replace(base, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
-            visit = visit_plan(text, length, length, m, n, dev)
-            fwd = partial(launch_forward, module, q, k, v, None, visit, nph, scale, 0.0, 0, cfg)
-            try:
-                o, lse = fwd()
-                t = bench(fwd, args.rep)
-            except Exception as e:  # resource limits: this tile does not fit
-                emit(f"| {label} | fwd | {m}x{n} w{w} s{s} | failed {type(e).__name__} | | |")
-                continue
-            if ref_o is None:
-                ref_o, ref_lse = o, lse
-            emit(f"| {label} | fwd | {m}x{n} w{w} s{s} | {t:.3f} | {flops / t / 1e9:.0f} | "
-                 f"{rel(o, ref_o):.1e} |")
-        if ref_o is None:
-            continue
-        delta = launch_delta(ref_o, do)
-        ref_dq = ref_dkv = None
-        for m, n, w, s in DQ_SWEEP:
-            if time.perf_counter() - t_start > args.deadline:
-                break
-            cfg = replace(base, dq_m=m, dq_n=n, dq_warps=w, dq_stages=s)
-            visit = visit_plan(text, length, length, m, n, dev)
-            dq_fn = partial(launch_dq, module, q, k, v, None, do, ref_lse, delta, None, visit,
-                            nph, scale, 0.0, 0, cfg)
-            try:
-                g = dq_fn()
-                t = bench(dq_fn, args.rep)
-            except Exception as e:
-                emit(f"| {label} | dQ | {m}x{n} w{w} s{s} | failed {type(e).__name__} | | |")
-                continue
-            ref_dq = g if ref_dq is None else ref_dq
-            emit(f"| {label} | dQ | {m}x{n} w{w} s{s} | {t:.3f} | {flops / t / 1e9:.0f} | "
-                 f"{rel(g, ref_dq):.1e} |")
-        for m, n, w, s in KV_SWEEP:
-            if time.perf_counter() - t_start > args.deadline:
-                break
-            cfg = replace(base, kv_m=m, kv_n=n, kv_warps=w, kv_stages=s)
-            visit = visit_plan(text, length, length, m, n, dev, transposed=True)
-            kv_fn = partial(launch_dkdv, module, q, k, v, None, do, ref_lse, delta, visit, nph,
-                            scale, 0.0, 0, cfg)
-            try:
-                g = torch.cat(kv_fn())
-                t = bench(kv_fn, args.rep)
-            except Exception as e:
-                emit(f"| {label} | dKdV | {m}x{n} w{w} s{s} | failed {type(e).__name__} | | |")
-                continue
-            ref_dkv = g if ref_dkv is None else ref_dkv
-            emit(f"| {label} | dKdV | {m}x{n} w{w} s{s} | {t:.3f} | "
-                 f"{1.5 * flops / t / 1e9:.0f} | {rel(g, ref_dkv):.1e} |")
+        time_kernels(text, length, d, h, base, SWEEP, args.rep, t_start + args.deadline, emit)
 
 
 def run_case(text, b, h, length, d, cfg, rep, do_bwd, sdpa_cache):
@@ -250,8 +215,10 @@ def run_case(text, b, h, length, d, cfg, rep, do_bwd, sdpa_cache):
     scale = 1 / math.sqrt(d)
     layout = parse(text).layout(length, length, 128, 128)
     kept = layout.density * length * length
+    base, cfg = cfg, kernels.select_config(text, q, length, base=cfg)
     flops_f = 4 * b * h * d * kept
-    row = {"pattern": text, "D": d, "L": length, "B": b, "H": h, "density": layout.density}
+    row = {"pattern": text + (" *" if cfg != base else ""), "D": d, "L": length, "B": b,
+           "H": h, "density": layout.density}
 
     qd, kd, vd = q.detach(), k.detach(), v.detach()
 
@@ -348,7 +315,7 @@ def table(rows, do_bwd):
     head += ["err fwd", "err bwd", "1st ours ms", "1st flex ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["D"], r["L"], r["pattern"], fmt(100 * r["density"], ".2f"),
+        cells = [r["D"], r["L"], r["pattern"].replace("|", "\\|"), fmt(100 * r["density"], ".2f"),
                  fmt(r["ours_fwd"]), fmt(r["flex_fwd"]), fmt(r["flex_fwd"] / r["ours_fwd"], ".2f"),
                  fmt(r["tflops_fwd"], ".0f"), fmt(r.get("flash_fwd")), fmt(r.get("cudnn_fwd"))]
         if do_bwd:
@@ -392,11 +359,14 @@ def main() -> None:
     for p in patterns:
         check_mask_mod(p)
     gpu = torch.cuda.get_device_name()
-    rows, configs, sdpa_cache = [], {}, {}
+    rows, configs, sdpa_cache, tune_lines = [], {}, {}, []
     for d in (int(x) for x in args.dims.split(",")):
         cfg = default_config(torch.device("cuda"), d, torch.bfloat16)
         if args.tune:
-            cfg = tune(d, 16384, args.heads, args.rep)
+            t_end = time.perf_counter() + 120
+            cfg = time_kernels("causal & sliding(1024)", 16384, d, args.heads, cfg, TUNE,
+                               args.rep, t_end, tune_lines.append)
+            print("\n".join(tune_lines), flush=True)
         configs[d] = cfg
         for length in (int(x) for x in args.lengths.split(",")):
             b = max(1, args.tokens // length)
@@ -406,11 +376,11 @@ def main() -> None:
                 print(f"D={d} L={length} {p}: ours {r['ours_fwd']:.3f} flex {r['flex_fwd']:.3f}"
                       f" fb {r.get('ours_fb', 0):.3f}/{r.get('flex_fb', 0):.3f}"
                       f" err {r['err_fwd']:.1e}/{r.get('err_bwd', 0):.1e}", flush=True)
-                write_results(args, gpu, configs, rows, do_bwd)
-    print(write_results(args, gpu, configs, rows, do_bwd))
+                write_results(args, gpu, configs, rows, do_bwd, tune_lines)
+    print(write_results(args, gpu, configs, rows, do_bwd, tune_lines))
 
 
-def write_results(args, gpu, configs, rows, do_bwd) -> str:
+def write_results(args, gpu, configs, rows, do_bwd, tune_lines) -> str:
     """Write the results file (after every case, so a cut-off run keeps what it measured)."""
     tab = table(rows, do_bwd)
     cfg_lines = "\n".join(f"- D={d}: `{c}`" for d, c in configs.items())
@@ -425,8 +395,13 @@ def write_results(args, gpu, configs, rows, do_bwd) -> str:
         "f+b − fwd); TF/s on kept entries (fwd 4·B·H·D·kept, bwd 2.5x that); flash/cudnn are "
         "dense SDPA (is_causal for `causal`); err = relative error vs FlexAttention on the timed "
         "inputs; 1st = first call (layout + codegen + compile, or block mask + compile)\n"
-        f"- tiles:\n{cfg_lines}\n\n{tab}\n"
+        f"- tiles (base; `*` after the pattern: the backward's long-row tiles, "
+        f"codegen/config.py LONG_ROWS):\n{cfg_lines}\n\n{tab}\n"
     )
+    if tune_lines:
+        text += ("\n## Tuning (--tune, each kernel alone on causal & sliding(1024), L=16384)\n\n"
+                 "| pattern | kernel | tiles | ms | TF/s | err |\n|---|---|---|---|---|---|\n"
+                 + "\n".join(tune_lines) + "\n")
     out = Path(args.out) if args.out else (
         Path(__file__).parent / "results" / (gpu.replace(" ", "_") + ".md"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,19 @@ import torch
 from .backward_delta import launch_delta
 from .backward_dkdv import launch_dkdv
 from .backward_dq import launch_dq
-from .config import TileConfig, default_config
+from .config import LONG_ROWS, TileConfig, default_config, long_rows_config
 from .forward import launch_forward
 from .predicate import interval_bounds, pattern_heads
 from .source import kernel_module
-from .tables import CLOSED_FORM, ROW_BOUNDS, TABLES, Visit, block_tables, row_bounds
+from .tables import (
+    CLOSED_FORM,
+    ROW_BOUNDS,
+    TABLES,
+    Visit,
+    block_tables,
+    layout_for,
+    row_bounds,
+)
 
 
 @lru_cache(maxsize=256)
@@ -32,6 +40,28 @@ def parse_pattern(text: str) -> Any:
 @lru_cache(maxsize=256)
 def _is_interval(text: str) -> bool:
     return interval_bounds(parse_pattern(text)) is not None
+
+
+@lru_cache(maxsize=256)
+def mean_row_keys(pattern_text: str, lq: int, lk: int) -> float:
+    """Mean number of keys a query row visits (128-wide blocks) for interval patterns; 0 for
+    the others (their blocks are scattered: the small default tiles suit them)."""
+    if not _is_interval(pattern_text) or lq == 0 or lk == 0:
+        return 0.0
+    lay = layout_for(parse_pattern(pattern_text), lq, lk, 128, 128)
+    return float((lay.kv_end - lay.kv_start).float().mean()) * 128
+
+
+def select_config(
+    pattern_text: str, q: torch.Tensor, lk: int, base: TileConfig | None = None
+) -> TileConfig:
+    """Tiles for this call: ``base`` (default: the device's defaults), with the backward's
+    long-row tiles when the pattern's rows are long (config.LONG_ROWS)."""
+    d = q.shape[-1]
+    cfg = base or default_config(q.device, d, q.dtype)
+    if mean_row_keys(pattern_text, q.shape[2], lk) >= LONG_ROWS:
+        cfg = long_rows_config(cfg, q.device, d, q.dtype)
+    return cfg
 
 
 def visit_plan(
@@ -77,7 +107,7 @@ def forward(
     pattern = parse_pattern(pattern_text)
     if pattern.is_dynamic:
         raise NotImplementedError(f"dynamic pattern {pattern_text!r} has no static kernel")
-    cfg = cfg or default_config(q.device, q.shape[-1], q.dtype)
+    cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
     return launch_forward(
@@ -103,7 +133,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
     pattern = parse_pattern(pattern_text)
-    cfg = cfg or default_config(q.device, q.shape[-1], q.dtype)
+    cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
     module = kernel_module(pattern)
     n_heads = pattern_heads(pattern)

@@ -73,13 +73,14 @@ def _row_blocks(Lq, Lk, hp, n_first, n_last, RLO, RHI, BM: tl.constexpr,
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                k_idx, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                edge, k_idx, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
                 qk_scale, drop_p, seed_bh, RLO, RHI,
                 HEAD_DIM: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr):
-    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate."""
+    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
+    3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop)."""
     q_idx = i * BM + offs_m
     m_ok = q_idx < Lq
     if TMA:
@@ -114,6 +115,13 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
         q_pos = q_idx + (Lk - Lq)
         kept = _keep(q_pos[None, :], k_idx[:, None], hp) & n_ok[:, None]
         s_t = tl.where(kept, s_t, float("-inf"))
+    elif MODE == 3:
+        if edge:
+            lo, hi = _row_bounds_at(q_idx, Lq, Lk, hp, RLO, RHI, RANGES)
+            kept = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
+            s_t = tl.where(kept & n_ok[:, None], s_t, float("-inf"))
+        elif not EVEN_N:
+            s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
     elif not EVEN_N:
         s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
     if FOLD:
@@ -144,7 +152,7 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                 RANGES: tl.constexpr, TMA: tl.constexpr):
+                 RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr):
     # Heads fastest; key blocks in order (under causal the first key blocks are the longest).
     pid_bkv = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -183,24 +191,33 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
             n_last = tl.minimum(pid_n * BN + BN, Lk) - 1
             i_lo, if_lo, if_hi, i_hi = _row_blocks(Lq, Lk, hp, pid_n * BN, n_last, RLO, RHI,
                                                    BM, RANGES)
-            for i in range(i_lo, if_lo):
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
-            for i in range(if_lo, if_hi):
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
-            for i in range(if_hi, i_hi):
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+            if MERGED:
+                for i in range(i_lo, i_hi):
+                    edge = (i < if_lo) | (i >= if_hi)
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
+                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 3, EVEN_N, EVEN_D,
+                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+            else:
+                for i in range(i_lo, if_lo):
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
+                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D,
+                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                for i in range(if_lo, if_hi):
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
+                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D,
+                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                for i in range(if_hi, i_hi):
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
+                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D,
+                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
         else:
             row = hp * t_rows + pid_n
             p_start = tl.load(PO + row)
@@ -208,7 +225,7 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
             for t in range(p_start, p_end):
                 i = tl.load(PI + t)
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
                     offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
                     qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD,
                     HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
@@ -217,7 +234,7 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
             for t in range(f_start, f_end):
                 i = tl.load(FI + t)
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
                     offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
                     qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD,
                     HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
@@ -256,7 +273,7 @@ def launch_dkdv(
     bias_t, bias_strides = bias_args(bias, q)
     if dk.numel() == 0:
         return dk, dv
-    descs = row_descriptors(cfg.tma and lq % cfg.kv_m == 0, cfg.kv_m, q, dout)
+    descs = row_descriptors(cfg.kv_tma and lq % cfg.kv_m == 0, cfg.kv_m, q, dout)
     q_arg, do_arg = descs or (q, dout)
     grid = (b * hkv, triton.cdiv(lk, cfg.kv_n))
     module._dkdv_kernel[grid](
@@ -269,6 +286,7 @@ def launch_dkdv(
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages,
+        TMA=descs is not None, MERGED=cfg.kv_merged, num_warps=cfg.kv_warps,
+        num_stages=cfg.kv_stages,
     )
     return dk, dv

@@ -20,14 +20,16 @@ from .tma import row_descriptors
 
 DQ_SOURCE = '''
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, offs_m,
-              q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, dbm, dbn,
-              Lk, qk_scale, drop_p, seed_bh,
+def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
+              offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+              dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
               HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr,
               DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DROPOUT: tl.constexpr,
               PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """MODE 0: FULL; 1: PARTIAL, interval bounds; 2: PARTIAL, predicate; 3: interval bounds
+    only where the runtime flag ``edge`` says PARTIAL (merged loop)."""
     k_idx = j * BN + offs_n
     n_ok = k_idx < Lk
     if TMA:
@@ -59,6 +61,12 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
     elif MODE == 2:
         kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
         s = tl.where(kept, s, float("-inf"))
+    elif MODE == 3:
+        if edge:
+            kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+            s = tl.where(kept, s, float("-inf"))
+        elif not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
     elif not EVEN_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     if FOLD:
@@ -97,7 +105,7 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
                BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
                DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-               RANGES: tl.constexpr, TMA: tl.constexpr):
+               RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr):
     # Heads fastest, query tiles last-first (longest rows first under causal-like patterns).
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -140,44 +148,53 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
             lo = tl.maximum(lo, 0)
             hi = tl.minimum(hi, Lk - 1)
         j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
-        for j in range(j_lo, jf_lo):
-            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
-                           offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
-                           svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
-        for j in range(jf_lo, jf_hi):
-            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
-                           offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
-                           svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
-        for j in range(jf_hi, j_hi):
-            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
-                           offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
-                           svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+        if MERGED:
+            for j in range(j_lo, j_hi):
+                edge = (j < jf_lo) | (j >= jf_hi)
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
+                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+        else:
+            for j in range(j_lo, jf_lo):
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+            for j in range(jf_lo, jf_hi):
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+            for j in range(jf_hi, j_hi):
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
+                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
         p_end = tl.load(PO + row + 1)
         for t in range(p_start, p_end):
             j = tl.load(PI + t)
-            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
-                           offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd,
-                           svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+            dq = _dq_block(
+                dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm,
+                sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD,
+                HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
         f_start = tl.load(FO + row)
         f_end = tl.load(FO + row + 1)
         for t in range(f_start, f_end):
             j = tl.load(FI + t)
-            dq = _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j,
-                           offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd,
-                           svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
-                           HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                           DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+            dq = _dq_block(
+                dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm,
+                sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD,
+                HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
     dq = dq * scale
     tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -212,7 +229,7 @@ def launch_dq(
     dbias_t, db_strides = bias_args(dbias, q)
     if dq.numel() == 0:
         return dq
-    descs = row_descriptors(cfg.tma and lk % cfg.dq_n == 0, cfg.dq_n, k, v)
+    descs = row_descriptors(cfg.dq_tma and lk % cfg.dq_n == 0, cfg.dq_n, k, v)
     k_arg, v_arg = descs or (k, v)
     grid = (b * hq, triton.cdiv(lq, cfg.dq_m))
     module._dq_kernel[grid](
@@ -228,6 +245,7 @@ def launch_dq(
         DB_ROWS=dbias is not None and dbias.shape[2] == 1,
         DB_COLS=dbias is not None and dbias.shape[3] == 1,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        TMA=descs is not None, MERGED=cfg.dq_merged, num_warps=cfg.dq_warps,
+        num_stages=cfg.dq_stages,
     )
     return dq

@@ -28,8 +28,15 @@ class TileConfig:
     kv_n: int = 128
     kv_warps: int = 8
     kv_stages: int = 2
-    # Inner-loop tiles through TMA descriptors where the operand allows it (codegen/tma.py).
-    tma: bool = False
+    # Per kernel: inner-loop tiles through TMA descriptors where the operand allows it
+    # (codegen/tma.py), and, for interval patterns, one loop over all visited blocks with the
+    # PARTIAL mask under a runtime branch (one software pipeline per tile) instead of three.
+    fwd_tma: bool = False
+    dq_tma: bool = False
+    kv_tma: bool = False
+    fwd_merged: bool = False
+    dq_merged: bool = False
+    kv_merged: bool = False
 
     @staticmethod
     def d_pad(head_dim: int) -> int:
@@ -72,12 +79,31 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
     elif d <= 64:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
     elif d <= 128 and major >= 9:
-        # H100, bf16, D=128: bench/attention.py --tune (bench/NOTES.md, version 2).
+        # H100, bf16, D=128: bench/attention.py --sweep (bench/NOTES.md, version 4).
         cfg = replace(cfg, fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=32,
-                      dq_warps=4, dq_stages=3, kv_m=32, kv_n=64, kv_warps=4, kv_stages=3)
+                      dq_warps=4, dq_stages=3, kv_m=32, kv_n=64, kv_warps=4, kv_stages=3,
+                      fwd_tma=True, dq_tma=True, kv_tma=True)
     elif d <= 128:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=2)
     else:
         cfg = replace(cfg, fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=2, dq_m=64, dq_n=32,
                       dq_warps=4, kv_m=32, kv_n=64, kv_warps=4)
     return cfg
+
+
+# Mean kept keys per query row from which the backward prefers large tiles (bench/NOTES.md,
+# version 4: causal at 16k runs dQ 14% faster with 128x64 tiles, sliding(1024) 20% slower).
+LONG_ROWS = 4096
+
+
+def long_rows_config(cfg: TileConfig, device: torch.device, head_dim: int,
+                     dtype: torch.dtype) -> TileConfig:
+    """Backward tiles for long rows (causal, dense, wide windows) on Hopper with D <= 128 and
+    16-bit inputs: more queries per dQ program, more keys per dK/dV program, 8 warps."""
+    if (device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+            or dtype not in (torch.float16, torch.bfloat16)
+            or not 64 < TileConfig.d_pad(head_dim) <= 128
+            or torch.cuda.get_device_capability(device)[0] < 9):
+        return cfg
+    return replace(cfg, dq_m=128, dq_n=64, dq_warps=8, dq_stages=3, dq_tma=False,
+                   kv_m=64, kv_n=128, kv_warps=8, kv_stages=3, kv_tma=False)

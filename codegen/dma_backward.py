@@ -8,13 +8,28 @@ gathered key rows. Keys of a kv head receive from every query head of its GQA gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .dma_select import DmaSelection
+from .dma_backward_kv import dma_backward_kv
+from .dma_select import DmaSelection, dma_gather_lists
 
-__all__ = ["dma_backward"]
+__all__ = ["KvPass", "dma_backward"]
+
+
+@dataclass(frozen=True)
+class KvPass:
+    """Run dK/dV as a separate pass over spans of ``rows`` query rows (``dma_backward_kv``)
+    with these tiles; the main kernel then computes dQ only."""
+
+    rows: int = 512
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
 
 LOG2E = 1.4426950408889634
 
@@ -22,12 +37,13 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _dma_bwd_kernel(
     q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, dout_ptr, lse_ptr,
-    dq_ptr, dk_ptr, dv_ptr, ddelta_ptr,
+    dq_ptr, dk_ptr, dv_ptr, ddelta_ptr, di_ptr,
     thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdob, sdoh, sdom,
     lq, lk, hq, hkv, cap, scale,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_GRADS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -50,6 +66,8 @@ def _dma_bwd_kernel(
     o = tl.load(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
                 mask=md_mask, other=0.0)
     di = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if not KV_GRADS:  # the dK/dV pass (dma_backward_kv) reads it
+        tl.store(di_ptr + pid_bh * lq + offs_m, di, mask=row_ok)
     lse = tl.load(lse_ptr + pid_bh * lq + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse)  # base 2, from the forward
     thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
@@ -80,15 +98,17 @@ def _dma_bwd_kernel(
         if CAUSAL:
             kept = kept & (keys[None, :] <= pos[:, None])
         p = tl.exp2(tl.where(kept, s, float("-inf")) - lse2[:, None])
-        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = p * (dp - di[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-        kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
-        tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
-        tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
-        tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok, sem="relaxed")
+        if KV_GRADS:
+            dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+            kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
+            tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
+            tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok,
+                          sem="relaxed")
     tl.store(dq_ptr + ((b * hq + h) * lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_mask)
 
@@ -108,21 +128,24 @@ def dma_backward(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_pass: KvPass | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, ddelta)`` in the dtypes of q, k, v, delta; shapes as the forward.
     dout/q/out ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; lse ``[B, Hq, Lq]``, the forward's
-    base-2 log-sum-exp."""
+    base-2 log-sum-exp. ``kv_pass``: compute dK/dV in the separate span pass (fewer atomics)
+    instead of inside the dQ kernel; ``selection`` must come from ``dma_select``."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dq = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
     dk = torch.zeros(b, hkv, lk, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
     ddelta = torch.zeros(b, hkv, lk, dtype=torch.float32, device=q.device)
+    di = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device) if kv_pass else ddelta
     block_m = selection.block_m
     grid = (triton.cdiv(lq, block_m), b * hq)
     _dma_bwd_kernel[grid](
         q, k, v, delta, key_bias if key_bias is not None else delta, out, dout, lse,
-        dq, dk, dv, ddelta,
+        dq, dk, dv, ddelta, di,
         selection.thr, selection.shift, selection.gather_key, selection.gather_rank,
         selection.gather_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -131,6 +154,11 @@ def dma_backward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages,
+        KV_GRADS=kv_pass is None, num_warps=num_warps, num_stages=num_stages,
     )
+    if kv_pass is not None:
+        lists = dma_gather_lists(selection, delta, lq, kv_pass.rows)
+        dma_backward_kv(dout, q, k, v, delta, key_bias, lse, di, selection.thr, selection.shift,
+                        lists, kv_pass.rows, causal, scale, dk, dv, ddelta, kv_pass.block_m,
+                        kv_pass.block_n, kv_pass.num_warps, kv_pass.num_stages)
     return dq, dk.to(k.dtype), dv.to(v.dtype), ddelta.to(delta.dtype)

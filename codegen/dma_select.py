@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DmaSelection", "dma_select"]
+__all__ = ["DmaSelection", "dma_select", "dma_gather_lists"]
 
 
 @triton.jit
@@ -51,6 +51,7 @@ def _dma_select_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PER_ROW: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -81,63 +82,67 @@ def _dma_select_kernel(
         slot = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
         tl.store(gather_key_ptr + list_base + slot, keys, mask=take)
         tl.store(gather_rank_ptr + list_base + slot, ranks, mask=take)
-        fresh = take & (keys > p_first)
-        tl.store(slot_ptr + base * BLOCK_M + (keys - p_first), slot, mask=fresh)
+        if PER_ROW:
+            fresh = take & (keys > p_first)
+            tl.store(slot_ptr + base * BLOCK_M + (keys - p_first), slot, mask=fresh)
         seen += tl.sum(visible.to(tl.int32), axis=0)
         n_out += tl.sum(take.to(tl.int32), axis=0)
         r0 += BLOCK_R
     tl.store(gather_count_ptr + base, n_out)
     # Phases 2 and 3 read list entries other threads of this program wrote.
     tl.debug_barrier()
+    if PER_ROW:  # thresholds and shifts (the dK/dV pass needs the lists only)
+        # Phase 2: row p's count at list slot i is (i + 1) minus the block keys after p listed at
+        # or before i; it reaches `keep` inside the window [keep - 1, keep + BLOCK_M - 2].
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if CAUSAL:
+            pos = offs_m + (lk - lq)
+        else:
+            pos = tl.zeros([BLOCK_M], dtype=tl.int32) + lk
+        offs_j = tl.arange(0, BLOCK_M)
+        block_slot = tl.load(slot_ptr + base * BLOCK_M + offs_j)  # block key p_first + j
+        block_key = p_first + offs_j
+        w0 = keep - 1
+        hidden = (block_key[None, :] > pos[:, None]) & (block_slot[None, :] < w0)
+        hidden_before = tl.sum(hidden.to(tl.int32), axis=1)
+        offs_w = w0 + tl.arange(0, BLOCK_M)
+        w_ok = offs_w < n_out
+        w_key = tl.load(gather_key_ptr + list_base + offs_w, mask=w_ok, other=0)
+        w_rank = tl.load(gather_rank_ptr + list_base + offs_w, mask=w_ok, other=0)
+        w_visible = w_ok[None, :] & (w_key[None, :] <= pos[:, None])
+        w_hidden = (w_ok[None, :] & (w_key[None, :] > pos[:, None])).to(tl.int32)
+        counts = offs_w[None, :] + 1 - hidden_before[:, None] - tl.cumsum(w_hidden, axis=1)
+        reached = w_visible & (counts == keep)
+        thr = tl.max(tl.where(reached, w_rank[None, :], -1), axis=1)
+        thr = tl.where(thr >= 0, thr, n_allowed - 1)
+        tl.store(thr_ptr + bh * lq + offs_m, thr, mask=offs_m < lq)
 
-    # Phase 2: row p's count at list slot i is (i + 1) minus the block keys after p listed at
-    # or before i; it reaches `keep` inside the window [keep - 1, keep + BLOCK_M - 2].
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if CAUSAL:
-        pos = offs_m + (lk - lq)
-    else:
-        pos = tl.zeros([BLOCK_M], dtype=tl.int32) + lk
-    offs_j = tl.arange(0, BLOCK_M)
-    block_slot = tl.load(slot_ptr + base * BLOCK_M + offs_j)  # block key p_first + j
-    block_key = p_first + offs_j
-    w0 = keep - 1
-    hidden_before = tl.sum(
-        ((block_key[None, :] > pos[:, None]) & (block_slot[None, :] < w0)).to(tl.int32), axis=1
-    )
-    offs_w = w0 + tl.arange(0, BLOCK_M)
-    w_ok = offs_w < n_out
-    w_key = tl.load(gather_key_ptr + list_base + offs_w, mask=w_ok, other=0)
-    w_rank = tl.load(gather_rank_ptr + list_base + offs_w, mask=w_ok, other=0)
-    w_visible = w_ok[None, :] & (w_key[None, :] <= pos[:, None])
-    w_hidden = (w_ok[None, :] & (w_key[None, :] > pos[:, None])).to(tl.int32)
-    counts = offs_w[None, :] + 1 - hidden_before[:, None] - tl.cumsum(w_hidden, axis=1)
-    reached = w_visible & (counts == keep)
-    thr = tl.max(tl.where(reached, w_rank[None, :], -1), axis=1)
-    thr = tl.where(thr >= 0, thr, n_allowed - 1)
-    tl.store(thr_ptr + bh * lq + offs_m, thr, mask=offs_m < lq)
-
-    # Phase 3: row shift = largest delta among the row's visible listed keys (-> 0 if none).
-    h_ok = offs_j < n_out
-    h_key = tl.load(gather_key_ptr + list_base + offs_j, mask=h_ok, other=0)
-    h_delta = tl.load(delta_ptr + bh * lk + h_key, mask=h_ok, other=0.0).to(tl.float32)
-    h_visible = h_ok[None, :] & (h_key[None, :] <= pos[:, None])
-    shift = tl.max(tl.where(h_visible, h_delta[None, :], float("-inf")), axis=1)
-    shift = tl.where(shift == float("-inf"), 0.0, shift)
-    tl.store(shift_ptr + bh * lq + offs_m, shift, mask=offs_m < lq)
+        # Phase 3: row shift = largest delta among the row's visible listed keys (-> 0 if none).
+        h_ok = offs_j < n_out
+        h_key = tl.load(gather_key_ptr + list_base + offs_j, mask=h_ok, other=0)
+        h_delta = tl.load(delta_ptr + bh * lk + h_key, mask=h_ok, other=0.0).to(tl.float32)
+        h_visible = h_ok[None, :] & (h_key[None, :] <= pos[:, None])
+        shift = tl.max(tl.where(h_visible, h_delta[None, :], float("-inf")), axis=1)
+        shift = tl.where(shift == float("-inf"), 0.0, shift)
+        tl.store(shift_ptr + bh * lq + offs_m, shift, mask=offs_m < lq)
 
 
 class DmaSelection:
     """What the attention kernels need to gather the kept keys of each query block.
 
     thr ``[BH, Lq]`` int32 rank threshold per row; shift ``[BH, Lq]`` float32, the constant the
-    kernels subtract from delta on each row (module doc); gather_key / gather_rank ``[BH, nq, cap]``
-    int32 (key index and its rank, in rank order, ``gather_count [BH, nq]`` valid entries);
-    block_m the query block size the lists were built for. BH = batch * kv heads.
+    kernels subtract from delta on each row (module doc); gather_key / gather_rank
+    ``[BH, nq, cap]`` int32 (key index and its rank, in rank order, ``gather_count [BH, nq]``
+    valid entries); block_m the query block size the lists were built for; order / n_allowed the
+    rank order (for more lists at other block sizes). BH = batch * kv heads.
     """
 
-    def __init__(self, thr, gather_key, gather_rank, gather_count, block_m, shift):
+    def __init__(self, thr, gather_key, gather_rank, gather_count, block_m, shift,
+                 order=None, n_allowed=None):
         self.thr = thr
         self.shift = shift
+        self.order = order
+        self.n_allowed = n_allowed
         self.gather_key = gather_key
         self.gather_rank = gather_rank
         self.gather_count = gather_count
@@ -161,6 +166,27 @@ def selection_rank_order(
     return order.reshape(b * h, lk).to(torch.int32).contiguous(), n_allowed
 
 
+def _launch(order, n_allowed, delta, lq, keep, causal, block_m, block_r, per_row):
+    bh, lk = order.shape
+    keep = min(keep, lk)  # keep >= Lk keeps every allowed key; also keeps int32 math in range
+    nq = triton.cdiv(lq, block_m)
+    cap = max(1, min(keep + block_m, lk))
+    dev = order.device
+    gather_key = torch.zeros(bh, nq, cap, dtype=torch.int32, device=dev)
+    gather_rank = torch.zeros(bh, nq, cap, dtype=torch.int32, device=dev)
+    gather_count = torch.empty(bh, nq, dtype=torch.int32, device=dev)
+    thr = torch.empty(bh, lq if per_row else 1, dtype=torch.int32, device=dev)
+    shift = torch.empty(bh, lq if per_row else 1, dtype=torch.float32, device=dev)
+    slot = torch.full((bh, nq, block_m) if per_row else (1,), 2**30, dtype=torch.int32,
+                      device=dev)
+    _dma_select_kernel[(nq, bh)](
+        order, delta, n_allowed, gather_key, gather_rank, gather_count, slot, thr, shift,
+        lq, lk, keep, cap,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_R=block_r, PER_ROW=per_row,
+    )
+    return thr, shift, gather_key, gather_rank, gather_count
+
+
 def dma_select(
     delta: torch.Tensor,
     key_allowed: torch.Tensor | None,
@@ -171,21 +197,19 @@ def dma_select(
     block_r: int = 1024,
 ) -> DmaSelection:
     """Run the selection for delta ``[B, Hkv, Lk]`` and ``lq`` query rows (see module doc)."""
-    b, h, lk = delta.shape
-    keep = min(keep, lk)  # keep >= Lk keeps every allowed key; also keeps int32 math in range
     order, n_allowed = selection_rank_order(delta, key_allowed)
-    nq = triton.cdiv(lq, block_m)
-    cap = max(1, min(keep + block_m, lk))
-    dev = delta.device
-    gather_key = torch.zeros(b * h, nq, cap, dtype=torch.int32, device=dev)
-    gather_rank = torch.zeros(b * h, nq, cap, dtype=torch.int32, device=dev)
-    gather_count = torch.empty(b * h, nq, dtype=torch.int32, device=dev)
-    thr = torch.empty(b * h, lq, dtype=torch.int32, device=dev)
-    shift = torch.empty(b * h, lq, dtype=torch.float32, device=dev)
-    slot = torch.full((b * h, nq, block_m), 2**30, dtype=torch.int32, device=dev)
-    _dma_select_kernel[(nq, b * h)](
-        order, delta, n_allowed, gather_key, gather_rank, gather_count, slot, thr, shift,
-        lq, lk, keep, cap,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_R=block_r,
-    )
-    return DmaSelection(thr, gather_key, gather_rank, gather_count, block_m, shift)
+    thr, shift, key, rank, count = _launch(order, n_allowed, delta, lq, keep, causal, block_m,
+                                           block_r, True)
+    selection = DmaSelection(thr, key, rank, count, block_m, shift, order, n_allowed)
+    selection.keep, selection.causal = keep, causal
+    return selection
+
+
+def dma_gather_lists(
+    selection: DmaSelection, delta: torch.Tensor, lq: int, block_m: int, block_r: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather lists ``(key, rank [BH, nq, cap], count [BH, nq])`` for query blocks of
+    ``block_m`` rows, from ``selection``'s rank order (no second sort, no per-row phases)."""
+    _, _, key, rank, count = _launch(selection.order, selection.n_allowed, delta, lq,
+                                     selection.keep, selection.causal, block_m, block_r, False)
+    return key, rank, count

@@ -18,13 +18,15 @@ from .tma import row_descriptors
 
 FORWARD_SOURCE = '''
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi,
-               hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
+def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, lo,
+               hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
                HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
                HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate.
+    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
+    3: interval bounds applied only when the runtime flag ``edge`` says the block is PARTIAL
+    (one loop over all blocks: one software pipeline per tile instead of three).
 
     FOLD (no bias, scale > 0): scores stay unscaled and the scale is folded into the exp2
     argument (one FMA per entry), since max(scale * s) = scale * max(s). TMA: k_src / v_src
@@ -57,6 +59,12 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_p
     elif MODE == 2:
         kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
         s = tl.where(kept, s, float("-inf"))
+    elif MODE == 3:
+        if edge:
+            kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+            s = tl.where(kept, s, float("-inf"))
+        elif not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
     elif not EVEN_N:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     if FOLD:
@@ -101,7 +109,8 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr):
+                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
+                MERGED: tl.constexpr):
     # Heads vary fastest and query tiles are issued last-first: under causal-like patterns the
     # longest rows start first, which shortens the tail of the launch.
     pid_bh = tl.program_id(0)
@@ -142,24 +151,33 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
             lo = tl.maximum(lo, 0)
             hi = tl.minimum(hi, Lk - 1)
         j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
-        for j in range(j_lo, jf_lo):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi, hp,
-                offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-                HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION,
-                TMA)
-        for j in range(jf_lo, jf_hi):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi, hp,
-                offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-                HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION,
-                TMA)
-        for j in range(jf_hi, j_hi):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, lo, hi, hp,
-                offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-                HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION,
-                TMA)
+        if MERGED:
+            for j in range(j_lo, j_hi):
+                edge = (j < jf_lo) | (j >= jf_hi)
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, lo,
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                    seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION, TMA)
+        else:
+            for j in range(j_lo, jf_lo):
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, lo,
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                    seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION, TMA)
+            for j in range(jf_lo, jf_hi):
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, lo,
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                    seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION, TMA)
+            for j in range(jf_hi, j_hi):
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, lo,
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                    seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION, TMA)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
@@ -167,8 +185,8 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
         for t in range(p_start, p_end):
             j = tl.load(PI + t)
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, q_pos, q_pos,
-                hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, q_pos,
+                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
                 seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
                 PRECISION, TMA)
         f_start = tl.load(FO + row)
@@ -176,8 +194,8 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
         for t in range(f_start, f_end):
             j = tl.load(FI + t)
             acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, offs_m, q_pos, q_pos, q_pos,
-                hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
+                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, q_pos,
+                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
                 seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
                 PRECISION, TMA)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -217,7 +235,7 @@ def launch_forward(
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     bias_t, bias_strides = bias_args(bias, q)
-    descs = row_descriptors(cfg.tma and lk % cfg.fwd_n == 0, cfg.fwd_n, k, v)
+    descs = row_descriptors(cfg.fwd_tma and lk % cfg.fwd_n == 0, cfg.fwd_n, k, v)
     k_arg, v_arg = descs or (k, v)
     grid = (b * hq, triton.cdiv(lq, cfg.fwd_m))
     module._fwd_kernel[grid](
@@ -229,7 +247,8 @@ def launch_forward(
         EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        TMA=descs is not None, MERGED=cfg.fwd_merged, num_warps=cfg.fwd_warps,
+        num_stages=cfg.fwd_stages,
     )
     return out, lse
 

@@ -58,7 +58,9 @@ def layout_for(pattern: Any, lq: int, lk: int, block_m: int, block_n: int) -> An
     """The pattern's Layout for these sizes (cached)."""
     key = (str(pattern), lq, lk, block_m, block_n)
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = pattern.layout(lq, lk, block_m=block_m, block_n=block_n)
+        # Layouts are CPU data whatever the caller's default device (torch.set_default_device).
+        with torch.device("cpu"):
+            _LAYOUTS[key] = pattern.layout(lq, lk, block_m=block_m, block_n=block_n)
     return _LAYOUTS[key]
 
 
@@ -80,26 +82,31 @@ def row_bounds(pattern: Any, lq: int, lk: int, device: torch.device) -> RowBound
     if key in _ROWS:
         return _ROWS[key]
     result = None
-    if lq > 0 and lk > 0:
-        heads = [pattern.for_head(h) for h in range(pattern.num_heads)]
-        rows = []
-        for p in heads:
-            leaves = _union_leaves(p)
-            ivs = [leaf.interval() for leaf in leaves]
-            table = None
-            if len(leaves) >= 2 and all(iv is not None for iv in ivs):
-                table = union_rows(ivs, lq, lk)
-            if table is None:
-                break
-            rows.append(table)
-        else:
-            def dev(name: str) -> torch.Tensor:
-                t = torch.stack([getattr(r, name) for r in rows])
-                return t.to(device=device, dtype=torch.int32).contiguous()
+    with torch.device("cpu"):
+        rows = _union_rows(pattern, lq, lk) if lq > 0 and lk > 0 else None
+    if rows is not None:
+        def dev(name: str) -> torch.Tensor:
+            t = torch.stack([getattr(r, name) for r in rows])
+            return t.to(device=device, dtype=torch.int32).contiguous()
 
-            result = RowBounds(dev("lo"), dev("hi"))
+        result = RowBounds(dev("lo"), dev("hi"))
     _ROWS[key] = result
     return result
+
+
+def _union_rows(pattern: Any, lq: int, lk: int) -> list[Any] | None:
+    """Per pattern head, the RowTable of a union of interval leaves, or None."""
+    rows = []
+    for h in range(pattern.num_heads):
+        leaves = _union_leaves(pattern.for_head(h))
+        ivs = [leaf.interval() for leaf in leaves]
+        if len(leaves) < 2 or any(iv is None for iv in ivs):
+            return None
+        table = union_rows(ivs, lq, lk)
+        if table is None:
+            return None
+        rows.append(table)
+    return rows
 
 
 def _dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -100,10 +100,11 @@ def compact_csr(counts: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tens
     O(entries) whatever the longest row (padded tables cost rows x longest row)."""
     heads, rows = counts.shape
     c = counts.to(torch.int64)
-    valid = torch.arange(indices.shape[-1]) < c[..., None]
+    valid = torch.arange(indices.shape[-1], device=c.device) < c[..., None]
     flat = indices[valid].to(torch.int32)
     ends = torch.cumsum(c.flatten(), 0).reshape(heads, rows)
-    offsets = torch.cat([ends[:, :1] - c[:, :1], ends], 1) if rows else torch.zeros((heads, 1))
+    offsets = (torch.cat([ends[:, :1] - c[:, :1], ends], 1) if rows
+               else torch.zeros((heads, 1), device=c.device))
     return offsets.to(torch.int32), flat
 
 
@@ -115,7 +116,7 @@ def transpose_compact(
     heads, rows = offsets.shape[0], offsets.shape[1] - 1
     off = offsets.to(torch.int64)
     per_row = (off[:, 1:] - off[:, :-1]).flatten()
-    head_row = torch.arange(heads * rows).repeat_interleave(per_row)
+    head_row = torch.arange(heads * rows, device=off.device).repeat_interleave(per_row)
     head, row = head_row // max(rows, 1), head_row % max(rows, 1)
     col = indices.to(torch.int64)
     # Sort by (head, column); the stable sort keeps rows ascending within a column.

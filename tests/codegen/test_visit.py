@@ -20,7 +20,9 @@ from tests.conftest import rel_error
 # Rectangular tiles in every pass: forward 32x16, dQ 32x16, dK/dV 32 keys x 16 queries
 # (the GPU shapes are rectangular too: 128 keys x 32/64 queries in the dK/dV pass).
 RECT = TileConfig(32, 16, 1, 1, 32, 16, 1, 1, 16, 32, 1, 1)
-RECT_T = TileConfig(16, 32, 1, 1, 16, 32, 1, 1, 32, 16, 1, 1)
+# Transposed shapes, with the interval loops merged into one (PARTIAL mask under a branch).
+RECT_T = TileConfig(16, 32, 1, 1, 16, 32, 1, 1, 32, 16, 1, 1, fwd_merged=True,
+                    dq_merged=True, kv_merged=True)
 
 
 def direct(q, k, v, text, scale, cfg, dout):
@@ -43,12 +45,11 @@ def check(text, lq, lk, cfg, scale=None, b=1, hq=2, hkv=1, dtype=torch.float32):
     assert max(errs) < TOL[dtype], f"{text!r} {cfg}: {errs}"
 
 
-@pytest.mark.parametrize("cfg", [RECT, RECT_T], ids=["q-tall", "k-wide"])
+@pytest.mark.parametrize("cfg", [RECT, RECT_T], ids=["q-tall", "k-wide-merged"])
 @pytest.mark.parametrize(
     "text, lq, lk",
-    [("causal & sliding(40)", 90, 90), ("local(33)", 70, 83), ("block(24)", 75, 75),
-     ("causal | prefix(40)", 90, 90), ("strided(5) | sink(3)", 61, 77),
-     ("global(3) | local(20)", 70, 70)],
+    [("causal & sliding(40)", 90, 90), ("local(33)", 70, 83), ("window(20, 30)", 70, 90),
+     ("causal | prefix(40)", 90, 90), ("strided(5) | sink(3)", 61, 77)],
 )
 def test_rectangular_tiles(text, lq, lk, cfg):
     check(text, lq, lk, cfg)
@@ -88,13 +89,14 @@ def test_compact_tables_list_exactly_the_layout(text, lq, lk, bm, bn):
                     assert listed == (grid[h, r] == kind).nonzero().flatten().tolist()
 
 
-@pytest.mark.parametrize("cfg", [RECT, RECT_T], ids=["q-tall", "k-wide"])
+@pytest.mark.parametrize("cfg", [RECT, RECT_T], ids=["q-tall", "k-wide-merged"])
 @pytest.mark.parametrize("text", ["causal & sliding(40)", "causal | prefix(40)",
                                   "strided(5) | sink(3)"])
 def test_tma_descriptor_loads(text, cfg):
     # Lengths multiples of every tile and 16-bit inputs: the inner-loop tiles come through row
     # descriptors spanning all batches and heads (GQA: the kv rows of head h // G).
-    check(text, 96, 64, replace(cfg, tma=True), b=2, hq=4, hkv=2, dtype=torch.float16)
+    cfg = replace(cfg, fwd_tma=True, dq_tma=True, kv_tma=True)
+    check(text, 96, 64, cfg, b=2, hq=4, hkv=2, dtype=torch.float16)
 
 
 def test_row_descriptors_only_where_exact():

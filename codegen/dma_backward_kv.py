@@ -1,0 +1,134 @@
+"""DMA backward, dK/dV pass: key tiles accumulate over many query rows before one atomic add.
+
+The fused backward (``dma_backward``) adds every query block's dK/dV tile into float32 buffers
+with atomics: ``Lq / BLOCK_M`` adds per kept key and head, most of them on the same hot rows
+(a high-delta key is kept by every later query), which dominates its time. This pass instead
+takes ``ROWS`` query rows at once (a span of several query blocks) and the union of their kept
+keys, which the selection lists in rank order (``dma_gather_lists``; at most ``keep + ROWS``
+keys). Program (key tile of that list, row span, batch * kv head): it loads its gathered K/V
+tile once, loops over the query heads of its GQA group and the span's rows in ``BLOCK_M``
+tiles, recomputes P and dS (``lse`` and ``Di = rowsum(dO * O)`` from the forward and the dQ
+pass), and accumulates dK, dV and d delta in registers; one atomic add per key tile and span.
+Row tiles that keep nothing of the key tile are skipped: ``thr`` is non-increasing in the row,
+so once a tile's first row stops reaching the key tile's best rank, so do the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["dma_backward_kv"]
+
+
+@triton.jit
+def _dma_bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, dout_ptr, lse_ptr, di_ptr,
+    dk_ptr, dv_ptr, ddelta_ptr,
+    thr_ptr, shift_ptr, ukey_ptr, urank_ptr, ucount_ptr,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    lq, lk, hq, hkv, ucap, scale,
+    CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    bhk = tl.program_id(2)
+    b = bhk // hkv
+    hk = bhk % hkv
+    group = hq // hkv
+    n_spans = tl.cdiv(lq, ROWS)
+    count = tl.load(ucount_ptr + bhk * n_spans + pid_s)
+    start = pid_n * BLOCK_N
+    if start < count:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < count
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        list_base = (bhk * n_spans + pid_s) * ucap
+        keys = tl.load(ukey_ptr + list_base + offs_n, mask=n_ok, other=0)
+        ranks = tl.load(urank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
+        k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * skn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
+        kb = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_KEY_BIAS:
+            kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
+        best_rank = tl.min(tl.where(n_ok, ranks, 2147483647), axis=0)
+        first_key = tl.min(tl.where(n_ok, keys, 2147483647), axis=0)
+        scale_log2 = scale * 1.4426950408889634
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dd = tl.zeros([BLOCK_N], dtype=tl.float32)
+        row0 = pid_s * ROWS
+        row_end = tl.minimum(row0 + ROWS, lq)
+        for g in range(0, group):
+            h = hk * group + g
+            bh = b * hq + h
+            for m0 in range(row0, row_end, BLOCK_M):
+                active = tl.load(thr_ptr + bhk * lq + m0) >= best_rank
+                if CAUSAL:
+                    active = active & (tl.minimum(m0 + BLOCK_M, lq) - 1 + (lk - lq) >= first_key)
+                if active:
+                    offs_m = m0 + tl.arange(0, BLOCK_M)
+                    row_ok = offs_m < lq
+                    md_mask = row_ok[:, None] & d_ok[None, :]
+                    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm
+                                + offs_d[None, :], mask=md_mask, other=0.0)
+                    do = tl.load(dout_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom
+                                 + offs_d[None, :], mask=md_mask, other=0.0)
+                    lse = tl.load(lse_ptr + bh * lq + offs_m, mask=row_ok, other=float("-inf"))
+                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+                    di = tl.load(di_ptr + bh * lq + offs_m, mask=row_ok, other=0.0)
+                    thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+                    shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
+                    # the forward's logits, operation for operation
+                    s = tl.dot(q, tl.trans(k)) * scale_log2
+                    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
+                    if HAS_KEY_BIAS:
+                        s += kb[None, :] * 1.4426950408889634
+                    kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
+                    if CAUSAL:
+                        kept = kept & (keys[None, :] <= (offs_m + (lk - lq))[:, None])
+                    p = tl.exp2(tl.where(kept, s, float("-inf")) - lse2[:, None])
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+                    ds = p * (dp - di[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                    dd += tl.sum(ds, axis=0)
+        kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dv_ptr + kv_off, dv, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(dk_ptr + kv_off, dk * scale, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(ddelta_ptr + bhk * lk + keys, dd, mask=n_ok, sem="relaxed")
+
+
+def dma_backward_kv(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    delta: torch.Tensor, key_bias: torch.Tensor | None, lse: torch.Tensor, di: torch.Tensor,
+    thr: torch.Tensor, shift: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: int, causal: bool,
+    scale: float, dk: torch.Tensor, dv: torch.Tensor, ddelta: torch.Tensor,
+    block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+) -> None:
+    """Accumulate dK, dV (float32 ``[B, Hkv, Lk, D]``) and d delta (float32 ``[B, Hkv, Lk]``)
+    in place. ``lists`` = ``dma_gather_lists(..., block_m=rows)``; thr/shift from the
+    selection; lse the forward's, di ``[B, Hq, Lq]`` float32 from the dQ pass."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    ukey, urank, ucount = lists
+    grid = (triton.cdiv(ukey.shape[-1], block_n), triton.cdiv(lq, rows), b * hkv)
+    _dma_bwd_kv_kernel[grid](
+        q, k, v, delta, key_bias if key_bias is not None else delta, dout, lse, di,
+        dk, dv, ddelta, thr, shift, ukey, urank, ucount,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        lq, lk, hq, hkv, ukey.shape[-1], scale,
+        CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=rows, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
