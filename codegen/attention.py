@@ -99,10 +99,12 @@ def forward(
     dropout_p: float = 0.0,
     seed: int = 0,
     cfg: TileConfig | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Hq, Lq, D] and lse [B, Hq, Lq] (float32, log2 units, +inf if empty).
 
-    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk].
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
+    softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks.
     """
     pattern = parse_pattern(pattern_text)
     if pattern.is_dynamic:
@@ -112,7 +114,7 @@ def forward(
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
     return launch_forward(
         kernel_module(pattern), q, k, v, kernel_bias(bias), visit, pattern_heads(pattern),
-        scale, dropout_p, seed, cfg,
+        scale, dropout_p, seed, cfg, softcap,
     )
 
 
@@ -130,6 +132,7 @@ def backward(
     dropout_p: float = 0.0,
     seed: int = 0,
     cfg: TileConfig | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
     pattern = parse_pattern(pattern_text)
@@ -146,10 +149,11 @@ def backward(
     kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
-        seed, cfg,
+        seed, cfg, softcap,
     )
     dk, dv = launch_dkdv(
         module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed, cfg,
+        softcap,
     )
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).to(bias.dtype)

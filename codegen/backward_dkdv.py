@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .config import TileConfig
-from .forward import bias_args
+from .forward import bias_args, softcap_args
 from .tables import Visit, visit_args
 from .tma import row_descriptors
 
@@ -74,11 +74,12 @@ def _row_blocks(Lq, Lk, hp, n_first, n_last, RLO, RHI, BM: tl.constexpr,
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                 edge, k_idx, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                qk_scale, drop_p, seed_bh, RLO, RHI,
+                qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
                 HEAD_DIM: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr):
+                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
+                SOFTCAP: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
     3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop)."""
     q_idx = i * BM + offs_m
@@ -98,7 +99,10 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
     lse = tl.load(lse_base + q_idx, mask=m_ok, other=float("inf"))
     delta = tl.load(delta_base + q_idx, mask=m_ok, other=0.0)
     s_t = _dot(k, tl.trans(q), PRECISION)
-    if not FOLD:
+    if SOFTCAP:
+        t_cap = _tanh(s_t * cap_in)
+        s_t = t_cap * cap_out
+    elif not FOLD:
         s_t = s_t * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + q_idx[None, :] * sbm + k_idx[:, None] * sbn,
@@ -139,6 +143,8 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
         pd_t = p_t
     dv = _dot_acc(pd_t.to(do.dtype), do, dv, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_cap * t_cap)
     dk = _dot_acc(ds_t.to(q.dtype), q, dk, PRECISION)
     return dk, dv
 
@@ -148,11 +154,12 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                  PO, PI, FO, FI, t_rows, RLO, RHI,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
-                 Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, drop_p, seed,
+                 Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                 RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr):
+                 RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     # Heads fastest; key blocks in order (under causal the first key blocks are the longest).
     pid_bkv = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -197,27 +204,31 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 3, EVEN_N, EVEN_D,
-                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 3,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
+                        SOFTCAP)
             else:
                 for i in range(i_lo, if_lo):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D,
-                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
+                        SOFTCAP)
                 for i in range(if_lo, if_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D,
-                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
+                        SOFTCAP)
                 for i in range(if_hi, i_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1, EVEN_N, EVEN_D,
-                        FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
+                        SOFTCAP)
         else:
             row = hp * t_rows + pid_n
             p_start = tl.load(PO + row)
@@ -227,8 +238,8 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
                     offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 2, EVEN_N,
+                    EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA, SOFTCAP)
             f_start = tl.load(FO + row)
             f_end = tl.load(FO + row + 1)
             for t in range(f_start, f_end):
@@ -236,8 +247,8 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
                     offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA)
+                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N,
+                    EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA, SOFTCAP)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -260,6 +271,7 @@ def launch_dkdv(
     dropout_p: float,
     seed: int,
     cfg: TileConfig,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
 
@@ -280,13 +292,14 @@ def launch_dkdv(
         q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
         hq, hkv, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
-        dropout_p, seed,
+        *softcap_args(scale, softcap), dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.kv_m, BN=cfg.kv_n,
-        EVEN_N=lk % cfg.kv_n == 0, FOLD=bias is None and scale > 0,
+        EVEN_N=lk % cfg.kv_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, MERGED=cfg.kv_merged, num_warps=cfg.kv_warps,
+        TMA=descs is not None, MERGED=cfg.kv_merged, SOFTCAP=softcap > 0,
+        num_warps=cfg.kv_warps,
         num_stages=cfg.kv_stages,
     )
     return dk, dv

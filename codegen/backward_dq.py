@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .config import TileConfig
-from .forward import bias_args
+from .forward import bias_args, softcap_args
 from .tables import Visit, visit_args
 from .tma import row_descriptors
 
@@ -22,12 +22,12 @@ DQ_SOURCE = '''
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
               offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-              dbm, dbn, Lk, qk_scale, drop_p, seed_bh,
+              dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
               HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr,
               DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DROPOUT: tl.constexpr,
-              PRECISION: tl.constexpr, TMA: tl.constexpr):
+              PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     """MODE 0: FULL; 1: PARTIAL, interval bounds; 2: PARTIAL, predicate; 3: interval bounds
     only where the runtime flag ``edge`` says PARTIAL (merged loop)."""
     k_idx = j * BN + offs_n
@@ -46,7 +46,10 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), PRECISION)
-    if not FOLD:
+    if SOFTCAP:
+        t_cap = _tanh(s * cap_in)
+        s = t_cap * cap_out
+    elif not FOLD:
         s = s * qk_scale
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn,
@@ -91,6 +94,9 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
         else:
             tl.atomic_add(dbias_base + offs_m[:, None] * dbm + k_idx[None, :] * dbn, ds_b,
                           mask=db_mask)
+    if SOFTCAP:
+        # Through the cap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2.
+        ds = ds * (1.0 - t_cap * t_cap)
     dq = _dot_acc(ds.to(k.dtype), k, dq, PRECISION)
     return dq
 
@@ -100,12 +106,13 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
                PO, PI, FO, FI, t_rows, RLO, RHI,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn,
-               Hq, G, NPH, Lq, Lk, scale, qk_scale, drop_p, seed,
+               Hq, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
                DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-               RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr):
+               RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
+               SOFTCAP: tl.constexpr):
     # Heads fastest, query tiles last-first (longest rows first under causal-like patterns).
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -154,27 +161,31 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
                     offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 3,
+                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
+                    PRECISION, TMA, SOFTCAP)
         else:
             for j in range(j_lo, jf_lo):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
                     offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1,
+                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
+                    PRECISION, TMA, SOFTCAP)
             for j in range(jf_lo, jf_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
                     offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0,
+                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
+                    PRECISION, TMA, SOFTCAP)
             for j in range(jf_hi, j_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
                     offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD,
-                    HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1,
+                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
+                    PRECISION, TMA, SOFTCAP)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
@@ -184,8 +195,9 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
             dq = _dq_block(
                 dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
                 offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm,
-                sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD,
-                HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+                sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2,
+                EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
+                PRECISION, TMA, SOFTCAP)
         f_start = tl.load(FO + row)
         f_end = tl.load(FO + row + 1)
         for t in range(f_start, f_end):
@@ -193,8 +205,9 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
             dq = _dq_block(
                 dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
                 offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm,
-                sbn, dbm, dbn, Lk, qk_scale, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD,
-                HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA)
+                sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0,
+                EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
+                PRECISION, TMA, SOFTCAP)
     dq = dq * scale
     tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -217,6 +230,7 @@ def launch_dq(
     dropout_p: float,
     seed: int,
     cfg: TileConfig,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """dQ [B, Hq, Lq, D] (q's dtype, contiguous); adds the bias gradient into ``dbias``.
 
@@ -236,16 +250,17 @@ def launch_dq(
         q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
         hq, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
-        dropout_p, seed,
+        *softcap_args(scale, softcap), dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
-        EVEN_N=lk % cfg.dq_n == 0, FOLD=bias is None and scale > 0,
+        EVEN_N=lk % cfg.dq_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         BIAS_GRAD=dbias is not None,
         DB_ROWS=dbias is not None and dbias.shape[2] == 1,
         DB_COLS=dbias is not None and dbias.shape[3] == 1,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, MERGED=cfg.dq_merged, num_warps=cfg.dq_warps,
+        TMA=descs is not None, MERGED=cfg.dq_merged, SOFTCAP=softcap > 0,
+        num_warps=cfg.dq_warps,
         num_stages=cfg.dq_stages,
     )
     return dq

@@ -19,17 +19,19 @@ from .tma import row_descriptors
 FORWARD_SOURCE = '''
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, lo,
-               hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p, seed_bh,
-               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+               hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in, cap_out,
+               drop_p, seed_bh, HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
                HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, TMA: tl.constexpr):
+               PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
     3: interval bounds applied only when the runtime flag ``edge`` says the block is PARTIAL
     (one loop over all blocks: one software pipeline per tile instead of three).
 
     FOLD (no bias, scale > 0): scores stay unscaled and the scale is folded into the exp2
-    argument (one FMA per entry), since max(scale * s) = scale * max(s). TMA: k_src / v_src
+    argument (one FMA per entry), since max(scale * s) = scale * max(s). SOFTCAP: logits
+    capped as softcap * tanh(scale * s / softcap) (cap_in = scale / softcap, cap_out =
+    softcap * log2(e)) before bias and masks. TMA: k_src / v_src
     are row descriptors (this tile's rows start at kv_row + j * BN), else base pointers."""
     k_idx = j * BN + offs_n
     n_ok = k_idx < Lk
@@ -44,7 +46,9 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_
         else:
             k = tl.load(k_ptrs, mask=n_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
     s = _dot(q, k, PRECISION)
-    if not FOLD:
+    if SOFTCAP:
+        s = _tanh(s * cap_in) * cap_out
+    elif not FOLD:
         s = s * qk_scale
     if HAS_BIAS:
         b_ptrs = bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn
@@ -105,12 +109,12 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
                 PO, PI, FO, FI, t_rows, RLO, RHI,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                Hq, G, NPH, Lq, Lk, qk_scale, drop_p, seed,
+                Hq, G, NPH, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
-                MERGED: tl.constexpr):
+                MERGED: tl.constexpr, SOFTCAP: tl.constexpr):
     # Heads vary fastest and query tiles are issued last-first: under causal-like patterns the
     # longest rows start first, which shortens the tail of the launch.
     pid_bh = tl.program_id(0)
@@ -156,28 +160,28 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
                 edge = (j < jf_lo) | (j >= jf_hi)
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, lo,
-                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                    seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION, TMA)
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
+                    cap_out, drop_p, seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
+                    BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
         else:
             for j in range(j_lo, jf_lo):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, lo,
-                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                    seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION, TMA)
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
+                    cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
+                    BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
             for j in range(jf_lo, jf_hi):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, lo,
-                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                    seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION, TMA)
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
+                    cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
+                    BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
             for j in range(jf_hi, j_hi):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, lo,
-                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                    seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION, TMA)
+                    hi, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
+                    cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
+                    BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
@@ -186,18 +190,18 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
             j = tl.load(PI + t)
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, q_pos,
-                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                PRECISION, TMA)
+                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
+                cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
+                BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
         f_start = tl.load(FO + row)
         f_end = tl.load(FO + row + 1)
         for t in range(f_start, f_end):
             j = tl.load(FI + t)
             acc, l_i, m_i = _fwd_block(
                 acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, q_pos,
-                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, drop_p,
-                seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                PRECISION, TMA)
+                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
+                cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
+                BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -220,12 +224,14 @@ def launch_forward(
     dropout_p: float,
     seed: int,
     cfg: TileConfig,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel of a generated ``module``.
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (any strides), bias None or a 4-D tensor broadcast
     to [B, Hq, Lq, Lk] through stride-0 dims (bool as uint8). ``visit`` says how the kernel
     finds its key blocks (kv tables for (cfg.fwd_m, cfg.fwd_n) when it reads tables).
+    ``softcap`` > 0 caps the logits as softcap * tanh(scale * s / softcap) before bias / masks.
     Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32 (log2 units).
     """
     b, hq, lq, d = q.shape
@@ -242,15 +248,24 @@ def launch_forward(
         q, k_arg, v_arg, bias_t, out, lse, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, scale * 1.4426950408889634,
-        dropout_p, seed,
+        *softcap_args(scale, softcap), dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.fwd_m, BN=cfg.fwd_n,
-        EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0,
+        EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, MERGED=cfg.fwd_merged, num_warps=cfg.fwd_warps,
+        TMA=descs is not None, MERGED=cfg.fwd_merged, SOFTCAP=softcap > 0,
+        num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages,
     )
     return out, lse
+
+
+def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
+    """(cap_in, cap_out) = (scale / softcap, softcap * log2(e)): capped log2-unit logits are
+    tanh(s * cap_in) * cap_out; (1, 1) when off (unused)."""
+    if softcap <= 0:
+        return 1.0, 1.0
+    return scale / softcap, softcap * 1.4426950408889634
 
 
 def bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

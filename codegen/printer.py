@@ -30,6 +30,13 @@ def _dot_acc(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 @triton.jit
+def _tanh(x):
+    """tanh through exp2 (no libdevice dependency); saturates exactly to +-1."""
+    e = tl.math.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
 def _floordiv(a, b):
     """Python floor division of integers (Triton's // truncates toward zero)."""
     quot = a // b

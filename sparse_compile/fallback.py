@@ -69,6 +69,7 @@ def _chunk_attention(
     bias: torch.Tensor | None,
     scale: float,
     dropout_p: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One query chunk, grouped by KV head.
 
@@ -76,6 +77,8 @@ def _chunk_attention(
     bias None or broadcastable to [B, Hkv, G, c, Lk]. Returns [B, Hkv, G, c, D] float32.
     """
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias
@@ -101,6 +104,7 @@ def chunked_attention(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     max_scores: int = DEFAULT_MAX_SCORES,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Pattern-sparse attention, chunked over queries.
 
@@ -112,6 +116,8 @@ def chunked_attention(
         bias: additive float tensor or bool keep-mask broadcastable to [B, Hq, Lq, Lk].
         dropout_p: attention dropout probability (torch RNG).
         max_scores: bound on score entries held at once (over B·Hq·chunk·Lk).
+        softcap: when > 0, logits are capped as softcap·tanh(scale·q·k / softcap) before the
+            bias and the pattern (Gemma-2 style).
 
     Returns:
         [B, Hq, Lq, D] in q's dtype. Differentiable through plain torch ops.
@@ -156,11 +162,11 @@ def chunked_attention(
         q_c = qg[:, :, :, start:stop]
         if needs_grad and chunk < lq:
             out = checkpoint(
-                _chunk_attention, q_c, kg, vg, keep, bias_c, scale, dropout_p,
+                _chunk_attention, q_c, kg, vg, keep, bias_c, scale, dropout_p, softcap,
                 use_reentrant=False,
             )
         else:
-            out = _chunk_attention(q_c, kg, vg, keep, bias_c, scale, dropout_p)
+            out = _chunk_attention(q_c, kg, vg, keep, bias_c, scale, dropout_p, softcap)
         outs.append(out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
     return out.reshape(b, hq, lq, d).to(q.dtype)

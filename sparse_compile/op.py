@@ -27,13 +27,14 @@ def _seed_int(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-def _fallback(q, k, v, bias, pattern, scale, dropout_p, seed):
+def _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0):
     from sparse_compile.codegen.attention import parse_pattern
 
     with torch.random.fork_rng(devices=[q.device] if q.is_cuda else [], enabled=dropout_p > 0):
         if dropout_p > 0:
             torch.manual_seed(_seed_int(seed))
-        return chunked_attention(q, k, v, parse_pattern(pattern), scale, bias, dropout_p)
+        return chunked_attention(q, k, v, parse_pattern(pattern), scale, bias, dropout_p,
+                                 softcap=softcap)
 
 
 @torch.library.custom_op(f"{_NS}::attention", mutates_args=())
@@ -46,23 +47,27 @@ def attention_op(
     scale: float,
     dropout_p: float,
     seed: torch.Tensor | None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Hq, Lq, D] (q's dtype) and lse [B, Hq, Lq] float32 (log2 units; kernel path).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk],
-    pattern: canonical DSL text, seed: int64 scalar tensor on the CPU (dropout only).
+    pattern: canonical DSL text, seed: int64 scalar tensor on the CPU (dropout only),
+    softcap: when > 0, logits are capped as softcap * tanh(scale * q.k / softcap) before the
+    bias and the pattern (Gemma-2 style); 0 = off.
     """
     if kernels_available(q):
         from sparse_compile.codegen.attention import forward
 
-        return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed))
-    out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed)
+        return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
+                       softcap=softcap)
+    out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap)
     lse = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
     return out.contiguous(), lse
 
 
 @attention_op.register_fake
-def _(q, k, v, bias, pattern, scale, dropout_p, seed):
+def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0):
     b, hq, lq, d = q.shape
     return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
 
@@ -81,20 +86,22 @@ def attention_backward_op(
     dropout_p: float,
     seed: torch.Tensor | None,
     bias_grad: bool,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias has bias's shape when ``bias_grad`` else is empty."""
     if kernels_available(q):
         from sparse_compile.codegen.attention import backward
 
         dq, dk, dv, db = backward(
-            dout, q, k, v, out, lse, pattern, scale, bias, bias_grad, dropout_p, _seed_int(seed)
+            dout, q, k, v, out, lse, pattern, scale, bias, bias_grad, dropout_p, _seed_int(seed),
+            softcap=softcap,
         )
     else:
         # The op runs below the autograd dispatch key: differentiate with torch.func instead.
         with_bias = bias is not None and bias_grad and bias.is_floating_point()
 
         def fn(q_, k_, v_, b_):
-            return _fallback(q_, k_, v_, b_, pattern, scale, dropout_p, seed)
+            return _fallback(q_, k_, v_, b_, pattern, scale, dropout_p, seed, softcap)
 
         primals = (q, k, v, bias if with_bias else None)
         if with_bias:
@@ -111,16 +118,17 @@ def attention_backward_op(
 
 
 @attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, bias, pattern, scale, dropout_p, seed, bias_grad):
+def _(dout, q, k, v, out, lse, bias, pattern, scale, dropout_p, seed, bias_grad, softcap=0.0):
     db = bias.new_empty(bias.shape) if (bias is not None and bias_grad) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, pattern, scale, dropout_p, seed = inputs
+    q, k, v, bias, pattern, scale, dropout_p, seed, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, out, lse, seed)
     ctx.pattern, ctx.scale, ctx.dropout_p = pattern, scale, dropout_p
+    ctx.softcap = rest[0] if rest else 0.0
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
@@ -128,9 +136,9 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, bias, out, lse, seed = ctx.saved_tensors
     dq, dk, dv, db = attention_backward_op(
         grad_out.contiguous(), q, k, v, out, lse, bias, ctx.pattern, ctx.scale, ctx.dropout_p,
-        seed, ctx.bias_grad,
+        seed, ctx.bias_grad, ctx.softcap,
     )
-    return dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None
+    return dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -49,8 +49,9 @@ def make_qkv(
     return one(hq, lq), one(hkv, lk), one(hkv, lk)
 
 
-def oracle(q, k, v, pattern, scale=None, bias=None):
-    """Float64 attention with autograd (same formula as reference_attention, which it matches).
+def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0):
+    """Float64 attention with autograd (same formula as reference_attention, which it matches;
+    with ``softcap`` > 0 the logits are first capped as softcap * tanh(s / softcap)).
 
     Returns the output [B, Hq, Lq, D] float64, differentiable in q, k, v and a float bias.
     """
@@ -62,6 +63,8 @@ def oracle(q, k, v, pattern, scale=None, bias=None):
     k64 = k.to(torch.float64).repeat_interleave(g, 1)
     v64 = v.to(torch.float64).repeat_interleave(g, 1)
     s = scale * (q.to(torch.float64) @ k64.transpose(-1, -2))
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     keep = p.mask(lq, lk, heads=hq if p.per_head else None, device=q.device)
     keep = keep.expand(b, hq, lq, lk)
     if bias is not None:
@@ -75,12 +78,14 @@ def oracle(q, k, v, pattern, scale=None, bias=None):
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
     out = (e / torch.where(den > 0, den, torch.ones_like(den))) @ v64
+    if softcap > 0:
+        return out
     ref = reference_attention(q, k, v, p, scale, bias)
     assert rel_error(out, ref) < 1e-12, "test oracle disagrees with reference_attention"
     return out
 
 
-def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True):
+def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True, softcap=0.0):
     """Run ``fn(q, k, v, pattern, scale, bias)`` and compare output and gradients with the oracle.
 
     Returns the dict of relative errors (out, dq, dk, dv[, dbias]).
@@ -89,7 +94,7 @@ def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True
     out = fn(q, k, v, pattern, scale, bias)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), f"non-finite output for {pattern!r}"
-    ref = oracle(q, k, v, pattern, scale, bias)
+    ref = oracle(q, k, v, pattern, scale, bias, softcap)
     errs = {"out": rel_error(out, ref)}
     if grads:
         dout = torch.randn_like(out)
