@@ -75,9 +75,11 @@ def candidate_tables(p: Pattern, lq: int, lk: int, bm: int, bn: int, ranges):
     return {"kv": tuple(out)}
 
 
-def tile_keys(starts: torch.Tensor, ends: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
-    """Sorted distinct tile keys ``i * nk + j`` of the k-block ranges ``[starts, ends)``
-    (int64 ``[nq, m]``, clipped to ``[0, nk)``): row-major, k-blocks ascending within a row."""
+def tile_keys(starts: torch.Tensor, ends: torch.Tensor, nq: int, nk: int,
+              unique: bool = True) -> torch.Tensor:
+    """Tile keys ``i * nk + j`` of the k-block ranges ``[starts, ends)`` (int64 ``[nq, m]``,
+    clipped to ``[0, nk)``): sorted and distinct (row-major, k-blocks ascending within a row)
+    unless ``unique`` is False (then in range order, overlaps repeated)."""
     lengths = (ends.clamp(max=nk) - starts.clamp(min=0)).clamp(min=0)
     rows = torch.arange(nq, dtype=torch.int64)[:, None].expand_as(starts)
     flat_len = lengths.flatten()
@@ -85,7 +87,7 @@ def tile_keys(starts: torch.Tensor, ends: torch.Tensor, nq: int, nk: int) -> tor
     offset = torch.arange(int(flat_len.sum())) - (torch.cumsum(flat_len, 0) - flat_len
                                                   ).repeat_interleave(flat_len)
     keys = rows.flatten().repeat_interleave(flat_len) * nk + first + offset
-    return torch.unique(keys)
+    return torch.unique(keys) if unique else keys
 
 
 def classify_listed(p: Pattern, lq: int, lk: int, bm: int, bn: int, i: torch.Tensor,

@@ -31,42 +31,64 @@ import numpy as np
 import torch
 
 from .blocks import _KIND_OF_BITS, Tiles, classify, is_toeplitz, kept_in_tiles
-from .candidates import candidate_ranges, classify_listed, tile_keys
+from .candidates import classify_listed, tile_keys
+from .intervals import interval_bounds
 from .nodes import And, Not, Or, Pattern
 from .primitives import Axial, Dense, Global, Strided
+from .tables import CHUNK
+
+EMPTY, FULL = 0, 2
 
 EVERYTHING: Pattern = Dense()
 NOTHING: Pattern = Not(EVERYTHING)
 
 
 @dataclass(frozen=True)
-class Split:
-    """``pattern == background`` on every tile outside the exception ranges.
+class Ranges:
+    """Per q-block ranges of k-blocks: q-block ``i`` covers ``[starts[i, c], ends[i, c])`` for
+    each ``c`` (int64 ``[nq, m]``, ``m`` may be 0; ranges may overlap or stick out of the
+    grid, users clip them)."""
 
-    ``background`` depends on ``q - k`` only; ``starts, ends``: int64 ``[nq, m]``, q-block ``i``
-    has exception k-blocks ``[starts[i, c], ends[i, c])`` for each ``c`` (``m`` may be 0).
-    """
-
-    background: Pattern
     starts: torch.Tensor
     ends: torch.Tensor
 
+    @staticmethod
+    def none(nq: int) -> Ranges:
+        empty = torch.zeros((nq, 0), dtype=torch.int64)
+        return Ranges(empty, empty)
+
+    def __add__(self, other: Ranges) -> Ranges:
+        return Ranges(torch.cat([self.starts, other.starts], 1),
+                      torch.cat([self.ends, other.ends], 1))
+
     @property
     def size(self) -> int:
-        """Total length of the exception ranges (an upper bound on the exception tiles)."""
+        """Total length (an upper bound on the tiles covered)."""
         return int((self.ends - self.starts).clamp(min=0).sum())
+
+
+@dataclass(frozen=True)
+class Split:
+    """A pattern seen as its q - k ``background`` plus per q-block ranges of tiles where it
+    differs: ``full`` tiles keep every entry, ``empty`` tiles none, ``exceptions`` are unknown
+    (classified exactly later); on every other tile the pattern equals the background."""
+
+    background: Pattern
+    exceptions: Ranges
+    full: Ranges
+    empty: Ranges
 
 
 def split_pattern(p: Pattern, lq: int, lk: int, bm: int, bn: int) -> Split | None:
     """The :class:`Split` of the head-resolved pattern ``p``, or None when some leaf admits no
     analysis (a custom predicate that is neither of ``q - k`` nor one interval per row)."""
     nq = -(-lq // bm)
+    none = Ranges.none(nq)
     if is_toeplitz(p):
-        none = torch.zeros((nq, 0), dtype=torch.int64)
-        return Split(p, none, none)
+        return Split(p, none, none, none)
     if isinstance(p, Not):
         s = split_pattern(p.inner, lq, lk, bm, bn)
-        return None if s is None else Split(_negate(s.background), s.starts, s.ends)
+        return None if s is None else Split(_negate(s.background), s.exceptions, s.empty, s.full)
     if isinstance(p, (And, Or)):
         a = split_pattern(p.left, lq, lk, bm, bn)
         b = split_pattern(p.right, lq, lk, bm, bn)
@@ -74,11 +96,14 @@ def split_pattern(p: Pattern, lq: int, lk: int, bm: int, bn: int) -> Split | Non
             return None
         return _combine(a, b, isinstance(p, And))
     if isinstance(p, Axial):
-        starts, ends = _axial_ranges(p, lq, lk, bm, bn)
-        return Split(Strided(p.cols), starts, ends)
-    if isinstance(p, Global) or p.interval() is not None:
-        starts, ends = candidate_ranges(p, lq, lk, bm, bn)
-        return Split(NOTHING, starts, ends)
+        exceptions, full = _axial_ranges(p, lq, lk, bm, bn)
+        return Split(Strided(p.cols), exceptions, full, none)
+    if isinstance(p, Global):
+        exceptions, full = _global_ranges(p.n, lq, lk, bm, bn)
+        return Split(NOTHING, exceptions, full, none)
+    if p.interval() is not None:
+        exceptions, full = _interval_ranges(p, lq, lk, bm, bn)
+        return Split(NOTHING, exceptions, full, none)
     return None
 
 
@@ -86,53 +111,147 @@ def _negate(p: Pattern) -> Pattern:
     return p.inner if isinstance(p, Not) else Not(p)
 
 
+def _plain(s: Split) -> Split:
+    """Drop constant ranges that equal a constant background (they are not exceptional)."""
+    none = Ranges.none(s.full.starts.shape[0])
+    full = none if s.background == EVERYTHING else s.full
+    empty = none if s.background == NOTHING else s.empty
+    return Split(s.background, s.exceptions, full, empty)
+
+
 def _combine(a: Split, b: Split, is_and: bool) -> Split:
+    """``a & b`` or ``a | b``. For ``|``: FULL where either side is FULL; where a side is EMPTY
+    the result is the other side, not the combined background, so those tiles become
+    exceptions (dually for ``&``)."""
+    a, b = _plain(a), _plain(b)
     absorbing, neutral = (NOTHING, EVERYTHING) if is_and else (EVERYTHING, NOTHING)
-    # Outside its exceptions an absorbing side decides alone: x & nothing, x | everything.
-    deciding = [s for s in (a, b) if s.background == absorbing]
-    if deciding:
-        return min(deciding, key=lambda s: s.size)
+    none = Ranges.none(a.full.starts.shape[0])
+
+    def deciding(s: Split) -> Split:
+        # Outside its exceptions and its non-absorbing constant tiles the side decides alone.
+        other = s.full if is_and else s.empty
+        return Split(absorbing, s.exceptions + other, none, none)
+
+    sides = [deciding(s) for s in (a, b) if s.background == absorbing]
+    if sides:
+        return min(sides, key=lambda s: s.exceptions.size)
     if a.background == neutral:
         background = b.background
     elif b.background == neutral:
         background = a.background
     else:
         background = (And if is_and else Or)(a.background, b.background)
-    return Split(background, torch.cat([a.starts, b.starts], 1), torch.cat([a.ends, b.ends], 1))
+    if is_and:
+        return Split(background, a.exceptions + b.exceptions + a.full + b.full, none,
+                     a.empty + b.empty)
+    return Split(background, a.exceptions + b.exceptions + a.empty + b.empty,
+                 a.full + b.full, none)
+
+
+def _rows(lq: int, lk: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last absolute query position of every q-block (ragged last one clipped)."""
+    i = torch.arange(-(-lq // bm), dtype=torch.int64)
+    return i * bm + (lk - lq), torch.clamp((i + 1) * bm, max=lq) - 1 + (lk - lq)
+
+
+def _interval_ranges(p: Pattern, lq: int, lk: int, bm: int, bn: int):
+    """Exceptions (the PARTIAL edges) and FULL ranges of an interval pattern."""
+    nk = -(-lk // bn)
+    b = interval_bounds(p.interval(), lq, lk, bm, bn)
+    start, end, fs, fe = b.start.clone(), b.end.clone(), b.full_start.clone(), b.full_end.clone()
+    has_full = fe > fs
+    left_end = torch.where(has_full, fs, end)
+    right_start = torch.where(has_full, fe, end)
+    gaps = torch.tensor(sorted(b.gap_rows), dtype=torch.int64)
+    if gaps.numel():  # rows with gaps: the whole row is an exception
+        start[gaps], left_end[gaps], right_start[gaps], end[gaps] = 0, nk, 0, 0
+        fs[gaps], fe[gaps] = 0, 0
+    exceptions = Ranges(torch.stack([start, right_start], 1), torch.stack([left_end, end], 1))
+    return exceptions, Ranges(fs[:, None], fe[:, None])
+
+
+def _global_ranges(n: int, lq: int, lk: int, bm: int, bn: int):
+    """``global(n)``: rows of queries all below ``n`` and key columns all below ``n`` are FULL;
+    the q-block and the k-block that straddle ``n`` are exceptions."""
+    nk = -(-lk // bn)
+    q0, q1 = _rows(lq, lk, bm)
+    full_row = torch.where(q1 < n, nk, 0)
+    mixed_row = torch.where((q0 < n) & (q1 >= n), nk, 0)
+    full_cols = torch.full_like(q0, min(n, lk) // bn)
+    mixed_col = torch.full_like(q0, -(-min(n, lk) // bn))
+    zeros = torch.zeros_like(q0)
+    exceptions = Ranges(torch.stack([zeros, full_cols], 1), torch.stack([mixed_row, mixed_col], 1))
+    return exceptions, Ranges(torch.stack([zeros, zeros], 1), torch.stack([full_row, full_cols], 1))
 
 
 def _axial_ranges(p: Axial, lq: int, lk: int, bm: int, bn: int):
-    """Exception ranges of ``axial``: whole rows for q-blocks that start among the leading
-    tokens, the leading key columns, and the k-blocks of the grid rows the q-block touches."""
-    nq, nk = -(-lq // bm), -(-lk // bn)
-    i = torch.arange(nq, dtype=torch.int64)
-    q0 = i * bm + (lk - lq)
-    q1 = torch.clamp((i + 1) * bm, max=lq) - 1 + (lk - lq)
-    lead_row = q0 < p.offset
-    first_row = torch.div(q0 - p.offset, p.cols, rounding_mode="floor")
-    last_row = torch.div(q1 - p.offset, p.cols, rounding_mode="floor")
-    band_start = (p.offset + first_row * p.cols) // bn
-    band_end = (p.offset + (last_row + 1) * p.cols - 1) // bn + 1
-    band_start = torch.where(lead_row, 0, band_start)
-    band_end = torch.where(lead_row, nk, band_end)
-    lead_cols = torch.full_like(i, -(-min(p.offset, lk) // bn))
-    return (torch.stack([band_start, torch.zeros_like(i)], 1),
-            torch.stack([band_end, lead_cols], 1))
+    """Exceptions and FULL ranges of ``axial``. Leading tokens: q-blocks (k-blocks) wholly
+    among them are FULL rows (columns), the straddling ones exceptions. Past them, the tiles
+    that share a grid row with the q-block are exceptions, except that a q-block inside one
+    grid row keeps every k-block wholly inside that grid row FULL."""
+    nk = -(-lk // bn)
+    off, cols = p.offset, p.cols
+    q0, q1 = _rows(lq, lk, bm)
+    zeros = torch.zeros_like(q0)
+    lead_full = torch.where(q1 < off, nk, 0)
+    lead_mixed = (q0 < off) & (q1 >= off)
+    first_row = torch.div(q0 - off, cols, rounding_mode="floor")
+    last_row = torch.div(q1 - off, cols, rounding_mode="floor")
+    band_start = torch.where(q0 < off, 0, (off + first_row * cols) // bn)
+    band_end = torch.where(q1 < off, 0, torch.where(
+        lead_mixed, nk, (off + (last_row + 1) * cols - 1) // bn + 1))
+    one_row = (q0 >= off) & (first_row == last_row)
+    inner_start = torch.where(one_row, -(-(off + first_row * cols) // bn), band_end)
+    inner_end = torch.where(one_row, (off + (first_row + 1) * cols) // bn, band_end)
+    inner_end = torch.maximum(inner_start, inner_end)
+    lead_cols = torch.full_like(q0, min(off, lk) // bn)
+    mixed_cols = torch.full_like(q0, -(-min(off, lk) // bn))
+    exceptions = Ranges(torch.stack([band_start, inner_end, lead_cols], 1),
+                        torch.stack([inner_start, band_end, mixed_cols], 1))
+    full = Ranges(torch.stack([zeros, zeros], 1), torch.stack([lead_full, lead_cols], 1))
+    return exceptions, full + Ranges(inner_start[:, None], inner_end[:, None])
 
 
 def split_kinds(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
-    """Exact kinds uint8 ``[nq, nk]`` of the head-resolved ``p`` from its split ``s``."""
+    """Exact kinds uint8 ``[nq, nk]`` of the head-resolved ``p`` from its split ``s``:
+    the background, then the FULL and EMPTY ranges, then the exceptions and ragged tiles
+    classified exactly."""
     nk = -(-lk // bn)
     kinds = _background_kinds(s.background, lq, lk, bm, bn)
+    _fill(kinds, s.full, FULL)
+    _fill(kinds, s.empty, EMPTY)
     keys = _exception_keys(s, lq, lk, bm, bn)
     kinds.view(-1)[keys] = classify_listed(p, lq, lk, bm, bn, keys // nk, keys % nk)
     return kinds
 
 
+def _fill(kinds: torch.Tensor, ranges: Ranges, value: int) -> None:
+    """Set the tiles of ``ranges`` to ``value``: listed when few, else by masks over the
+    bounding box of the ranges (a few cheap passes per tile instead of one index each)."""
+    nq, nk = kinds.shape
+    for c in range(ranges.starts.shape[1]):
+        start, end = ranges.starts[:, c].clamp(0, nk), ranges.ends[:, c].clamp(0, nk)
+        active = (end > start).nonzero().flatten()
+        if active.numel() == 0:
+            continue
+        r0, r1 = int(active[0]), int(active[-1]) + 1
+        c0, c1 = int(start[active].min()), int(end[active].max())
+        size = int((end - start).clamp(min=0).sum())
+        if 32 * size <= (r1 - r0) * (c1 - c0):
+            kinds.view(-1)[tile_keys(start[:, None], end[:, None], nq, nk, unique=False)] = value
+            continue
+        j = torch.arange(c0, c1, dtype=torch.int64)
+        step = max(1, CHUNK // (c1 - c0))
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            inside = (j >= start[a:b, None]) & (j < end[a:b, None])
+            kinds[a:b, c0:c1].masked_fill_(inside, value)
+
+
 def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: int,
                bn: int) -> int:
     """Exact number of kept entries of ``p`` (kinds ``[nq, nk]`` from :func:`split_kinds`):
-    background tiles through per-``v`` counts, exception tiles by area or evaluation."""
+    background tiles through per-``v`` counts, the other tiles by area or evaluation."""
     nq, nk = -(-lq // bm), -(-lk // bn)
     g = math.gcd(bm, bn)
     a, b = bm // g, bn // g
@@ -144,26 +263,26 @@ def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: 
     x0 = torch.arange(nq, dtype=torch.int64) * a
     r, t0 = x0 % b, x0 // b
     total = int((prefix[t0 + nk, r] - prefix[t0, r]).sum())
-    # Exception tiles (and ragged ones): replace their background count by the exact one.
-    keys = _exception_keys(s, lq, lk, bm, bn)
+    # Tiles off the background (and ragged ones): replace their background count by the
+    # exact one.
+    keys = _exception_keys(s, lq, lk, bm, bn, s.full + s.empty)
     i, j = keys // nk, keys % nk
     total -= int(count_v[i * a + (nk - 1 - j) * b].sum())
     return total + kept_in_tiles(p, lq, lk, bm, bn, i, j, kinds.view(-1)[keys])
 
 
-def _exception_keys(s: Split, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
-    """Sorted tile keys ``i * nk + j`` of the exceptions plus the ragged last k-block column
-    and q-block row (whose tiles are not full-size)."""
+def _exception_keys(s: Split, lq: int, lk: int, bm: int, bn: int,
+                    more: Ranges | None = None) -> torch.Tensor:
+    """Sorted distinct tile keys ``i * nk + j`` of the exceptions (and of ``more``) plus the
+    ragged last k-block column and q-block row (whose tiles are not full-size)."""
     nq, nk = -(-lq // bm), -(-lk // bn)
-    starts, ends = [s.starts], [s.ends]
+    ranges = s.exceptions if more is None else s.exceptions + more
     rows = torch.arange(nq, dtype=torch.int64)[:, None]
     if lk % bn:
-        starts.append(torch.full_like(rows, nk - 1))
-        ends.append(torch.full_like(rows, nk))
+        ranges = ranges + Ranges(torch.full_like(rows, nk - 1), torch.full_like(rows, nk))
     if lq % bm:
-        starts.append(torch.zeros_like(rows))
-        ends.append(torch.where(rows == nq - 1, nk, 0))
-    return tile_keys(torch.cat(starts, 1), torch.cat(ends, 1), nq, nk)
+        ranges = ranges + Ranges(torch.zeros_like(rows), torch.where(rows == nq - 1, nk, 0))
+    return tile_keys(ranges.starts, ranges.ends, nq, nk)
 
 
 def _diagonal_tiles(lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:

@@ -21,17 +21,20 @@ from sparse_compile.patterns.split import split_kinds, split_pattern
 blocks = st.sampled_from([16, 32, 64, 128])
 
 
-def exception_tiles(s, nq: int, nk: int) -> torch.Tensor:
-    """Bool ``[nq, nk]``: tiles inside some exception range of the split ``s``."""
+def covered(ranges, nq: int, nk: int) -> torch.Tensor:
+    """Bool ``[nq, nk]``: tiles inside some range of ``ranges``."""
     j = torch.arange(nk)
-    inside = (j >= s.starts[:, :, None]) & (j < s.ends[:, :, None])  # [nq, m, nk]
+    inside = (j >= ranges.starts[:, :, None]) & (j < ranges.ends[:, :, None])  # [nq, m, nk]
     return inside.any(1)
 
 
-@settings(max_examples=80, deadline=None)
-@given(p=patterns(max_leaves=4), lq=st.integers(1, 300), lk=st.integers(1, 300), bm=blocks,
-       bn=blocks)
-def test_split_is_exact_for_random_patterns(p, lq, lk, bm, bn):
+def entries(tiles: torch.Tensor, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
+    """Bool ``[lq, lk]``: the entries of the marked tiles."""
+    return tiles.repeat_interleave(bm, 0)[:lq].repeat_interleave(bn, 1)[:, :lk]
+
+
+def check_split(p, lq: int, lk: int, bm: int, bn: int) -> None:
+    """The split of every head of ``p`` is a true decomposition and gives the exact kinds."""
     for h in range(p.num_heads):
         ph = p.for_head(h)
         s = split_pattern(ph, lq, lk, bm, bn)
@@ -43,13 +46,44 @@ def test_split_is_exact_for_random_patterns(p, lq, lk, bm, bn):
         assert is_toeplitz(s.background)
         mask = ph.mask(lq, lk)
         nq, nk = -(-lq // bm), -(-lk // bn)
-        assert s.starts.shape == s.ends.shape and s.starts.shape[0] == nq
-        # The decomposition: outside the exceptions the pattern equals its background.
-        outside = ~exception_tiles(s, nq, nk)
-        entries = outside.repeat_interleave(bm, 0)[:lq].repeat_interleave(bn, 1)[:, :lk]
-        assert torch.equal(mask[entries], s.background.mask(lq, lk)[entries])
+        full, empty = covered(s.full, nq, nk), covered(s.empty, nq, nk)
+        exceptions = covered(s.exceptions, nq, nk)
+        # The decomposition: FULL and EMPTY ranges are exact, every other tile outside the
+        # exceptions equals the background.
+        assert mask[entries(full, lq, lk, bm, bn)].all()
+        assert not mask[entries(empty, lq, lk, bm, bn)].any()
+        rest = entries(~(full | empty | exceptions), lq, lk, bm, bn)
+        assert torch.equal(mask[rest], s.background.mask(lq, lk)[rest])
         # The kinds built from it.
         assert torch.equal(split_kinds(ph, s, lq, lk, bm, bn), kinds_from_mask(mask, bm, bn))
+
+
+@settings(max_examples=80, deadline=None)
+@given(p=patterns(max_leaves=4), lq=st.integers(1, 300), lk=st.integers(1, 300), bm=blocks,
+       bn=blocks)
+def test_split_is_exact_for_random_patterns(p, lq, lk, bm, bn):
+    check_split(p, lq, lk, bm, bn)
+
+
+# Primitives wide enough for whole FULL tiles inside axial bands, blocks and global rows, mixed
+# with q - k patterns (the ranges the split route fills without classifying).
+_WIDE = st.one_of(
+    st.builds(P.axial, st.integers(16, 300), st.integers(0, 150)),
+    st.builds(P.block, st.integers(16, 300)), st.builds(P.global_, st.integers(1, 200)),
+    st.builds(P.sink, st.integers(1, 200)), st.builds(P.prefix, st.integers(1, 300)),
+    st.builds(P.strided, st.integers(1, 40)), st.builds(P.fanout, st.integers(2, 4)),
+    st.sampled_from([P.causal, P.sliding(50), P.local(90)]),
+)
+_WIDE_PATTERNS = st.recursive(_WIDE, lambda c: st.one_of(
+    st.tuples(c, c).map(lambda ab: ab[0] & ab[1]), st.tuples(c, c).map(lambda ab: ab[0] | ab[1]),
+    c.map(lambda a: ~a)), max_leaves=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=_WIDE_PATTERNS, lq=st.integers(1, 400), lk=st.integers(1, 400),
+       bm=st.sampled_from([16, 32]), bn=st.sampled_from([16, 32]))
+def test_split_is_exact_with_wide_primitives(p, lq, lk, bm, bn):
+    check_split(p, lq, lk, bm, bn)
 
 
 SPLIT_PATTERNS = [
@@ -57,7 +91,9 @@ SPLIT_PATTERNS = [
     P.axial(1000, 37), P.causal & P.axial(24), P.axial(40) | P.sink(9), ~P.axial(12, 5),
     P.axial(20) & ~P.strided(3), P.global_(9) | P.strided(11), ~P.block(48) & P.fanout(2),
     P.block(40) | P.fanout(3), ~P.global_(30) & P.causal, P.prefix(70) | ~P.strided(5),
-    P.sliding(30) | P.axial(17, 2), P.heads(P.axial(9), P.causal & P.axial(13, 4),
+    P.sliding(30) | P.axial(17, 2), P.axial(200, 7), P.block(96) | P.strided(5),
+    P.global_(40) | P.fanout(2), ~(P.block(64) | P.strided(3)) & P.causal,
+    ~P.axial(70, 20) | P.fanout(2), P.heads(P.axial(9), P.causal & P.axial(13, 4),
                                             P.global_(5) | P.strided(7)),
 ]
 
