@@ -344,8 +344,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="time each kernel alone per tile option (first length, last dim)")
     ap.add_argument("--deadline", type=float, default=1e9,
-                    help="--sweep: stop starting new options after this many seconds")
+                    help="stop starting new options (--sweep) or cases after this many seconds")
+    ap.add_argument("--dense-up-to", type=int, default=1 << 30,
+                    help="skip the dense pattern above this length (its timings are long)")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     if args.sweep:
         sweep(args)
         return
@@ -371,6 +374,11 @@ def main() -> None:
         for length in (int(x) for x in args.lengths.split(",")):
             b = max(1, args.tokens // length)
             for p in patterns:
+                if p == "dense" and length > args.dense_up_to:
+                    continue
+                if time.perf_counter() - t_start > args.deadline:
+                    print(f"deadline: skipping D={d} L={length} {p}", flush=True)
+                    continue
                 r = run_case(p, b, args.heads, length, d, cfg, args.rep, do_bwd, sdpa_cache)
                 rows.append(r)
                 print(f"D={d} L={length} {p}: ours {r['ours_fwd']:.3f} flex {r['flex_fwd']:.3f}"

@@ -109,10 +109,12 @@ def test_inside_torch_compile_with_dynamic_shapes(backend):
                              "causal & sliding(8)")
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_custom_op_passes_opcheck(softcap):
     q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 20, 20, 16, torch.float32))
     bias = torch.randn(1, 2, 20, 20)
+    args = (q, k, v, bias, "causal & sliding(5)", 0.25, 0.0, None)
     torch.library.opcheck(
-        attention_op, (q, k, v, bias, "causal & sliding(5)", 0.25, 0.0, None),
+        attention_op, args if softcap is None else (*args, softcap),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
