@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sparse_compile.codegen.dma_backward import dma_backward
+from sparse_compile.codegen.dma_backward import KvPass, dma_backward
 from sparse_compile.codegen.dma_forward import dma_forward
 from sparse_compile.codegen.dma_select import dma_select, selection_rank_order
 
-from sparse_compile.dma_op import block_sizes
+from sparse_compile.dma_op import backward_span, block_sizes
 from sparse_compile.dma_reference import keep_mask
 from sparse_compile.dynamic_mask import dma_attention, dma_delta
 
@@ -166,46 +166,126 @@ def dv_spot_check(q, k, v, delta, dout, keep, dv_ours, dv_flex) -> str:
             f"flex {rel(dv_flex[0, 0, keys], want):.1e}")
 
 
-def fused_fns(q, k, v, delta, keep, cfg_fwd, cfg_bwd):
+def fused_fns(q, k, v, delta, keep, cfg_fwd, cfg_bwd, kv=None, stages=2):
+    """fwd() and fwd_bwd(dout) of the kernels with these tiles; ``kv`` a KvPass or None
+    (dK/dV by atomics inside the dQ kernel)."""
     scale = q.shape[-1] ** -0.5
     bm_f, bn_f, w_f = cfg_fwd
     bm_b, bn_b, w_b = cfg_bwd
 
     def fwd():
         sel = dma_select(delta, None, q.shape[2], keep, True, bm_f)
-        return dma_forward(q, k, v, delta, None, sel, True, scale, bn_f, w_f)
+        return dma_forward(q, k, v, delta, None, sel, True, scale, bn_f, w_f, stages)
 
     def fwd_bwd(dout):
         out, lse = fwd()
         sel = dma_select(delta, None, q.shape[2], keep, True, bm_b)
-        return dma_backward(dout, q, k, v, delta, None, out, lse, sel, True, scale, bn_b, w_b)
+        return dma_backward(dout, q, k, v, delta, None, out, lse, sel, True, scale, bn_b, w_b,
+                            kv_pass=kv)
 
     return fwd, fwd_bwd
 
 
 def tune(q, k, v, delta, keep, device):
-    """Pick (BLOCK_M, BLOCK_N, warps) for forward and backward at this size."""
+    """Pick forward tiles and the backward (tiles, span pass) at this size."""
     dout = torch.randn_like(q)
     best_f, best_b, rows = None, None, []
-    for cfg in [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4)]:
-        fwd, _ = fused_fns(q, k, v, delta, keep, cfg, cfg)
+    for cfg, stages in [((64, 32, 4), 2), ((64, 32, 4), 3), ((128, 32, 8), 2),
+                        ((128, 64, 8), 2), ((64, 64, 4), 3)]:
+        fwd, _ = fused_fns(q, k, v, delta, keep, cfg, cfg, stages=stages)
         ms = timed(fwd, device)
-        rows.append(f"fwd {cfg}: {ms:.3f} ms")
-        best_f = min(best_f or (ms, cfg), (ms, cfg))
-    for cfg in [(64, 64, 4), (64, 32, 4), (128, 32, 8), (32, 64, 4)]:
-        _, fb = fused_fns(q, k, v, delta, keep, best_f[1], cfg)
-        ms = timed(lambda fb=fb: fb(dout), device)
-        rows.append(f"fwd+bwd {cfg}: {ms:.3f} ms")
-        best_b = min(best_b or (ms, cfg), (ms, cfg))
-    return best_f[1], best_b[1], rows
+        rows.append(f"fwd {cfg} stages {stages}: {ms:.3f} ms")
+        print(rows[-1], flush=True)
+        best_f = min(best_f or (ms, cfg, stages), (ms, cfg, stages))
+    variants = [((128, 32, 8), None)]
+    for span in (256, 512, 1024):
+        for tiles in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8)):
+            variants.append(((128, 32, 8), KvPass(span, *tiles)))
+    variants.append(((64, 32, 4), KvPass(512, 64, 64, 4)))
+    for cfg, kv in variants:
+        _, fb = fused_fns(q, k, v, delta, keep, best_f[1], cfg, kv, best_f[2])
+        try:
+            ms = timed(lambda fb=fb: fb(dout), device)
+        except Exception as err:  # noqa: BLE001 - a tile that does not compile is skipped
+            rows.append(f"fwd+bwd {cfg} {kv}: failed {type(err).__name__}")
+            continue
+        rows.append(f"fwd+bwd {cfg} {kv}: {ms:.3f} ms")
+        print(rows[-1], flush=True)
+        best_b = min(best_b or (ms, cfg, kv), (ms, cfg, kv), key=lambda x: x[0])
+    return best_f, best_b, rows
 
 
-def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines):
+def precision_check(length, args, device, dtype) -> str:
+    """Every head of the bench problem (the real delta range: up to ~1e7 where A ~ 4): the
+    fused op's out, dQ (8 rows), dK, dV, d delta (16 keys: the 8 best, 8 random) against
+    float64 from first principles. Errors are relative over the sampled entries of all heads."""
+    q, k, v, delta = make_problem(length, args.heads, args.dim, args.keep, device, dtype)
+    dout = torch.randn_like(q)
+    cfg_f, cfg_b = block_sizes(q.device), block_sizes(q.device, backward=True)
+    results = {}
+    for name, kv in (("atomic dK/dV", None), ("span pass", backward_span(q.device))):
+        fwd, fwd_bwd = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b, kv)
+        out, _ = fwd()
+        results[name] = (out, *fwd_bwd(dout))
+    scale = args.dim ** -0.5
+    sel = dma_select(delta, None, length, args.keep, True, 64)
+    order, _ = selection_rank_order(delta, None)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(length, device=q.device, dtype=order.dtype).expand_as(order))
+    rows_all = torch.arange(length, device=q.device)
+    gen = torch.Generator(device=q.device).manual_seed(7)
+    want = {n: [] for n in ("out", "dq", "dk", "dv", "dd")}
+    got = {name: {n: [] for n in want} for name in results}
+    for h in range(args.heads):
+        q0, k0, v0, d0, do0 = (t[0, h].double() for t in (q, k, v, delta, dout))
+        thr0, rank0 = sel.thr[h].long(), rank[h].long()
+        out64 = torch.empty_like(q0)
+        lse = torch.empty(length, dtype=torch.float64, device=q.device)
+        for start in range(0, length, 2048):
+            r = rows_all[start:start + 2048]
+            s = scale * q0[r] @ k0.T + d0
+            kept = (rows_all[None, :] <= r[:, None]) & (rank0[None, :] <= thr0[r][:, None])
+            s = s.masked_fill(~kept, float("-inf"))
+            lse[r] = torch.logsumexp(s, dim=-1)
+            out64[r] = torch.exp(s - lse[r, None]) @ v0
+        di = (do0 * out64).sum(-1)
+        keys = torch.cat([order[h, :8].long(),
+                          torch.randint(0, length, (8,), device=q.device, generator=gen)])
+        s = scale * q0 @ k0[keys].T + d0[keys]
+        kept = (keys[None, :] <= rows_all[:, None]) & (rank0[keys][None, :] <= thr0[:, None])
+        p = torch.exp(s - lse[:, None]).masked_fill(~kept, 0.0)
+        ds = p * (do0 @ v0[keys].T - di[:, None])
+        rows = torch.randint(0, length, (8,), device=q.device, generator=gen)
+        s_r = scale * q0[rows] @ k0.T + d0
+        kept_r = (rows_all[None, :] <= rows[:, None]) & (rank0[None, :] <= thr0[rows][:, None])
+        p_r = torch.exp(s_r - lse[rows, None]).masked_fill(~kept_r, 0.0)
+        ds_r = p_r * (do0[rows] @ v0.T - di[rows, None])
+        want["out"].append(out64[rows])
+        want["dq"].append(scale * ds_r @ k0)
+        want["dk"].append(scale * ds.T @ q0)
+        want["dv"].append(p.T @ do0)
+        want["dd"].append(ds.sum(0))
+        for name, (o, dq, dk, dv, dd) in results.items():
+            got[name]["out"].append(o[0, h, rows])
+            got[name]["dq"].append(dq[0, h, rows])
+            got[name]["dk"].append(dk[0, h, keys])
+            got[name]["dv"].append(dv[0, h, keys])
+            got[name]["dd"].append(dd[0, h, keys])
+    parts = []
+    for name in results:
+        errs = ", ".join(f"{n} {rel(torch.cat(got[name][n]), torch.cat(want[n])):.1e}"
+                         for n in want)
+        parts.append(f"{name}: {errs}")
+    return (f"L={length} all {args.heads} heads vs float64 (delta up to "
+            f"{delta.float().max():.1e}): " + "; ".join(parts))
+
+
+def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=None):
     """Time every variant at one sequence length; appends rows to table and notes to lines."""
     q, k, v, delta = make_problem(length, args.heads, args.dim, args.keep, device, dtype)
     dout = torch.randn_like(q)
     work = 4 * args.heads * args.dim * kept_entries(length, args.keep)
-    fwd, fwd_bwd = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b)
+    fwd, fwd_bwd = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b, kv)
 
     def add(name, f_ms, fb_ms, sdpa_fb, check):
         tf = work / (f_ms * 1e-3) / 1e12 if f_ms else float("nan")
@@ -300,6 +380,10 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep block sizes first")
     parser.add_argument("--doge-max", type=int, default=8192, help="largest L for Doge eager")
     parser.add_argument("--flex-max", type=int, default=131072, help="largest L for Flex")
+    parser.add_argument("--precision", type=int, default=0,
+                        help="run the all-heads float64 check at this L (0: skip)")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="precision check and tuning only (no comparison table)")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -320,14 +404,27 @@ def main() -> None:
     lines.append(exact_check(device))
     print(lines[-1], flush=True)
 
+    if args.precision:
+        try:
+            lines.append(precision_check(args.precision, args, device, dtype))
+        except Exception as err:  # noqa: BLE001 - report and go on to the timings
+            lines.append(f"precision check failed: {type(err).__name__}: {str(err)[:300]}")
+        print(lines[-1], flush=True)
+        torch.cuda.empty_cache() if device == "cuda" else None
     cfg_f = block_sizes(torch.device(device))
     cfg_b = block_sizes(torch.device(device), backward=True)
+    kv = backward_span(torch.device(device))
     if args.tune:
-        length0 = 32768 if 32768 in args.lengths else args.lengths[0]
-        q, k, v, delta = make_problem(length0, args.heads, args.dim, args.keep, device, dtype)
-        cfg_f, cfg_b, tune_rows = tune(q, k, v, delta, args.keep, device)
-        lines.append(f"tuning at L={length0}: " + "; ".join(tune_rows))
-    lines.append(f"blocks (BLOCK_M, BLOCK_N, warps): fwd {cfg_f}, bwd {cfg_b}")
+        for length0 in args.lengths:
+            q, k, v, delta = make_problem(length0, args.heads, args.dim, args.keep, device,
+                                          dtype)
+            best_f, best_b, tune_rows = tune(q, k, v, delta, args.keep, device)
+            lines.append(f"tuning at L={length0}: " + "; ".join(tune_rows))
+            lines.append(f"best at L={length0}: fwd {best_f}, fwd+bwd {best_b}")
+            print(lines[-1], flush=True)
+            del q, k, v, delta
+    lines.append(f"blocks (BLOCK_M, BLOCK_N, warps): fwd {cfg_f}, bwd {cfg_b}, "
+                 f"dK/dV span pass {kv}")
     print(lines[-1], flush=True)
 
     header = ("| L | variant | fwd ms | fwd+bwd ms | fwd TFLOP/s eff | speed-up fwd+bwd vs SDPA "
@@ -348,12 +445,17 @@ def main() -> None:
             "- ours fwd includes the selection (sort + scan); fwd+bwd recomputes it.", "",
             *[f"- {x}" for x in lines], "", *table, "",
         ])
-        out = Path(__file__).parent / "results" / f"dma-{tag}.md"
+        suffix = "-sweep" if args.sweep_only else ""
+        out = Path(__file__).parent / "results" / f"dma-{tag}{suffix}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
 
+    if args.sweep_only:
+        save()
+        print("\n".join(lines))
+        return
     for length in args.lengths:
-        bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines)
+        bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv)
         save()
         torch.cuda.empty_cache() if device == "cuda" else None
     print("\n".join(lines))

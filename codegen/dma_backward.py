@@ -35,10 +35,64 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _bwd_tile(
+    q, do, dq, di, lse2, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+    k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, dk_ptr, dv_ptr, ddelta_ptr,
+    skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_GRADS: tl.constexpr,
+):
+    """One tile of the gather list: dQ update (and dK/dV/d delta atomics when KV_GRADS).
+    MASKED=False for the leading tiles every row keeps whole (no per-entry test)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k_rows = k_ptr + b * skb + hk * skh + offs_d[None, :]
+    v_rows = v_ptr + b * svb + hk * svh + offs_d[None, :]
+    if MASKED:
+        n_ok = offs_n < count
+        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_rows + keys[:, None] * skn, mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + keys[:, None] * svn, mask=kv_mask, other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        n_ok = offs_n >= 0
+        keys = tl.load(gkey_ptr + list_base + offs_n)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_rows + keys[:, None] * skn, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_rows + keys[:, None] * svn, mask=d_ok[None, :], other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys).to(tl.float32)
+    # the forward's logits, operation for operation (see dma_select's module doc)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
+    if HAS_KEY_BIAS:
+        kb = tl.load(key_bias_ptr + b * lk + keys)  # keys are valid indices everywhere
+        s += kb[None, :] * 1.4426950408889634
+    if MASKED:
+        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
+        kept = ranks[None, :] <= thr[:, None]
+        if CAUSAL:
+            kept = kept & (keys[None, :] <= pos[:, None])
+        s = tl.where(kept, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+    ds = p * (dp - di[:, None])
+    dq += tl.dot(ds.to(k.dtype), k)
+    if KV_GRADS:
+        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok,
+                      sem="relaxed")
+    return dq
+
+
+@triton.jit
 def _dma_bwd_kernel(
     q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, dout_ptr, lse_ptr,
     dq_ptr, dk_ptr, dv_ptr, ddelta_ptr, di_ptr,
-    thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr,
+    thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr, gfull_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdob, sdoh, sdom,
     lq, lk, hq, hkv, cap, scale,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -77,38 +131,19 @@ def _dma_bwd_kernel(
     scale_log2 = scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, count, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < count
-        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
-        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * skn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
-        # delta - shift first (exact in float32), then scale: see dma_select's module doc
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
-        if HAS_KEY_BIAS:
-            kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
-            s += kb[None, :] * 1.4426950408889634
-        kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
-        if CAUSAL:
-            kept = kept & (keys[None, :] <= pos[:, None])
-        p = tl.exp2(tl.where(kept, s, float("-inf")) - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
-        ds = p * (dp - di[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        if KV_GRADS:
-            dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-            kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
-            tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
-            tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok,
-                          sem="relaxed")
+    full_end = tl.load(gfull_ptr + bhk * nq + pid_m) // BLOCK_N * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        dq = _bwd_tile(
+            q, do, dq, di, lse2, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+            k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, dk_ptr, dv_ptr,
+            ddelta_ptr, skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
+            False, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS)
+    for start in range(full_end, count, BLOCK_N):
+        dq = _bwd_tile(
+            q, do, dq, di, lse2, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+            k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, dk_ptr, dv_ptr,
+            ddelta_ptr, skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
+            True, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS)
     tl.store(dq_ptr + ((b * hq + h) * lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_mask)
 
@@ -147,7 +182,7 @@ def dma_backward(
         q, k, v, delta, key_bias if key_bias is not None else delta, out, dout, lse,
         dq, dk, dv, ddelta, di,
         selection.thr, selection.shift, selection.gather_key, selection.gather_rank,
-        selection.gather_count,
+        selection.gather_count, selection.full_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),

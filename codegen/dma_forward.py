@@ -1,9 +1,10 @@
 """DMA forward kernel: each query block gathers its selected keys instead of scanning Lk.
 
 Program (query block, batch * query head). The gather list of the block (``dma_select``) holds
-at most ``keep + BLOCK_M - 1`` keys in rank order; for each tile of it the kernel loads K/V rows
-by index, adds ``delta`` to the logits and applies the per-row predicate
-``rank <= thr[row]`` (and ``key <= row`` when causal). Online softmax in float32 with exp2.
+at most ``keep + BLOCK_M - 1`` keys; for each tile of it the kernel loads K/V rows by index,
+adds ``delta`` to the logits and applies the per-row predicate ``rank <= thr[row]`` (and
+``key <= row`` when causal), except on the leading tiles that every row keeps whole
+(``full_count``), which run unmasked. Online softmax in float32 with exp2.
 """
 
 from __future__ import annotations
@@ -20,9 +21,58 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _fwd_tile(
+    q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+    k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb, svh, svn,
+    scale_log2, offs_d, d_ok,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One tile of the gather list: online-softmax update. MASKED=False for tiles every row
+    keeps entirely (the list's leading ``full_count`` entries): no per-entry test at all."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k_rows = k_ptr + b * skb + hk * skh + offs_d[None, :]
+    v_rows = v_ptr + b * svb + hk * svh + offs_d[None, :]
+    if MASKED:
+        n_ok = offs_n < count
+        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_rows + keys[:, None] * skn, mask=kv_mask, other=0.0)
+        v = tl.load(v_rows + keys[:, None] * svn, mask=kv_mask, other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        keys = tl.load(gkey_ptr + list_base + offs_n)
+        k = tl.load(k_rows + keys[:, None] * skn, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_rows + keys[:, None] * svn, mask=d_ok[None, :], other=0.0)
+        delta = tl.load(delta_ptr + bhk * lk + keys).to(tl.float32)
+    # delta - shift first (exact in float32), then scale: see dma_select's module doc
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
+    if HAS_KEY_BIAS:
+        kb = tl.load(key_bias_ptr + b * lk + keys)  # keys are valid indices everywhere
+        s += kb[None, :] * 1.4426950408889634
+    if MASKED:
+        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
+        kept = ranks[None, :] <= thr[:, None]
+        if CAUSAL:
+            kept = kept & (keys[None, :] <= pos[:, None])
+        s = tl.where(kept, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _dma_fwd_kernel(
     q_ptr, k_ptr, v_ptr, delta_ptr, key_bias_ptr, out_ptr, lse_ptr,
-    thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr,
+    thr_ptr, shift_ptr, gkey_ptr, grank_ptr, gcount_ptr, gfull_ptr,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     lq, lk, hq, hkv, cap, scale_log2,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -48,39 +98,22 @@ def _dma_fwd_kernel(
     thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
     shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
     count = tl.load(gcount_ptr + bhk * nq + pid_m)
+    full_end = tl.load(gfull_ptr + bhk * nq + pid_m) // BLOCK_N * BLOCK_N
     list_base = (bhk * nq + pid_m) * cap
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, count, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < count
-        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
-        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * skn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
-        # delta - shift first (exact in float32), then scale: see dma_select's module doc
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
-        if HAS_KEY_BIAS:
-            kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
-            s += kb[None, :] * 1.4426950408889634
-        kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
-        if CAUSAL:
-            kept = kept & (keys[None, :] <= pos[:, None])
-        s = tl.where(kept, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(
+            q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+            k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb,
+            svh, svn, scale_log2, offs_d, d_ok, False, CAUSAL, HAS_KEY_BIAS, BLOCK_N)
+    for start in range(full_end, count, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(
+            q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+            k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb,
+            svh, svn, scale_log2, offs_d, d_ok, True, CAUSAL, HAS_KEY_BIAS, BLOCK_N)
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     # lse in log2 units of the shifted logits (selection.shift), as the backward uses it;
@@ -117,7 +150,7 @@ def dma_forward(
     _dma_fwd_kernel[grid](
         q, k, v, delta, key_bias if key_bias is not None else delta, out, lse,
         selection.thr, selection.shift, selection.gather_key, selection.gather_rank,
-        selection.gather_count,
+        selection.gather_count, selection.full_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,

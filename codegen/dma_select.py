@@ -8,14 +8,19 @@ non-increasing in ``p``, so each key is kept by a contiguous range of rows, and 
 ``[m0, m1]`` only ever needs the keys of rank ``<= thr[m0]`` with ``k <= m1``: at most
 ``keep + BLOCK_M - 1`` keys, its gather list.
 
-One program per (query block, batch * kv head), in two phases:
+One program per (query block, batch * kv head), in four phases:
 1. a 1-D walk over ranks (``BLOCK_R`` at a time) that writes the gather list and stops once row
    ``m0`` has seen ``keep`` keys; keys of the block itself note their slot in the list;
 2. per-row thresholds from a ``BLOCK_M``-wide window of the list: row ``p``'s count at slot ``i``
    is ``i + 1`` minus the block keys after ``p`` listed up to ``i``, so it reaches ``keep`` in
    slots ``[keep - 1, keep + BLOCK_M - 2]``;
 3. per-row shifts: the largest delta among the row's kept keys (its first visible key in rank
-   order, always within the list's first ``BLOCK_M`` slots).
+   order, always within the list's first ``BLOCK_M`` slots);
+4. the list is reordered as [older keys, rank order][keys of the block itself], and
+   ``full_count`` counts its leading entries kept by every row of the block (rank at most the
+   block's smallest threshold): nearly the whole list, which the kernels run without masks.
+   Only the kernels' per-entry test ``rank <= thr[row] and key <= row`` reads the list after
+   this, and it does not depend on the order.
 
 Why the shift: delta = exp(A * softplus(.)) reaches 1e6..1e8 for trained or random A, and
 ``q.k * scale + delta`` formed in float32 at that magnitude keeps only a few bits of ``q.k``
@@ -44,6 +49,7 @@ def _dma_select_kernel(
     slot_ptr,  # int32 [BH, nq, BLOCK_M] scratch, filled with a large value
     thr_ptr,  # int32 [BH, Lq]
     shift_ptr,  # float32 [BH, Lq]
+    full_ptr,  # int32 [BH, nq]
     lq,
     lk,
     keep,
@@ -126,6 +132,32 @@ def _dma_select_kernel(
         shift = tl.where(shift == float("-inf"), 0.0, shift)
         tl.store(shift_ptr + bh * lq + offs_m, shift, mask=offs_m < lq)
 
+        # Phase 4: reorder the list as [keys <= p_first in rank order][block keys] and count
+        # its leading entries that every row keeps (rank <= the block's smallest threshold):
+        # the kernels run those tiles without any mask.
+        thr_min = tl.min(tl.where(offs_m < lq, thr, 2147483647), axis=0)
+        listed = block_slot < n_out
+        b_rank = tl.load(gather_rank_ptr + list_base + block_slot, mask=listed, other=0)
+        n_front = tl.zeros([], dtype=tl.int32)
+        n_full = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n_out, BLOCK_R):
+            idx = c0 + tl.arange(0, BLOCK_R)
+            ok = idx < n_out
+            c_key = tl.load(gather_key_ptr + list_base + idx, mask=ok, other=0)
+            c_rank = tl.load(gather_rank_ptr + list_base + idx, mask=ok, other=0)
+            tl.debug_barrier()  # every read of this chunk before any write into it
+            front = ok & (c_key <= p_first)
+            dst = n_front + tl.cumsum(front.to(tl.int32), axis=0) - 1
+            tl.store(gather_key_ptr + list_base + dst, c_key, mask=front)
+            tl.store(gather_rank_ptr + list_base + dst, c_rank, mask=front)
+            n_full += tl.sum((front & (c_rank <= thr_min)).to(tl.int32), axis=0)
+            n_front += tl.sum(front.to(tl.int32), axis=0)
+            tl.debug_barrier()
+        b_dst = n_front + tl.cumsum(listed.to(tl.int32), axis=0) - 1
+        tl.store(gather_key_ptr + list_base + b_dst, block_key, mask=listed)
+        tl.store(gather_rank_ptr + list_base + b_dst, b_rank, mask=listed)
+        tl.store(full_ptr + base, n_full)
+
 
 class DmaSelection:
     """What the attention kernels need to gather the kept keys of each query block.
@@ -133,13 +165,16 @@ class DmaSelection:
     thr ``[BH, Lq]`` int32 rank threshold per row; shift ``[BH, Lq]`` float32, the constant the
     kernels subtract from delta on each row (module doc); gather_key / gather_rank
     ``[BH, nq, cap]`` int32 (key index and its rank, in rank order, ``gather_count [BH, nq]``
-    valid entries); block_m the query block size the lists were built for; order / n_allowed the
+    valid entries, of which the first ``full_count [BH, nq]`` are kept by every row of the
+    block); block_m the query block size the lists were built for; order / n_allowed the
     rank order (for more lists at other block sizes). BH = batch * kv heads.
     """
 
     def __init__(self, thr, gather_key, gather_rank, gather_count, block_m, shift,
-                 order=None, n_allowed=None):
+                 order=None, n_allowed=None, full_count=None):
         self.thr = thr
+        self.full_count = (full_count if full_count is not None
+                           else torch.zeros_like(gather_count))
         self.shift = shift
         self.order = order
         self.n_allowed = n_allowed
@@ -179,12 +214,13 @@ def _launch(order, n_allowed, delta, lq, keep, causal, block_m, block_r, per_row
     shift = torch.empty(bh, lq if per_row else 1, dtype=torch.float32, device=dev)
     slot = torch.full((bh, nq, block_m) if per_row else (1,), 2**30, dtype=torch.int32,
                       device=dev)
+    full = torch.zeros(bh, nq, dtype=torch.int32, device=dev)
     _dma_select_kernel[(nq, bh)](
-        order, delta, n_allowed, gather_key, gather_rank, gather_count, slot, thr, shift,
+        order, delta, n_allowed, gather_key, gather_rank, gather_count, slot, thr, shift, full,
         lq, lk, keep, cap,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_R=block_r, PER_ROW=per_row,
     )
-    return thr, shift, gather_key, gather_rank, gather_count
+    return thr, shift, gather_key, gather_rank, gather_count, full
 
 
 def dma_select(
@@ -198,9 +234,9 @@ def dma_select(
 ) -> DmaSelection:
     """Run the selection for delta ``[B, Hkv, Lk]`` and ``lq`` query rows (see module doc)."""
     order, n_allowed = selection_rank_order(delta, key_allowed)
-    thr, shift, key, rank, count = _launch(order, n_allowed, delta, lq, keep, causal, block_m,
-                                           block_r, True)
-    selection = DmaSelection(thr, key, rank, count, block_m, shift, order, n_allowed)
+    thr, shift, key, rank, count, full = _launch(order, n_allowed, delta, lq, keep, causal,
+                                                 block_m, block_r, True)
+    selection = DmaSelection(thr, key, rank, count, block_m, shift, order, n_allowed, full)
     selection.keep, selection.causal = keep, causal
     return selection
 
@@ -210,6 +246,6 @@ def dma_gather_lists(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather lists ``(key, rank [BH, nq, cap], count [BH, nq])`` for query blocks of
     ``block_m`` rows, from ``selection``'s rank order (no second sort, no per-row phases)."""
-    _, _, key, rank, count = _launch(selection.order, selection.n_allowed, delta, lq,
+    _, _, key, rank, count, _ = _launch(selection.order, selection.n_allowed, delta, lq,
                                      selection.keep, selection.causal, block_m, block_r, False)
     return key, rank, count

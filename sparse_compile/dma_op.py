@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from sparse_compile.codegen.dma_backward import dma_backward
+from sparse_compile.codegen.dma_backward import KvPass, dma_backward
 from sparse_compile.codegen.dma_forward import dma_forward
 from sparse_compile.codegen.dma_select import dma_select
 
-__all__ = ["dma_attention_fused", "block_sizes"]
+__all__ = ["dma_attention_fused", "block_sizes", "backward_span"]
 
 
 def _interpreter_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,14 @@ def block_sizes(device: torch.device, backward: bool = False) -> tuple[int, int,
     if device.type != "cuda":
         return 16, 16, 4
     return (128, 32, 8) if backward else (64, 32, 4)
+
+
+def backward_span(device: torch.device) -> KvPass | None:
+    """How the backward computes dK/dV: the span pass (``codegen.dma_backward_kv``) on the GPU,
+    atomics inside the dQ kernel under the CPU interpreter (fewer kernels to interpret)."""
+    if device.type != "cuda":
+        return None
+    return KvPass(rows=512, block_m=64, block_n=64, num_warps=4)
 
 
 @torch.library.custom_op("sparse_compile::dma_attention_fwd", mutates_args=())
@@ -81,7 +89,8 @@ def dma_attention_bwd(
     tensors = (grad_out, q, k, v, delta, out)
     go, qc, kc, vc, dc, oc = (_interpreter_dtype(t).contiguous() for t in tensors)
     grads = dma_backward(
-        go, qc, kc, vc, dc, key_add, oc, lse, selection, causal, scale, block_n, warps
+        go, qc, kc, vc, dc, key_add, oc, lse, selection, causal, scale, block_n, warps,
+        kv_pass=backward_span(q.device),
     )
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, delta), strict=True))
 

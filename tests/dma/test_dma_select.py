@@ -46,3 +46,7 @@ def test_selection_equals_reference(b, h, lq, lk, keep, values, causal):
             needed = set(rows.any(0).nonzero().flatten().tolist())
             assert needed <= set(listed.tolist())
             assert torch.equal(sel.gather_rank[bh, block, :count], rank[bh, listed.long()].int())
+            # the leading full_count entries are kept by every row of the block
+            full = int(sel.full_count[bh, block])
+            assert 0 <= full <= count
+            assert rows[:, listed[:full].long()].all()
