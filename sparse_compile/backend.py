@@ -137,6 +137,9 @@ def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> Si
     if getattr(pattern, "is_dynamic", False):  # dma / topk on a generic site
         from .dma_sites import dynamic_site_problem
 
+        if site.softcap:
+            return row(False, f"soft-capped scores with the dynamic pattern {pattern}")
+
         problem = dynamic_site_problem(site, pattern)
         if problem is not None:
             return row(False, problem)

@@ -33,11 +33,14 @@ def attention(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     delta: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse scaled dot-product attention.
 
     Computes ``softmax(scale · Q Kᵀ + bias + where(keep, 0, −inf)) V`` where ``keep`` is the
-    pattern's predicate at absolute query position ``q + Lk − Lq`` (bottom-right alignment).
+    pattern's predicate at absolute query position ``q + Lk − Lq`` (bottom-right alignment);
+    with ``softcap`` the logits ``scale · Q Kᵀ`` are first capped to
+    ``softcap · tanh(scale · Q Kᵀ / softcap)`` (Gemma 2).
     Rows with no kept key return zeros (and zero gradients).
 
     Runs the generated Triton kernels on CUDA tensors, and on CPU tensors when
@@ -57,6 +60,7 @@ def attention(
         delta: DMA content score ``[B, Hkv, Lk]`` (``dma_delta``), required by ``dma(keep)``.
             Dynamic patterns (``dma(keep)``, ``topk(k, block)``, each alone or ``& causal``)
             run through ``sparse_compile.dma_dispatch``; they take no dropout.
+        softcap: logit soft-capping constant (> 0), or None for none.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype.
@@ -66,7 +70,11 @@ def attention(
         >>> out = attention(q, k, v, "causal & sliding(32)")
     """
     text = _pattern_text(pattern)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
     if _is_dynamic(text):
+        if softcap is not None:
+            raise NotImplementedError(f"softcap with the dynamic pattern {text!r}")
         from .dma_dispatch import dynamic_attention
 
         return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
@@ -74,5 +82,6 @@ def attention(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed)
+    out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed,
+                          float(softcap or 0.0))
     return out

@@ -158,7 +158,8 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any) -> Node:
             out = graph.call_function(
                 attention,
                 (q, k, v, str(pattern)),
-                {"scale": site.scale, "bias": bias, "dropout_p": site.dropout_p},
+                {"scale": site.scale, "bias": bias, "dropout_p": site.dropout_p,
+                 **({"softcap": site.softcap} if site.softcap else {})},
             )
         if ndim == 3:
             out = graph.call_method("squeeze", (out, 0))

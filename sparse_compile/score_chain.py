@@ -3,7 +3,9 @@
 Each op on the way must map the scores ``S`` to ``a·S + b``: products and quotients by numbers
 (into ``site.scale``) or by tensors constant along the key axis (onto q), additive biases,
 ``masked_fill``/``where`` with a large negative fill, casts, batch regrouping views, and the
-subtraction of the row maximum (dropped: softmax ignores per-row shifts).
+subtraction of the row maximum (dropped: softmax ignores per-row shifts). One exception to
+affinity is recognised: logit soft-capping ``c · tanh(S' / c)`` (Gemma 2, Grok), where ``S'`` is
+the scaled product with no bias yet, which the sparse op computes itself (``site.softcap``).
 """
 
 from __future__ import annotations
@@ -21,15 +23,53 @@ MASK_FILL_THRESHOLD = -1e4
 
 def read_steps(site: AttentionSite, product: Node, steps: list[Node]) -> str | None:
     """Check each score-chain op is affine in the scores and record how to replay it."""
-    score = product
+    score, capping = product, None
     for node in steps:
         index = next(i for i, a in enumerate(node.args) if a is score)
-        reason = _step_reason(site, node, index)
+        if capping is not None:
+            reason = _cap_reason(site, node, capping)
+            capping = None
+        elif ops.is_tanh(node) and _independent_args(node, index, product):
+            reason, capping = _tanh_reason(site), node
+        else:
+            reason = _step_reason(site, node, index)
+            if reason is None and not (ops.is_sub(node) and node.args[1] in site.shifts):
+                site.bias_steps.append((node, index))
         if reason is not None:
             return reason
-        if not (ops.is_sub(node) and node.args[1] in site.shifts):
-            site.bias_steps.append((node, index))
         score = node
+    if capping is not None:
+        return _TANH_ALONE
+    return None
+
+
+_TANH_ALONE = "tanh of the scores without the soft-capping factor (c · tanh(s / c))"
+
+
+def _independent_args(node: Node, index: int, product: Node) -> bool:
+    others = [a for i, a in enumerate(node.args) if i != index] + list(node.kwargs.values())
+    return all(_independent(o, product) for o in others)
+
+
+def _tanh_reason(site: AttentionSite) -> str | None:
+    """``tanh`` may only cap the scaled product itself: no bias, mask or earlier cap before it."""
+    if site.softcap:
+        return "the scores are soft-capped twice"
+    if site.has_bias or site.score_view is not None:
+        return "soft-capping after a bias, mask or reshape of the scores"
+    return None
+
+
+def _cap_reason(site: AttentionSite, node: Node, tanh: Node) -> str | None:
+    """The op after ``tanh`` must multiply by the cap ``c > 0``: then ``site.scale`` (which holds
+    the ``1 / c`` applied before the tanh) becomes the op's logit scale ``scale · c``."""
+    cap = None
+    if ops.is_mul(node):
+        cap = ops.constant_number(node.args[1] if node.args[0] is tanh else node.args[0])
+    if cap is None or cap <= 0:
+        return _TANH_ALONE
+    site.softcap = cap
+    site.scale = site.scale * cap
     return None
 
 
@@ -45,8 +85,7 @@ def _step_reason(site: AttentionSite, node: Node, index: int) -> str | None:
     if not all(_independent(o, product) for o in others):
         return f"{node.name} combines the scores with a value computed from them"
     if ops.is_tanh(node):
-        return ("logit soft-capping (tanh) is not affine in the scores: the sparse op "
-                "cannot express it")
+        return "tanh of the scores is not affine in them"
     if ops.is_cast_or_identity(node):
         return None
     if ops.is_reshape(node):
@@ -82,6 +121,8 @@ def _row_shift(site: AttentionSite, shift: Any) -> bool:
 
 
 def _factor_reason(site: AttentionSite, node: Node, factor: Any, divide: bool) -> str | None:
+    if site.softcap:
+        return f"{node.name} scales the scores after soft-capping"
     number = factor if isinstance(factor, (int, float)) else None
     if number is not None:
         if number == 0:

@@ -46,7 +46,8 @@ class AttentionSite:
     4-D attention, ``[B·H]`` for 3-D). The scores the model computes equal
     ``scale · (q·Πfactors) kᵀ + bias`` where ``bias`` is the score chain replayed on zeros
     (``bias_steps``, starting from ``bias_start``), plus ``attn_mask`` and ``is_causal`` for
-    ``scaled_dot_product_attention``.
+    ``scaled_dot_product_attention``. With logit soft-capping (``softcap > 0``) the scores are
+    ``softcap · tanh(scale · (q·Πfactors) kᵀ / softcap) + bias``.
     """
 
     anchor: Node
@@ -57,6 +58,7 @@ class AttentionSite:
     v: Operand | None = None
     q_factors: list[tuple[str, Any]] = field(default_factory=list)
     scale: float | None = None
+    softcap: float = 0.0
     bias_steps: list[tuple[Node, int]] = field(default_factory=list)
     bias_start: tuple[Node, Any] | None = None
     attn_mask: Any = None

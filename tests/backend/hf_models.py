@@ -108,6 +108,16 @@ def bloom(impl: str):
     return _finish(transformers.BloomForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
+def gemma2(impl: str):
+    """Gemma 2, logit soft-capping strong enough (cap 0.5, large weights) to matter here."""
+    cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=LAYERS, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                    attn_logit_softcapping=0.5, sliding_window=4,
+                                    initializer_range=0.5)
+    return _finish(transformers.Gemma2ForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
+
+
 MODELS: dict[str, Callable[[str], tuple[Any, dict[str, torch.Tensor], int]]] = {
     "llama": llama, "mistral": mistral, "qwen2": qwen2, "gpt2": gpt2, "bert": bert,
     "vit": vit, "t5": t5, "whisper": whisper, "gpt_neox": gpt_neox, "bloom": bloom,

@@ -24,9 +24,9 @@ from tests.backend.zoo import (
     BloomAlibi,
     EinsumSeqFirst,
     Entry,
-    GemmaSoftcap,
     LlamaEager,
     NanoGPTFlash,
+    TanhScores,
     ViTSelf,
 )
 from tests.conftest import rel_error
@@ -68,7 +68,7 @@ def test_bad_pattern_text_raises_pattern_error():
 
 
 def test_unsupported_site_warns_and_runs_unchanged(caplog):
-    model, x = GemmaSoftcap(), GemmaSoftcap.example_input()
+    model, x = TanhScores(), TanhScores.example_input()
     with caplog.at_level(logging.WARNING, logger="sparse_compile"):
         out = torch.compile(model, backend="sparse", options={"pattern": "sliding(2)"})(x)
     assert rel_error(out, model(x)) < 1e-5
@@ -76,7 +76,7 @@ def test_unsupported_site_warns_and_runs_unchanged(caplog):
 
 
 def test_unsupported_site_raises_with_on_unsupported_error():
-    model, x = GemmaSoftcap(), GemmaSoftcap.example_input()
+    model, x = TanhScores(), TanhScores.example_input()
     compiled = torch.compile(model, backend="sparse", options={"on_unsupported": "error"})
     with pytest.raises(Exception, match="soft-capping"):
         compiled(x)

@@ -10,7 +10,7 @@ import torch
 from sparse_compile.report import collecting
 from tests.backend.by_hand import pattern_by_hand
 from tests.backend.conftest import assert_grads_close
-from tests.backend.hf_models import MODELS
+from tests.backend.hf_models import MODELS, gemma2
 from tests.conftest import rel_error
 
 PATTERN = "sliding(3) | strided(4)"
@@ -48,3 +48,22 @@ def test_model_matches_pattern_by_hand(name, impl):
         dense = _logits(model(**inputs))
     assert rel_error(out, dense) > 1e-3, "the pattern should change this model's logits"
 
+
+
+def test_gemma2_soft_capped_attention_is_rewritten_with_its_cap():
+    torch.manual_seed(0)
+    model, inputs, layers = gemma2("eager")
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": PATTERN, "compiler": "aot_eager"})
+    with collecting() as report:
+        out, grads = _step(model, inputs, compiled)
+    assert len(report) == layers and all(row.rewritten for row in report), str(report)
+    with pattern_by_hand(PATTERN):
+        ref, ref_grads = _step(model, inputs)
+    assert rel_error(out, ref) < 1e-4
+    assert_grads_close(grads, ref_grads)
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    with pattern_by_hand(PATTERN), torch.no_grad():
+        uncapped = _logits(model(**inputs))
+    assert rel_error(out, uncapped) > 1e-3, "the cap should change this model's logits"

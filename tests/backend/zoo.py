@@ -529,13 +529,28 @@ class TwoLayers(nn.Module):
     example_input = staticmethod(Entry.example_input)
 
 
+class GemmaSoftcap(Entry):
+    """Gemma 2 (``Gemma2Attention``): logit soft-capping ``tanh(s / cap) * cap`` after the scale
+    and before the causal mask, in float32."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        s = torch.matmul(q, k.transpose(2, 3)) * self.d ** -0.5
+        s = s / 2.0
+        s = torch.tanh(s)
+        s = s * 2.0
+        s = s + torch.zeros(L, L).masked_fill(~_causal(L), torch.finfo(s.dtype).min)
+        w = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.merge(torch.matmul(w, v))
+
+
 ZOO = [
     GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, Bmm3dThenView,
     NeoXLegacy,
     ViTSelf, WhisperCross, EinsumHeadsFirst, EinsumSeqFirst, NanoGPTFlash, LlamaSdpa,
     SdpaFloatMask, TorchMHA, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
     GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, InPlaceMasking,
-    RowMaxShift, TwoLayers,
+    RowMaxShift, TwoLayers, GemmaSoftcap,
 ]
 
 
@@ -571,13 +586,12 @@ class WeightsReturned(Entry):
         return self.merge(w @ v), w
 
 
-class GemmaSoftcap(Entry):
-    """Gemma 2 logit soft-capping ``tanh(s / cap) * cap``: not affine in the scores."""
+class TanhScores(Entry):
+    """Bounded scores ``tanh(s)`` with no capping factor around it: not soft-capping, refused."""
 
     def forward(self, x):
         q, k, v = self.qkv(x)
-        s = q @ k.transpose(-1, -2) * self.d ** -0.5
-        s = torch.tanh(s / 50.0) * 50.0
+        s = torch.tanh(q @ k.transpose(-1, -2) * self.d ** -0.5)
         return self.merge(torch.softmax(s, dim=-1) @ v)
 
 
@@ -613,6 +627,6 @@ class MHAWithWeights(TorchMHA):
 
 # (module, how many candidate sites it reports) – each must be left as it is.
 LOOKALIKES = [
-    (SoftmaxOverQueries, 1), (LinearAttention, 0), (WeightsReturned, 1), (GemmaSoftcap, 1),
+    (SoftmaxOverQueries, 1), (LinearAttention, 0), (WeightsReturned, 1), (TanhScores, 1),
     (SoftmaxClassifier, None), (StableSoftmaxByHand, 1), (MHAWithWeights, None),
 ]
