@@ -11,7 +11,8 @@ is None``) or the reason it must stay as it is. What is proven before a site is 
   ``a·S + b``: multiplication/division by numbers or by tensors constant along the key axis,
   additive biases, ``masked_fill``/``where`` with a large negative fill, dtype casts,
   reshapes that only regroup batch axes, and subtraction of the row maximum (dropped: softmax
-  ignores per-row shifts). Logit soft-capping (``tanh``) is not affine and is refused;
+  ignores per-row shifts); or logit soft-capping ``c · tanh(S / c)`` of the scaled product
+  before any bias (Gemma 2), which the op computes itself; any other ``tanh`` is refused;
 - no intermediate result is used anywhere else (attention weights returned or stored);
 - q, k and v have consistent shapes, and the same head dimension.
 
