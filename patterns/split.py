@@ -1,25 +1,27 @@
 """Layout route for patterns that equal a q - k pattern outside a few k-block ranges per row.
 
-Every built-in primitive splits into a *background* that depends on ``d = q - k`` only and,
-per q-block, *exception* ranges of k-blocks outside which the pattern equals its background on
-every entry of every tile:
+Every built-in primitive splits into a *background* that depends on ``d = q - k`` only,
+*layers* (per q-block ranges of k-blocks on which it equals another q - k pattern, often the
+constants everything / nothing) and *exceptions* (ranges where nothing is known):
 
 * q - k patterns (causal, window, local, sliding, strided, fanout, dense, q - k predicates):
-  background = the pattern itself, no exceptions;
+  background = the pattern itself;
 * other interval patterns (sink, block, prefix, predicates with row bounds) and ``global(n)``:
-  background = nothing kept, exceptions = the k-blocks that may hold a kept entry;
+  background = nothing, a FULL layer (the interior of the rows, the rows and columns of global
+  tokens), exceptions = the PARTIAL edges;
 * ``axial(cols, offset)``: background = ``strided(cols)`` (same grid column <=> ``cols``
-  divides ``q - k``); exceptions = the leading rows and columns and the tiles that share a grid
-  row with the q-block (a band about ``cols / block_n`` tiles wide);
-* ``a | b``, ``a & b``, ``~a``: background = the same composition of the backgrounds,
-  exceptions = the union of both sides' (only one side's when its constant background decides
-  the result: ``x & nothing``, ``x | everything``).
+  divides ``q - k``); FULL layer = leading rows and columns and, for a q-block inside one grid
+  row, the k-blocks inside that grid row; exceptions = the rest of the grid-row band and the
+  straddling leading q-block / k-block;
+* ``~a``: everything negated; ``a & b``, ``a | b`` against a side without layers or exceptions:
+  the other side's layers joined with its background; otherwise layers that decide alone
+  (FULL for ``|``, EMPTY for ``&``) stay and the others become exceptions.
 
-A full-size tile's background kind depends on ``v = i * block_m - j * block_n`` only (see
-``diagonals.py``), so the ``nq x nk`` kinds are one strided copy of a per-``v`` vector; the
-exception tiles and the ragged last row and column are then classified exactly
-(``blocks.py``). Cost: ``nq * nk`` bytes written plus O(exception tiles); no per-tile analysis
-of the whole grid.
+A full-size tile's kind under a q - k pattern depends on ``v = i * block_m - j * block_n``
+only (see ``diagonals.py``), so the ``nq x nk`` kinds are one strided copy of a per-``v``
+vector, layers are painted the same way, and only the exception tiles and the ragged last row
+and column are classified tile by tile, exactly (``blocks.py``). Cost: O(nq * nk) bytes
+written plus O(exception tiles); no per-tile analysis of the whole grid.
 """
 
 from __future__ import annotations
@@ -68,27 +70,43 @@ class Ranges:
 
 
 @dataclass(frozen=True)
+class Layer:
+    """Tiles (``ranges``) on which the pattern equals the q - k pattern ``pattern`` entry by
+    entry (``EVERYTHING``: FULL tiles, ``NOTHING``: EMPTY tiles)."""
+
+    ranges: Ranges
+    pattern: Pattern
+
+
+@dataclass(frozen=True)
 class Split:
-    """A pattern seen as its q - k ``background`` plus per q-block ranges of tiles where it
-    differs: ``full`` tiles keep every entry, ``empty`` tiles none, ``exceptions`` are unknown
-    (classified exactly later); on every other tile the pattern equals the background."""
+    """A pattern seen as its q - k ``background`` plus per q-block tile ranges where it may
+    differ: ``layers`` where it equals another q - k pattern (overlapping layers agree, being
+    equal to the pattern), ``exceptions`` where nothing is known (classified exactly later).
+    On every other tile the pattern equals the background."""
 
     background: Pattern
     exceptions: Ranges
-    full: Ranges
-    empty: Ranges
+    layers: tuple[Layer, ...] = ()
+
+    @property
+    def pure(self) -> bool:
+        """The pattern is its background everywhere."""
+        return not self.layers and self.exceptions.starts.shape[1] == 0
 
 
 def split_pattern(p: Pattern, lq: int, lk: int, bm: int, bn: int) -> Split | None:
     """The :class:`Split` of the head-resolved pattern ``p``, or None when some leaf admits no
     analysis (a custom predicate that is neither of ``q - k`` nor one interval per row)."""
     nq = -(-lq // bm)
-    none = Ranges.none(nq)
     if is_toeplitz(p):
-        return Split(p, none, none, none)
+        return Split(p, Ranges.none(nq))
     if isinstance(p, Not):
         s = split_pattern(p.inner, lq, lk, bm, bn)
-        return None if s is None else Split(_negate(s.background), s.exceptions, s.empty, s.full)
+        if s is None:
+            return None
+        return Split(_negate(s.background), s.exceptions,
+                     tuple(Layer(x.ranges, _negate(x.pattern)) for x in s.layers))
     if isinstance(p, (And, Or)):
         a = split_pattern(p.left, lq, lk, bm, bn)
         b = split_pattern(p.right, lq, lk, bm, bn)
@@ -97,13 +115,13 @@ def split_pattern(p: Pattern, lq: int, lk: int, bm: int, bn: int) -> Split | Non
         return _combine(a, b, isinstance(p, And))
     if isinstance(p, Axial):
         exceptions, full = _axial_ranges(p, lq, lk, bm, bn)
-        return Split(Strided(p.cols), exceptions, full, none)
+        return Split(Strided(p.cols), exceptions, (Layer(full, EVERYTHING),))
     if isinstance(p, Global):
         exceptions, full = _global_ranges(p.n, lq, lk, bm, bn)
-        return Split(NOTHING, exceptions, full, none)
+        return Split(NOTHING, exceptions, (Layer(full, EVERYTHING),))
     if p.interval() is not None:
         exceptions, full = _interval_ranges(p, lq, lk, bm, bn)
-        return Split(NOTHING, exceptions, full, none)
+        return Split(NOTHING, exceptions, (Layer(full, EVERYTHING),))
     return None
 
 
@@ -111,41 +129,51 @@ def _negate(p: Pattern) -> Pattern:
     return p.inner if isinstance(p, Not) else Not(p)
 
 
-def _plain(s: Split) -> Split:
-    """Drop constant ranges that equal a constant background (they are not exceptional)."""
-    none = Ranges.none(s.full.starts.shape[0])
-    full = none if s.background == EVERYTHING else s.full
-    empty = none if s.background == NOTHING else s.empty
-    return Split(s.background, s.exceptions, full, empty)
+def _join(a: Pattern, b: Pattern, is_and: bool) -> Pattern:
+    """``a & b`` or ``a | b`` with constants folded (keeps backgrounds small)."""
+    absorbing, neutral = (NOTHING, EVERYTHING) if is_and else (EVERYTHING, NOTHING)
+    if absorbing in (a, b):
+        return absorbing
+    if a == neutral:
+        return b
+    if b == neutral:
+        return a
+    return (And if is_and else Or)(a, b)
 
 
 def _combine(a: Split, b: Split, is_and: bool) -> Split:
-    """``a & b`` or ``a | b``. For ``|``: FULL where either side is FULL; where a side is EMPTY
-    the result is the other side, not the combined background, so those tiles become
-    exceptions (dually for ``&``)."""
-    a, b = _plain(a), _plain(b)
-    absorbing, neutral = (NOTHING, EVERYTHING) if is_and else (EVERYTHING, NOTHING)
-    none = Ranges.none(a.full.starts.shape[0])
+    """``a & b`` or ``a | b``.
 
-    def deciding(s: Split) -> Split:
-        # Outside its exceptions and its non-absorbing constant tiles the side decides alone.
-        other = s.full if is_and else s.empty
-        return Split(absorbing, s.exceptions + other, none, none)
+    Against a side that is its background everywhere, the other side's layers carry over,
+    joined with that background. Otherwise only layers equal to the absorbing constant carry
+    over (FULL for ``|``, EMPTY for ``&``: exact whatever the other side is) and the other
+    layers become exceptions; and a side whose background is the absorbing constant decides
+    alone outside its own ranges.
+    """
+    absorbing = NOTHING if is_and else EVERYTHING
+    for x, y in ((a, b), (b, a)):
+        if y.pure:
+            background = _join(x.background, y.background, is_and)
+            layers = (Layer(L.ranges, _join(L.pattern, y.background, is_and)) for L in x.layers)
+            return Split(background, x.exceptions,
+                         tuple(L for L in layers if L.pattern != background))
 
-    sides = [deciding(s) for s in (a, b) if s.background == absorbing]
-    if sides:
-        return min(sides, key=lambda s: s.exceptions.size)
-    if a.background == neutral:
-        background = b.background
-    elif b.background == neutral:
-        background = a.background
-    else:
-        background = (And if is_and else Or)(a.background, b.background)
-    if is_and:
-        return Split(background, a.exceptions + b.exceptions + a.full + b.full, none,
-                     a.empty + b.empty)
-    return Split(background, a.exceptions + b.exceptions + a.empty + b.empty,
-                 a.full + b.full, none)
+    def unknown(s: Split) -> Ranges:
+        out = s.exceptions
+        for L in s.layers:
+            if L.pattern != absorbing:
+                out = out + L.ranges
+        return out
+
+    def kept_layers(s: Split) -> tuple[Layer, ...]:
+        return tuple(L for L in s.layers if L.pattern == absorbing)
+
+    deciding = [s for s in (a, b) if s.background == absorbing]
+    if deciding:
+        s = min(deciding, key=lambda s: unknown(s).size)
+        return Split(absorbing, unknown(s))
+    return Split(_join(a.background, b.background, is_and),
+                 unknown(a) + unknown(b), kept_layers(a) + kept_layers(b))
 
 
 def _rows(lq: int, lk: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,21 +242,23 @@ def _axial_ranges(p: Axial, lq: int, lk: int, bm: int, bn: int):
 
 def split_kinds(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
     """Exact kinds uint8 ``[nq, nk]`` of the head-resolved ``p`` from its split ``s``:
-    the background, then the FULL and EMPTY ranges, then the exceptions and ragged tiles
-    classified exactly."""
-    nk = -(-lk // bn)
-    kinds = _background_kinds(s.background, lq, lk, bm, bn)
-    _fill(kinds, s.full, FULL)
-    _fill(kinds, s.empty, EMPTY)
-    keys = _exception_keys(s, lq, lk, bm, bn)
+    the background, then the layers, then the exceptions and ragged tiles classified
+    exactly."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    kinds = _ToeplitzKinds(s.background, lq, lk, bm, bn).box(0, nq, 0, nk)
+    for layer in s.layers:
+        _paint(kinds, layer, lq, lk, bm, bn)
+    keys = _special_keys(s, lq, lk, bm, bn)
     kinds.view(-1)[keys] = classify_listed(p, lq, lk, bm, bn, keys // nk, keys % nk)
     return kinds
 
 
-def _fill(kinds: torch.Tensor, ranges: Ranges, value: int) -> None:
-    """Set the tiles of ``ranges`` to ``value``: listed when few, else by masks over the
-    bounding box of the ranges (a few cheap passes per tile instead of one index each)."""
+def _paint(kinds: torch.Tensor, layer: Layer, lq: int, lk: int, bm: int, bn: int) -> None:
+    """Write the kinds of ``layer.pattern`` on the layer's tiles: listed when few, else by
+    masks over the bounding box of each range column."""
     nq, nk = kinds.shape
+    source = _ToeplitzKinds(layer.pattern, lq, lk, bm, bn)
+    ranges = layer.ranges
     for c in range(ranges.starts.shape[1]):
         start, end = ranges.starts[:, c].clamp(0, nk), ranges.ends[:, c].clamp(0, nk)
         active = (end > start).nonzero().flatten()
@@ -238,20 +268,60 @@ def _fill(kinds: torch.Tensor, ranges: Ranges, value: int) -> None:
         c0, c1 = int(start[active].min()), int(end[active].max())
         size = int((end - start).clamp(min=0).sum())
         if 32 * size <= (r1 - r0) * (c1 - c0):
-            kinds.view(-1)[tile_keys(start[:, None], end[:, None], nq, nk, unique=False)] = value
+            keys = tile_keys(start[:, None], end[:, None], nq, nk, unique=False)
+            kinds.view(-1)[keys] = source.at(keys // nk, keys % nk)
             continue
         j = torch.arange(c0, c1, dtype=torch.int64)
         step = max(1, CHUNK // (c1 - c0))
         for a in range(r0, r1, step):
             b = min(r1, a + step)
             inside = (j >= start[a:b, None]) & (j < end[a:b, None])
-            kinds[a:b, c0:c1].masked_fill_(inside, value)
+            box = kinds[a:b, c0:c1]
+            box.copy_(torch.where(inside, source.box(a, b, c0, c1), box))
+
+
+class _ToeplitzKinds:
+    """Kinds of the full-size tiles of a q - k pattern: tile ``(i, j)`` has the kind of its
+    ``v = i * bm - j * bn`` (see ``diagonals.py``), one classification per ``v``."""
+
+    def __init__(self, pattern: Pattern, lq: int, lk: int, bm: int, bn: int):
+        self.nq, self.nk = -(-lq // bm), -(-lk // bn)
+        g = math.gcd(bm, bn)
+        self.a, self.b = bm // g, bn // g
+        self.constant = {EVERYTHING: FULL, NOTHING: EMPTY}.get(pattern)
+        if self.constant is not None:
+            return
+        v = _diagonal_tiles(lq, lk, bm, bn)
+        diag = Tiles(q0=(v + lk - lq)[:, None], q1=(v + lk - lq + bm - 1)[:, None],
+                     k0=torch.zeros((1, 1), dtype=torch.int64),
+                     k1=torch.full((1, 1), bn - 1, dtype=torch.int64))
+        self.kind_v = _KIND_OF_BITS[classify(pattern, diag)[:, 0].to(torch.int64)]
+
+    def at(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Kinds of the tiles ``(i, j)`` (int64 ``[c]``)."""
+        if self.constant is not None:
+            return torch.full(i.shape, self.constant, dtype=torch.uint8)
+        return self.kind_v[i * self.a + (self.nk - 1 - j) * self.b]
+
+    def box(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """Kinds ``[r1 - r0, c1 - c0]`` of q-blocks ``[r0, r1)`` and k-blocks ``[c0, c1)``."""
+        if self.constant is not None:
+            return torch.full((r1 - r0, c1 - c0), self.constant, dtype=torch.uint8)
+        # Tile (i, j) reads index (nq - 1 - i) * a + j * b of the reversed vector: a strided
+        # view (negative row stride, which numpy allows; rows are contiguous runs when b == 1)
+        # copied once.
+        reversed_v = self.kind_v.flip(0).numpy()
+        first = (self.nq - 1 - r0) * self.a + c0 * self.b
+        view = np.lib.stride_tricks.as_strided(reversed_v[first:], (r1 - r0, c1 - c0),
+                                               (-self.a, self.b))
+        return torch.from_numpy(view.copy(order="C"))
 
 
 def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: int,
                bn: int) -> int:
     """Exact number of kept entries of ``p`` (kinds ``[nq, nk]`` from :func:`split_kinds`):
-    background tiles through per-``v`` counts, the other tiles by area or evaluation."""
+    background and layer tiles through per-``v`` counts of their q - k pattern, exception and
+    ragged tiles by area or evaluation."""
     nq, nk = -(-lq // bm), -(-lk // bn)
     g = math.gcd(bm, bn)
     a, b = bm // g, bn // g
@@ -263,20 +333,30 @@ def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: 
     x0 = torch.arange(nq, dtype=torch.int64) * a
     r, t0 = x0 % b, x0 // b
     total = int((prefix[t0 + nk, r] - prefix[t0, r]).sum())
-    # Tiles off the background (and ragged ones): replace their background count by the
-    # exact one.
-    keys = _exception_keys(s, lq, lk, bm, bn, s.full + s.empty)
-    i, j = keys // nk, keys % nk
-    total -= int(count_v[i * a + (nk - 1 - j) * b].sum())
-    return total + kept_in_tiles(p, lq, lk, bm, bn, i, j, kinds.view(-1)[keys])
+
+    def v_index(keys):
+        return (keys // nk) * a + (nk - 1 - keys % nk) * b
+
+    # Exception and ragged tiles: exact counts instead of the background's.
+    claimed = _special_keys(s, lq, lk, bm, bn)
+    total -= int(count_v[v_index(claimed)].sum())
+    total += kept_in_tiles(p, lq, lk, bm, bn, claimed // nk, claimed % nk,
+                           kinds.view(-1)[claimed])
+    # Layer tiles not claimed yet: their layer's counts instead of the background's.
+    for layer in s.layers:
+        keys = tile_keys(layer.ranges.starts, layer.ranges.ends, nq, nk)
+        keys = keys[~torch.isin(keys, claimed)]
+        layer_v = _background_counts(layer.pattern, lq, lk, bm, bn)
+        total += int((layer_v[v_index(keys)] - count_v[v_index(keys)]).sum())
+        claimed = torch.cat([claimed, keys])
+    return total
 
 
-def _exception_keys(s: Split, lq: int, lk: int, bm: int, bn: int,
-                    more: Ranges | None = None) -> torch.Tensor:
-    """Sorted distinct tile keys ``i * nk + j`` of the exceptions (and of ``more``) plus the
-    ragged last k-block column and q-block row (whose tiles are not full-size)."""
+def _special_keys(s: Split, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
+    """Sorted distinct tile keys ``i * nk + j`` of the exceptions plus the ragged last k-block
+    column and q-block row (whose tiles are not full-size)."""
     nq, nk = -(-lq // bm), -(-lk // bn)
-    ranges = s.exceptions if more is None else s.exceptions + more
+    ranges = s.exceptions
     rows = torch.arange(nq, dtype=torch.int64)[:, None]
     if lk % bn:
         ranges = ranges + Ranges(torch.full_like(rows, nk - 1), torch.full_like(rows, nk))
@@ -306,23 +386,3 @@ def _background_counts(bg: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch
     # Tile v: sum of window over u in [v + off - d0 + x] for x < bm, shifted by bn - 1.
     u0 = v + lk - lq - d0 - (bn - 1)
     return s2[u0 + bm] - s2[u0]
-
-
-def _background_kinds(bg: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
-    """Kinds ``[nq, nk]`` of the q - k pattern ``bg`` as if every tile were full-size."""
-    nq, nk = -(-lq // bm), -(-lk // bn)
-    if bg in (EVERYTHING, NOTHING):
-        return torch.full((nq, nk), 2 if bg == EVERYTHING else 0, dtype=torch.uint8)
-    g = math.gcd(bm, bn)
-    a, b = bm // g, bn // g
-    v = _diagonal_tiles(lq, lk, bm, bn)
-    diag = Tiles(q0=(v + lk - lq)[:, None], q1=(v + lk - lq + bm - 1)[:, None],
-                 k0=torch.zeros((1, 1), dtype=torch.int64),
-                 k1=torch.full((1, 1), bn - 1, dtype=torch.int64))
-    kind_v = _KIND_OF_BITS[classify(bg, diag)[:, 0].to(torch.int64)]
-    # Tile (i, j) has v index i * a + (nk - 1 - j) * b, i.e. index (nq - 1 - i) * a + j * b of
-    # the reversed vector: a strided view (negative row stride, which numpy allows; rows are
-    # contiguous runs when b == 1) copied once.
-    reversed_v = kind_v.flip(0).numpy()
-    view = np.lib.stride_tricks.as_strided(reversed_v[(nq - 1) * a:], (nq, nk), (-a, b))
-    return torch.from_numpy(view.copy(order="C"))

@@ -46,13 +46,16 @@ def check_split(p, lq: int, lk: int, bm: int, bn: int) -> None:
         assert is_toeplitz(s.background)
         mask = ph.mask(lq, lk)
         nq, nk = -(-lq // bm), -(-lk // bn)
-        full, empty = covered(s.full, nq, nk), covered(s.empty, nq, nk)
-        exceptions = covered(s.exceptions, nq, nk)
-        # The decomposition: FULL and EMPTY ranges are exact, every other tile outside the
-        # exceptions equals the background.
-        assert mask[entries(full, lq, lk, bm, bn)].all()
-        assert not mask[entries(empty, lq, lk, bm, bn)].any()
-        rest = entries(~(full | empty | exceptions), lq, lk, bm, bn)
+        # The decomposition: on each layer's tiles the pattern equals the layer's q - k
+        # pattern, on every other tile outside the exceptions it equals the background.
+        special = covered(s.exceptions, nq, nk)
+        for layer in s.layers:
+            assert is_toeplitz(layer.pattern)
+            tiles = covered(layer.ranges, nq, nk)
+            inside = entries(tiles, lq, lk, bm, bn)
+            assert torch.equal(mask[inside], layer.pattern.mask(lq, lk)[inside])
+            special |= tiles
+        rest = entries(~special, lq, lk, bm, bn)
         assert torch.equal(mask[rest], s.background.mask(lq, lk)[rest])
         # The kinds built from it.
         assert torch.equal(split_kinds(ph, s, lq, lk, bm, bn), kinds_from_mask(mask, bm, bn))
@@ -93,7 +96,8 @@ SPLIT_PATTERNS = [
     P.block(40) | P.fanout(3), ~P.global_(30) & P.causal, P.prefix(70) | ~P.strided(5),
     P.sliding(30) | P.axial(17, 2), P.axial(200, 7), P.block(96) | P.strided(5),
     P.global_(40) | P.fanout(2), ~(P.block(64) | P.strided(3)) & P.causal,
-    ~P.axial(70, 20) | P.fanout(2), P.heads(P.axial(9), P.causal & P.axial(13, 4),
+    ~P.axial(70, 20) | P.fanout(2), ~P.sink(100) & P.strided(9), P.causal & P.axial(150),
+    P.heads(P.axial(9), P.causal & P.axial(13, 4),
                                             P.global_(5) | P.strided(7)),
 ]
 
