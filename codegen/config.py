@@ -79,10 +79,11 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
     elif d <= 64:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
     elif d <= 128 and major >= 9:
-        # H100, bf16, D=128: bench/attention.py --sweep (bench/NOTES.md, version 4).
+        # H100, bf16, D=128: bench/attention.py --sweep / --tune (bench/NOTES.md, version 4).
         cfg = replace(cfg, fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=32,
                       dq_warps=4, dq_stages=3, kv_m=32, kv_n=64, kv_warps=4, kv_stages=3,
-                      fwd_tma=True, dq_tma=True, kv_tma=True)
+                      fwd_tma=True, dq_tma=True, kv_tma=True, fwd_merged=True, dq_merged=True,
+                      kv_merged=True)
     elif d <= 128:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=2)
     else:
@@ -93,6 +94,7 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
 
 # Mean kept keys per query row from which the backward prefers large tiles (bench/NOTES.md,
 # version 4: causal at 16k runs dQ 14% faster with 128x64 tiles, sliding(1024) 20% slower).
+# These tiles keep three loops, the form in which they were measured.
 LONG_ROWS = 4096
 
 
@@ -106,4 +108,5 @@ def long_rows_config(cfg: TileConfig, device: torch.device, head_dim: int,
             or torch.cuda.get_device_capability(device)[0] < 9):
         return cfg
     return replace(cfg, dq_m=128, dq_n=64, dq_warps=8, dq_stages=3, dq_tma=False,
-                   kv_m=64, kv_n=128, kv_warps=8, kv_stages=3, kv_tma=False)
+                   dq_merged=False, kv_m=64, kv_n=128, kv_warps=8, kv_stages=3, kv_tma=False,
+                   kv_merged=False)

@@ -106,3 +106,14 @@ def test_row_descriptors_only_where_exact():
     assert row_descriptor(x.float(), 32) is None
     assert row_descriptor(x.transpose(1, 2).contiguous().transpose(1, 2), 32) is None
     assert row_descriptor(torch.randn(2, 3, 64, 24, dtype=torch.float16), 32) is None
+
+
+def test_long_rows_measure_only_interval_patterns():
+    # Mean visited keys per query row (128-wide blocks): causal ~ L/2, a narrow band ~ its width.
+    assert 4096 < kernels.mean_row_keys("causal", 8192, 8192) < 4400
+    assert kernels.mean_row_keys("causal & sliding(256)", 8192, 8192) < 600
+    assert kernels.mean_row_keys("strided(4) | sink(2)", 512, 512) == 0.0
+    q = torch.zeros(1, 1, 8192, 16, device="cpu")
+    # Off the GPU the interpreter tiles stay whatever the rows.
+    assert kernels.select_config("causal", q, 8192) == kernels.default_config(q.device, 16,
+                                                                                 q.dtype)
