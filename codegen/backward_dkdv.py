@@ -5,8 +5,9 @@ share it (GQA without atomics), visiting only non-empty query blocks: PARTIAL bl
 predicate (or the interval bounds) inlined, FULL blocks without mask arithmetic. Interval
 patterns find their query-row ranges in-kernel: lo(Q) and hi(Q) are non-decreasing, so the rows
 that keep some key of the block, and the rows that keep all of them, are intervals found by
-binary search (no index tensor); other patterns read the transposed block tables.
-Works in the transposed orientation (keys x queries): dV += Pᵀ dO, dK += scale · dSᵀ Q.
+binary search on the closed form or on the per-row bound arrays (no index tensor); other
+patterns read the compact transposed block tables. Works in the transposed orientation
+(keys x queries): dV += Pᵀ dO, dK += scale · dSᵀ Q, Q/dO tiles through TMA where exact.
 """
 
 from __future__ import annotations

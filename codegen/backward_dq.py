@@ -1,9 +1,10 @@
 """Backward kernel family, dQ pass (and the bias gradient).
 
 One program handles BM query rows of one (batch, query head) and visits the same key blocks as
-the forward (interval bounds in-kernel, or the kv block tables of the backward layout). It
-recomputes P = exp2(s − LSE), regenerates the dropout mask from (seed, offset), and accumulates
-dQ = scale · dS K with dS = P ∘ (dP − Δ), Δ = rowsum(dO ∘ O). When the bias requires grad, dS is
+the forward (interval bounds in-kernel or per-row bound arrays, or the compact kv block tables
+of the backward layout). It recomputes P = exp2(s − LSE), regenerates the dropout mask from
+(seed, offset), and accumulates dQ = scale · dS K with dS = P ∘ (dP − Δ), Δ = rowsum(dO ∘ O)
+(times 1 − tanh² under soft-capping). When the bias requires grad, dS is
 added into a float32 buffer shaped like the bias (broadcast rows / columns summed in-register
 first; broadcast batch / head dims meet through atomics).
 """

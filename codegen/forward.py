@@ -2,9 +2,13 @@
 
 One program handles BM query rows of one (batch, query head). It visits only non-empty key
 blocks: FULL blocks with no mask arithmetic, PARTIAL blocks with the pattern predicate inlined.
-Scores are kept in log2 units (scale·log2(e) folded into one multiply) and exponentiated with
-exp2; accumulation is float32. The saved LSE is also in log2 units; rows with no kept key get
-LSE = +inf (so the backward's exp2(s − LSE) is 0 there) and output zeros.
+Scores are kept in log2 units (scale·log2(e) folded into the exp2 argument) and accumulated in
+float32 in place (``tl.dot(p, v, acc)``). The saved LSE is also in log2 units; rows with no kept
+key get LSE = +inf (so the backward's exp2(s − LSE) is 0 there) and output zeros. Interval
+patterns (closed-form bounds, or per-row bound arrays for interval unions) loop over one range
+of key blocks with the interval mask applied only on PARTIAL blocks; other patterns read the
+compact block tables. K/V tiles come through TMA descriptors where that is exact (tma.py).
+Optional logit soft-capping: softcap·tanh(scale·s/softcap) before bias and masks.
 """
 
 from __future__ import annotations
