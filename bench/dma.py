@@ -25,7 +25,7 @@ from sparse_compile.codegen.dma_backward import KvPass, dma_backward
 from sparse_compile.codegen.dma_forward import dma_forward
 from sparse_compile.codegen.dma_select import dma_select, selection_rank_order
 
-from sparse_compile.dma_op import backward_span, block_sizes
+from sparse_compile.dma_op import backward_span, block_sizes, forward_stages
 from sparse_compile.dma_reference import keep_mask
 from sparse_compile.dynamic_mask import dma_attention, dma_delta
 
@@ -224,7 +224,8 @@ def precision_check(length, args, device, dtype) -> str:
     cfg_f, cfg_b = block_sizes(q.device), block_sizes(q.device, backward=True)
     results = {}
     for name, kv in (("atomic dK/dV", None), ("span pass", backward_span(q.device))):
-        fwd, fwd_bwd = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b, kv)
+        fwd, fwd_bwd = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b, kv,
+                                 forward_stages(q.device))
         out, _ = fwd()
         results[name] = (out, *fwd_bwd(dout))
     scale = args.dim ** -0.5
@@ -421,7 +422,7 @@ def main() -> None:
     cfg_f = block_sizes(torch.device(device))
     cfg_b = block_sizes(torch.device(device), backward=True)
     kv = backward_span(torch.device(device))
-    stages = 2
+    stages = forward_stages(torch.device(device))
     if args.tune:  # at the first length; the table then uses the best tiles found
         length0 = args.lengths[0]
         q, k, v, delta = make_problem(length0, args.heads, args.dim, args.keep, device, dtype)

@@ -13,7 +13,7 @@ from sparse_compile.codegen.dma_backward import KvPass, dma_backward
 from sparse_compile.codegen.dma_forward import dma_forward
 from sparse_compile.codegen.dma_select import dma_select
 
-__all__ = ["dma_attention_fused", "block_sizes", "backward_span"]
+__all__ = ["dma_attention_fused", "block_sizes", "forward_stages", "backward_span"]
 
 
 def _interpreter_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -26,19 +26,26 @@ def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def block_sizes(device: torch.device, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward or backward: H100-tuned GPU tiles
-    (bench/dma.py sweeps them), or the smallest ``tl.dot`` tiles for the CPU interpreter."""
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward or of the backward's dQ kernel: H100-tuned
+    GPU tiles (``bench/dma.py --tune``, bench/results/dma-h100.md), or the smallest ``tl.dot``
+    tiles for the CPU interpreter."""
     if device.type != "cuda":
         return 16, 16, 4
-    return (128, 32, 8) if backward else (64, 32, 4)
+    return 64, 32, 4
+
+
+def forward_stages(device: torch.device) -> int:
+    """Software-pipelining stages of the forward (3 was fastest on the H100 at 32k)."""
+    return 3 if device.type == "cuda" else 2
 
 
 def backward_span(device: torch.device) -> KvPass | None:
-    """How the backward computes dK/dV: the span pass (``codegen.dma_backward_kv``) on the GPU,
-    atomics inside the dQ kernel under the CPU interpreter (fewer kernels to interpret)."""
+    """How the backward computes dK/dV: the span pass (``codegen.dma_backward_kv``, 1024-row
+    spans, H100-tuned) on the GPU; atomics inside the dQ kernel under the CPU interpreter
+    (fewer kernels to interpret)."""
     if device.type != "cuda":
         return None
-    return KvPass(rows=512, block_m=64, block_n=64, num_warps=4)
+    return KvPass(rows=1024, block_m=64, block_n=64, num_warps=4)
 
 
 @torch.library.custom_op("sparse_compile::dma_attention_fwd", mutates_args=())
@@ -58,7 +65,8 @@ def dma_attention_fwd(
     block_m, block_n, warps = block_sizes(q.device)
     selection = dma_select(delta.contiguous(), key_allowed, q.shape[2], keep, causal, block_m)
     qc, kc, vc, dc = (_interpreter_dtype(t).contiguous() for t in (q, k, v, delta))
-    out, lse = dma_forward(qc, kc, vc, dc, key_add, selection, causal, scale, block_n, warps)
+    out, lse = dma_forward(qc, kc, vc, dc, key_add, selection, causal, scale, block_n, warps,
+                           forward_stages(q.device))
     return out.to(q.dtype).contiguous(), lse
 
 
