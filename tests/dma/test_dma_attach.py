@@ -65,3 +65,23 @@ def test_attach_named_modules_and_errors():
         attach_dma(model, keep=4, modules=["model.nope"])
     with pytest.raises(ValueError, match="keep"):
         attach_dma(model, keep=0)
+
+
+def test_attach_needs_a_value_projection():
+    """Modules whose values come from a fused projection must name it (or fail clearly)."""
+
+    class OddAttention(torch.nn.Module):
+        num_heads, num_key_value_heads, head_dim = 2, 2, 8
+
+        def __init__(self):
+            super().__init__()
+            self.qk = torch.nn.Linear(16, 32)
+            self.values = torch.nn.Linear(16, 16)  # V_flat [B, L, Hkv * D], unusual name
+
+    model = torch.nn.Sequential(OddAttention())
+    with pytest.raises(ValueError, match="value_projection"):
+        attach_dma(model, keep=4)
+    assert not hasattr(model[0], "A")  # nothing half-attached
+    attached = attach_dma(model, keep=4, value_projection="values")
+    assert [a.path for a in attached] == ["0"] and model[0].A.shape == (2,)
+    assert model[0].values._dma_value_hook is not None
