@@ -43,6 +43,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _on_cpu(fn):
+    """Run ``fn`` with CPU as the default device: layouts are CPU data whatever the caller's
+    default device (``torch.set_default_device``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @dataclass(frozen=True, eq=False)
 class Layout:
     """Block structure of a static pattern for ``lq`` queries, ``lk`` keys and
@@ -91,11 +103,13 @@ class Layout:
     def nk(self) -> int:
         return _cdiv(self.lk, self.block_n)
 
+    @_on_cpu
     def kind_rows(self, head: int, i0: int, i1: int) -> torch.Tensor:
         """Kinds of q-blocks ``[i0, i1)`` for layout head ``head``: uint8 ``[i1 - i0, nk]``."""
         return self._source.kind_rows(self, head, i0, i1)
 
     @functools.cached_property
+    @_on_cpu
     def _all_kinds(self) -> torch.Tensor:
         return torch.stack([self.kind_rows(h, 0, self.nq) for h in range(self.num_heads)])
 
@@ -104,21 +118,25 @@ class Layout:
         return self._all_kinds if self.per_head else self._all_kinds[0]
 
     @functools.cached_property
+    @_on_cpu
     def density(self) -> float:
         total = self.num_heads * self.lq * self.lk
         return self._source.kept(self) / total if total else 0.0
 
     @functools.cached_property
+    @_on_cpu
     def block_density(self) -> float:
         tiles = self.num_heads * self.nq * self.nk
         visited = self._forward[0][0].sum() + self._forward[1][0].sum()
         return int(visited) / tiles if tiles else 0.0
 
     @functools.cached_property
+    @_on_cpu
     def _forward(self):
         return self._source.forward(self)
 
     @functools.cached_property
+    @_on_cpu
     def _backward(self):
         return self._source.backward(self)
 
@@ -149,7 +167,9 @@ def build_layout(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int)
                          ("block_n", block_n, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise PatternError(f"layout: {name} must be an integer >= {low}, got {v!r}")
-    return _build(pattern, int(lq), int(lk), int(block_m), int(block_n))
+    # Layouts are CPU data whatever the caller's default device (torch.set_default_device).
+    with torch.device("cpu"):
+        return _build(pattern, int(lq), int(lk), int(block_m), int(block_n))
 
 
 @functools.lru_cache(maxsize=32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import sparse_compile.patterns as P
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layout_checks import check_layout
@@ -115,3 +116,19 @@ def test_interval_union_route_is_exact(p, lq, lk, bm, bn):
     if lq <= lk:  # with lq > lk some rows sit before key 0 and are empty: another route
         assert type(layout._source).__name__ == "_IntervalSource" and not layout.is_interval
     check_layout(p, lq, lk, bm, bn)
+
+
+@pytest.mark.parametrize("p", [P.causal, P.axial(40), P.strided(7) | P.sink(3), P.global_(9),
+                               P.causal | P.prefix(100), PREDICATES[1]], ids=str)
+def test_layouts_are_cpu_data_whatever_the_default_device(p):
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")  # would fail on any layout tensor made on the default
+    try:
+        layout = p.layout(301, 299, 32, 16)  # sizes no other test uses: a fresh build
+        tensors = (layout.kinds, layout.kv_partial_indices, layout.q_full_counts)
+        density = layout.density
+    finally:
+        torch.set_default_device(previous)
+    assert all(t.device.type == "cpu" for t in tensors)
+    check_layout(p, 301, 299, 32, 16)
+    assert density == layout.density
