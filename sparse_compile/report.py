@@ -100,6 +100,10 @@ def explain(model: Any, *args: Any, **options: Any) -> Report:
     """Compile ``model`` with the sparse backend and ``options``, run it once on ``args``
     (under ``torch.no_grad``), and return one ``SiteReport`` per attention site found.
 
+    Dynamo's caches are reset first (``torch._dynamo.reset()``): code compiled earlier, or a
+    frame that already reached Dynamo's recompile limit, would otherwise run without calling
+    the backend and leave the report empty. Other compiled models recompile on their next call.
+
     Example:
         >>> report = explain(model, input_ids, pattern="causal & sliding(64)")
         >>> print(report)
@@ -110,6 +114,7 @@ def explain(model: Any, *args: Any, **options: Any) -> Report:
         # A fresh callable per call: Dynamo caches compiled code per backend.
         return sparse_backend(gm, example_inputs, options=options)
 
+    torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with collecting() as report, torch.no_grad():
         compiled(*args)

@@ -122,6 +122,14 @@ def test_explain_rows_and_table():
     assert "blocks.0" in table and "sliding(2)" in table and "2 rewritten" in table
 
 
+def test_explain_reports_a_model_whose_forward_reached_the_recompile_limit():
+    model, x = ViTSelf(), Entry.example_input()
+    for _ in range(12):  # each new backend callable recompiles the same frame
+        torch.compile(model, backend=lambda gm, inputs: gm)(x)
+    report = explain(model, x, pattern="causal", compiler="eager")
+    assert [r.rewritten for r in report] == [True]
+
+
 def test_assign_by_module_path_glob_and_class_name_in_a_transformers_model():
     from tests.backend.hf_models import llama
 
