@@ -106,7 +106,8 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
     elif not FOLD:
         s_t = s_t * qk_scale
     if HAS_BIAS:
-        bias = tl.load(bias_base + q_idx[None, :] * sbm + k_idx[:, None] * sbn,
+        bias = tl.load(bias_base + q_idx[None, :].to(tl.int64) * sbm
+                       + k_idx[:, None].to(tl.int64) * sbn,
                        mask=m_ok[None, :] & n_ok[:, None], other=0)
         if BIAS_BOOL:
             s_t = tl.where(bias != 0, s_t, float("-inf"))

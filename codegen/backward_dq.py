@@ -53,7 +53,8 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
     elif not FOLD:
         s = s * qk_scale
     if HAS_BIAS:
-        bias = tl.load(bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn,
+        bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sbm
+                       + k_idx[None, :].to(tl.int64) * sbn,
                        mask=n_ok[None, :], other=0)
         if BIAS_BOOL:
             s = tl.where(bias != 0, s, float("-inf"))
@@ -89,11 +90,12 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
         if DB_ROWS and DB_COLS:
             tl.atomic_add(dbias_base, tl.sum(tl.sum(ds_b, 1), 0))
         elif DB_ROWS:
-            tl.atomic_add(dbias_base + k_idx * dbn, tl.sum(ds_b, 0), mask=n_ok)
+            tl.atomic_add(dbias_base + k_idx.to(tl.int64) * dbn, tl.sum(ds_b, 0), mask=n_ok)
         elif DB_COLS:
-            tl.atomic_add(dbias_base + offs_m * dbm, tl.sum(ds_b, 1), mask=row_ok)
+            tl.atomic_add(dbias_base + offs_m.to(tl.int64) * dbm, tl.sum(ds_b, 1), mask=row_ok)
         else:
-            tl.atomic_add(dbias_base + offs_m[:, None] * dbm + k_idx[None, :] * dbn, ds_b,
+            tl.atomic_add(dbias_base + offs_m[:, None].to(tl.int64) * dbm
+                          + k_idx[None, :].to(tl.int64) * dbn, ds_b,
                           mask=db_mask)
     if SOFTCAP:
         # Through the cap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2.

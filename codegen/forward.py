@@ -55,7 +55,8 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_
     elif not FOLD:
         s = s * qk_scale
     if HAS_BIAS:
-        b_ptrs = bias_base + offs_m[:, None] * sbm + k_idx[None, :] * sbn
+        b_ptrs = (bias_base + offs_m[:, None].to(tl.int64) * sbm
+                  + k_idx[None, :].to(tl.int64) * sbn)
         bias = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
         if BIAS_BOOL:
             s = tl.where(bias != 0, s, float("-inf"))
