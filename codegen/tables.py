@@ -7,7 +7,9 @@ Three ways (the kernels' ``RANGES`` constexpr):
   (prefix-LM ``causal | prefix(n)``): int32 ``lo``/``hi`` arrays ``[heads, Lq]`` (O(Lq), no
   tables, monotone so the dK/dV pass binary-searches them);
 * 0, block tables: compact CSR (offsets + flat indices), O(visited blocks) whatever the longest
-  row; the transposed tables (dK/dV) come from the forward ones in O(entries).
+  row, taken as the layout builds them (``Layout.kv_partial`` ..., ``q_full``); each direction
+  is built only when a kernel asks for it (the dK/dV pass only reads the transposed tables of
+  its own tile shape).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 import torch
 from sparse_compile.patterns.intervals import union_rows
 from sparse_compile.patterns.nodes import Or
-from sparse_compile.patterns.tables import compact_csr, transpose_compact
 
 CLOSED_FORM, ROW_BOUNDS, TABLES = 1, 2, 0
 
@@ -49,7 +50,7 @@ class RowBounds:
     hi: torch.Tensor
 
 
-_CACHE: dict[tuple, tuple[BlockTables, BlockTables]] = {}
+_CACHE: dict[tuple, BlockTables] = {}
 _ROWS: dict[tuple, RowBounds | None] = {}
 _LAYOUTS: dict[tuple, Any] = {}
 
@@ -115,24 +116,30 @@ def _dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.numel() else torch.zeros(1, device=device, dtype=torch.int32)
 
 
+def direction_tables(
+    pattern: Any, lq: int, lk: int, block_m: int, block_n: int, device: torch.device,
+    transposed: bool = False,
+) -> BlockTables:
+    """The layout's kv tables per query block, or (``transposed``) its q tables per key block,
+    on ``device`` (cached)."""
+    key = (str(pattern), lq, lk, block_m, block_n, str(device), transposed)
+    hit = _CACHE.get(key)
+    if hit is None:
+        lay = layout_for(pattern, lq, lk, block_m, block_n)
+        partial, full = (lay.q_partial, lay.q_full) if transposed else (lay.kv_partial,
+                                                                         lay.kv_full)
+        hit = BlockTables(*(_dev(t, device) for t in (partial.offsets, partial.indices,
+                                                      full.offsets, full.indices)))
+        _CACHE[key] = hit
+    return hit
+
+
 def block_tables(
     pattern: Any, lq: int, lk: int, block_m: int, block_n: int, device: torch.device
 ) -> tuple[BlockTables, BlockTables]:
     """(kv tables per query block, q tables per key block) of the layout, on ``device``."""
-    key = (str(pattern), lq, lk, block_m, block_n, str(device))
-    hit = _CACHE.get(key)
-    if hit is None:
-        lay = layout_for(pattern, lq, lk, block_m, block_n)
-        po, pi = compact_csr(lay.kv_partial_counts, lay.kv_partial_indices)
-        fo, fi = compact_csr(lay.kv_full_counts, lay.kv_full_indices)
-        tpo, tpi = transpose_compact(po, pi, lay.nk)
-        tfo, tfi = transpose_compact(fo, fi, lay.nk)
-        hit = tuple(
-            BlockTables(*(_dev(t, device) for t in ts))
-            for ts in ((po, pi, fo, fi), (tpo, tpi, tfo, tfi))
-        )
-        _CACHE[key] = hit
-    return hit
+    return tuple(direction_tables(pattern, lq, lk, block_m, block_n, device, t)
+                 for t in (False, True))
 
 
 @dataclass(frozen=True)

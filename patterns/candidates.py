@@ -4,8 +4,9 @@ Each q-block gets a few candidate k-block ranges that are guaranteed to contain 
 non-EMPTY tiles: an interval sub-pattern contributes its exact visited range
 (``intervals.py``), ``global(n)`` its rows, ``a | b`` the ranges of both sides, ``a & b`` those of
 the tighter side. Only the tiles in these ranges are classified (``blocks.py``, exact), and the
-CSR tables are listed from them directly. Patterns with no such bound (``~``, strided, fanout,
-axial, custom predicates at the top) return None and take the all-tiles route.
+compact tables are listed from them directly (``overlay.py``). Patterns with no such bound
+(``~``, strided, fanout, axial, custom predicates at the top) return None and take another
+route.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from .intervals import interval_bounds
 from .nodes import And, Or, Pattern
 from .primitives import Global
 from .tables import CHUNK
-
-PARTIAL, FULL = 1, 2
 
 
 def candidate_ranges(p: Pattern, lq: int, lk: int, bm: int, bn: int):
@@ -54,25 +53,14 @@ def candidate_ranges(p: Pattern, lq: int, lk: int, bm: int, bn: int):
     return None
 
 
-def candidate_tables(p: Pattern, lq: int, lk: int, bm: int, bn: int, ranges):
-    """``{"kv": ((pc, pi), (fc, fi))}`` forward CSR tables (no head dim) from classifying the
-    candidate tiles of the head-resolved pattern ``p`` (the transpose is derived on demand)."""
-    nq, nk = -(-lq // bm), -(-lk // bn)
-    keys = tile_keys(ranges[0], ranges[1], nq, nk)
+def candidate_overrides(p: Pattern, lq: int, lk: int, bm: int, bn: int, ranges) -> tuple:
+    """``overlay.Overrides`` of the head-resolved ``p``: an empty background and the candidate
+    tiles, classified exactly."""
+    nk = -(-lk // bn)
+    keys = tile_keys(ranges[0], ranges[1], -(-lq // bm), nk)
     i, j = keys // nk, keys % nk
     kinds = classify_listed(p, lq, lk, bm, bn, i, j)
-    out = []
-    for kind in (PARTIAL, FULL):
-        mine = kinds == kind
-        ik, jk = i[mine], j[mine]
-        counts = torch.bincount(ik, minlength=nq)
-        width = max(1, int(counts.max()) if counts.numel() else 1)
-        idx = torch.zeros((nq, width), dtype=torch.int32)
-        pos = torch.arange(ik.numel()) - (torch.cumsum(counts, 0) - counts)[ik]
-        idx[ik, pos] = jk.to(torch.int32)
-        counts = counts.to(torch.int32)
-        out.append((counts, idx))
-    return {"kv": tuple(out)}
+    return None, i, j, kinds
 
 
 def tile_keys(starts: torch.Tensor, ends: torch.Tensor, nq: int, nk: int,

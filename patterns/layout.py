@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import Tiles, classify, is_toeplitz, kept_in_tiles, resolve_tiles
-from .candidates import candidate_ranges, candidate_tables
-from .diagonals import toeplitz_tables
+from .candidates import candidate_overrides, candidate_ranges
+from .diagonals import toeplitz_overrides
 from .errors import PatternError
 from .intervals import interval_bounds, kept_entries, union_rows
 from .nodes import Or, Pattern
-from .split import split_kept, split_kinds, split_pattern
-from .tables import CHUNK, csr_from_ranges, csr_from_rows, transpose_csr
+from .overlay import overlay_tables
+from .split import split_kept, split_overrides, split_pattern
+from .tables import CHUNK, Csr, kind_rows_tables, ranges_rows, stack_heads, transpose
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -74,12 +75,15 @@ class Layout:
         kinds: uint8 ``[nq, nk]`` (``[n, nq, nk]`` when per-head): 0 EMPTY, 1 PARTIAL, 2 FULL.
         density: kept fraction of the ``n * lq * lk`` entries; block_density: visited
             (non-EMPTY) fraction of the ``n * nq * nk`` tiles.
-        CSR tables, int32 CPU tensors, always with the leading head dim n:
-            kv_partial_counts, kv_full_counts ``[n, nq]``;
-            kv_partial_indices, kv_full_indices ``[n, nq, max(1, max count)]``: k-block indices,
-                ascending within a row, padding 0 (never read);
-            q_partial_counts, q_full_counts ``[n, nk]`` and q_partial_indices, q_full_indices
-                ``[n, nk, max(1, max count)]``: the transpose (q-blocks per k-block, for dK/dV).
+        Compact block tables (``tables.Csr``: offsets ``[n, rows + 1]`` into one flat int32
+        index array, memory proportional to the listed blocks), CPU tensors:
+            kv_partial, kv_full: per q-block, the PARTIAL / FULL k-blocks, ascending;
+            q_partial, q_full: the transpose (per k-block, the q-blocks; for dK/dV).
+        The same in padded form, for inspecting small layouts (a padded table is as wide as
+        its longest row; built from the compact one on first access):
+            kv_partial_counts, kv_full_counts int32 ``[n, nq]``, kv_partial_indices,
+            kv_full_indices int32 ``[n, nq, max(1, max count)]`` (padding 0), and
+            q_partial_counts, ... ``[n, nk]``, ``[n, nk, max(1, max count)]``.
     """
 
     lq: int
@@ -127,27 +131,37 @@ class Layout:
     @_on_cpu
     def block_density(self) -> float:
         tiles = self.num_heads * self.nq * self.nk
-        visited = self._forward[0][0].sum() + self._forward[1][0].sum()
-        return int(visited) / tiles if tiles else 0.0
+        visited = self.kv_partial.entries + self.kv_full.entries
+        return visited / tiles if tiles else 0.0
 
     @functools.cached_property
     @_on_cpu
-    def _forward(self):
+    def _forward(self) -> tuple[Csr, Csr]:
         return self._source.forward(self)
 
     @functools.cached_property
     @_on_cpu
-    def _backward(self):
+    def _backward(self) -> tuple[Csr, Csr]:
         return self._source.backward(self)
 
-    kv_partial_counts = property(lambda self: self._forward[0][0])
-    kv_partial_indices = property(lambda self: self._forward[0][1])
-    kv_full_counts = property(lambda self: self._forward[1][0])
-    kv_full_indices = property(lambda self: self._forward[1][1])
-    q_partial_counts = property(lambda self: self._backward[0][0])
-    q_partial_indices = property(lambda self: self._backward[0][1])
-    q_full_counts = property(lambda self: self._backward[1][0])
-    q_full_indices = property(lambda self: self._backward[1][1])
+    kv_partial = property(lambda self: self._forward[0])
+    kv_full = property(lambda self: self._forward[1])
+    q_partial = property(lambda self: self._backward[0])
+    q_full = property(lambda self: self._backward[1])
+
+    @functools.cached_property
+    @_on_cpu
+    def _padded(self):
+        return tuple(t.padded() for t in (*self._forward, *self._backward))
+
+    kv_partial_counts = property(lambda self: self._padded[0][0])
+    kv_partial_indices = property(lambda self: self._padded[0][1])
+    kv_full_counts = property(lambda self: self._padded[1][0])
+    kv_full_indices = property(lambda self: self._padded[1][1])
+    q_partial_counts = property(lambda self: self._padded[2][0])
+    q_partial_indices = property(lambda self: self._padded[2][1])
+    q_full_counts = property(lambda self: self._padded[3][0])
+    q_full_indices = property(lambda self: self._padded[3][1])
 
     def __repr__(self) -> str:
         return (
@@ -204,22 +218,23 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
         return Layout(is_interval=False, _source=_IntervalSource(unions, bounds, "interval union"),
                       **common)
     if all(is_toeplitz(p) for p in heads):
-        tables = [toeplitz_tables(p, lq, lk, block_m, block_n) for p in heads]
-        return Layout(is_interval=False, _source=_TableSource(heads, tables), **common)
+        return Layout(is_interval=False, _source=_OverlaySource(
+            heads, "diagonal", lambda h: toeplitz_overrides(heads[h], lq, lk, block_m, block_n)),
+            **common)
     ranges = [candidate_ranges(p, lq, lk, block_m, block_n) for p in heads]
     nq, nk = _cdiv(lq, block_m), _cdiv(lk, block_n)
     if all(r is not None and int((r[1] - r[0]).clamp(min=0).sum()) <= nq * nk // 2
            for r in ranges):
-        tables = [candidate_tables(p, lq, lk, block_m, block_n, r)
-                  for p, r in zip(heads, ranges, strict=True)]
-        return Layout(is_interval=False, _source=_TableSource(heads, tables, toeplitz=False),
-                      **common)
+        return Layout(is_interval=False, _source=_OverlaySource(
+            heads, "candidates",
+            lambda h: candidate_overrides(heads[h], lq, lk, block_m, block_n, ranges[h])),
+            **common)
     splits = [split_pattern(p, lq, lk, block_m, block_n) for p in heads]
     if all(s is not None for s in splits):
-        kinds = _stack([split_kinds(p, s, lq, lk, block_m, block_n)
-                        for p, s in zip(heads, splits, strict=True)])
-        return Layout(is_interval=False, _source=_KindsSource(heads, kinds, "split", splits),
-                      **common)
+        return Layout(is_interval=False, _source=_OverlaySource(
+            heads, "split",
+            lambda h: split_overrides(heads[h], splits[h], lq, lk, block_m, block_n), splits),
+            **common)
     kinds = _stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
     return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
 
@@ -275,14 +290,22 @@ def _tile_kinds(p: Pattern, lq: int, lk: int, bm: int, bn: int) -> torch.Tensor:
     return kinds
 
 
-def _transposed_tables(layout: Layout):
-    return tuple(transpose_csr(c, i, layout.nk) for c, i in layout._forward)
+def _transposed_tables(layout: Layout) -> tuple[Csr, Csr]:
+    return tuple(transpose(t, layout.nk) for t in layout._forward)
 
 
-def _forward_from_rows(layout: Layout):
-    n, nq, nk = layout.num_heads, layout.nq, layout.nk
-    return (csr_from_rows(layout.kind_rows, n, nq, nk, PARTIAL),
-            csr_from_rows(layout.kind_rows, n, nq, nk, FULL))
+def _tables_from_rows(layout: Layout) -> tuple[Csr, Csr]:
+    per_head = [kind_rows_tables(layout.kind_rows, h, layout.nq, layout.nk)
+                for h in range(layout.num_heads)]
+    return tuple(stack_heads([t[k] for t in per_head]) for k in (0, 1))
+
+
+def _kinds_from_tables(layout: Layout, head: int, i0: int, i1: int) -> torch.Tensor:
+    rows = torch.zeros((i1 - i0, layout.nk), dtype=torch.uint8)
+    for kind, table in zip((PARTIAL, FULL), layout._forward, strict=True):
+        r, c = table.row_ids(head, i0, i1)
+        rows[r - i0, c] = kind
+    return rows
 
 
 class _IntervalSource:
@@ -305,12 +328,8 @@ class _IntervalSource:
 
     def forward(self, layout):
         if any(b.gap_rows for b in self.bounds):
-            return _forward_from_rows(layout)
-        stack = [torch.stack([getattr(b, f) for b in self.bounds])
-                 for f in ("start", "end", "full_start", "full_end")]
-        partial = csr_from_ranges(stack[0], stack[1], stack[2], stack[3])
-        full = csr_from_ranges(stack[2], stack[3])
-        return partial, full
+            return _tables_from_rows(layout)
+        return _range_tables([(b.start, b.end, b.full_start, b.full_end) for b in self.bounds])
 
     def backward(self, layout):
         """Transposed tables from the bounds when they are monotone over q-blocks (then the
@@ -326,50 +345,69 @@ class _IntervalSource:
             f_first = torch.searchsorted(b.full_end, j, right=True)
             f_stop = torch.maximum(torch.searchsorted(b.full_start, j, right=True), f_first)
             per_head.append((first, stop, f_first, f_stop))
-        stack = [torch.stack([h[f] for h in per_head]) for f in range(4)]
-        return (csr_from_ranges(stack[0], stack[1], stack[2], stack[3]),
-                csr_from_ranges(stack[2], stack[3]))
+        return _range_tables(per_head)
 
     def kept(self, layout):
         return sum(kept_entries(iv, layout.lq, layout.lk) for iv in self.intervals)
 
 
-def _stack_tables(per_head):
-    counts = torch.stack([c for c, _ in per_head])
-    width = max(i.shape[-1] for _, i in per_head)
-    idx = torch.stack([torch.nn.functional.pad(i, (0, width - i.shape[-1])) for _, i in per_head])
-    return counts, idx
+def _range_tables(per_head) -> tuple[Csr, Csr]:
+    """(PARTIAL, FULL) tables of rows visiting ``[start, end)`` whose FULL blocks are ``[fs,
+    fe)`` (inside it, or empty), per head ``(start, end, fs, fe)`` int ``[rows]``."""
+    partial, full = [], []
+    for start, end, fs, fe in per_head:
+        start, end, fs, fe = (x.to(torch.int64) for x in (start, end, fs, fe))
+        has_full = fe > fs
+        left_end = torch.where(has_full, fs, end)
+        right_start = torch.where(has_full, fe, end)
+        partial.append(ranges_rows(torch.stack([start, right_start], 1),
+                                   torch.stack([left_end, end], 1)))
+        full.append(ranges_rows(fs[:, None], fe[:, None]))
+    return stack_heads(partial), stack_heads(full)
 
 
-class _TableSource:
-    """CSR tables built directly (Toeplitz route); kinds scattered from them on demand."""
+class _OverlaySource:
+    """Tables listed straight from a q - k background and exactly classified override tiles
+    (``overlay.py``; routes "diagonal", "candidates", "split"), one direction at a time; kinds
+    scattered from the forward tables on demand."""
 
-    def __init__(self, heads, tables, toeplitz: bool = True):
-        self.heads, self.tables, self.toeplitz = heads, tables, toeplitz
-        self.route = "diagonal" if toeplitz else "candidates"
+    def __init__(self, heads, route: str, overrides, splits=None):
+        self.heads, self.route, self.splits = heads, route, splits
+        self._overrides, self._cache = overrides, {}
+
+    def overrides(self, head: int):
+        if head not in self._cache:
+            self._cache[head] = self._overrides(head)
+        return self._cache[head]
+
+    def _tables(self, layout, side: str) -> tuple[Csr, Csr]:
+        sizes = (layout.lq, layout.lk, layout.block_m, layout.block_n)
+        per_head = [overlay_tables(self.overrides(h), *sizes, side)
+                    for h in range(layout.num_heads)]
+        return tuple(stack_heads([t[k] for t in per_head]) for k in (0, 1))
 
     def kind_rows(self, layout, head, i0, i1):
-        rows = torch.zeros((i1 - i0, layout.nk), dtype=torch.uint8)
-        for kind, (counts, idx) in zip((PARTIAL, FULL), self.tables[head]["kv"], strict=True):
-            c, ix = counts[i0:i1].to(torch.int64), idx[i0:i1].to(torch.int64)
-            valid = torch.arange(ix.shape[1]) < c[:, None]
-            r = torch.arange(i1 - i0)[:, None].expand_as(ix)
-            rows[r[valid], ix[valid]] = kind
-        return rows
+        return _kinds_from_tables(layout, head, i0, i1)
 
     def forward(self, layout):
-        return tuple(_stack_tables([t["kv"][k] for t in self.tables]) for k in (0, 1))
+        return self._tables(layout, "kv")
 
     def backward(self, layout):
-        if any("q" not in t for t in self.tables):
-            return _transposed_tables(layout)
-        return tuple(_stack_tables([t["q"][k] for t in self.tables]) for k in (0, 1))
+        return self._tables(layout, "q")
 
     def kept(self, layout):
-        if self.toeplitz:
+        sizes = (layout.lq, layout.lk, layout.block_m, layout.block_n)
+        if self.route == "diagonal":
             return sum(_toeplitz_kept(p, layout.lq, layout.lk) for p in self.heads)
-        return sum(_count_kept(p, layout.kind_rows(h, 0, layout.nq), layout)
-                   for h, p in enumerate(self.heads))
+        if self.route == "split":
+            return sum(split_kept(p, s, *sizes)
+                       for p, s in zip(self.heads, self.splits, strict=True))
+        total = 0
+        for h, p in enumerate(self.heads):
+            for kind, table in zip((PARTIAL, FULL), layout._forward, strict=True):
+                i, j = table.row_ids(h, 0, layout.nq)
+                total += kept_in_tiles(p, *sizes, i, j, torch.full_like(i, kind, dtype=torch.uint8))
+        return total
 
 
 def _toeplitz_kept(p: Pattern, lq: int, lk: int) -> int:
@@ -387,31 +425,27 @@ def _toeplitz_kept(p: Pattern, lq: int, lk: int) -> int:
 
 
 class _KindsSource:
-    """Kinds computed and stored (route "split": background plus exceptions, ``split.py``;
-    "tiles": per-tile analysis of every tile); tables and densities derived from them."""
+    """Kinds computed and stored (route "tiles": per-tile analysis of every tile, for opaque
+    custom predicates; empty sequences); tables and densities derived from them."""
 
-    def __init__(self, heads, kinds, route: str = "tiles", splits=None):
-        self.heads, self.kinds, self.route, self.splits = heads, kinds, route, splits
+    def __init__(self, heads, kinds, route: str = "tiles"):
+        self.heads, self.kinds, self.route = heads, kinds, route
 
     def kind_rows(self, layout, head, i0, i1):
         return self.kinds[head, i0:i1]
 
     def forward(self, layout):
-        return _forward_from_rows(layout)
+        return _tables_from_rows(layout)
 
     def backward(self, layout):
         # Listing the transposed kinds row by row is cheaper than sorting the forward tables'
         # entries (no argsort over every listed tile).
         columns = _Transposed(self.kinds)
-        n, nq, nk = layout.num_heads, layout.nq, layout.nk
-        return (csr_from_rows(columns.rows, n, nk, nq, PARTIAL),
-                csr_from_rows(columns.rows, n, nk, nq, FULL))
+        per_head = [kind_rows_tables(columns.rows, h, layout.nk, layout.nq)
+                    for h in range(layout.num_heads)]
+        return tuple(stack_heads([t[k] for t in per_head]) for k in (0, 1))
 
     def kept(self, layout):
-        if self.splits is not None:
-            sizes = (layout.lq, layout.lk, layout.block_m, layout.block_n)
-            return sum(split_kept(p, s, self.kinds[h], *sizes)
-                       for h, (p, s) in enumerate(zip(self.heads, self.splits, strict=True)))
         return sum(_count_kept(p, self.kinds[h], layout) for h, p in enumerate(self.heads))
 
 

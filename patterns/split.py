@@ -253,6 +253,32 @@ def split_kinds(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> tor
     return kinds
 
 
+def split_overrides(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> tuple:
+    """``overlay.Overrides`` of the head-resolved ``p`` from its split ``s`` (for tables
+    that never build the ``nq x nk`` kinds): the background's kinds per ``v``, the layer tiles
+    with their q - k pattern's kinds and the exception and ragged tiles classified exactly."""
+    nk = -(-lk // bn)
+    keys, kinds = _override_tiles(p, s, lq, lk, bm, bn)
+    background = _ToeplitzKinds(s.background, lq, lk, bm, bn)
+    return background.vector(), keys // nk, keys % nk, kinds
+
+
+def _override_tiles(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int):
+    """Distinct tile keys ``i * nk + j`` (int64) of the exceptions, ragged tiles and layers, with
+    their exact kinds (uint8); exceptions and ragged tiles take precedence over layers."""
+    nq, nk = -(-lq // bm), -(-lk // bn)
+    claimed = _special_keys(s, lq, lk, bm, bn)
+    keys = [claimed]
+    kinds = [classify_listed(p, lq, lk, bm, bn, claimed // nk, claimed % nk)]
+    for layer in s.layers:
+        mine = tile_keys(layer.ranges.starts, layer.ranges.ends, nq, nk)
+        mine = mine[~torch.isin(mine, claimed)]
+        kinds.append(_ToeplitzKinds(layer.pattern, lq, lk, bm, bn).at(mine // nk, mine % nk))
+        keys.append(mine)
+        claimed = torch.cat([claimed, mine])
+    return torch.cat(keys), torch.cat(kinds)
+
+
 def _paint(kinds: torch.Tensor, layer: Layer, lq: int, lk: int, bm: int, bn: int) -> None:
     """Write the kinds of ``layer.pattern`` on the layer's tiles: listed when few, else by
     masks over the bounding box of each range column."""
@@ -297,6 +323,13 @@ class _ToeplitzKinds:
                      k1=torch.full((1, 1), bn - 1, dtype=torch.int64))
         self.kind_v = _KIND_OF_BITS[classify(pattern, diag)[:, 0].to(torch.int64)]
 
+    def vector(self) -> torch.Tensor:
+        """Kinds uint8 per ``v`` ascending (``_diagonal_tiles``)."""
+        if self.constant is None:
+            return self.kind_v
+        count = (self.nq - 1) * self.a + (self.nk - 1) * self.b + 1
+        return torch.full((count,), self.constant, dtype=torch.uint8)
+
     def at(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Kinds of the tiles ``(i, j)`` (int64 ``[c]``)."""
         if self.constant is not None:
@@ -317,9 +350,8 @@ class _ToeplitzKinds:
         return torch.from_numpy(view.copy(order="C"))
 
 
-def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: int,
-               bn: int) -> int:
-    """Exact number of kept entries of ``p`` (kinds ``[nq, nk]`` from :func:`split_kinds`):
+def split_kept(p: Pattern, s: Split, lq: int, lk: int, bm: int, bn: int) -> int:
+    """Exact number of kept entries of ``p`` from its split ``s``:
     background and layer tiles through per-``v`` counts of their q - k pattern, exception and
     ragged tiles by area or evaluation."""
     nq, nk = -(-lq // bm), -(-lk // bn)
@@ -340,8 +372,8 @@ def split_kept(p: Pattern, s: Split, kinds: torch.Tensor, lq: int, lk: int, bm: 
     # Exception and ragged tiles: exact counts instead of the background's.
     claimed = _special_keys(s, lq, lk, bm, bn)
     total -= int(count_v[v_index(claimed)].sum())
-    total += kept_in_tiles(p, lq, lk, bm, bn, claimed // nk, claimed % nk,
-                           kinds.view(-1)[claimed])
+    i, j = claimed // nk, claimed % nk
+    total += kept_in_tiles(p, lq, lk, bm, bn, i, j, classify_listed(p, lq, lk, bm, bn, i, j))
     # Layer tiles not claimed yet: their layer's counts instead of the background's.
     for layer in s.layers:
         keys = tile_keys(layer.ranges.starts, layer.ranges.ends, nq, nk)

@@ -1,127 +1,136 @@
-"""CSR block tables (counts + ascending indices, padding 0) from kind rows, in bounded memory."""
+"""Compact CSR block tables: per row the listed columns, ascending, all rows in one flat array.
+
+A table is offsets ``[n, rows + 1]`` into one flat int32 index array (heads after one another,
+rows in order): memory is proportional to the listed blocks whatever the longest row. The
+builders here work a bounded chunk of entries at a time and never build a padded
+``[rows, longest row]`` intermediate.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-CHUNK = 1 << 22  # tiles handled per step: bounds temporary memory
+CHUNK = 1 << 22  # entries (or tiles) handled per step: bounds temporary memory
 
 KindRows = Callable[[int, int, int], torch.Tensor]  # (head, r0, r1) -> uint8 [r1 - r0, cols]
+Rows = tuple[torch.Tensor, torch.Tensor]  # one head: counts int64 [rows], indices int32 [e]
 
 
-def csr_from_rows(
-    rows_of: KindRows, heads: int, rows: int, cols: int, kind: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts int32 ``[heads, rows]`` and indices int32 ``[heads, rows, max(1, max count)]`` of
-    the columns whose kind is ``kind``, reading ``rows_of`` a chunk of rows at a time."""
-    step = max(1, CHUNK // max(1, cols))
-    counts = torch.zeros((heads, rows), dtype=torch.int32)
-    chunks: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
-    for h in range(heads):
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            m = rows_of(h, r0, r1) == kind
-            counts[h, r0:r1] = m.sum(1, dtype=torch.int32)
-            r, c = m.nonzero(as_tuple=True)
-            chunks.append((h, r0, r1, r, c))
-    width = max(1, int(counts.max()) if counts.numel() else 1)
-    indices = torch.zeros((heads, rows, width), dtype=torch.int32)
-    for h, r0, _, r, c in chunks:
-        if r.numel() == 0:
-            continue
-        per_row = counts[h, r0:].to(torch.int64)
-        first = torch.cumsum(per_row, 0) - per_row
-        pos = torch.arange(r.numel()) - first[r]
-        indices[h, r0 + r, pos] = c.to(torch.int32)
-    return counts, indices
+@dataclass(frozen=True)
+class Csr:
+    """Compact block table: row ``r`` of head ``h`` lists
+    ``indices[offsets[h, r]:offsets[h, r + 1]]`` (ascending). ``offsets`` int32 ``[n, rows +
+    1]`` (int64 past 2**31 entries), ``indices`` int32 ``[entries]``."""
+
+    offsets: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Listed blocks per row, int32 ``[n, rows]``."""
+        return (self.offsets[:, 1:] - self.offsets[:, :-1]).to(torch.int32)
+
+    @property
+    def entries(self) -> int:
+        return self.indices.numel()
+
+    def row_ids(self, head: int, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, columns)`` int64 of the entries of rows ``[r0, r1)`` of ``head``."""
+        off = self.offsets[head, r0:r1 + 1].to(torch.int64)
+        rows = torch.arange(r0, r1, dtype=torch.int64).repeat_interleave(off[1:] - off[:-1])
+        return rows, self.indices[int(off[0]):int(off[-1])].to(torch.int64)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts int32 ``[n, rows]`` and indices int32 ``[n, rows, max(1, max count)]``
+        (padding 0): the padded form, for inspection of small layouts only."""
+        counts = self.counts
+        n, rows = counts.shape
+        width = max(1, int(counts.max()) if counts.numel() else 1)
+        out = torch.zeros((n, rows, width), dtype=torch.int32)
+        c = counts.to(torch.int64).flatten()
+        row = torch.arange(n * rows, dtype=torch.int64).repeat_interleave(c)
+        pos = torch.arange(c.sum()) - (torch.cumsum(c, 0) - c).repeat_interleave(c)
+        out.view(n * rows, width)[row, pos] = self.indices
+        return counts, out
 
 
-def csr_from_ranges(
-    start: torch.Tensor, end: torch.Tensor, skip_start: torch.Tensor | None = None,
-    skip_end: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR rows listing ``[start, end)`` minus ``[skip_start, skip_end)`` (all ``[heads, rows]``
-    int tensors, the skipped range inside the listed one or empty)."""
-    start, end = start.to(torch.int64), end.to(torch.int64)
-    length = (end - start).clamp(min=0)
-    if skip_start is None:
-        first_len, second_start = length, end
-    else:
-        ss, se = skip_start.to(torch.int64), skip_end.to(torch.int64)
-        has_skip = se > ss
-        first_len = torch.where(has_skip, ss - start, length)
-        second_start = torch.where(has_skip, se, end)
-        length = torch.where(has_skip, length - (se - ss), length)
-    width = max(1, int(length.max()) if length.numel() else 1)
-    p = torch.arange(width)
-    idx = torch.where(p < first_len[..., None], start[..., None] + p,
-                      second_start[..., None] + p - first_len[..., None])
-    idx = torch.where(p < length[..., None], idx, 0)
-    return length.to(torch.int32), idx.to(torch.int32)
-
-
-def transpose_csr(
-    counts: torch.Tensor, indices: torch.Tensor, cols: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transposed tables: for each column, the rows listing it (ascending).
-
-    ``counts [heads, rows]``, ``indices [heads, rows, w]`` -> ``[heads, cols]``,
-    ``[heads, cols, max(1, max count)]``; cost O(number of listed entries).
-    """
+def stack_heads(per_head: list[Rows]) -> Csr:
+    """One :class:`Csr` from per-head ``(counts, indices)`` (same number of rows)."""
+    counts = torch.stack([c.to(torch.int64) for c, _ in per_head])
     heads, rows = counts.shape
+    ends = torch.cumsum(counts.flatten(), 0).reshape(heads, rows)
+    starts = ends[:, :1] - counts[:, :1] if rows else torch.zeros((heads, 1), dtype=torch.int64)
+    offsets = torch.cat([starts, ends], 1)
+    indices = torch.cat([i.to(torch.int32) for _, i in per_head])
+    dtype = torch.int32 if indices.numel() < 2**31 else torch.int64
+    return Csr(offsets.to(dtype), indices)
+
+
+def expand(lengths: torch.Tensor, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor,
+                                                                        torch.Tensor]]:
+    """The concatenation of segments of ``lengths`` (int64 ``[s]``), a chunk of about
+    ``chunk`` entries at a time: yields ``(s0, seg, t)``, the segment of each entry relative to
+    ``s0`` and the entry's position in its segment (int64)."""
+    n = lengths.numel()
+    if n == 0:
+        return
+    ends = torch.cumsum(lengths, 0)
+    s0 = 0
+    while s0 < n:
+        start = int(ends[s0] - lengths[s0])
+        s1 = int(torch.searchsorted(ends, start + chunk, right=True))
+        s1 = min(n, max(s1, s0 + 1))
+        part = lengths[s0:s1]
+        if int(ends[s1 - 1]) > start:
+            seg = torch.arange(s1 - s0, dtype=torch.int64).repeat_interleave(part)
+            first = (torch.cumsum(part, 0) - part).repeat_interleave(part)
+            yield s0, seg, torch.arange(seg.numel(), dtype=torch.int64) - first
+        s0 = s1
+
+
+def ranges_rows(starts: torch.Tensor, ends: torch.Tensor) -> Rows:
+    """Rows listing the column ranges ``[starts, ends)`` (int64 ``[rows, m]``, disjoint and
+    ascending within a row, empty when ``end <= start``)."""
+    starts = starts.to(torch.int64)
+    lengths = (ends.to(torch.int64) - starts).clamp(min=0)
+    flat_len, flat_start = lengths.flatten(), starts.flatten()
+    out = torch.empty(int(flat_len.sum()), dtype=torch.int32)
+    pos = 0
+    for s0, seg, t in expand(flat_len):
+        out[pos:pos + seg.numel()] = flat_start[s0 + seg] + t
+        pos += seg.numel()
+    return lengths.sum(1), out
+
+
+def kind_rows_tables(rows_of: KindRows, head: int, rows: int, cols: int) -> tuple[Rows, Rows]:
+    """``(PARTIAL rows, FULL rows)`` of stored kinds, reading ``rows_of`` a chunk at a time."""
+    step = max(1, CHUNK // max(1, cols))
+    parts: dict[int, list] = {1: [], 2: []}
+    for r0 in range(0, rows, step):
+        chunk = rows_of(head, r0, min(rows, r0 + step))
+        for kind, out in parts.items():
+            m = chunk == kind
+            out.append((m.sum(1, dtype=torch.int64), m.nonzero()[:, 1].to(torch.int32)))
+    return tuple(_cat(parts[k], rows) for k in (1, 2))
+
+
+def _cat(parts: list[Rows], rows: int) -> Rows:
+    if not parts:
+        return torch.zeros(rows, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
+    return torch.cat([c for c, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def transpose(table: Csr, cols: int) -> Csr:
+    """The transposed table (for each column, the rows listing it, ascending); one stable sort
+    of each head's entries by column."""
+    heads = table.offsets.shape[0]
+    rows = table.offsets.shape[1] - 1
     per_head = []
     for h in range(heads):
-        c = counts[h].to(torch.int64)
-        valid = torch.arange(indices.shape[-1]) < c[:, None]
-        col = indices[h][valid].to(torch.int64)  # row-major, so rows ascend within a column
-        row = torch.arange(rows).repeat_interleave(c)
-        order = torch.argsort(col, stable=True)
-        col, row = col[order], row[order]
-        tcounts = torch.bincount(col, minlength=cols)
-        per_head.append((tcounts, col, row))
-    width = max([1] + [int(t.max()) for t, _, _ in per_head if t.numel()])
-    t_counts = torch.zeros((heads, cols), dtype=torch.int32)
-    t_idx = torch.zeros((heads, cols, width), dtype=torch.int32)
-    for h, (tcounts, col, row) in enumerate(per_head):
-        t_counts[h] = tcounts.to(torch.int32)
-        first = torch.cumsum(tcounts, 0) - tcounts
-        pos = torch.arange(col.numel()) - first[col]
-        t_idx[h, col, pos] = row.to(torch.int32)
-    return t_counts, t_idx
-
-
-def compact_csr(counts: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact form of padded tables: offsets int32 ``[heads, rows + 1]`` into one flat index
-    array int32 ``[entries]`` (heads after one another, rows in order, each row ascending).
-
-    Row ``r`` of head ``h`` lists ``indices[offsets[h, r]:offsets[h, r + 1]]``; memory is
-    O(entries) whatever the longest row (padded tables cost rows x longest row)."""
-    heads, rows = counts.shape
-    c = counts.to(torch.int64)
-    valid = torch.arange(indices.shape[-1], device=c.device) < c[..., None]
-    flat = indices[valid].to(torch.int32)
-    ends = torch.cumsum(c.flatten(), 0).reshape(heads, rows)
-    offsets = (torch.cat([ends[:, :1] - c[:, :1], ends], 1) if rows
-               else torch.zeros((heads, 1), device=c.device))
-    return offsets.to(torch.int32), flat
-
-
-def transpose_compact(
-    offsets: torch.Tensor, indices: torch.Tensor, cols: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transpose of compact tables (for each column, the rows listing it, ascending), in
-    compact form: offsets ``[heads, cols + 1]``, flat indices; cost O(entries)."""
-    heads, rows = offsets.shape[0], offsets.shape[1] - 1
-    off = offsets.to(torch.int64)
-    per_row = (off[:, 1:] - off[:, :-1]).flatten()
-    head_row = torch.arange(heads * rows, device=off.device).repeat_interleave(per_row)
-    head, row = head_row // max(rows, 1), head_row % max(rows, 1)
-    col = indices.to(torch.int64)
-    # Sort by (head, column); the stable sort keeps rows ascending within a column.
-    order = torch.argsort(head * cols + col, stable=True)
-    counts = torch.bincount(head * cols + col, minlength=heads * cols).reshape(heads, cols)
-    ends = torch.cumsum(counts.flatten(), 0).reshape(heads, cols)
-    t_off = torch.cat([ends[:, :1] - counts[:, :1], ends], 1) if cols else off[:, :1]
-    return t_off.to(torch.int32), row[order].to(torch.int32)
+        row, col = table.row_ids(h, 0, rows)
+        order = torch.argsort(col.to(torch.int32), stable=True)
+        per_head.append((torch.bincount(col, minlength=cols), row[order].to(torch.int32)))
+    return stack_heads(per_head)
