@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .tables import Rows
+from .tables import Rows, fill_segments
 
 PARTIAL, FULL = 1, 2
-_FILL_CHUNK = 1 << 18  # entries per step of the background fill (cache-sized)
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def overlay_rows(rows: int, cols: int, diag: Diagonals | None, keys: torch.Tenso
         seg_src[seg_of_gap] = sorted_x.numel() - hi
         seg_rad = torch.zeros(runs * 2 + rows, dtype=torch.int64)
         seg_rad[seg_of_gap] = (gap_row * diag.a) // diag.b
-        _fill(out, seg_start, seg_len, seg_src, seg_rad, y.to(torch.int32))
+        fill_segments(out, seg_start, seg_len, seg_src, seg_rad, y.to(torch.int32))
     kept = listed.nonzero().flatten()
     rid = run_id[kept]
     rank = torch.arange(kept.numel(), dtype=torch.int64) - (torch.cumsum(run_len, 0)
@@ -149,33 +148,3 @@ def _background_ranges(diag: Diagonals, row: torch.Tensor, c0: torch.Tensor,
     hi = find(ra - c0 * b)  # x <= ra - c0 * b  <=>  c >= c0
     return lo, hi, x
 
-
-def _fill(out: torch.Tensor, start: torch.Tensor, length: torch.Tensor, src: torch.Tensor,
-          rad: torch.Tensor, y: torch.Tensor) -> None:
-    """``out[start[s] + t] = rad[s] - y[src[s] + t]`` for ``t < length[s]`` (segments in
-    order, covering ``out``): piecewise-constant values through int32 cumulative sums of
-    their jumps, a chunk at a time (no per-entry segment lookup)."""
-    keep = length > 0
-    start, length, src, rad = start[keep], length[keep], src[keep], rad[keep]
-    total = out.numel()
-    if total == 0:
-        return
-    step = min(total, _FILL_CHUNK)
-    ones, zeros = torch.ones(step, dtype=torch.int32), torch.zeros(step, dtype=torch.int32)
-    d, r = torch.empty_like(ones), torch.empty_like(zeros)
-    idx, val = torch.empty_like(ones), torch.empty_like(ones)
-    for p0 in range(0, total, step):
-        p1 = min(total, p0 + step)
-        n = p1 - p0
-        a = int(torch.searchsorted(start, p0, right=True)) - 1
-        b = int(torch.searchsorted(start, p1))
-        d[:n].copy_(ones[:n])
-        r[:n].copy_(zeros[:n])
-        d[0], r[0] = int(src[a]) + p0 - int(start[a]), int(rad[a])
-        loc = start[a + 1:b] - p0
-        d[loc] = (src[a + 1:b] - (src[a:b - 1] + length[a:b - 1] - 1)).to(torch.int32)
-        r[loc] = (rad[a + 1:b] - rad[a:b - 1]).to(torch.int32)
-        torch.cumsum(d[:n], 0, out=idx[:n])
-        torch.index_select(y, 0, idx[:n], out=val[:n])
-        torch.cumsum(r[:n], 0, out=d[:n])
-        torch.sub(d[:n], val[:n], out=out[p0:p1])

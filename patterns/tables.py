@@ -8,12 +8,13 @@ builders here work a bounded chunk of entries at a time and never build a padded
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 CHUNK = 1 << 22  # entries (or tiles) handled per step: bounds temporary memory
+_FILL_CHUNK = 1 << 18  # entries per step of fill_segments (cache-sized buffers)
 
 KindRows = Callable[[int, int, int], torch.Tensor]  # (head, r0, r1) -> uint8 [r1 - r0, cols]
 Rows = tuple[torch.Tensor, torch.Tensor]  # one head: counts int64 [rows], indices int32 [e]
@@ -69,26 +70,35 @@ def stack_heads(per_head: list[Rows]) -> Csr:
     return Csr(offsets.to(dtype), indices)
 
 
-def expand(lengths: torch.Tensor, chunk: int = CHUNK) -> Iterator[tuple[int, torch.Tensor,
-                                                                        torch.Tensor]]:
-    """The concatenation of segments of ``lengths`` (int64 ``[s]``), a chunk of about
-    ``chunk`` entries at a time: yields ``(s0, seg, t)``, the segment of each entry relative to
-    ``s0`` and the entry's position in its segment (int64)."""
-    n = lengths.numel()
-    if n == 0:
+def fill_segments(out: torch.Tensor, start: torch.Tensor, length: torch.Tensor,
+                  src: torch.Tensor, rad: torch.Tensor, y: torch.Tensor) -> None:
+    """``out[start[s] + t] = rad[s] - y[src[s] + t]`` for ``t < length[s]`` (segments in
+    order, covering ``out``): piecewise-constant values through int32 cumulative sums of
+    their jumps, a chunk at a time (no per-entry segment lookup)."""
+    keep = length > 0
+    start, length, src, rad = start[keep], length[keep], src[keep], rad[keep]
+    total = out.numel()
+    if total == 0:
         return
-    ends = torch.cumsum(lengths, 0)
-    s0 = 0
-    while s0 < n:
-        start = int(ends[s0] - lengths[s0])
-        s1 = int(torch.searchsorted(ends, start + chunk, right=True))
-        s1 = min(n, max(s1, s0 + 1))
-        part = lengths[s0:s1]
-        if int(ends[s1 - 1]) > start:
-            seg = torch.arange(s1 - s0, dtype=torch.int64).repeat_interleave(part)
-            first = (torch.cumsum(part, 0) - part).repeat_interleave(part)
-            yield s0, seg, torch.arange(seg.numel(), dtype=torch.int64) - first
-        s0 = s1
+    step = min(total, _FILL_CHUNK)
+    ones, zeros = torch.ones(step, dtype=torch.int32), torch.zeros(step, dtype=torch.int32)
+    d, r = torch.empty_like(ones), torch.empty_like(zeros)
+    idx, val = torch.empty_like(ones), torch.empty_like(ones)
+    for p0 in range(0, total, step):
+        p1 = min(total, p0 + step)
+        n = p1 - p0
+        a = int(torch.searchsorted(start, p0, right=True)) - 1
+        b = int(torch.searchsorted(start, p1))
+        d[:n].copy_(ones[:n])
+        r[:n].copy_(zeros[:n])
+        d[0], r[0] = int(src[a]) + p0 - int(start[a]), int(rad[a])
+        loc = start[a + 1:b] - p0
+        d[loc] = (src[a + 1:b] - (src[a:b - 1] + length[a:b - 1] - 1)).to(torch.int32)
+        r[loc] = (rad[a + 1:b] - rad[a:b - 1]).to(torch.int32)
+        torch.cumsum(d[:n], 0, out=idx[:n])
+        torch.index_select(y, 0, idx[:n], out=val[:n])
+        torch.cumsum(r[:n], 0, out=d[:n])
+        torch.sub(d[:n], val[:n], out=out[p0:p1])
 
 
 def ranges_rows(starts: torch.Tensor, ends: torch.Tensor) -> Rows:
@@ -96,12 +106,14 @@ def ranges_rows(starts: torch.Tensor, ends: torch.Tensor) -> Rows:
     ascending within a row, empty when ``end <= start``)."""
     starts = starts.to(torch.int64)
     lengths = (ends.to(torch.int64) - starts).clamp(min=0)
-    flat_len, flat_start = lengths.flatten(), starts.flatten()
-    out = torch.empty(int(flat_len.sum()), dtype=torch.int32)
-    pos = 0
-    for s0, seg, t in expand(flat_len):
-        out[pos:pos + seg.numel()] = flat_start[s0 + seg] + t
-        pos += seg.numel()
+    flat_len = lengths.flatten()
+    ends_pos = torch.cumsum(flat_len, 0)
+    out = torch.empty(int(ends_pos[-1]) if ends_pos.numel() else 0, dtype=torch.int32)
+    # Entry t of range s is starts[s] + t = 0 - y[starts[s] + t] with y = -arange.
+    cols = int(ends.max()) if ends.numel() else 0
+    y = -torch.arange(max(cols, 1), dtype=torch.int32)
+    fill_segments(out, ends_pos - flat_len, flat_len, starts.flatten(),
+                  torch.zeros_like(flat_len), y)
     return lengths.sum(1), out
 
 
