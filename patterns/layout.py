@@ -6,18 +6,22 @@ Routes, tried in this order, all exact and none building an ``lq x lk`` tensor (
 * unions of interval patterns whose rows stay single intervals at the given lengths
   (prefix-LM ``causal | prefix(n)``, ``sliding(w) | sink(n)``) -> the same bounds computed from
   the rows numerically, O(lq);
-* patterns of ``q - k`` only -> ``diagonals.py``: one classification per tile diagonal, CSR
-  tables listed directly, O(nq + nk) plus the size of the tables;
-* sparse compositions with known candidate ranges (unions with sink/global, ...) ->
-  ``candidates.py``: only tiles inside the candidate ranges are classified;
-* every other composition of built-in primitives (axial, strided/fanout with sink/global/block,
-  negations, ...) -> ``split.py``: kinds copied from a per-diagonal classification of the
-  pattern's ``q - k`` background, the few exception tiles classified exactly, O(nq * nk) bytes;
+* patterns of ``q - k`` only -> ``diagonals.py``: one classification per tile diagonal,
+  O(nq + nk), the ragged last row and column classified tile by tile;
+* every other composition of built-in primitives (axial, sink/global/block with q - k
+  patterns, negations, ...) -> ``split.py``: the pattern's ``q - k`` background, layers of
+  tiles where it equals another q - k pattern, and the few exception tiles classified exactly;
+* compositions with no split (an opaque custom predicate) but known candidate ranges (``&``
+  with an interval or global side) -> ``candidates.py``: only tiles inside the candidate ranges
+  are classified;
 * patterns with an opaque custom predicate -> ``blocks.py``: per-tile analysis, a bounded chunk
   of q-blocks at a time, with tile-by-tile evaluation only where the analysis cannot decide.
 
-``kinds``, densities and the CSR tables a route does not produce directly are derived on first
-access and cached.
+The diagonal, split and candidates routes build no ``nq x nk`` grid: their compact tables
+(``tables.Csr``) are listed straight from the background's sorted diagonals with the
+classified tiles overlaid (``overlay.py``), O(listed blocks + classified tiles), each direction
+on first access. ``kinds``, densities and tables a route does not produce directly are derived
+on first access and cached.
 """
 
 from __future__ import annotations
@@ -221,6 +225,12 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
         return Layout(is_interval=False, _source=_OverlaySource(
             heads, "diagonal", lambda h: toeplitz_overrides(heads[h], lq, lk, block_m, block_n)),
             **common)
+    splits = [split_pattern(p, lq, lk, block_m, block_n) for p in heads]
+    if all(s is not None for s in splits):
+        return Layout(is_interval=False, _source=_OverlaySource(
+            heads, "split",
+            lambda h: split_overrides(heads[h], splits[h], lq, lk, block_m, block_n), splits),
+            **common)
     ranges = [candidate_ranges(p, lq, lk, block_m, block_n) for p in heads]
     nq, nk = _cdiv(lq, block_m), _cdiv(lk, block_n)
     if all(r is not None and int((r[1] - r[0]).clamp(min=0).sum()) <= nq * nk // 2
@@ -228,12 +238,6 @@ def _build(pattern: Pattern, lq: int, lk: int, block_m: int, block_n: int) -> La
         return Layout(is_interval=False, _source=_OverlaySource(
             heads, "candidates",
             lambda h: candidate_overrides(heads[h], lq, lk, block_m, block_n, ranges[h])),
-            **common)
-    splits = [split_pattern(p, lq, lk, block_m, block_n) for p in heads]
-    if all(s is not None for s in splits):
-        return Layout(is_interval=False, _source=_OverlaySource(
-            heads, "split",
-            lambda h: split_overrides(heads[h], splits[h], lq, lk, block_m, block_n), splits),
             **common)
     kinds = _stack([_tile_kinds(p, lq, lk, block_m, block_n) for p in heads])
     return Layout(is_interval=False, _source=_KindsSource(heads, kinds), **common)
