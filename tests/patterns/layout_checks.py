@@ -44,6 +44,29 @@ def check_tables(layout: P.Layout, kinds: torch.Tensor) -> None:
                 assert not indices[h, r, c:].any()
 
 
+def expected_compact(kinds: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets ``[n, rows + 1]`` and flat indices of the tiles of ``kind`` in ``kinds [n, rows,
+    cols]``, listed the obvious way (row-major nonzero)."""
+    hit = kinds == kind
+    counts = hit.sum(-1).flatten()
+    ends = torch.cumsum(counts, 0).reshape(hit.shape[:2])
+    offsets = torch.cat([ends[:, :1] - hit[:, :1].sum(-1), ends], 1)
+    return offsets, hit.nonzero()[:, 2]
+
+
+def check_compact(layout: P.Layout, kinds: torch.Tensor) -> None:
+    """The compact tables (offsets + flat int32 indices) list exactly the PARTIAL / FULL tiles,
+    forward and transposed, with nothing else stored."""
+    kinds = kinds if kinds.dim() == 3 else kinds[None]
+    for table, grid, kind in ((layout.kv_partial, kinds, 1), (layout.kv_full, kinds, 2),
+                              (layout.q_partial, kinds.transpose(1, 2), 1),
+                              (layout.q_full, kinds.transpose(1, 2), 2)):
+        offsets, indices = expected_compact(grid, kind)
+        assert table.offsets.dtype == table.indices.dtype == torch.int32
+        assert torch.equal(table.offsets.long(), offsets)
+        assert torch.equal(table.indices.long(), indices)
+
+
 def check_layout(p: P.Pattern, lq: int, lk: int, bm: int, bn: int) -> None:
     layout = p.layout(lq, lk, bm, bn)
     mask = p.mask(lq, lk)
@@ -62,3 +85,4 @@ def check_layout(p: P.Pattern, lq: int, lk: int, bm: int, bn: int) -> None:
         assert not (k[~inside] > 0).any()
         assert torch.equal(full, k == 2)
     check_tables(layout, expected)
+    check_compact(layout, expected)
