@@ -45,7 +45,10 @@ _EXPORTS: dict[str, str] = {
     "explain": "sparse_compile.report",
     "sparse_backend": "sparse_compile.backend",
     "dma_attention": "sparse_compile.dynamic_mask",
+    "dma_delta": "sparse_compile.dynamic_mask",
     "attach_dma": "sparse_compile.dynamic_mask",
+    "topk_attention": "sparse_compile.dma_topk",
+    "MissingDeltaError": "sparse_compile.dma_dispatch",
 }
 
 __all__ = sorted(_EXPORTS)

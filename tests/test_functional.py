@@ -38,9 +38,11 @@ def test_bad_pattern_text_raises_pattern_error():
         attention(q, k, v, "causal & (")
 
 
-def test_dynamic_patterns_are_refused():
+def test_dma_pattern_without_delta_names_the_missing_argument():
+    from sparse_compile import MissingDeltaError
+
     q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(MissingDeltaError, match="delta"):
         attention(q, k, v, "dma(keep=4)")
 
 
