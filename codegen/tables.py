@@ -8,12 +8,13 @@ Three ways (the kernels' ``RANGES`` constexpr):
   tables, monotone so the dK/dV pass binary-searches them);
 * 0, block tables: compact CSR (offsets + flat indices), O(visited blocks) whatever the longest
   row, taken as the layout builds them (``Layout.kv_partial`` ..., ``q_full``); each direction
-  is built only when a kernel asks for it (the dK/dV pass only reads the transposed tables of
+  is built when a launch first reads it (the dK/dV pass only reads the transposed tables of
   its own tile shape).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +25,28 @@ from sparse_compile.patterns.nodes import Or
 CLOSED_FORM, ROW_BOUNDS, TABLES = 1, 2, 0
 
 
-@dataclass(frozen=True)
 class BlockTables:
-    """Compact CSR block lists for one direction of one layout.
+    """Compact CSR block lists for one direction of one layout, built on first use.
 
     partial_offsets, full_offsets: int32 [n, rows + 1] into partial_indices, full_indices
     (int32, flat). rows are query blocks (kv tables) or key blocks (transposed q tables).
+    A launch reads one direction only (the dK/dV pass the transposed tables of its own tiles),
+    so each is built when its arrays are first read.
     """
 
-    partial_offsets: torch.Tensor
-    partial_indices: torch.Tensor
-    full_offsets: torch.Tensor
-    full_indices: torch.Tensor
+    def __init__(self, build: Callable[[], tuple[torch.Tensor, ...]]):
+        self._build: Callable[[], tuple[torch.Tensor, ...]] | None = build
+        self._arrays: tuple[torch.Tensor, ...] | None = None
+
+    def _get(self) -> tuple[torch.Tensor, ...]:
+        if self._arrays is None:
+            self._arrays, self._build = self._build(), None
+        return self._arrays
+
+    partial_offsets = property(lambda self: self._get()[0])
+    partial_indices = property(lambda self: self._get()[1])
+    full_offsets = property(lambda self: self._get()[2])
+    full_indices = property(lambda self: self._get()[3])
 
     @property
     def row_stride(self) -> int:
@@ -50,7 +61,7 @@ class RowBounds:
     hi: torch.Tensor
 
 
-_CACHE: dict[tuple, BlockTables] = {}
+_CACHE: dict[tuple, tuple[BlockTables, BlockTables]] = {}
 _ROWS: dict[tuple, RowBounds | None] = {}
 _LAYOUTS: dict[tuple, Any] = {}
 
@@ -116,30 +127,24 @@ def _dev(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.numel() else torch.zeros(1, device=device, dtype=torch.int32)
 
 
-def direction_tables(
-    pattern: Any, lq: int, lk: int, block_m: int, block_n: int, device: torch.device,
-    transposed: bool = False,
-) -> BlockTables:
-    """The layout's kv tables per query block, or (``transposed``) its q tables per key block,
-    on ``device`` (cached)."""
-    key = (str(pattern), lq, lk, block_m, block_n, str(device), transposed)
-    hit = _CACHE.get(key)
-    if hit is None:
-        lay = layout_for(pattern, lq, lk, block_m, block_n)
-        partial, full = (lay.q_partial, lay.q_full) if transposed else (lay.kv_partial,
-                                                                         lay.kv_full)
-        hit = BlockTables(*(_dev(t, device) for t in (partial.offsets, partial.indices,
-                                                      full.offsets, full.indices)))
-        _CACHE[key] = hit
-    return hit
-
-
 def block_tables(
     pattern: Any, lq: int, lk: int, block_m: int, block_n: int, device: torch.device
 ) -> tuple[BlockTables, BlockTables]:
-    """(kv tables per query block, q tables per key block) of the layout, on ``device``."""
-    return tuple(direction_tables(pattern, lq, lk, block_m, block_n, device, t)
-                 for t in (False, True))
+    """(kv tables per query block, q tables per key block) of the layout, on ``device``; each
+    built on first use, straight from the layout's compact tables."""
+    key = (str(pattern), lq, lk, block_m, block_n, str(device))
+    hit = _CACHE.get(key)
+    if hit is None:
+        def build(transposed: bool) -> tuple[torch.Tensor, ...]:
+            lay = layout_for(pattern, lq, lk, block_m, block_n)
+            partial, full = ((lay.q_partial, lay.q_full) if transposed
+                             else (lay.kv_partial, lay.kv_full))
+            return tuple(_dev(t, device) for t in (partial.offsets, partial.indices,
+                                                   full.offsets, full.indices))
+
+        hit = (BlockTables(lambda: build(False)), BlockTables(lambda: build(True)))
+        _CACHE[key] = hit
+    return hit
 
 
 @dataclass(frozen=True)

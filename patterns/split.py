@@ -18,10 +18,12 @@ constants everything / nothing) and *exceptions* (ranges where nothing is known)
   (FULL for ``|``, EMPTY for ``&``) stay and the others become exceptions.
 
 A full-size tile's kind under a q - k pattern depends on ``v = i * block_m - j * block_n``
-only (see ``diagonals.py``), so the ``nq x nk`` kinds are one strided copy of a per-``v``
-vector, layers are painted the same way, and only the exception tiles and the ragged last row
-and column are classified tile by tile, exactly (``blocks.py``). Cost: O(nq * nk) bytes
-written plus O(exception tiles); no per-tile analysis of the whole grid.
+only (see ``diagonals.py``). The layout's tables (:func:`split_overrides`, ``overlay.py``) are
+listed from the background's sorted ``v`` per kind with the layer tiles (their q - k pattern's
+kind) and the exception and ragged tiles (classified exactly, ``blocks.py``) overlaid: O(listed
+blocks + layer and exception tiles), no ``nq x nk`` grid. :func:`split_kinds` builds the full
+kinds the same way (one strided copy of the per-``v`` vector, layers painted, exceptions
+classified) for checking the decomposition.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def stack_heads(per_head: list[Rows]) -> Csr:
     ends = torch.cumsum(counts.flatten(), 0).reshape(heads, rows)
     starts = ends[:, :1] - counts[:, :1] if rows else torch.zeros((heads, 1), dtype=torch.int64)
     offsets = torch.cat([starts, ends], 1)
-    indices = torch.cat([i.to(torch.int32) for _, i in per_head])
+    parts = [i.to(torch.int32) for _, i in per_head]
+    indices = parts[0] if len(parts) == 1 else torch.cat(parts)  # one head: no copy
     dtype = torch.int32 if indices.numel() < 2**31 else torch.int64
     return Csr(offsets.to(dtype), indices)
 
