@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from sparse_compile.patterns.intervals import union_rows
-from sparse_compile.patterns.nodes import Or
+from sparse_compile.patterns.layout import union_leaves
 
 CLOSED_FORM, ROW_BOUNDS, TABLES = 1, 2, 0
 
@@ -76,17 +76,6 @@ def layout_for(pattern: Any, lq: int, lk: int, block_m: int, block_n: int) -> An
     return _LAYOUTS[key]
 
 
-def _union_leaves(p: Any) -> list[Any]:
-    leaves, stack = [], [p]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Or):
-            stack += [node.right, node.left]
-        else:
-            leaves.append(node)
-    return leaves
-
-
 def row_bounds(pattern: Any, lq: int, lk: int, device: torch.device) -> RowBounds | None:
     """Row bounds of a union of interval patterns that stays one monotone interval per row at
     these lengths (every pattern head), else None."""
@@ -110,7 +99,7 @@ def _union_rows(pattern: Any, lq: int, lk: int) -> list[Any] | None:
     """Per pattern head, the RowTable of a union of interval leaves, or None."""
     rows = []
     for h in range(pattern.num_heads):
-        leaves = _union_leaves(pattern.for_head(h))
+        leaves = union_leaves(pattern.for_head(h))
         ivs = [leaf.interval() for leaf in leaves]
         if len(leaves) < 2 or any(iv is None for iv in ivs):
             return None

@@ -248,10 +248,8 @@ def _stack(per_head: list[torch.Tensor]) -> torch.Tensor:
     return per_head[0][None] if len(per_head) == 1 else torch.stack(per_head)
 
 
-def _interval_union(p: Pattern, lq: int, lk: int):
-    """Row bounds of a union of interval patterns when, at these lengths, every row is one
-    interval (e.g. prefix-LM ``causal | prefix(n)``, ``sliding(w) | sink(n)``); else None.
-    Not ``is_interval``: the rows are one interval only for these lengths, with no closed form."""
+def union_leaves(p: Pattern) -> list[Pattern]:
+    """The operands of a chain of ``|`` (``p`` itself when it is no union), left to right."""
     leaves, stack = [], [p]
     while stack:
         node = stack.pop()
@@ -259,6 +257,14 @@ def _interval_union(p: Pattern, lq: int, lk: int):
             stack += [node.right, node.left]
         else:
             leaves.append(node)
+    return leaves
+
+
+def _interval_union(p: Pattern, lq: int, lk: int):
+    """Row bounds of a union of interval patterns when, at these lengths, every row is one
+    interval (e.g. prefix-LM ``causal | prefix(n)``, ``sliding(w) | sink(n)``); else None.
+    Not ``is_interval``: the rows are one interval only for these lengths, with no closed form."""
+    leaves = union_leaves(p)
     if len(leaves) < 2:
         return None
     ivs = [leaf.interval() for leaf in leaves]
