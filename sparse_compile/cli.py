@@ -16,7 +16,7 @@ from sparse_compile.patterns import PatternError, parse
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m sparse_compile",
-                                 description="Inspect sparse attention patterns.")
+                                 description="Inspect sparse attention patterns and run the demo.")
     sub = ap.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print a pattern's picture, density and block density")
     show.add_argument("pattern", help='pattern text, e.g. "causal & sliding(64)"')
