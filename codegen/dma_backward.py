@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .dma_backward_kv import dma_backward_kv
+from .dma_forward import dma_logits
 from .dma_select import DmaSelection, dma_gather_lists
 
 __all__ = ["KvPass", "dma_backward"]
@@ -61,18 +62,8 @@ def _bwd_tile(
         k = tl.load(k_rows + keys[:, None] * skn, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_rows + keys[:, None] * svn, mask=d_ok[None, :], other=0.0)
         delta = tl.load(delta_ptr + bhk * lk + keys).to(tl.float32)
-    # the forward's logits, operation for operation (see dma_select's module doc)
-    s = tl.dot(q, tl.trans(k)) * scale_log2
-    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
-    if HAS_KEY_BIAS:
-        kb = tl.load(key_bias_ptr + b * lk + keys)  # keys are valid indices everywhere
-        s += kb[None, :] * 1.4426950408889634
-    if MASKED:
-        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
-        kept = ranks[None, :] <= thr[:, None]
-        if CAUSAL:
-            kept = kept & (keys[None, :] <= pos[:, None])
-        s = tl.where(kept, s, float("-inf"))
+    s = dma_logits(q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr,
+                   list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v)).to(tl.float32)
     ds = p * (dp - di[:, None])

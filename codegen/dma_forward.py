@@ -15,9 +15,31 @@ import triton.language as tl
 
 from .dma_select import DmaSelection
 
-__all__ = ["dma_forward"]
+__all__ = ["dma_forward", "dma_logits"]
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dma_logits(
+    q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr, list_base, offs_n, n_ok,
+    scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+):
+    """Logits (log2 units) of one gathered tile, masked to the kept entries when MASKED. The
+    forward and the backward share it so that P = exp2(S - lse) matches the forward exactly;
+    delta - shift comes first (exact in float32), then the scale: see dma_select's module doc."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
+    if HAS_KEY_BIAS:
+        kb = tl.load(key_bias_ptr + b * lk + keys)  # keys are valid indices everywhere
+        s += kb[None, :] * 1.4426950408889634
+    if MASKED:
+        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
+        kept = ranks[None, :] <= thr[:, None]
+        if CAUSAL:
+            kept = kept & (keys[None, :] <= pos[:, None])
+        s = tl.where(kept, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -41,22 +63,14 @@ def _fwd_tile(
         v = tl.load(v_rows + keys[:, None] * svn, mask=kv_mask, other=0.0)
         delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
     else:
+        n_ok = offs_n >= 0
         keys = tl.load(gkey_ptr + list_base + offs_n)
         k = tl.load(k_rows + keys[:, None] * skn, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_rows + keys[:, None] * svn, mask=d_ok[None, :], other=0.0)
         delta = tl.load(delta_ptr + bhk * lk + keys).to(tl.float32)
-    # delta - shift first (exact in float32), then scale: see dma_select's module doc
-    s = tl.dot(q, tl.trans(k)) * scale_log2
-    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
-    if HAS_KEY_BIAS:
-        kb = tl.load(key_bias_ptr + b * lk + keys)  # keys are valid indices everywhere
-        s += kb[None, :] * 1.4426950408889634
+    s = dma_logits(q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr,
+                   list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS)
     if MASKED:
-        ranks = tl.load(grank_ptr + list_base + offs_n, mask=n_ok, other=2147483647)
-        kept = ranks[None, :] <= thr[:, None]
-        if CAUSAL:
-            kept = kept & (keys[None, :] <= pos[:, None])
-        s = tl.where(kept, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
