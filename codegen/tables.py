@@ -146,9 +146,21 @@ class Visit:
     rows: RowBounds | None = None
 
 
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """One int32 placeholder per device for the table arguments a launch does not read (made
+    once: a fresh allocation per launch costs host time on every call)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(1, device=device, dtype=torch.int32)
+    return t
+
+
 def visit_args(visit: Visit, like: torch.Tensor) -> tuple:
-    """Kernel arguments (PO, PI, FO, FI, t_rows, RLO, RHI); dummies where unused."""
-    dummy = torch.zeros(1, device=like.device, dtype=torch.int32)
+    """Kernel arguments (PO, PI, FO, FI, t_rows, RLO, RHI); placeholders where unused."""
+    dummy = _dummy(like.device)
     t = visit.tables
     po, pi, fo, fi, t_rows = (
         (t.partial_offsets, t.partial_indices, t.full_offsets, t.full_indices, t.row_stride)

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import torch
 
+from .eager import fast_path_applies, kernel_attention
 from .op import attention_op
+
+
+@lru_cache(maxsize=512)
+def _canonical_text(text: str) -> str:
+    from sparse_compile.codegen.attention import parse_pattern
+
+    return str(parse_pattern(text))
 
 
 @torch.compiler.assume_constant_result
 def _pattern_text(pattern: Any) -> str:
     """Canonical DSL text of a Pattern or of DSL text (parsed, so errors surface here)."""
-    from sparse_compile.codegen.attention import parse_pattern
-
-    text = pattern if isinstance(pattern, str) else str(pattern)
-    return str(parse_pattern(text))
+    return _canonical_text(pattern if isinstance(pattern, str) else str(pattern))
 
 
 def _is_dynamic(text: str) -> bool:
@@ -82,6 +88,9 @@ def attention(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    if fast_path_applies(q, k, v, bias):
+        return kernel_attention(q, k, v, bias, text, scale, float(dropout_p),
+                                0 if seed is None else int(seed), float(softcap or 0.0))
     out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed,
                           float(softcap or 0.0))
     return out
