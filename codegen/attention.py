@@ -118,6 +118,15 @@ def forward(
     )
 
 
+def fused_backward(cfg: TileConfig, bias_grad: bool) -> bool:
+    """Whether the backward runs as one dK/dV pass with atomic dQ (cfg.bwd_fused) rather than
+    two passes. Two passes when deterministic algorithms are requested (float atomics add in
+    a run-dependent order: not bitwise reproducible) or when the bias needs its gradient
+    (written by the dQ pass)."""
+    return (cfg.bwd_fused != 0 and not bias_grad
+            and not torch.are_deterministic_algorithms_enabled())
+
+
 def backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -145,8 +154,21 @@ def backward(
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():
         dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
-    dq_visit = visit_plan(pattern_text, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
     kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True)
+    if fused_backward(cfg, dbias is not None):
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dk, dv = launch_dkdv(
+            module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed,
+            cfg, softcap, dq_acc,
+        )
+        # One epilogue pass: scale and cast (in place for float32 inputs).
+        if q.dtype == torch.float32:
+            dq = dq_acc.mul_(scale)
+        else:
+            dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+            torch.mul(dq_acc, scale, out=dq)
+        return dq, dk, dv, None
+    dq_visit = visit_plan(pattern_text, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
         seed, cfg, softcap,

@@ -18,7 +18,23 @@ import triton
 from .config import TileConfig
 from .forward import bias_args, softcap_args
 from .tables import Visit, visit_args
-from .tma import row_descriptors
+from .tma import TensorDescriptor, row_descriptors, tma_supported
+
+
+def reduce_descriptor(dq_acc: torch.Tensor, block_rows: int) -> object | None:
+    """TMA descriptor of the float32 dQ buffer [B, Hq, Lq, D] as rows [B*Hq*Lq, D] with
+    ``block_rows x D`` tiles (a reduce-add target), or None where TMA does not apply (also on
+    the CPU: the interpreter has no descriptor reduce, so it runs the pointer atomics)."""
+    d = dq_acc.shape[-1]
+    if dq_acc.device.type != "cuda" or not tma_supported(dq_acc.device):
+        return None
+    if d < 16 or d & (d - 1) or d > 256:
+        return None
+    if not dq_acc.is_contiguous() or dq_acc.data_ptr() % 16:
+        return None
+    rows = dq_acc.numel() // d
+    return TensorDescriptor(dq_acc, [rows, d], [d, 1], [block_rows, d])
+
 
 DKDV_SOURCE = '''
 @triton.jit
@@ -75,14 +91,15 @@ def _row_blocks(Lq, Lk, hp, n_first, n_last, RLO, RHI, BM: tl.constexpr,
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                 edge, k_idx, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst, dq_row,
                 HEAD_DIM: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr,
                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
-                SOFTCAP: tl.constexpr):
+                SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
-    3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop)."""
+    3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop).
+    FUSED_DQ 1: dS K added into the float32 dQ rows by pointer atomics; 2: by a TMA reduce."""
     q_idx = i * BM + offs_m
     m_ok = q_idx < Lq
     if TMA:
@@ -147,12 +164,25 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
     ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:
         ds_t = ds_t * (1.0 - t_cap * t_cap)
-    dk = _dot_acc(ds_t.to(q.dtype), q, dk, PRECISION)
+    ds_c = ds_t.to(q.dtype)
+    dk = _dot_acc(ds_c, q, dk, PRECISION)
+    if FUSED_DQ != 0:
+        # dQ rows of this block (unscaled; the host epilogue multiplies by scale).
+        dq_part = _dot(tl.trans(ds_c), k, PRECISION)
+        if FUSED_DQ == 2:
+            dq_dst.atomic_add([dq_row + i * BM, 0], dq_part)
+        else:
+            dq_ptrs = dq_dst + q_idx[:, None] * HEAD_DIM + offs_d[None, :]
+            if EVEN_D:
+                dq_mask = m_ok[:, None]
+            else:
+                dq_mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            tl.atomic_add(dq_ptrs, dq_part, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
+def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                  PO, PI, FO, FI, t_rows, RLO, RHI,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
@@ -161,7 +191,7 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                  BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                  RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
-                 SOFTCAP: tl.constexpr):
+                 SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr):
     # Heads fastest; key blocks in order (under causal the first key blocks are the longest).
     pid_bkv = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -196,6 +226,12 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
         lse_base = LSE + pid_bh.to(tl.int64) * Lq
         delta_base = Delta + pid_bh.to(tl.int64) * Lq
         bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+        if FUSED_DQ == 2:
+            dq_dst = DQA
+            dq_row = pid_bh * Lq
+        else:
+            dq_dst = DQA + pid_bh.to(tl.int64) * Lq * HEAD_DIM
+            dq_row = 0
         if RANGES != 0:
             n_last = tl.minimum(pid_n * BN + BN, Lk) - 1
             i_lo, if_lo, if_hi, i_hi = _row_blocks(Lq, Lk, hp, pid_n * BN, n_last, RLO, RHI,
@@ -205,32 +241,32 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                     edge = (i < if_lo) | (i >= if_hi)
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 3,
-                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP)
+                        edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
             else:
                 for i in range(i_lo, if_lo):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1,
-                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP)
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
                 for i in range(if_lo, if_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0,
-                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP)
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
                 for i in range(if_hi, i_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq,
-                        Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 1,
-                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP)
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
         else:
             row = hp * t_rows + pid_n
             p_start = tl.load(PO + row)
@@ -240,8 +276,9 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
                     offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 2, EVEN_N,
-                    EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA, SOFTCAP)
+                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst, dq_row,
+                    HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
             f_start = tl.load(FO + row)
             f_end = tl.load(FO + row + 1)
             for t in range(f_start, f_end):
@@ -249,8 +286,9 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV,
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
                     offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, HEAD_DIM, BM, 0, EVEN_N,
-                    EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA, SOFTCAP)
+                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst, dq_row,
+                    HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
+                    PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -274,11 +312,14 @@ def launch_dkdv(
     seed: int,
     cfg: TileConfig,
     softcap: float = 0.0,
+    dq_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
 
     ``visit``: closed form, row bounds, or the transposed (per key block) tables of the layout
-    (cfg.kv_m, cfg.kv_n).
+    (cfg.kv_m, cfg.kv_n). ``dq_acc``: None (two-pass backward), or a zeroed float32
+    [B, Hq, Lq, D] contiguous buffer into which the pass adds dS K (dQ / scale) by atomics
+    (cfg.bwd_fused: 1 pointer atomics, 2 a TMA reduce-add where exact).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -289,9 +330,16 @@ def launch_dkdv(
         return dk, dv
     descs = row_descriptors(cfg.kv_tma and lq % cfg.kv_m == 0, cfg.kv_m, q, dout)
     q_arg, do_arg = descs or (q, dout)
+    fused, dq_arg = 0, dk
+    if dq_acc is not None:
+        fused, dq_arg = 1, dq_acc
+        if cfg.bwd_fused == 2 and lq % cfg.kv_m == 0:
+            desc = reduce_descriptor(dq_acc, cfg.kv_m)
+            if desc is not None:
+                fused, dq_arg = 2, desc
     grid = (b * hkv, triton.cdiv(lk, cfg.kv_n))
     module._dkdv_kernel[grid](
-        q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, *visit_args(visit, q),
+        q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, dq_arg, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
         hq, hkv, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
         *softcap_args(scale, softcap), dropout_p, seed,
@@ -300,7 +348,7 @@ def launch_dkdv(
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, MERGED=cfg.kv_merged, SOFTCAP=softcap > 0,
+        TMA=descs is not None, MERGED=cfg.kv_merged, SOFTCAP=softcap > 0, FUSED_DQ=fused,
         num_warps=cfg.kv_warps,
         num_stages=cfg.kv_stages,
     )

@@ -37,6 +37,11 @@ class TileConfig:
     fwd_merged: bool = False
     dq_merged: bool = False
     kv_merged: bool = False
+    # Backward form: 0 two passes (dQ pass, then dK/dV pass: 7 matmuls per block pair);
+    # 1 one dK/dV pass that also adds dS K into a float32 dQ buffer by atomics (5 matmuls);
+    # 2 the same with a TMA reduce-add of each dQ tile where exact (else 1). See
+    # codegen/attention.py ``fused_backward`` for when the two-pass form is used regardless.
+    bwd_fused: int = 0
 
     @staticmethod
     def d_pad(head_dim: int) -> int:
@@ -58,7 +63,7 @@ class TileConfig:
 
 
 # Interpreter: small tiles keep the numpy work per program small and exercise many blocks.
-INTERPRETER = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
+INTERPRETER = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, bwd_fused=1)
 
 
 def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> TileConfig:
