@@ -157,7 +157,7 @@ def dma_forward(
     the logits with ``selection.shift`` subtracted from delta (only the backward reads it)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, any q strides
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
     block_m = selection.block_m
     grid = (triton.cdiv(lq, block_m), b * hq)

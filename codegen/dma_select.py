@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DmaSelection", "dma_select", "dma_gather_lists"]
+__all__ = ["DmaSelection", "dma_select", "dma_gather_lists", "gather_capacity"]
 
 
 @triton.jit
@@ -183,6 +183,31 @@ class DmaSelection:
         self.gather_count = gather_count
         self.block_m = block_m
 
+    TENSORS = ("thr", "shift", "gather_key", "gather_rank", "gather_count", "full_count",
+               "order", "n_allowed")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The selection as a flat tensor list (``TENSORS`` order), to save for the backward."""
+        return [getattr(self, name) for name in self.TENSORS]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor], block_m: int, keep: int,
+                     causal: bool) -> DmaSelection:
+        """Inverse of ``tensors()`` for a selection built by ``dma_select``."""
+        fields = dict(zip(cls.TENSORS, tensors, strict=True))
+        selection = cls(block_m=block_m, **fields)
+        selection.keep, selection.causal = keep, causal
+        return selection
+
+    def nbytes(self) -> int:
+        """Device memory held by the selection's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+
+def gather_capacity(keep: int, lk: int, block_m: int) -> int:
+    """Entries reserved per query block's gather list: at most ``keep + BLOCK_M - 1`` keys."""
+    return max(1, min(min(keep, lk) + block_m, lk))
+
 
 def selection_rank_order(
     delta: torch.Tensor, key_allowed: torch.Tensor | None
@@ -205,7 +230,7 @@ def _launch(order, n_allowed, delta, lq, keep, causal, block_m, block_r, per_row
     bh, lk = order.shape
     keep = min(keep, lk)  # keep >= Lk keeps every allowed key; also keeps int32 math in range
     nq = triton.cdiv(lq, block_m)
-    cap = max(1, min(keep + block_m, lk))
+    cap = gather_capacity(keep, lk, block_m)
     dev = order.device
     gather_key = torch.zeros(bh, nq, cap, dtype=torch.int32, device=dev)
     gather_rank = torch.zeros(bh, nq, cap, dtype=torch.int32, device=dev)

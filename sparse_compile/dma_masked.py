@@ -68,9 +68,9 @@ def dma_attention_masked_bwd(
     """Gradients ``(dq, dk, dv, ddelta)``; the forward is recomputed (fused or chunked)."""
     keys = causal_padding_keys(mask) if _fusable(q) else None
     if keys is not None:
-        out, lse = dma_attention_fwd(q, k, v, delta, keys, None, keep, True, scale)
-        return dma_attention_bwd(grad_out, q, k, v, delta, keys, None, out, lse, keep, True,
-                                 scale)
+        out, lse, *selection = dma_attention_fwd(q, k, v, delta, keys, None, keep, True, scale)
+        return dma_attention_bwd(grad_out, q, k, v, delta, keys, None, out, lse, selection, keep,
+                                 True, scale)
     grads = dma_chunked_grads(grad_out, q, k, v, delta, keep, False, mask, scale)
     return tuple(g.contiguous() for g in grads)  # the fake promises contiguous outputs
 
