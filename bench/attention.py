@@ -206,6 +206,84 @@ def sweep(args) -> None:
         time_kernels(text, length, d, h, base, SWEEP, args.rep, t_start + args.deadline, emit)
 
 
+# --bwd-sweep: one-pass backward options (kv_m, kv_n, warps, stages, bwd_fused); bwd_fused 1 =
+# pointer atomics into the float32 dQ buffer, 2 = TMA reduce-add of each dQ tile.
+# Most promising first: a pattern's share of the deadline may cut the last ones.
+BWD_SWEEP = [(64, 128, 8, 3, 1), (32, 64, 4, 3, 1), (64, 64, 4, 3, 1), (128, 64, 8, 3, 1),
+             (64, 128, 8, 3, 2), (64, 64, 8, 3, 1), (64, 128, 8, 2, 1), (32, 64, 4, 2, 1),
+             (32, 64, 4, 3, 2)]
+BWD_PATTERNS = ["block(512)", "causal", "causal & sliding(1024)", "local(1024)",
+                "causal & (sink(4) | sliding(1024))", "global(16) | local(512)"]
+
+
+def bwd_sweep(args) -> None:
+    """--bwd-sweep: whole backward (Δ + passes + epilogue) of the two-pass form (the current
+    selection, long-row tiles included) against the one-pass form with atomic dQ per option;
+    gradients of every option checked against the two-pass ones. Kernels only (no Flex)."""
+    t_start = time.perf_counter()
+    d, length, h = int(args.dims.split(",")[-1]), int(args.lengths.split(",")[0]), args.heads
+    out_path = Path(args.out) if args.out else Path("bwd_sweep.md")
+    lines = [f"# One-pass backward sweep on {torch.cuda.get_device_name()}", "",
+             f"- torch {torch.__version__}, triton {triton.__version__}, "
+             f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- B=1, H={h}, L={length}, D={d}, bf16; whole backward (codegen.attention."
+             "backward: Δ, passes, dQ epilogue), median ms of do_bench; TF/s on kept entries "
+             "counted 2.5x the forward's work; err = max relative error of dq/dk/dv vs the "
+             "two-pass backward", "",
+             "| pattern | form | kv tiles (m x n, warps, stages) | ms | TF/s | x two-pass | err |",
+             "|---|---|---|---|---|---|---|"]
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+        out_path.write_text("\n".join(lines) + "\n")
+
+    dev = torch.device("cuda")
+    base = default_config(dev, d, torch.bfloat16)
+    buf = torch.empty(1, h, length, d, device=dev, dtype=torch.float32)
+    cast = torch.empty(1, h, length, d, device=dev, dtype=torch.bfloat16)
+    t = bench(lambda: (buf.zero_(), torch.mul(buf, 0.5, out=cast)), args.rep)
+    emit(f"| (any) | one-pass dQ buffer: zero + scale-and-cast epilogue | - | {t:.3f} | | | |")
+    patterns = [p.strip() for p in args.patterns.split(";") if p.strip()]
+    for idx, text in enumerate(patterns):
+        # Each pattern gets an equal share of the time left.
+        now = time.perf_counter()
+        stop = now + (t_start + args.deadline - now) / (len(patterns) - idx)
+        label = text.replace("|", "\\|")
+        q, k, v, do = (torch.randn(1, h, length, d, device=dev, dtype=torch.bfloat16)
+                       for _ in range(4))
+        scale = 1 / math.sqrt(d)
+        kept = parse(text).layout(length, length, 128, 128).density * length ** 2
+        flops = 2.5 * 4 * h * d * kept
+        two = kernels.select_config(text, q, length, base=base)
+        o, lse = kernels.forward(q, k, v, text, scale, cfg=two)
+        fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=two)
+        ref = fn()[:3]
+        t_two = bench(fn, args.rep)
+        emit(f"| {label} | two-pass | dq {two.dq_m}x{two.dq_n} w{two.dq_warps}, kv {two.kv_m}x"
+             f"{two.kv_n} w{two.kv_warps} s{two.kv_stages} | {t_two:.3f} | "
+             f"{flops / t_two / 1e9:.0f} | 1.00 | - |")
+        for m, n, w, st, mode in BWD_SWEEP:
+            if time.perf_counter() > stop:
+                emit(f"| {label} | deadline: later options not run | | | | | |")
+                break
+            cfg = replace(base, kv_m=m, kv_n=n, kv_warps=w, kv_stages=st, bwd_fused=mode)
+            name = f"{m}x{n} w{w} s{st}{' tma-reduce' if mode == 2 else ''}"
+            fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
+            try:
+                got = fn()[:3]
+                t = bench(fn, args.rep)
+            except Exception as e:  # resource limits or an unsupported descriptor op
+                emit(f"| {label} | one-pass | {name} | failed {type(e).__name__}: "
+                     f"{str(e)[:60].replace('|', '/')} | | | |")
+                continue
+            err = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+            emit(f"| {label} | one-pass | {name} | {t:.3f} | {flops / t / 1e9:.0f} | "
+                 f"{t_two / t:.2f} | {err:.1e} |")
+        del q, k, v, do, o, lse, ref
+
+
 def run_case(text, b, h, length, d, cfg, rep, do_bwd, sdpa_cache):
     dev = "cuda"
     dt = torch.bfloat16
@@ -343,6 +421,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true",
                     help="time each kernel alone per tile option (first length, last dim)")
+    ap.add_argument("--bwd-sweep", action="store_true",
+                    help="one-pass vs two-pass backward per kv tile option (first length, "
+                    "last dim; default patterns: BWD_PATTERNS)")
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="stop starting new options (--sweep) or cases after this many seconds")
     ap.add_argument("--dense-up-to", type=int, default=1 << 30,
@@ -351,6 +432,11 @@ def main() -> None:
     t_start = time.perf_counter()
     if args.sweep:
         sweep(args)
+        return
+    if args.bwd_sweep:
+        if args.patterns == ";".join(PATTERNS):
+            args.patterns = ";".join(BWD_PATTERNS)
+        bwd_sweep(args)
         return
     torch._dynamo.config.cache_size_limit = 1000
     if hasattr(torch._dynamo.config, "recompile_limit"):
