@@ -284,6 +284,119 @@ def bwd_sweep(args) -> None:
         del q, k, v, do, o, lse, ref
 
 
+# --bwd-parts: wider key tiles (fewer atomics per matmul) and the parts of one backward.
+BWD_WIDE = [(32, 64, 4, 3, 1), (32, 128, 8, 3, 1), (32, 128, 8, 3, 2), (32, 128, 4, 3, 1),
+            (16, 128, 4, 3, 1), (64, 128, 8, 3, 2)]
+BWD_PARTS_PATTERNS = ["causal & sliding(1024)", "block(512)", "global(16) | local(512)",
+                      "causal"]
+_ATOMIC = 'tl.atomic_add(dq_ptrs, dq_part, mask=dq_mask, sem="relaxed")'
+
+
+def no_traffic_module(text: str) -> object:
+    """The pattern's kernel module with the dQ atomics predicated off at run time (rows
+    q_idx < 0): same instructions and registers, no atomic memory traffic (diagnostic only)."""
+    import importlib.util
+    import tempfile
+
+    from sparse_compile.codegen.source import module_source
+
+    src = module_source(parse(text))
+    assert _ATOMIC in src
+    off = _ATOMIC.replace("mask=dq_mask", "mask=dq_mask & (q_idx < 0)[:, None]")
+    src = src.replace(_ATOMIC, off)
+    path = Path(tempfile.mkdtemp()) / "sc_no_traffic.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"sc_no_traffic_{abs(hash(text))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bwd_parts(args) -> None:
+    """--bwd-parts: whole backward for BWD_WIDE options, then each kernel alone: the two-pass
+    dQ and dK/dV passes, the one-pass dK/dV kernel with and without its atomic traffic."""
+    from sparse_compile.codegen.attention import visit_plan
+    from sparse_compile.codegen.backward_delta import launch_delta
+    from sparse_compile.codegen.backward_dkdv import launch_dkdv
+    from sparse_compile.codegen.backward_dq import launch_dq
+    from sparse_compile.codegen.predicate import pattern_heads
+    from sparse_compile.codegen.source import kernel_module
+
+    t_start = time.perf_counter()
+    d, length, h = int(args.dims.split(",")[-1]), int(args.lengths.split(",")[0]), args.heads
+    out_path = Path(args.out) if args.out else Path("bwd_parts.md")
+    lines = [f"# One-pass backward: wide tiles and parts, {torch.cuda.get_device_name()}", "",
+             f"- torch {torch.__version__}, triton {triton.__version__}, "
+             f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- B=1, H={h}, L={length}, D={d}, bf16; median ms of do_bench", "",
+             "| pattern | what | tiles | ms | x two-pass | err |", "|---|---|---|---|---|---|"]
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+        out_path.write_text("\n".join(lines) + "\n")
+
+    dev = torch.device("cuda")
+    base = default_config(dev, d, torch.bfloat16)
+    patterns = [p.strip() for p in args.patterns.split(";") if p.strip()]
+    for idx, text in enumerate(patterns):
+        now = time.perf_counter()
+        stop = now + (t_start + args.deadline - now) / (len(patterns) - idx)
+        label = text.replace("|", "\\|")
+        q, k, v, do = (torch.randn(1, h, length, d, device=dev, dtype=torch.bfloat16)
+                       for _ in range(4))
+        scale = 1 / math.sqrt(d)
+        two = kernels.select_config(text, q, length, base=base)
+        o, lse = kernels.forward(q, k, v, text, scale, cfg=two)
+        fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=two)
+        ref = fn()[:3]
+        t_two = bench(fn, args.rep)
+        emit(f"| {label} | two-pass backward | current selection | {t_two:.3f} | 1.00 | - |")
+        module, nph = kernel_module(parse(text)), pattern_heads(parse(text))
+        delta = launch_delta(o, do)
+        dq_visit = visit_plan(text, length, length, two.dq_m, two.dq_n, dev)
+        kv_visit = visit_plan(text, length, length, two.kv_m, two.kv_n, dev, transposed=True)
+        t = bench(partial(launch_dq, module, q, k, v, None, do, lse, delta, None, dq_visit, nph,
+                          scale, 0.0, 0, two), args.rep)
+        emit(f"| {label} | two-pass: dQ kernel | {two.dq_m}x{two.dq_n} | {t:.3f} | | |")
+        t = bench(partial(launch_dkdv, module, q, k, v, None, do, lse, delta, kv_visit, nph,
+                          scale, 0.0, 0, two), args.rep)
+        emit(f"| {label} | two-pass: dK/dV kernel | {two.kv_m}x{two.kv_n} | {t:.3f} | | |")
+        try:
+            quiet = no_traffic_module(text)
+        except Exception as e:
+            emit(f"| {label} | no-traffic module failed: {type(e).__name__} | | | | |")
+            quiet = None
+        acc = torch.zeros(1, h, length, d, device=dev, dtype=torch.float32)
+        for m, n, w, st, mode in BWD_WIDE:
+            if time.perf_counter() > stop:
+                emit(f"| {label} | deadline: later options not run | | | | |")
+                break
+            cfg = replace(base, kv_m=m, kv_n=n, kv_warps=w, kv_stages=st, bwd_fused=mode)
+            name = f"{m}x{n} w{w} s{st}{' tma-reduce' if mode == 2 else ''}"
+            fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
+            try:
+                got = fn()[:3]
+                t = bench(fn, args.rep)
+                err = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+                emit(f"| {label} | one-pass backward | {name} | {t:.3f} | {t_two / t:.2f} | "
+                     f"{err:.1e} |")
+                visit = visit_plan(text, length, length, m, n, dev, transposed=True)
+                t = bench(partial(launch_dkdv, module, q, k, v, None, do, lse, delta, visit, nph,
+                                  scale, 0.0, 0, cfg, 0.0, acc), args.rep)
+                emit(f"| {label} | one-pass: dK/dV + dQ kernel | {name} | {t:.3f} | | |")
+                if quiet is not None and mode == 1:
+                    t = bench(partial(launch_dkdv, quiet, q, k, v, None, do, lse, delta, visit,
+                                      nph, scale, 0.0, 0, cfg, 0.0, acc), args.rep)
+                    emit(f"| {label} | same, atomics predicated off | {name} | {t:.3f} | | |")
+            except Exception as e:  # resource limits or an unsupported descriptor op
+                emit(f"| {label} | one-pass | {name} | failed {type(e).__name__}: "
+                     f"{str(e)[:60].replace('|', '/')} | | |")
+        del q, k, v, do, o, lse, ref, acc
+
+
 def run_case(text, b, h, length, d, cfg, rep, do_bwd, sdpa_cache):
     dev = "cuda"
     dt = torch.bfloat16
@@ -424,6 +537,9 @@ def main() -> None:
     ap.add_argument("--bwd-sweep", action="store_true",
                     help="one-pass vs two-pass backward per kv tile option (first length, "
                     "last dim; default patterns: BWD_PATTERNS)")
+    ap.add_argument("--bwd-parts", action="store_true",
+                    help="one-pass backward with wider key tiles, and each kernel alone "
+                    "(default patterns: BWD_PARTS_PATTERNS)")
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="stop starting new options (--sweep) or cases after this many seconds")
     ap.add_argument("--dense-up-to", type=int, default=1 << 30,
@@ -437,6 +553,11 @@ def main() -> None:
         if args.patterns == ";".join(PATTERNS):
             args.patterns = ";".join(BWD_PATTERNS)
         bwd_sweep(args)
+        return
+    if args.bwd_parts:
+        if args.patterns == ";".join(PATTERNS):
+            args.patterns = ";".join(BWD_PARTS_PATTERNS)
+        bwd_parts(args)
         return
     torch._dynamo.config.cache_size_limit = 1000
     if hasattr(torch._dynamo.config, "recompile_limit"):
