@@ -41,6 +41,10 @@ class TileConfig:
     # 1 one dK/dV pass that also adds dS K into a float32 dQ buffer by atomics (5 matmuls);
     # 2 the same with a TMA reduce-add of each dQ tile where exact (else 1). See
     # codegen/attention.py ``fused_backward`` for when the two-pass form is used regardless.
+    # Default 0 everywhere: on the H100 (bench/NOTES.md, version 5) the one-pass form ran
+    # 0.42-0.92x the two-pass speed on all six patterns swept (causal, bands, block, tables):
+    # the extra transposed dS tile and the BM x D float32 atomics per block pair cost more
+    # than the dQ pass's two recomputed matmuls, plus 0.12 ms of dQ buffer zero + cast at 16k.
     bwd_fused: int = 0
 
     @staticmethod
@@ -63,7 +67,7 @@ class TileConfig:
 
 
 # Interpreter: small tiles keep the numpy work per program small and exercise many blocks.
-INTERPRETER = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1, bwd_fused=1)
+INTERPRETER = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
 
 
 def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> TileConfig:
