@@ -426,7 +426,8 @@ def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=Non
     q_o.grad = k_o.grad = v_o.grad = d_o.grad = None  # the timing runs accumulated them
     out_op = dma_attention(q_o, k_o, v_o, d_o, args.keep)
     out_op.backward(dout)
-    op_grads = (q_o.grad, k_o.grad, v_o.grad)
+    # copies: later backward calls (the profile) accumulate into the same .grad tensors
+    op_grads = tuple(t.grad.clone() for t in (q_o, k_o, v_o))
     add("ours: public op dma_attention", op_f, op_fb_ms, sdpa_b,
         f"out vs kernels {rel(out_op, out_ours):.1e}")
     if args.profile == length and device == "cuda":
