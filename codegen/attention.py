@@ -6,7 +6,9 @@ custom op (sparse_compile/op.py) wraps them.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -52,16 +54,32 @@ def mean_row_keys(pattern_text: str, lq: int, lk: int) -> float:
     return float((lay.kv_end - lay.kv_start).float().mean()) * 128
 
 
+@lru_cache(maxsize=1024)
+def _call_config(pattern_text: str, device: torch.device, d: int, dtype: torch.dtype, lq: int,
+                 lk: int, interpret: str | None, base: TileConfig | None) -> TileConfig:
+    cfg = base or default_config(device, d, dtype)
+    if mean_row_keys(pattern_text, lq, lk) >= LONG_ROWS:
+        cfg = long_rows_config(cfg, device, d, dtype)
+    return cfg
+
+
 def select_config(
     pattern_text: str, q: torch.Tensor, lk: int, base: TileConfig | None = None
 ) -> TileConfig:
     """Tiles for this call: ``base`` (default: the device's defaults), with the backward's
-    long-row tiles when the pattern's rows are long (config.LONG_ROWS)."""
-    d = q.shape[-1]
-    cfg = base or default_config(q.device, d, q.dtype)
-    if mean_row_keys(pattern_text, q.shape[2], lk) >= LONG_ROWS:
-        cfg = long_rows_config(cfg, q.device, d, q.dtype)
-    return cfg
+    long-row tiles when the pattern's rows are long (config.LONG_ROWS). Cached per pattern,
+    device, head dim, dtype and lengths: it runs on every call."""
+    return _call_config(pattern_text, q.device, q.shape[-1], q.dtype, q.shape[2], lk,
+                        os.environ.get("TRITON_INTERPRET"), base)
+
+
+@lru_cache(maxsize=256)
+def static_kernels(pattern_text: str) -> tuple[ModuleType, int]:
+    """(generated kernel module, number of pattern heads) of a static pattern's text."""
+    pattern = parse_pattern(pattern_text)
+    if pattern.is_dynamic:
+        raise NotImplementedError(f"dynamic pattern {pattern_text!r} has no static kernel")
+    return kernel_module(pattern), pattern_heads(pattern)
 
 
 def visit_plan(
@@ -106,15 +124,12 @@ def forward(
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks.
     """
-    pattern = parse_pattern(pattern_text)
-    if pattern.is_dynamic:
-        raise NotImplementedError(f"dynamic pattern {pattern_text!r} has no static kernel")
+    module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
     return launch_forward(
-        kernel_module(pattern), q, k, v, kernel_bias(bias), visit, pattern_heads(pattern),
-        scale, dropout_p, seed, cfg, softcap,
+        module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
     )
 
 
@@ -144,11 +159,9 @@ def backward(
     softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
-    pattern = parse_pattern(pattern_text)
+    module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
-    module = kernel_module(pattern)
-    n_heads = pattern_heads(pattern)
     delta = launch_delta(out, dout)
     kb = kernel_bias(bias)
     dbias = None
