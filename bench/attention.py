@@ -93,7 +93,8 @@ def first_call(fn: Callable) -> float:
 # dK/dV pass: m queries per step, n keys per program). The first option is the error reference.
 SWEEP = {
     "fwd": [(64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True), (64, 64, 4, 2, True, True),
-            (128, 64, 8, 3, True, True), (64, 64, 4, 3, False, True)],
+            (128, 64, 8, 3, True, True), (64, 64, 4, 3, False, True),
+            (128, 128, 8, 3, True, True), (64, 128, 4, 3, True, True)],
     "dq": [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True), (64, 64, 4, 3, True, True),
            (128, 64, 8, 3, False, True), (64, 32, 4, 3, False, True)],
     "kv": [(32, 64, 4, 3, True, False), (32, 64, 4, 3, True, True), (64, 64, 4, 3, True, True),

@@ -154,7 +154,10 @@ def _dummy(device: torch.device) -> torch.Tensor:
     once: a fresh allocation per launch costs host time on every call)."""
     t = _DUMMIES.get(device)
     if t is None:
-        t = _DUMMIES[device] = torch.zeros(1, device=device, dtype=torch.int32)
+        t = torch.zeros(1, device=device, dtype=torch.int32)
+        # One made during CUDA-graph capture lives in the graph's private pool: not kept.
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _DUMMIES[device] = t
     return t
 
 

@@ -11,6 +11,8 @@ power-of-two head dim, L a multiple of the tile (a tile never crosses into the n
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 try:
@@ -19,8 +21,10 @@ except ImportError:  # triton without host-side descriptors
     TensorDescriptor = None
 
 
+@lru_cache(maxsize=64)
 def tma_supported(device: torch.device) -> bool:
-    """Whether descriptors can be used on ``device`` (Hopper or newer GPU, or the interpreter)."""
+    """Whether descriptors can be used on ``device`` (Hopper or newer GPU, or the interpreter).
+    Cached: asked on every launch, and the capability query costs host time."""
     if TensorDescriptor is None:
         return False
     if device.type != "cuda":
