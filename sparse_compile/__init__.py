@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     "attach_dma": "sparse_compile.dynamic_mask",
     "topk_attention": "sparse_compile.dma_topk",
     "MissingDeltaError": "sparse_compile.dma_dispatch",
+    "dma_key_ranges": "sparse_compile.dma_flex",
+    "dma_block_mask": "sparse_compile.dma_flex",
 }
 
 __all__ = sorted(_EXPORTS)
