@@ -1,13 +1,16 @@
-"""The fused DMA custom ops keep their registration honest: the fake implementations promise
-the real outputs' shapes, dtypes and strides (the forward's ten, the saved selection included),
-under static and dynamic shapes."""
+"""The dynamic-pattern custom ops keep their registration honest: the fake implementations
+promise the real outputs' shapes, dtypes and strides (the DMA forward's ten, the saved selection
+included), under static and dynamic shapes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from sparse_compile.dma_masked import dma_attention_masked, dma_attention_masked_bwd
 from sparse_compile.dma_op import dma_attention_bwd, dma_attention_fwd
+from sparse_compile.dma_topk import topk_attention_bwd, topk_attention_fwd, topk_mask_keys
+from sparse_compile.dma_values import dma_delta_heads_first, dma_value_tag
 
 UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -36,3 +39,39 @@ def test_backward_op_passes_opcheck_with_the_saved_selection():
         dma_attention_bwd,
         (dout, q, k, v, delta, allowed, None, out, lse, selection, 8, causal, 0.25),
         test_utils=UTILS)
+
+
+def _model_mask(lq: int, lk: int, allowed: torch.Tensor) -> torch.Tensor:
+    """A model's additive ``[B, 1, Lq, Lk]`` mask: bottom-right causal & key padding."""
+    causal = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+    keep = causal[None, None] & allowed[:, None, None, :]
+    return torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+
+
+def test_masked_ops_pass_opcheck():
+    q, k, v, delta, allowed, _ = _problem(40, 40, True)
+    mask = _model_mask(40, 40, allowed)
+    torch.library.opcheck(dma_attention_masked, (q, k, v, delta, mask, 8, 0.25),
+                          test_utils=UTILS)
+    dout = torch.randn_like(q)
+    torch.library.opcheck(dma_attention_masked_bwd, (dout, q, k, v, delta, mask, 8, 0.25),
+                          test_utils=UTILS)
+    torch.library.opcheck(topk_mask_keys, (mask,), test_utils=UTILS)
+
+
+def test_topk_ops_pass_opcheck():
+    q, k, v, _, _, _ = _problem(48, 48, True)
+    args = (q, k, v, None, 2, 16, True, 0.25)
+    torch.library.opcheck(topk_attention_fwd, args, test_utils=UTILS)
+    out, lse, kept = topk_attention_fwd(*args)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(topk_attention_bwd,
+                          (dout, q, k, v, None, out, lse, kept, 16, True, 0.25),
+                          test_utils=UTILS)
+
+
+def test_value_tag_ops_pass_opcheck():
+    values = torch.randn(2, 30, 32)
+    delta = torch.randn(2, 30, 4)
+    torch.library.opcheck(dma_value_tag, (values, delta), test_utils=UTILS)
+    torch.library.opcheck(dma_delta_heads_first, (delta,), test_utils=UTILS)
