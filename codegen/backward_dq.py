@@ -52,28 +52,8 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
         s = t_cap * cap_out
     elif not FOLD:
         s = s * qk_scale
-    if HAS_BIAS:
-        bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sbm
-                       + k_idx[None, :].to(tl.int64) * sbn,
-                       mask=n_ok[None, :], other=0)
-        if BIAS_BOOL:
-            s = tl.where(bias != 0, s, float("-inf"))
-        else:
-            s = s + bias.to(tl.float32) * 1.4426950408889634
-    if MODE == 1:
-        kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
-        s = tl.where(kept, s, float("-inf"))
-    elif MODE == 2:
-        kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
-        s = tl.where(kept, s, float("-inf"))
-    elif MODE == 3:
-        if edge:
-            kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
-            s = tl.where(kept, s, float("-inf"))
-        elif not EVEN_N:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-    elif not EVEN_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    s = _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, lo, hi, hp, edge,
+                       MODE, EVEN_N, HAS_BIAS, BIAS_BOOL)
     if FOLD:
         # Scale folded into the exponent: one FMA per entry.
         p = tl.math.exp2(s * qk_scale - lse[:, None])

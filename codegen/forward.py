@@ -54,28 +54,8 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_
         s = _tanh(s * cap_in) * cap_out
     elif not FOLD:
         s = s * qk_scale
-    if HAS_BIAS:
-        b_ptrs = (bias_base + offs_m[:, None].to(tl.int64) * sbm
-                  + k_idx[None, :].to(tl.int64) * sbn)
-        bias = tl.load(b_ptrs, mask=n_ok[None, :], other=0)
-        if BIAS_BOOL:
-            s = tl.where(bias != 0, s, float("-inf"))
-        else:
-            s = s + bias.to(tl.float32) * 1.4426950408889634
-    if MODE == 1:
-        kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
-        s = tl.where(kept, s, float("-inf"))
-    elif MODE == 2:
-        kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
-        s = tl.where(kept, s, float("-inf"))
-    elif MODE == 3:
-        if edge:
-            kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
-            s = tl.where(kept, s, float("-inf"))
-        elif not EVEN_N:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-    elif not EVEN_N:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+    s = _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, lo, hi, hp, edge,
+                       MODE, EVEN_N, HAS_BIAS, BIAS_BOOL)
     if FOLD:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:

@@ -8,7 +8,9 @@ consecutive ranges of key-block indices, all computed in-kernel (no index tensor
     [j_full_hi, j_hi)       PARTIAL blocks
 
 The visit range is [min lo, max hi] over the tile's non-empty rows (tl.min/tl.max reductions);
-the full range is [max lo, min hi] when no valid row is empty.
+the full range is [max lo, min hi] when no valid row is empty. ``_bias_and_mask`` applies, on a
+query-major score tile, the bias and what each visit mode must test (the forward and the dQ
+pass share it: the backward's P must repeat the forward's logits operation for operation).
 """
 
 VISIT_SOURCE = '''
@@ -29,4 +31,37 @@ def _visit_range(lo, hi, row_ok, Lk, BN: tl.constexpr):
     jf_lo = tl.where(has_full, jf_lo, j_hi)
     jf_hi = tl.where(has_full, jf_hi, j_hi)
     return j_lo, jf_lo, jf_hi, j_hi
+
+
+@triton.jit
+def _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, lo, hi, hp, edge,
+                   MODE: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BIAS_BOOL: tl.constexpr):
+    """Scores s [BM, BN] (log2 units) plus the bias, -inf where the block's visit mode drops
+    an entry. MODE 0: FULL block (only keys past Lk); 1: PARTIAL, interval bounds lo/hi [BM];
+    2: PARTIAL, the inlined predicate; 3: interval bounds only where the runtime flag ``edge``
+    says PARTIAL (merged loop)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sbm
+                       + k_idx[None, :].to(tl.int64) * sbn,
+                       mask=n_ok[None, :], other=0)
+        if BIAS_BOOL:
+            s = tl.where(bias != 0, s, float("-inf"))
+        else:
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+    if MODE == 1:
+        kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+        s = tl.where(kept, s, float("-inf"))
+    elif MODE == 2:
+        kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
+        s = tl.where(kept, s, float("-inf"))
+    elif MODE == 3:
+        if edge:
+            kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+            s = tl.where(kept, s, float("-inf"))
+        elif not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+    elif not EVEN_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    return s
 '''
