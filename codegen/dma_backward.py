@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .dma_backward_kv import dma_backward_kv
-from .dma_forward import dma_logits
+from .dma_forward import dma_gather_tile, dma_logits
 from .dma_select import DmaSelection, dma_gather_lists
 
 __all__ = ["KvPass", "dma_backward"]
@@ -45,23 +45,9 @@ def _bwd_tile(
 ):
     """One tile of the gather list: dQ update (and dK/dV/d delta atomics when KV_GRADS).
     MASKED=False for the leading tiles every row keeps whole (no per-entry test)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k_rows = k_ptr + b * skb + hk * skh + offs_d[None, :]
-    v_rows = v_ptr + b * svb + hk * svh + offs_d[None, :]
-    if MASKED:
-        n_ok = offs_n < count
-        keys = tl.load(gkey_ptr + list_base + offs_n, mask=n_ok, other=0)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_rows + keys[:, None] * skn, mask=kv_mask, other=0.0)
-        v = tl.load(v_rows + keys[:, None] * svn, mask=kv_mask, other=0.0)
-        delta = tl.load(delta_ptr + bhk * lk + keys, mask=n_ok, other=0.0).to(tl.float32)
-    else:
-        n_ok = offs_n >= 0
-        keys = tl.load(gkey_ptr + list_base + offs_n)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_rows + keys[:, None] * skn, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_rows + keys[:, None] * svn, mask=d_ok[None, :], other=0.0)
-        delta = tl.load(delta_ptr + bhk * lk + keys).to(tl.float32)
+    offs_n, n_ok, keys, kv_mask, k, v, delta = dma_gather_tile(
+        start, count, list_base, b, hk, bhk, lk, k_ptr, v_ptr, delta_ptr, gkey_ptr, skb, skh,
+        skn, svb, svh, svn, offs_d, d_ok, MASKED, BLOCK_N)
     s = dma_logits(q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr,
                    list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS)
     p = tl.exp2(s - lse2[:, None])

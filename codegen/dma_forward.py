@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .dma_select import DmaSelection
 
-__all__ = ["dma_forward", "dma_logits"]
+__all__ = ["dma_forward", "dma_gather_tile", "dma_logits"]
 
 LOG2E = 1.4426950408889634
 
@@ -43,15 +43,13 @@ def dma_logits(
 
 
 @triton.jit
-def _fwd_tile(
-    q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
-    k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb, svh, svn,
-    scale_log2, offs_d, d_ok,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def dma_gather_tile(
+    start, count, list_base, b, hk, bhk, lk, k_ptr, v_ptr, delta_ptr, gkey_ptr, skb, skh, skn,
+    svb, svh, svn, offs_d, d_ok, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One tile of the gather list: online-softmax update. MASKED=False for tiles every row
-    keeps entirely (the list's leading ``full_count`` entries): no per-entry test at all."""
+    """Entries [start, start + BLOCK_N) of a gather list: (offs_n, n_ok, keys, kv_mask, K rows,
+    V rows, delta float32). MASKED=False for tiles within the list's length (no bound test).
+    Shared by the forward and the backward, which must gather the very same keys."""
     offs_n = start + tl.arange(0, BLOCK_N)
     k_rows = k_ptr + b * skb + hk * skh + offs_d[None, :]
     v_rows = v_ptr + b * svb + hk * svh + offs_d[None, :]
@@ -65,9 +63,26 @@ def _fwd_tile(
     else:
         n_ok = offs_n >= 0
         keys = tl.load(gkey_ptr + list_base + offs_n)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_rows + keys[:, None] * skn, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_rows + keys[:, None] * svn, mask=d_ok[None, :], other=0.0)
         delta = tl.load(delta_ptr + bhk * lk + keys).to(tl.float32)
+    return offs_n, n_ok, keys, kv_mask, k, v, delta
+
+
+@triton.jit
+def _fwd_tile(
+    q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
+    k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb, svh, svn,
+    scale_log2, offs_d, d_ok,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One tile of the gather list: online-softmax update. MASKED=False for tiles every row
+    keeps entirely (the list's leading ``full_count`` entries): no per-entry test at all."""
+    offs_n, n_ok, keys, kv_mask, k, v, delta = dma_gather_tile(
+        start, count, list_base, b, hk, bhk, lk, k_ptr, v_ptr, delta_ptr, gkey_ptr, skb, skh,
+        skn, svb, svh, svn, offs_d, d_ok, MASKED, BLOCK_N)
     s = dma_logits(q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr,
                    list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS)
     if MASKED:
