@@ -217,6 +217,19 @@ BWD_PATTERNS = ["block(512)", "causal", "causal & sliding(1024)", "local(1024)",
                 "causal & (sink(4) | sliding(1024))", "global(16) | local(512)"]
 
 
+def backward_problem(text: str, length: int, d: int, h: int, base: TileConfig, rep: int):
+    """Random bf16 inputs [1, h, length, d], the forward at the pattern's selected tiles, and
+    the two-pass backward's gradients and median time: what the one-pass diagnostics compare
+    against. Returns (q, k, v, do, o, lse, scale, two-pass config, (dq, dk, dv), ms)."""
+    q, k, v, do = (torch.randn(1, h, length, d, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(4))
+    scale = 1 / math.sqrt(d)
+    two = kernels.select_config(text, q, length, base=base)
+    o, lse = kernels.forward(q, k, v, text, scale, cfg=two)
+    fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=two)
+    return q, k, v, do, o, lse, scale, two, fn()[:3], bench(fn, rep)
+
+
 def bwd_sweep(args) -> None:
     """--bwd-sweep: whole backward (Δ + passes + epilogue) of the two-pass form (the current
     selection, long-row tiles included) against the one-pass form with atomic dQ per option;
@@ -252,16 +265,10 @@ def bwd_sweep(args) -> None:
         now = time.perf_counter()
         stop = now + (t_start + args.deadline - now) / (len(patterns) - idx)
         label = text.replace("|", "\\|")
-        q, k, v, do = (torch.randn(1, h, length, d, device=dev, dtype=torch.bfloat16)
-                       for _ in range(4))
-        scale = 1 / math.sqrt(d)
         kept = parse(text).layout(length, length, 128, 128).density * length ** 2
         flops = 2.5 * 4 * h * d * kept
-        two = kernels.select_config(text, q, length, base=base)
-        o, lse = kernels.forward(q, k, v, text, scale, cfg=two)
-        fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=two)
-        ref = fn()[:3]
-        t_two = bench(fn, args.rep)
+        q, k, v, do, o, lse, scale, two, ref, t_two = backward_problem(
+            text, length, d, h, base, args.rep)
         emit(f"| {label} | two-pass | dq {two.dq_m}x{two.dq_n} w{two.dq_warps}, kv {two.kv_m}x"
              f"{two.kv_n} w{two.kv_warps} s{two.kv_stages} | {t_two:.3f} | "
              f"{flops / t_two / 1e9:.0f} | 1.00 | - |")
@@ -346,14 +353,8 @@ def bwd_parts(args) -> None:
         now = time.perf_counter()
         stop = now + (t_start + args.deadline - now) / (len(patterns) - idx)
         label = text.replace("|", "\\|")
-        q, k, v, do = (torch.randn(1, h, length, d, device=dev, dtype=torch.bfloat16)
-                       for _ in range(4))
-        scale = 1 / math.sqrt(d)
-        two = kernels.select_config(text, q, length, base=base)
-        o, lse = kernels.forward(q, k, v, text, scale, cfg=two)
-        fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=two)
-        ref = fn()[:3]
-        t_two = bench(fn, args.rep)
+        q, k, v, do, o, lse, scale, two, ref, t_two = backward_problem(
+            text, length, d, h, base, args.rep)
         emit(f"| {label} | two-pass backward | current selection | {t_two:.3f} | 1.00 | - |")
         module, nph = kernel_module(parse(text)), pattern_heads(parse(text))
         delta = launch_delta(o, do)
