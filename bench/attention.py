@@ -230,6 +230,13 @@ def backward_problem(text: str, length: int, d: int, h: int, base: TileConfig, r
     return q, k, v, do, o, lse, scale, two, fn()[:3], bench(fn, rep)
 
 
+def one_pass_option(base: TileConfig, m: int, n: int, warps: int, stages: int,
+                    mode: int) -> tuple[TileConfig, str]:
+    """``base`` with one-pass dK/dV tiles (m queries x n keys) and its table label."""
+    cfg = replace(base, kv_m=m, kv_n=n, kv_warps=warps, kv_stages=stages, bwd_fused=mode)
+    return cfg, f"{m}x{n} w{warps} s{stages}{' tma-reduce' if mode == 2 else ''}"
+
+
 def bwd_sweep(args) -> None:
     """--bwd-sweep: whole backward (Δ + passes + epilogue) of the two-pass form (the current
     selection, long-row tiles included) against the one-pass form with atomic dQ per option;
@@ -276,8 +283,7 @@ def bwd_sweep(args) -> None:
             if time.perf_counter() > stop:
                 emit(f"| {label} | deadline: later options not run | | | | | |")
                 break
-            cfg = replace(base, kv_m=m, kv_n=n, kv_warps=w, kv_stages=st, bwd_fused=mode)
-            name = f"{m}x{n} w{w} s{st}{' tma-reduce' if mode == 2 else ''}"
+            cfg, name = one_pass_option(base, m, n, w, st, mode)
             fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
             try:
                 got = fn()[:3]
@@ -376,8 +382,7 @@ def bwd_parts(args) -> None:
             if time.perf_counter() > stop:
                 emit(f"| {label} | deadline: later options not run | | | | |")
                 break
-            cfg = replace(base, kv_m=m, kv_n=n, kv_warps=w, kv_stages=st, bwd_fused=mode)
-            name = f"{m}x{n} w{w} s{st}{' tma-reduce' if mode == 2 else ''}"
+            cfg, name = one_pass_option(base, m, n, w, st, mode)
             fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
             try:
                 got = fn()[:3]
