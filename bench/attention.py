@@ -100,6 +100,23 @@ SWEEP = {
     "kv": [(32, 64, 4, 3, True, False), (32, 64, 4, 3, True, True), (64, 64, 4, 3, True, True),
            (64, 128, 8, 3, False, True), (32, 64, 4, 2, True, True)],
 }
+# --sweep-set merge: each kernel with and without the merged loop (for table routes: one loop
+# over the PARTIAL and FULL block lists, predicate under a runtime branch).
+SWEEP_MERGE = {
+    "fwd": [(64, 64, 4, 3, True, False), (64, 64, 4, 3, True, True)],
+    "dq": [(64, 32, 4, 3, True, False), (64, 32, 4, 3, True, True)],
+    "kv": [(32, 64, 4, 3, True, False), (32, 64, 4, 3, True, True)],
+}
+# --sweep-set wide: forward tiles with more query rows per program (half the K/V tile traffic
+# per kept entry), and deeper pipelines.
+SWEEP_WIDE = {
+    "fwd": [(64, 64, 4, 3, True, True), (128, 32, 8, 3, True, True),
+            (128, 64, 8, 2, True, True), (64, 64, 4, 4, True, True),
+            (64, 32, 4, 4, True, True), (128, 32, 8, 4, True, True)],
+    "dq": [(64, 32, 4, 3, True, True), (64, 32, 4, 4, True, True), (128, 32, 8, 3, True, True)],
+    "kv": [(32, 64, 4, 3, True, True), (32, 64, 4, 4, True, True), (16, 64, 4, 3, True, True)],
+}
+SWEEP_SETS = {"default": SWEEP, "merge": SWEEP_MERGE, "wide": SWEEP_WIDE}
 # --tune: the few options that decide between the candidate defaults (before the grid).
 TUNE = {name: opts[:3] for name, opts in SWEEP.items()}
 
@@ -133,6 +150,15 @@ def time_kernels(text: str, length: int, d: int, heads: int, base: TileConfig, o
     label = text.replace("|", "\\|")
     o, lse = kernels.forward(q, k, v, text, scale, cfg=base)
     delta = launch_delta(o, do)
+    t = bench(partial(launch_delta, o, do), rep)
+    emit(f"| {label} | Δ kernel alone (one-pass form only; the dQ pass computes Δ) | - | "
+         f"{t:.3f} | - | - |")
+    dq_visit = visit_plan(text, length, length, base.dq_m, base.dq_n, dev)
+    dq_args = (module, q, k, v, None, do, lse, delta, None, dq_visit, nph, scale, 0.0, 0, base)
+    t_read = bench(partial(launch_dq, *dq_args), rep)
+    t_own = bench(partial(launch_dq, *dq_args, 0.0, o), rep)
+    emit(f"| {label} | dQ pass reading Δ / computing Δ itself | {base.dq_m}x{base.dq_n} | "
+         f"{t_read:.3f} / {t_own:.3f} | - | - |")
     best = base
     for kernel, work in (("fwd", 1.0), ("dq", 1.0), ("kv", 1.5)):
         ref, best_t = None, float("inf")
@@ -148,7 +174,7 @@ def time_kernels(text: str, length: int, d: int, heads: int, base: TileConfig, o
             elif kernel == "dq":
                 visit = visit_plan(text, length, length, m, n, dev)
                 fn = partial(launch_dq, module, q, k, v, None, do, lse, delta, None, visit, nph,
-                             scale, 0.0, 0, cfg)
+                             scale, 0.0, 0, cfg, 0.0, o)
             else:
                 visit = visit_plan(text, length, length, m, n, dev, transposed=True)
                 fn = partial(launch_dkdv, module, q, k, v, None, do, lse, delta, visit, nph,
@@ -204,7 +230,8 @@ def sweep(args) -> None:
         emit(f"| {name} (SDPA anchor) | fwd | - | {t:.3f} | {flops / t / 1e9:.0f} | - |")
     base = default_config(torch.device("cuda"), d, torch.bfloat16)
     for text in [p.strip() for p in args.patterns.split(";") if p.strip()]:
-        time_kernels(text, length, d, h, base, SWEEP, args.rep, t_start + args.deadline, emit)
+        time_kernels(text, length, d, h, base, SWEEP_SETS[args.sweep_set], args.rep,
+                     t_start + args.deadline, emit)
 
 
 # --bwd-sweep: one-pass backward options (kv_m, kv_n, warps, stages, bwd_fused); bwd_fused 1 =
@@ -541,6 +568,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true",
                     help="time each kernel alone per tile option (first length, last dim)")
+    ap.add_argument("--sweep-set", default="default", choices=sorted(SWEEP_SETS),
+                    help="tile options of --sweep (SWEEP, SWEEP_MERGE, SWEEP_WIDE)")
     ap.add_argument("--bwd-sweep", action="store_true",
                     help="one-pass vs two-pass backward per kv tile option (first length, "
                     "last dim; default patterns: BWD_PATTERNS)")

@@ -282,13 +282,14 @@ def precision_check(length, args, device, dtype) -> str:
 
 
 def profile(fn) -> str:
-    """CUDA time per kernel of fn() (3 calls after a warm-up), largest first."""
+    """CUDA time per kernel of fn() (3 calls after a warm-up), largest first; then the PyTorch
+    ops whose own kernels take the most CUDA time (which op launched the elementwise work)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     fn()
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -298,8 +299,13 @@ def profile(fn) -> str:
             name = event.name.split("(")[0][:48]
             totals[name] = totals.get(name, 0.0) + event.device_time / 1e3 / 3
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
-    return f"total {sum(totals.values()):.3f} ms/call: " + ", ".join(
-        f"{n} {ms:.3f}" for n, ms in top)
+    ops = [(e.key, e.self_device_time_total / 1e3 / 3, e.count // 3)
+           for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops = sorted((o for o in ops if o[1] > 0), key=lambda o: -o[1])[:8]
+    return (f"total {sum(totals.values()):.3f} ms/call: "
+            + ", ".join(f"{n} {ms:.3f}" for n, ms in top)
+            + "; by PyTorch op (own CUDA ms/call, calls/call): "
+            + ", ".join(f"{n} {ms:.3f} ({c})" for n, ms, c in ops))
 
 
 def flex_row(length, args, q, k, v, delta, dout, qg, kg, vg, out_ours, op_grads, device, add,
@@ -447,8 +453,9 @@ def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=Non
 
     if args.kv_variants == length and device == "cuda":
         rows = []
-        for variant in (KvPass(1024, 64, 64, 4, 3), KvPass(2048, 64, 64, 4),
-                        KvPass(1024, 64, 128, 8), KvPass(1024, 128, 64, 8, 3)):
+        for variant in (KvPass(512, 64, 64, 4), KvPass(1024, 32, 64, 4, 2),
+                        KvPass(1024, 32, 64, 4, 3), KvPass(512, 32, 64, 4, 3),
+                        KvPass(1024, 64, 32, 4, 2), KvPass(1024, 64, 64, 4, 3)):
             _, fb = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b, variant, stages)
             try:
                 rows.append(f"{variant}: {timed(lambda fb=fb: fb(dout), device):.3f} ms")

@@ -162,13 +162,13 @@ def backward(
     module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
-    delta = launch_delta(out, dout)
     kb = kernel_bias(bias)
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():
         dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
     kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True)
     if fused_backward(cfg, dbias is not None):
+        delta = launch_delta(out, dout)
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         dk, dv = launch_dkdv(
             module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed,
@@ -182,9 +182,11 @@ def backward(
             torch.mul(dq_acc, scale, out=dq)
         return dq, dk, dv, None
     dq_visit = visit_plan(pattern_text, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
+    # The dQ pass computes Δ = rowsum(dO ∘ O) for its rows and leaves it for the dK/dV pass.
+    delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
-        seed, cfg, softcap,
+        seed, cfg, softcap, out,
     )
     dk, dv = launch_dkdv(
         module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed, cfg,

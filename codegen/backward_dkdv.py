@@ -98,7 +98,8 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
                 PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
                 SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
-    3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop).
+    3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop); 4: the
+    predicate only where ``edge`` says PARTIAL (merged loop over the block tables).
     FUSED_DQ 1: dS K added into the float32 dQ rows by pointer atomics; 2: by a TMA reduce."""
     q_idx = i * BM + offs_m
     m_ok = q_idx < Lq
@@ -143,6 +144,13 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
             lo, hi = _row_bounds_at(q_idx, Lq, Lk, hp, RLO, RHI, RANGES)
             kept = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
             s_t = tl.where(kept & n_ok[:, None], s_t, float("-inf"))
+        elif not EVEN_N:
+            s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
+    elif MODE == 4:
+        if edge:
+            q_pos = q_idx + (Lk - Lq)
+            kept = _keep(q_pos[None, :], k_idx[:, None], hp) & n_ok[:, None]
+            s_t = tl.where(kept, s_t, float("-inf"))
         elif not EVEN_N:
             s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
     elif not EVEN_N:
@@ -271,24 +279,37 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
             row = hp * t_rows + pid_n
             p_start = tl.load(PO + row)
             p_end = tl.load(PO + row + 1)
-            for t in range(p_start, p_end):
-                i = tl.load(PI + t)
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
-                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst, dq_row,
-                    HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
             f_start = tl.load(FO + row)
             f_end = tl.load(FO + row + 1)
-            for t in range(f_start, f_end):
-                i = tl.load(FI + t)
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i, False,
-                    offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                    qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst, dq_row,
-                    HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT,
-                    PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+            if MERGED:
+                # PARTIAL blocks, then FULL ones, in one loop (one software pipeline).
+                n_p = p_end - p_start
+                for t in range(0, n_p + f_end - f_start):
+                    edge = t < n_p
+                    i = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 4, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+            else:
+                for t in range(p_start, p_end):
+                    i = tl.load(PI + t)
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                for t in range(f_start, f_end):
+                    i = tl.load(FI + t)
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
+                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
+                        dq_row, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)

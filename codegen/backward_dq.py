@@ -4,7 +4,9 @@ One program handles BM query rows of one (batch, query head) and visits the same
 the forward (interval bounds in-kernel or per-row bound arrays, or the compact kv block tables
 of the backward layout). It recomputes P = exp2(s − LSE), regenerates the dropout mask from
 (seed, offset), and accumulates dQ = scale · dS K with dS = P ∘ (dP − Δ), Δ = rowsum(dO ∘ O)
-(times 1 − tanh² under soft-capping). When the bias requires grad, dS is
+(times 1 − tanh² under soft-capping). Given the forward output, each program also computes
+Δ for its rows and stores it for the dK/dV pass that follows (no separate Δ launch, one read of
+dO fewer). When the bias requires grad, dS is
 added into a float32 buffer shaped like the bias (broadcast rows / columns summed in-register
 first; broadcast batch / head dims meet through atomics).
 """
@@ -30,7 +32,8 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
               DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DROPOUT: tl.constexpr,
               PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     """MODE 0: FULL; 1: PARTIAL, interval bounds; 2: PARTIAL, predicate; 3: interval bounds
-    only where the runtime flag ``edge`` says PARTIAL (merged loop)."""
+    only where the runtime flag ``edge`` says PARTIAL (merged loop); 4: the predicate only
+    where ``edge`` says PARTIAL (merged loop over the block tables)."""
     k_idx = j * BN + offs_n
     n_ok = k_idx < Lk
     if TMA:
@@ -85,17 +88,17 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
+def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
                PO, PI, FO, FI, t_rows, RLO, RHI,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-               sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn,
+               sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn, sob, soh, som, sod,
                Hq, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
                DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
-               SOFTCAP: tl.constexpr):
+               SOFTCAP: tl.constexpr, DELTA_FROM_OUT: tl.constexpr):
     # Heads fastest, query tiles last-first (longest rows first under causal-like patterns).
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -115,7 +118,13 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
     do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom
                  + offs_d[None, :] * sdod, mask=io_mask, other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    if DELTA_FROM_OUT:
+        o = tl.load(Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som
+                    + offs_d[None, :] * sod, mask=io_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
     if TMA:
         k_src = K
         v_src = V
@@ -173,24 +182,37 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias,
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
         p_end = tl.load(PO + row + 1)
-        for t in range(p_start, p_end):
-            j = tl.load(PI + t)
-            dq = _dq_block(
-                dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm,
-                sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2,
-                EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
-                PRECISION, TMA, SOFTCAP)
         f_start = tl.load(FO + row)
         f_end = tl.load(FO + row + 1)
-        for t in range(f_start, f_end):
-            j = tl.load(FI + t)
-            dq = _dq_block(
-                dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm,
-                sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0,
-                EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
-                PRECISION, TMA, SOFTCAP)
+        if MERGED:
+            # PARTIAL blocks, then FULL ones, in one loop (one software pipeline per tile).
+            n_p = p_end - p_start
+            for t in range(0, n_p + f_end - f_start):
+                edge = t < n_p
+                j = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
+                    offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd,
+                    sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM,
+                    BN, 4, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS,
+                    DROPOUT, PRECISION, TMA, SOFTCAP)
+        else:
+            for t in range(p_start, p_end):
+                j = tl.load(PI + t)
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                    offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd,
+                    sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM,
+                    BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS,
+                    DROPOUT, PRECISION, TMA, SOFTCAP)
+            for t in range(f_start, f_end):
+                j = tl.load(FI + t)
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                    offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd,
+                    sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM,
+                    BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS,
+                    DROPOUT, PRECISION, TMA, SOFTCAP)
     dq = dq * scale
     tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -214,10 +236,13 @@ def launch_dq(
     seed: int,
     cfg: TileConfig,
     softcap: float = 0.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dQ [B, Hq, Lq, D] (q's dtype, contiguous); adds the bias gradient into ``dbias``.
 
-    lse, delta: [B, Hq, Lq] float32. dbias: None or float32 shaped like the 4-D bias.
+    lse, delta: [B, Hq, Lq] float32. dbias: None or float32 shaped like the 4-D bias. With
+    ``out`` (the forward output), the kernel computes Δ = rowsum(dO ∘ O) and writes it into
+    ``delta`` (then only an allocated buffer) for the dK/dV pass.
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -230,8 +255,10 @@ def launch_dq(
     k_arg, v_arg = descs or (k, v)
     grid = (b * hq, triton.cdiv(lq, cfg.dq_m))
     module._dq_kernel[grid](
-        q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, *visit_args(visit, q),
+        q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, dout if out is None else out,
+        *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
+        *(dout if out is None else out).stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
         *softcap_args(scale, softcap), dropout_p, seed,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
@@ -243,7 +270,7 @@ def launch_dq(
         DB_COLS=dbias is not None and dbias.shape[3] == 1,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=cfg.dq_merged, SOFTCAP=softcap > 0,
-        num_warps=cfg.dq_warps,
+        DELTA_FROM_OUT=out is not None, num_warps=cfg.dq_warps,
         num_stages=cfg.dq_stages,
     )
     return dq

@@ -30,7 +30,8 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_
                PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
     3: interval bounds applied only when the runtime flag ``edge`` says the block is PARTIAL
-    (one loop over all blocks: one software pipeline per tile instead of three).
+    (one loop over all blocks: one software pipeline per tile instead of three); 4: the
+    predicate only where ``edge`` says PARTIAL (one loop over both block tables).
 
     FOLD (no bias, scale > 0): scores stay unscaled and the scale is folded into the exp2
     argument (one FMA per entry), since max(scale * s) = scale * max(s). SOFTCAP: logits
@@ -171,22 +172,34 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
         p_end = tl.load(PO + row + 1)
-        for t in range(p_start, p_end):
-            j = tl.load(PI + t)
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, q_pos,
-                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
-                cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
-                BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
         f_start = tl.load(FO + row)
         f_end = tl.load(FO + row + 1)
-        for t in range(f_start, f_end):
-            j = tl.load(FI + t)
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, q_pos,
-                q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale, cap_in,
-                cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS,
-                BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
+        if MERGED:
+            # PARTIAL blocks, then FULL ones, in one loop (one software pipeline per tile).
+            n_p = p_end - p_start
+            for t in range(0, n_p + f_end - f_start):
+                edge = t < n_p
+                j = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos,
+                    q_pos, q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale,
+                    cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 4, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
+        else:
+            for t in range(p_start, p_end):
+                j = tl.load(PI + t)
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos,
+                    q_pos, q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale,
+                    cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
+            for t in range(f_start, f_end):
+                j = tl.load(FI + t)
+                acc, l_i, m_i = _fwd_block(
+                    acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos,
+                    q_pos, q_pos, hp, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk, qk_scale,
+                    cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD,
+                    HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))

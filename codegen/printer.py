@@ -129,6 +129,10 @@ class TritonPrinter:
             return f"(-{self._floor(-e.args[0])})"
         if isinstance(e, sympy.Mod):
             a, b = e.args
+            if isinstance(b, sympy.Integer) and int(b) > 0 and int(b) & (int(b) - 1) == 0:
+                # Python's a % 2**n is a & (2**n - 1) in two's complement, negatives included:
+                # one AND per entry instead of a remainder and a sign fix-up.
+                return f"({self.print(a)} & {int(b) - 1})"
             return f"_pymod({self.print(a)}, {self.print(b)})"
         if isinstance(e, sympy.Min | sympy.Max):
             fn = "tl.minimum" if isinstance(e, sympy.Min) else "tl.maximum"

@@ -40,7 +40,8 @@ def _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, lo, hi, h
     """Scores s [BM, BN] (log2 units) plus the bias, -inf where the block's visit mode drops
     an entry. MODE 0: FULL block (only keys past Lk); 1: PARTIAL, interval bounds lo/hi [BM];
     2: PARTIAL, the inlined predicate; 3: interval bounds only where the runtime flag ``edge``
-    says PARTIAL (merged loop)."""
+    says PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop
+    over the block tables)."""
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sbm
                        + k_idx[None, :].to(tl.int64) * sbn,
@@ -58,6 +59,12 @@ def _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, lo, hi, h
     elif MODE == 3:
         if edge:
             kept = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+            s = tl.where(kept, s, float("-inf"))
+        elif not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+    elif MODE == 4:
+        if edge:
+            kept = _keep(q_pos[:, None], k_idx[None, :], hp) & n_ok[None, :]
             s = tl.where(kept, s, float("-inf"))
         elif not EVEN_N:
             s = tl.where(n_ok[None, :], s, float("-inf"))

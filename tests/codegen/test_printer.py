@@ -80,6 +80,9 @@ def _is_power_of_py(d: int, base: int) -> bool:
         sympy.Eq(sympy.floor((Q - K) / 3), -2),
         sympy.Eq(sympy.Mod(Q - K, 5), 3),
         sympy.Eq(sympy.Mod(K - Q, -4), -1),
+        sympy.Eq(sympy.Mod(Q - K, 8), 0),
+        sympy.Eq(sympy.Mod(K - Q, 4), 3),
+        sympy.Eq(sympy.Mod(2 * K - Q, 1), 0),
         sympy.Le(sympy.floor((K - 2 * Q) / 7), sympy.floor((Q - 20) / 4)),
         sympy.Ge(sympy.Min(Q - 3, K + 1), sympy.Max(10 - Q, K - 5)),
         sympy.And(Q >= K, sympy.Not(sympy.Eq(sympy.Mod(K, 3), 0))),
@@ -95,6 +98,12 @@ def test_printed_expression_has_python_semantics(expr, tmp_path):
     q0, nq, nk = -20, 64, 32
     got, _, _ = run_grid(expr_source(expr), tmp_path, f"expr_{abs(hash(str(expr)))}", q0, nq, nk)
     assert torch.equal(got, sympy_grid(expr, q0, nq, nk)), print_triton(expr)
+
+
+def test_power_of_two_modulo_prints_as_a_mask():
+    # Python's a % 2**n equals a & (2**n - 1), negative a included: no remainder instruction.
+    assert print_triton(sympy.Mod(Q - K, 64)).endswith("& 63)")
+    assert "_pymod" in print_triton(sympy.Mod(Q - K, 48))
 
 
 def test_infinite_bounds_print_as_large_integers():

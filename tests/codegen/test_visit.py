@@ -55,6 +55,18 @@ def test_rectangular_tiles(text, lq, lk, cfg):
     check(text, lq, lk, cfg)
 
 
+@pytest.mark.parametrize(
+    "text, lq, lk",
+    [("global(3) | local(20)", 70, 83), ("axial(7)", 64, 64), ("causal & (sink(4) | sliding(20))",
+     90, 90), ("heads(strided(4), sink(5) | causal)", 50, 70), ("causal & strided(8)", 61, 61)],
+)
+def test_merged_loop_over_block_tables(text, lq, lk):
+    # Table routes with merged loops: PARTIAL and FULL lists walked in one loop, the predicate
+    # applied under a runtime branch (visit mode 4), in all three kernels.
+    assert kernels.visit_plan(text, lq, lk, 16, 32, torch.device("cpu")).ranges == TABLES
+    check(text, lq, lk, RECT_T, hq=4, hkv=2)
+
+
 def test_negative_scale_keeps_the_max_shift_exact():
     # Without bias the scale is folded into exp2 only when it is positive.
     check("causal & sliding(30)", 60, 60, RECT, scale=-0.4)
