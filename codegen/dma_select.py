@@ -232,10 +232,11 @@ def _launch(order, n_allowed, delta, lq, keep, causal, block_m, block_r, per_row
     nq = triton.cdiv(lq, block_m)
     cap = gather_capacity(keep, lk, block_m)
     dev = order.device
-    # No fill: the kernel writes each list's first gather_count entries, and every reader masks
-    # its loads to that count (a fill cost 0.05 ms per call at 32k tokens, 16 heads).
-    gather_key = torch.empty(bh, nq, cap, dtype=torch.int32, device=dev)
-    gather_rank = torch.empty(bh, nq, cap, dtype=torch.int32, device=dev)
+    # Zero-filled although readers mask to gather_count: the lists are outputs of the forward
+    # op (saved for the backward), and an op's outputs must not depend on uninitialised memory
+    # (opcheck compares them across runs).
+    gather_key = torch.zeros(bh, nq, cap, dtype=torch.int32, device=dev)
+    gather_rank = torch.zeros(bh, nq, cap, dtype=torch.int32, device=dev)
     gather_count = torch.empty(bh, nq, dtype=torch.int32, device=dev)
     thr = torch.empty(bh, lq if per_row else 1, dtype=torch.int32, device=dev)
     shift = torch.empty(bh, lq if per_row else 1, dtype=torch.float32, device=dev)
