@@ -116,7 +116,16 @@ SWEEP_WIDE = {
     "dq": [(64, 32, 4, 3, True, True), (64, 32, 4, 4, True, True), (128, 32, 8, 3, True, True)],
     "kv": [(32, 64, 4, 3, True, True), (32, 64, 4, 4, True, True), (16, 64, 4, 3, True, True)],
 }
-SWEEP_SETS = {"default": SWEEP, "merge": SWEEP_MERGE, "wide": SWEEP_WIDE}
+# --sweep-set d64: head dim 64 (its defaults predate TMA loads and merged loops).
+SWEEP_D64 = {
+    "fwd": [(64, 64, 4, 3, False, False), (64, 64, 4, 3, True, False),
+            (64, 64, 4, 3, True, True), (128, 64, 8, 3, True, True), (128, 64, 4, 3, True, True)],
+    "dq": [(64, 64, 4, 3, False, False), (64, 64, 4, 3, True, True), (64, 32, 4, 3, True, True),
+           (128, 64, 8, 3, True, True)],
+    "kv": [(64, 64, 4, 3, False, False), (64, 64, 4, 3, True, True), (32, 64, 4, 3, True, True),
+           (64, 128, 8, 3, True, True)],
+}
+SWEEP_SETS = {"default": SWEEP, "merge": SWEEP_MERGE, "wide": SWEEP_WIDE, "d64": SWEEP_D64}
 # --tune: the few options that decide between the candidate defaults (before the grid).
 TUNE = {name: opts[:3] for name, opts in SWEEP.items()}
 
@@ -569,7 +578,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="time each kernel alone per tile option (first length, last dim)")
     ap.add_argument("--sweep-set", default="default", choices=sorted(SWEEP_SETS),
-                    help="tile options of --sweep (SWEEP, SWEEP_MERGE, SWEEP_WIDE)")
+                    help="tile options of --sweep (SWEEP, SWEEP_MERGE, SWEEP_WIDE, SWEEP_D64)")
     ap.add_argument("--bwd-sweep", action="store_true",
                     help="one-pass vs two-pass backward per kv tile option (first length, "
                     "last dim; default patterns: BWD_PATTERNS)")

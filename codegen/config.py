@@ -82,9 +82,13 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
                       dq_warps=4, kv_m=32, kv_n=64, kv_warps=4)
         return cfg
     if d <= 64 and major >= 9:
-        # H100, bf16, D=64: bench/attention.py --tune (bench/NOTES.md).
+        # Hopper, bf16, D=64: bench/attention.py --tune; TMA and merged loops for the two
+        # backward passes from --sweep --sweep-set d64 (bench/NOTES.md, version 7: dQ 6-10%
+        # and dK/dV 7-10% faster on bands, block, sink|sliding, causal; the forward gained
+        # nothing on bands and lost 24% on global|local with them, so it keeps pointer loads).
         cfg = replace(cfg, fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=64,
-                      dq_warps=4, dq_stages=3, kv_m=64, kv_n=64, kv_warps=4, kv_stages=3)
+                      dq_warps=4, dq_stages=3, kv_m=64, kv_n=64, kv_warps=4, kv_stages=3,
+                      dq_tma=True, kv_tma=True, dq_merged=True, kv_merged=True)
     elif d <= 64:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
     elif d <= 128 and major >= 9:
