@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from sparse_compile.codegen.residue import residue_route
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
@@ -63,6 +64,21 @@ def check_case(text: str, d: int, length: int, heads: int, rep: int) -> dict:
             "err_grad": max(errs[1:])}
 
 
+def general_route(text: str, d: int, length: int, heads: int, rep: int) -> dict:
+    """The same case with the residue-class route switched off (strided patterns: every block
+    visited as PARTIAL), for an A/B in one process."""
+    from sparse_compile.codegen import attention as kernels
+
+    saved = kernels.residue_route
+    kernels.residue_route = lambda *args: None
+    try:
+        row = check_case(text, d, length, heads, rep)
+    finally:
+        kernels.residue_route = saved
+    row["pattern"] = text + " (general route)"
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="64,128")
@@ -70,6 +86,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--patterns", default=";".join(PATTERNS), help="';'-separated DSL texts")
     ap.add_argument("--rep", type=int, default=50, help="do_bench rep in ms")
+    ap.add_argument("--general-too", action="store_true",
+                    help="also time patterns the residue route takes with that route off")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -80,6 +98,9 @@ def main() -> None:
             r = check_case(text, d, args.length, args.heads, args.rep)
             rows.append(r)
             print(r, flush=True)
+            if args.general_too and residue_route(text, args.length, args.length, False, 0.0):
+                rows.append(general_route(text, d, args.length, args.heads, args.rep))
+                print(rows[-1], flush=True)
     lines = [f"# Public attention() check on {gpu}", "",
              f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
              f"- torch {torch.__version__}, triton {triton.__version__}, "

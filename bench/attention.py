@@ -570,7 +570,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384,65536")
     ap.add_argument("--patterns", default=";".join(PATTERNS), help="';'-separated DSL texts")
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=16384, help="B = max(1, tokens // L)")
+    ap.add_argument("--tokens", type=int, default=65536,
+                    help="B = max(1, tokens // L): 64k tokens per call keep forward+backward "
+                    "GPU-bound (bench/NOTES.md, version 7)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep in ms")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--tune", action="store_true", help="pick tiles per head dim first")

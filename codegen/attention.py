@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
+from .axial import AxialRoute, axial_route, merge_parts
 from .backward_delta import launch_delta
 from .backward_dkdv import launch_dkdv
 from .backward_dq import launch_dq
 from .config import LONG_ROWS, TileConfig, default_config, long_rows_config
 from .forward import launch_forward
 from .predicate import interval_bounds, pattern_heads
+from .residue import ResidueRoute, as_layout, class_layout, from_classes, residue_route, to_classes
 from .source import kernel_module
 from .tables import (
     CLOSED_FORM,
@@ -124,6 +126,12 @@ def forward(
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks.
     """
+    parts = axial_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
+    if parts is not None:
+        return _axial_forward(parts, q, k, v, scale, cfg, softcap)
+    route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
+    if route is not None:
+        return _residue_forward(route, q, k, v, scale, cfg, softcap)
     module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
@@ -159,6 +167,12 @@ def backward(
     softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
+    parts = axial_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
+    if parts is not None:
+        return _axial_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
+    route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
+    if route is not None:
+        return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
     module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
@@ -195,3 +209,59 @@ def backward(
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).to(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def _class_views(route: ResidueRoute, tensors: list[torch.Tensor], same_heads: bool
+                 ) -> tuple[str, list[torch.Tensor]]:
+    """(layout, the tensors viewed by residue class); a copy only for strides no view fits."""
+    layout = class_layout(tensors, same_heads)
+    if layout == "copy":
+        layout = "batch" if same_heads else "head"
+        tensors = [as_layout(t, layout) for t in tensors]
+    return layout, [to_classes(t, route.s, layout) for t in tensors]
+
+
+def _residue_forward(route: ResidueRoute, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float, cfg: TileConfig | None, softcap: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of a ``strided(s) & R`` pattern as ``route.inner`` over residue classes."""
+    b, hq = q.shape[:2]
+    layout, (qc, kc, vc) = _class_views(route, [q, k, v], hq == k.shape[1])
+    out, lse = forward(qc, kc, vc, route.inner, scale, cfg=cfg, softcap=softcap)
+    return from_classes(out, b, hq, layout), from_classes(lse, b, hq, layout)
+
+
+def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      scale: float, cfg: TileConfig | None, softcap: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    """The backward of ``_residue_forward`` (same classes, same inner pattern)."""
+    b, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+    layout, (qc, kc, vc, oc, doc) = _class_views(route, [q, k, v, out, dout], hq == hkv)
+    # The kernels read the log-sum-exp row-dense: a (small) copy in class order.
+    lse_c = to_classes(as_layout(lse, layout), route.s, layout).contiguous()
+    dq, dk, dv, _ = backward(doc, qc, kc, vc, oc, lse_c, route.inner, scale, cfg=cfg,
+                             softcap=softcap)
+    return (from_classes(dq, b, hq, layout), from_classes(dk, b, hkv, layout),
+            from_classes(dv, b, hkv, layout), None)
+
+
+def _axial_forward(parts: AxialRoute, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float, cfg: TileConfig | None, softcap: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An axial pattern's forward: its row part and column part, merged (codegen/axial.py)."""
+    out_rows, lse_rows = forward(q, k, v, parts.rows, scale, cfg=cfg, softcap=softcap)
+    out_cols, lse_cols = forward(q, k, v, parts.columns, scale, cfg=cfg, softcap=softcap)
+    return merge_parts(out_rows, lse_rows, out_cols, lse_cols)
+
+
+def _axial_backward(parts: AxialRoute, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+                    cfg: TileConfig | None, softcap: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    """Each part's passes with the merged output and log-sum-exp give that part's share of
+    the gradients (P and Δ are the whole pattern's); their sum is the pattern's."""
+    grads = [backward(dout, q, k, v, out, lse, text, scale, cfg=cfg, softcap=softcap)[:3]
+             for text in (parts.rows, parts.columns)]
+    dq, dk, dv = (a.add_(b) for a, b in zip(grads[0], grads[1], strict=True))
+    return dq, dk, dv, None

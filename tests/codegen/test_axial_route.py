@@ -1,0 +1,105 @@
+"""Axial patterns as a row part and a residue-class column part merged by log-sum-exp
+(codegen/axial.py), against the float64 oracle and the general route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.axial import AxialRoute, axial_route, merge_parts
+
+from sparse_compile.functional import attention
+from tests.codegen.attention_cases import TOL, make_qkv, oracle
+from tests.conftest import rel_error
+
+
+def test_parts_are_rows_and_columns_without_the_diagonal():
+    assert axial_route("axial(8)", 64, 64, False, 0.0) == AxialRoute(
+        "block(8)", "strided(8) & ~window(0, 0)")
+    assert axial_route("causal & axial(8)", 64, 64, False, 0.0) == AxialRoute(
+        "causal & block(8)", "causal & strided(8) & ~window(0, 0)")
+
+
+@pytest.mark.parametrize(
+    "text, lq, lk, bias, dropout",
+    [("axial(8, 2)", 64, 64, False, 0.0), ("axial(8) & sliding(4)", 64, 64, False, 0.0),
+     ("axial(8) | sink(2)", 64, 64, False, 0.0), ("axial(8)", 60, 64, False, 0.0),
+     ("axial(8)", 64, 64, True, 0.0), ("axial(8)", 64, 64, False, 0.1)],
+)
+def test_route_is_not_taken_where_it_does_not_hold(text, lq, lk, bias, dropout):
+    assert axial_route(text, lq, lk, bias, dropout) is None
+
+
+def test_merging_with_an_empty_part_keeps_the_other_and_two_empty_give_zeros():
+    out_a, out_b = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    lse_a, lse_b = torch.randn(2, 3, 5), torch.full((2, 3, 5), float("inf"))
+    lse_b[0, 0, 0] = 0.5
+    lse_a[0, 0, 1] = float("inf")
+    out, lse = merge_parts(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(out[1], out_a[1]) and torch.equal(lse[1], lse_a[1])
+    both = merge_parts(out_a, torch.full_like(lse_a, float("inf")), out_b, lse_b.clone().fill_(
+        float("inf")))
+    assert torch.equal(both[0], torch.zeros_like(out_a)) and torch.isposinf(both[1]).all()
+    # Two live parts: probabilities 2^lse_a : 2^lse_b.
+    w = 2.0 ** lse_a[0, 0, 0] / (2.0 ** lse_a[0, 0, 0] + 2.0 ** 0.5)
+    want = w * out_a[0, 0, 0] + (1 - w) * out_b[0, 0, 0]
+    assert torch.allclose(out[0, 0, 0], want, atol=1e-6)
+    assert torch.allclose(lse[0, 0, 0], torch.log2(2.0 ** lse_a[0, 0, 0] + 2.0 ** 0.5))
+
+
+def run_both(q, k, v, text, scale, dout):
+    out, lse = kernels.forward(q.detach(), k.detach(), v.detach(), text, scale)
+    grads = kernels.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, text, scale)
+    return out, lse, grads[:3]
+
+
+@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contiguous", "model-layout"])
+@pytest.mark.parametrize(
+    "text, lq, lk, hq, hkv",
+    [("axial(8)", 64, 64, 2, 2), ("causal & axial(8)", 64, 64, 2, 1), ("axial(4)", 32, 48, 4, 2),
+     ("causal & axial(8)", 48, 32, 2, 2)],
+)
+def test_two_part_route_matches_the_oracle(text, lq, lk, hq, hkv, noncontiguous):
+    # Lq > Lk under causal leaves the first rows without keys: zeros, never NaN.
+    assert axial_route(text, lq, lk, False, 0.0) is not None
+    q, k, v = make_qkv(2, hq, hkv, lq, lk, 16, torch.float32, noncontiguous)
+    dout = torch.randn(2, hq, lq, 16)
+    out, lse, grads = run_both(q, k, v, text, 0.25, dout)
+    ref = oracle(q, k, v, text, 0.25)
+    want = torch.autograd.grad(ref, (q, k, v), dout.double())
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    errs = [rel_error(out, ref)] + [rel_error(g, w) for g, w in zip(grads, want, strict=True)]
+    assert max(errs) < TOL[torch.float32], errs
+
+
+def test_two_part_and_general_routes_agree(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
+    dout = torch.randn(1, 2, 64, 16)
+    parts = run_both(q, k, v, "axial(8)", 0.3, dout)
+    monkeypatch.setattr(kernels, "axial_route", lambda *args: None)
+    general = run_both(q, k, v, "axial(8)", 0.3, dout)
+    assert rel_error(parts[0], general[0]) < 1e-5
+    assert rel_error(parts[1], general[1]) < 1e-5  # the same log-sum-exp
+    for a, b in zip(parts[2], general[2], strict=True):
+        assert rel_error(a, b) < 1e-5
+
+
+def test_public_call_takes_the_route_in_bfloat16(monkeypatch):
+    calls = []
+    real = kernels._axial_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_axial_forward", counted)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.bfloat16, noncontiguous=True)
+    out = attention(q, k, v, "axial(8)")
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref = oracle(q, k, v, "axial(8)")
+    want = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    assert calls
+    assert rel_error(out, ref) < TOL[torch.bfloat16]
+    for g, w in zip(grads, want, strict=True):
+        assert rel_error(g, w) < TOL[torch.bfloat16]
