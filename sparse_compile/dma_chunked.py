@@ -67,7 +67,12 @@ def _chunk_forward(
     kk = k_sorted.repeat_interleave(group, dim=1).float()
     vv = v_sorted.repeat_interleave(group, dim=1).float()
     dd = delta_sorted.repeat_interleave(group, dim=1).float()
-    logits = scale * (q.float() @ kk.transpose(-1, -2)) + dd[:, :, None, :]
+    # delta reaches 1e7 and more (exp of A * softplus): added to q.k in float32 it would leave
+    # no bit of q.k. Each row first subtracts the largest delta it keeps (softmax is blind to a
+    # per-row shift; detached, as its gradient sums to zero), as the fused kernels do.
+    shift = torch.where(kept, dd[:, :, None, :], float("-inf")).amax(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0).detach()
+    logits = scale * (q.float() @ kk.transpose(-1, -2)) + (dd[:, :, None, :] - shift)
     if bias_rows is not None and bias_rows.dtype != torch.bool:
         logits = logits + torch.where(allowed, bias_rows.float(), 0.0)
     logits = logits.masked_fill(~kept, float("-inf"))
