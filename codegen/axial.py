@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from .residue import _conjuncts, residue_route
+from .residue import residue_route
 
 __all__ = ["AxialRoute", "axial_route", "merge_parts"]
 
@@ -39,8 +39,9 @@ class AxialRoute:
 def _parts_for_text(pattern_text: str) -> AxialRoute | None:
     from sparse_compile.patterns import parse
     from sparse_compile.patterns import primitives as p
+    from sparse_compile.patterns.layout import intersection_leaves
 
-    leaves = _conjuncts(parse(pattern_text))
+    leaves = intersection_leaves(parse(pattern_text))
     axial = [leaf for leaf in leaves if isinstance(leaf, p.Axial)]
     others = [leaf for leaf in leaves if not isinstance(leaf, p.Axial)]
     if len(axial) != 1 or axial[0].offset != 0 or axial[0].cols < 2:

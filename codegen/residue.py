@@ -33,14 +33,6 @@ class ResidueRoute:
     inner: str
 
 
-def _conjuncts(pattern) -> list:
-    from sparse_compile.patterns.nodes import And
-
-    if isinstance(pattern, And):
-        return _conjuncts(pattern.left) + _conjuncts(pattern.right)
-    return [pattern]
-
-
 def _compressed(leaf, s: int) -> str | None:
     """DSL text of ``leaf`` on the indices of one residue class (positions r + s·i)."""
     from sparse_compile.patterns import primitives as p
@@ -66,9 +58,10 @@ def _compressed(leaf, s: int) -> str | None:
 @lru_cache(maxsize=256)
 def _route_for_text(pattern_text: str) -> ResidueRoute | None:
     from sparse_compile.patterns import parse
+    from sparse_compile.patterns.layout import intersection_leaves
     from sparse_compile.patterns.primitives import Strided
 
-    leaves = _conjuncts(parse(pattern_text))
+    leaves = intersection_leaves(parse(pattern_text))
     strided = [leaf for leaf in leaves if isinstance(leaf, Strided)]
     if len(strided) != 1 or strided[0].s < 2:
         return None

@@ -36,7 +36,7 @@ from .candidates import candidate_overrides, candidate_ranges
 from .diagonals import toeplitz_overrides
 from .errors import PatternError
 from .intervals import interval_bounds, kept_entries, union_rows
-from .nodes import Or, Pattern
+from .nodes import And, Or, Pattern
 from .overlay import overlay_tables
 from .split import split_kept, split_overrides, split_pattern
 from .tables import CHUNK, Csr, kind_rows_tables, ranges_rows, stack_heads, transpose
@@ -248,16 +248,26 @@ def _stack(per_head: list[torch.Tensor]) -> torch.Tensor:
     return per_head[0][None] if len(per_head) == 1 else torch.stack(per_head)
 
 
-def union_leaves(p: Pattern) -> list[Pattern]:
-    """The operands of a chain of ``|`` (``p`` itself when it is no union), left to right."""
+def _chain_leaves(p: Pattern, operator: type) -> list[Pattern]:
+    """The operands of a chain of one binary ``operator`` node type, left to right."""
     leaves, stack = [], [p]
     while stack:
         node = stack.pop()
-        if isinstance(node, Or):
+        if isinstance(node, operator):
             stack += [node.right, node.left]
         else:
             leaves.append(node)
     return leaves
+
+
+def union_leaves(p: Pattern) -> list[Pattern]:
+    """The operands of a chain of ``|`` (``p`` itself when it is no union), left to right."""
+    return _chain_leaves(p, Or)
+
+
+def intersection_leaves(p: Pattern) -> list[Pattern]:
+    """The operands of a chain of ``&`` (``p`` itself when it is no intersection)."""
+    return _chain_leaves(p, And)
 
 
 def _interval_union(p: Pattern, lq: int, lk: int):
