@@ -112,3 +112,26 @@ def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True
     bad = {n: e for n, e in errs.items() if e > tol}
     assert not bad, f"{pattern!r} {tuple(q.shape)} k{tuple(k.shape)} {q.dtype}: errors {errs}"
     return errs
+
+
+def kernel_outputs(q, k, v, text, scale, dout):
+    """(out, lse, (dq, dk, dv)) straight from codegen.attention's forward and backward."""
+    from sparse_compile.codegen import attention as kernels
+
+    out, lse = kernels.forward(q.detach(), k.detach(), v.detach(), text, scale)
+    grads = kernels.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, text, scale)
+    return out, lse, grads[:3]
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so that each call appends to the returned list."""
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
