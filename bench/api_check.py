@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from sparse_compile.codegen.residue import residue_route
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
@@ -64,19 +63,32 @@ def check_case(text: str, d: int, length: int, heads: int, rep: int) -> dict:
             "err_grad": max(errs[1:])}
 
 
+ROUTES = ("residue_route", "axial_route")  # codegen.attention's pattern-reshaping routes
+
+
 def general_route(text: str, d: int, length: int, heads: int, rep: int) -> dict:
-    """The same case with the residue-class route switched off (strided patterns: every block
-    visited as PARTIAL), for an A/B in one process."""
+    """The same case with the residue-class and axial routes switched off (every block of a
+    strided or axial pattern visited through the layout), for an A/B in one process."""
     from sparse_compile.codegen import attention as kernels
 
-    saved = kernels.residue_route
-    kernels.residue_route = lambda *args: None
+    saved = {name: getattr(kernels, name) for name in ROUTES}
+    for name in ROUTES:
+        setattr(kernels, name, lambda *args: None)
     try:
         row = check_case(text, d, length, heads, rep)
     finally:
-        kernels.residue_route = saved
+        for name, fn in saved.items():
+            setattr(kernels, name, fn)
     row["pattern"] = text + " (general route)"
     return row
+
+
+def routed(text: str, length: int) -> bool:
+    """Whether a route of ``ROUTES`` takes ``text`` at this length (no bias, no dropout)."""
+    from sparse_compile.codegen import attention as kernels
+
+    return any(getattr(kernels, name)(text, length, length, False, 0.0) is not None
+               for name in ROUTES)
 
 
 def main() -> None:
@@ -87,7 +99,7 @@ def main() -> None:
     ap.add_argument("--patterns", default=";".join(PATTERNS), help="';'-separated DSL texts")
     ap.add_argument("--rep", type=int, default=50, help="do_bench rep in ms")
     ap.add_argument("--general-too", action="store_true",
-                    help="also time patterns the residue route takes with that route off")
+                    help="also time patterns a route of ROUTES takes with the routes off")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
@@ -98,7 +110,7 @@ def main() -> None:
             r = check_case(text, d, args.length, args.heads, args.rep)
             rows.append(r)
             print(r, flush=True)
-            if args.general_too and residue_route(text, args.length, args.length, False, 0.0):
+            if args.general_too and routed(text, args.length):
                 rows.append(general_route(text, d, args.length, args.heads, args.rep))
                 print(rows[-1], flush=True)
     lines = [f"# Public attention() check on {gpu}", "",

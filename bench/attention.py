@@ -273,6 +273,16 @@ def one_pass_option(base: TileConfig, m: int, n: int, warps: int, stages: int,
     return cfg, f"{m}x{n} w{warps} s{stages}{' tma-reduce' if mode == 2 else ''}"
 
 
+def time_one_pass(cfg: TileConfig, text: str, problem: tuple, rep: int) -> tuple[float, float]:
+    """(ms, max relative error of dq/dk/dv vs the two-pass gradients) of the whole backward
+    with one-pass tiles ``cfg``; ``problem`` = (q, k, v, do, o, lse, scale, ref) from
+    ``backward_problem``. Raises where the tiles do not fit."""
+    q, k, v, do, o, lse, scale, ref = problem
+    fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
+    got = fn()[:3]
+    return bench(fn, rep), max(rel(a, b) for a, b in zip(got, ref, strict=True))
+
+
 def bwd_sweep(args) -> None:
     """--bwd-sweep: whole backward (Δ + passes + epilogue) of the two-pass form (the current
     selection, long-row tiles included) against the one-pass form with atomic dQ per option;
@@ -320,15 +330,12 @@ def bwd_sweep(args) -> None:
                 emit(f"| {label} | deadline: later options not run | | | | | |")
                 break
             cfg, name = one_pass_option(base, m, n, w, st, mode)
-            fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
             try:
-                got = fn()[:3]
-                t = bench(fn, args.rep)
+                t, err = time_one_pass(cfg, text, (q, k, v, do, o, lse, scale, ref), args.rep)
             except Exception as e:  # resource limits or an unsupported descriptor op
                 emit(f"| {label} | one-pass | {name} | failed {type(e).__name__}: "
                      f"{str(e)[:60].replace('|', '/')} | | | |")
                 continue
-            err = max(rel(a, b) for a, b in zip(got, ref, strict=True))
             emit(f"| {label} | one-pass | {name} | {t:.3f} | {flops / t / 1e9:.0f} | "
                  f"{t_two / t:.2f} | {err:.1e} |")
         del q, k, v, do, o, lse, ref
@@ -419,11 +426,8 @@ def bwd_parts(args) -> None:
                 emit(f"| {label} | deadline: later options not run | | | | |")
                 break
             cfg, name = one_pass_option(base, m, n, w, st, mode)
-            fn = partial(kernels.backward, do, q, k, v, o, lse, text, scale, cfg=cfg)
             try:
-                got = fn()[:3]
-                t = bench(fn, args.rep)
-                err = max(rel(a, b) for a, b in zip(got, ref, strict=True))
+                t, err = time_one_pass(cfg, text, (q, k, v, do, o, lse, scale, ref), args.rep)
                 emit(f"| {label} | one-pass backward | {name} | {t:.3f} | {t_two / t:.2f} | "
                      f"{err:.1e} |")
                 visit = visit_plan(text, length, length, m, n, dev, transposed=True)

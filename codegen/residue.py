@@ -22,7 +22,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["ResidueRoute", "residue_route", "to_classes", "from_classes"]
+__all__ = ["ResidueRoute", "as_layout", "class_layout", "from_classes", "residue_route",
+           "to_classes"]
 
 
 @dataclass(frozen=True)
