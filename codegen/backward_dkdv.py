@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import TileConfig
+from .config import TileConfig, merged_loop
 from .forward import bias_args, softcap_args
 from .tables import Visit, visit_args
 from .tma import TensorDescriptor, row_descriptors, tma_supported
@@ -369,7 +369,8 @@ def launch_dkdv(
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, MERGED=cfg.kv_merged, SOFTCAP=softcap > 0, FUSED_DQ=fused,
+        TMA=descs is not None, MERGED=merged_loop(cfg.kv_merged, lq, cfg.kv_m),
+        SOFTCAP=softcap > 0, FUSED_DQ=fused,
         num_warps=cfg.kv_warps,
         num_stages=cfg.kv_stages,
     )

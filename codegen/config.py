@@ -66,6 +66,14 @@ class TileConfig:
         return "-".join(str(getattr(self, f)) for f in self.__dataclass_fields__)
 
 
+def merged_loop(enabled: bool, loop_length: int, tile: int) -> bool:
+    """Whether a kernel runs its merged loop (``*_merged``): only when every tile of the loop
+    is whole. With a ragged last tile, triton 3.6's software pipeliner fails to compile the
+    merged loop on Hopper (PassManager::run failed; bench/NOTES.md, version 8), so such calls
+    keep the separate loops."""
+    return enabled and loop_length % tile == 0
+
+
 # Interpreter: small tiles keep the numpy work per program small and exercise many blocks.
 INTERPRETER = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
 
@@ -86,9 +94,12 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> T
         # backward passes from --sweep --sweep-set d64 (bench/NOTES.md, version 7: dQ 6-10%
         # and dK/dV 7-10% faster on bands, block, sink|sliding, causal; the forward gained
         # nothing on bands and lost 24% on global|local with them, so it keeps pointer loads).
+        # Narrower heads (16, 32) keep pointer loads and separate loops: the sweep measured
+        # D=64 only.
         cfg = replace(cfg, fwd_m=64, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=64,
-                      dq_warps=4, dq_stages=3, kv_m=64, kv_n=64, kv_warps=4, kv_stages=3,
-                      dq_tma=True, kv_tma=True, dq_merged=True, kv_merged=True)
+                      dq_warps=4, dq_stages=3, kv_m=64, kv_n=64, kv_warps=4, kv_stages=3)
+        if d == 64:
+            cfg = replace(cfg, dq_tma=True, kv_tma=True, dq_merged=True, kv_merged=True)
     elif d <= 64:
         cfg = replace(cfg, fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3)
     elif d <= 128 and major >= 9:

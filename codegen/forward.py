@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import TileConfig
+from .config import TileConfig, merged_loop
 from .tables import Visit, visit_args
 from .tma import row_descriptors
 
@@ -251,7 +251,8 @@ def launch_forward(
         EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype), RANGES=visit.ranges,
-        TMA=descs is not None, MERGED=cfg.fwd_merged, SOFTCAP=softcap > 0,
+        TMA=descs is not None, MERGED=merged_loop(cfg.fwd_merged, lk, cfg.fwd_n),
+        SOFTCAP=softcap > 0,
         num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages,
     )
