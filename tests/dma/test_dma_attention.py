@@ -1,4 +1,5 @@
-"""Fused DMA (Triton, interpreted on CPU) and the chunked path against the float64 reference."""
+"""Fused DMA (Triton: on the GPU, or interpreted on the CPU) and the chunked path against the
+float64 reference."""
 
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ from sparse_compile.dynamic_mask import dma_attention, key_only_mask
 from tests.conftest import rel_error
 
 
-def make_inputs(b, hq, hkv, lq, lk, d, tied=False, seed=0, dtype=torch.float32):
+def make_inputs(b, hq, hkv, lq, lk, d, tied=False, seed=0, dtype=torch.float32, device="cpu"):
+    """q, k, v, delta requiring grad on ``device``, drawn on the CPU (the same on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
+    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype, device="cpu")
+    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype, device="cpu")
+    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype, device="cpu")
     if tied:  # few distinct values: ties straddle every row's keep-th place
-        delta = torch.randint(0, 3, (b, hkv, lk), generator=gen).to(dtype) / 2
+        delta = torch.randint(0, 3, (b, hkv, lk), generator=gen, device="cpu").to(dtype) / 2
     else:
-        delta = torch.rand(b, hkv, lk, generator=gen, dtype=dtype) * 2
-    return [t.requires_grad_() for t in (q, k, v, delta)]
+        delta = torch.rand(b, hkv, lk, generator=gen, dtype=dtype, device="cpu") * 2
+    return [t.to(device).requires_grad_() for t in (q, k, v, delta)]
 
 
 def padding(b, lk, pads):
@@ -57,9 +59,9 @@ CASES = [
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_matches_reference(case, causal):
+def test_fused_matches_reference(case, causal, kernel_device):
     b, hq, hkv, lq, lk, d, keep, pads, tied = case
-    inputs = make_inputs(b, hq, hkv, lq, lk, d, tied)
+    inputs = make_inputs(b, hq, hkv, lq, lk, d, tied, device=kernel_device)
     mask = padding(b, lk, pads) if pads else None
     ref_bias = mask[:, None, None, :] if mask is not None else None
     check(dma_attention, inputs, keep, causal, mask, ref_bias)
@@ -85,30 +87,31 @@ def test_chunked_path_small_chunks():
     check(chunked, inputs, 6, True, None, None)
 
 
-def test_additive_key_bias_is_added():
-    inputs = make_inputs(2, 2, 2, 17, 17, 16, seed=11)
+def test_additive_key_bias_is_added(kernel_device):
+    inputs = make_inputs(2, 2, 2, 17, 17, 16, seed=11, device=kernel_device)
     bias = torch.randn(2, 17)
     bias[1, :3] = float("-inf")
     check(dma_attention, inputs, 4, True, bias, bias[:, None, None, :])
 
 
-def test_large_delta_keeps_gradients_accurate():
+def test_large_delta_keeps_gradients_accurate(kernel_device):
     """delta of order 1e4 (large A): logits far from 0 must not cost the backward precision."""
-    q, k, v, delta = make_inputs(1, 2, 2, 40, 40, 16, seed=17)
+    q, k, v, delta = make_inputs(1, 2, 2, 40, 40, 16, seed=17, device=kernel_device)
     with torch.no_grad():
         delta.mul_(1e4)
     check(dma_attention, [q, k, v, delta], 6, True, None, None, tol=2e-3)
 
 
-def test_bfloat16_forward():
-    q, k, v, delta = make_inputs(1, 2, 2, 32, 32, 16, seed=13, dtype=torch.bfloat16)
+def test_bfloat16_forward(kernel_device):
+    q, k, v, delta = make_inputs(1, 2, 2, 32, 32, 16, seed=13, dtype=torch.bfloat16,
+                                 device=kernel_device)
     out = dma_attention(q, k, v, delta, 6)
     ref = dma_reference(q, k, v, delta, 6)
     assert out.dtype == torch.bfloat16 and rel_error(out, ref) < 2e-2
 
 
-def test_rows_without_keys_are_zero():
-    q, k, v, delta = make_inputs(1, 1, 1, 8, 8, 16, seed=2)
+def test_rows_without_keys_are_zero(kernel_device):
+    q, k, v, delta = make_inputs(1, 1, 1, 8, 8, 16, seed=2, device=kernel_device)
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[0, 5:] = True  # causal rows 0..4 see only padding
     out = dma_attention(q, k, v, delta, 2, True, mask)
@@ -122,8 +125,8 @@ def test_keep_must_be_positive():
         dma_attention(q, k, v, delta, 0)
 
 
-def test_compiles_as_one_op():
-    inputs = make_inputs(1, 2, 1, 20, 20, 16, seed=4)
+def test_compiles_as_one_op(kernel_device):
+    inputs = make_inputs(1, 2, 1, 20, 20, 16, seed=4, device=kernel_device)
     fn = torch.compile(lambda q, k, v, d: dma_attention(q, k, v, d, 5), backend="aot_eager",
                        fullgraph=True)
     out = fn(*inputs)
@@ -137,21 +140,22 @@ def test_compiles_as_one_op():
 
 @pytest.mark.parametrize("fn", [dma_attention, dma_attention_chunked], ids=["fused", "chunked"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fused_large_delta(causal, fn):
+def test_fused_large_delta(causal, fn, request):
     """delta near 3e7 (exp(A * softplus) with A ~ 4): float32 logits at that magnitude keep no
     bit of q.k; the kernels and the chunked path (the fallback, also the GPU path of full-shape
     masks) subtract a per-row shift first, so the result stays exact (the chunked path was 40%
-    off before it did)."""
-    inputs = make_inputs(1, 2, 2, 48, 48, 16, seed=11)
+    off before it did). The kernels run on the kernel device, the chunked path on the CPU."""
+    device = request.getfixturevalue("kernel_device") if fn is dma_attention else "cpu"
+    inputs = make_inputs(1, 2, 2, 48, 48, 16, seed=11, device=device)
     gen = torch.Generator().manual_seed(12)
-    delta = 3e7 + torch.randint(0, 4, (1, 2, 48), generator=gen).float() * 2
-    inputs[3] = delta.requires_grad_()
+    delta = 3e7 + torch.randint(0, 4, (1, 2, 48), generator=gen, device="cpu").float() * 2
+    inputs[3] = delta.to(device).requires_grad_()
     check(fn, inputs, 12, causal, None, None)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], (1, 2, 2, 50, 50, 16, 9, [6], False)])
-def test_backward_span_pass(case, causal):
+def test_backward_span_pass(case, causal, kernel_device):
     """dK/dV by the span pass (several query blocks per atomic add) equal the reference."""
     from sparse_compile.codegen.dma_backward import KvPass, dma_backward
     from sparse_compile.codegen.dma_forward import dma_forward
@@ -159,7 +163,7 @@ def test_backward_span_pass(case, causal):
 
     b, hq, lq, lk, d, keep, pads, tied = case[0], case[1], case[3], case[4], case[5], case[6], \
         case[7], case[8]
-    q, k, v, delta = make_inputs(b, hq, case[2], lq, lk, d, tied)
+    q, k, v, delta = make_inputs(b, hq, case[2], lq, lk, d, tied, device=kernel_device)
     keys = padding(b, lk, pads) if pads else None
     scale = d ** -0.5
     sel = dma_select(delta.detach(), keys, lq, keep, causal, 16)

@@ -16,11 +16,12 @@ from tests.conftest import rel_error
 transformers = pytest.importorskip("transformers")
 
 
-def qkv(b=2, hq=4, hkv=2, lq=24, lk=24, d=16, seed=0):
+def qkv(b=2, hq=4, hkv=2, lq=24, lk=24, d=16, seed=0, device="cpu"):
+    """q, k, v requiring grad on ``device``, drawn on the CPU (the same on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen)
-    k, v = (torch.randn(b, hkv, lk, d, generator=gen) for _ in range(2))
-    return [t.requires_grad_() for t in (q, k, v)]
+    q = torch.randn(b, hq, lq, d, generator=gen, device="cpu")
+    k, v = (torch.randn(b, hkv, lk, d, generator=gen, device="cpu") for _ in range(2))
+    return [t.to(device).requires_grad_() for t in (q, k, v)]
 
 
 def causal_padding_mask(b, lq, lk, pads):
@@ -44,9 +45,10 @@ def assert_matches(out, ref, inputs, tol=1e-4):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_dma(masked):
-    q, k, v = qkv()
-    delta = (torch.rand(2, 2, 24, generator=torch.Generator().manual_seed(1)) * 3)
+def test_attention_dma(masked, kernel_device):
+    q, k, v = qkv(device=kernel_device)
+    gen = torch.Generator().manual_seed(1)
+    delta = (torch.rand(2, 2, 24, generator=gen, device="cpu") * 3).to(kernel_device)
     delta.requires_grad_()
     if masked:  # the model's dense mask: causal & padding, found at run time
         mask, _ = causal_padding_mask(2, 24, 24, [0, 5])
@@ -83,8 +85,8 @@ def topk_oracle(q, k, v, k_blocks, block, causal, keys=None):
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "keys", "dense"])
-def test_attention_topk(mask_kind):
-    q, k, v = qkv(lq=40, lk=40, seed=3)
+def test_attention_topk(mask_kind, kernel_device):
+    q, k, v = qkv(lq=40, lk=40, seed=3, device=kernel_device)
     mask, keys = causal_padding_mask(2, 40, 40, [0, 9])
     if mask_kind == "causal":
         out = attention(q, k, v, "topk(1, block=16) & causal")
@@ -114,7 +116,7 @@ transformers.AttentionInterface.register("topk_by_hand", by_hand_topk)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_backend_topk_pattern(impl):
+def test_backend_topk_pattern(impl, kernel_device):
     """pattern="topk(1, block=16)" on a Llama: the rewritten model equals the model whose
     attention calls topk_attention by hand (itself checked against the oracle above)."""
     torch.manual_seed(0)
@@ -124,7 +126,8 @@ def test_backend_topk_pattern(impl):
     )
     model = transformers.LlamaForCausalLM(config)
     model.set_attn_implementation("topk_by_hand")
-    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 40), generator=gen, device="cpu").to(kernel_device)
     want = model(input_ids=ids).logits
     model.set_attn_implementation(impl)
     compiled = torch.compile(model, backend="sparse", options={

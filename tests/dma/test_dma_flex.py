@@ -11,10 +11,11 @@ from sparse_compile.dma_flex import dma_block_mask, dma_key_ranges
 from sparse_compile.dma_reference import allowed_mask, keep_mask
 
 
-def _problem(b, h, lq, lk, keep, values, causal, seed):
+def _problem(b, h, lq, lk, keep, values, causal, seed, device):
+    """delta, key_allowed and the reference keep-mask on ``device`` (values drawn on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
-    delta = torch.randint(0, values, (b, h, lk), generator=gen).float()
-    key_allowed = torch.rand(b, lk, generator=gen) > 0.2
+    delta = torch.randint(0, values, (b, h, lk), generator=gen, device="cpu").float().to(device)
+    key_allowed = (torch.rand(b, lk, generator=gen, device="cpu") > 0.2).to(device)
     allowed = allowed_mask(lq, lk, causal, key_allowed[:, None, None, :])
     expected = keep_mask(delta, allowed, keep)  # [B, H, Lq, Lk]
     return delta, key_allowed, expected
@@ -23,8 +24,9 @@ def _problem(b, h, lq, lk, keep, values, causal, seed):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("b,h,lq,lk,keep,values", [(2, 2, 45, 45, 7, 3), (1, 2, 30, 41, 5, 1000),
                                                    (1, 1, 40, 40, 1, 2), (1, 1, 20, 20, 30, 4)])
-def test_key_ranges_equal_reference(b, h, lq, lk, keep, values, causal):
-    delta, key_allowed, expected = _problem(b, h, lq, lk, keep, values, causal, lq + keep)
+def test_key_ranges_equal_reference(b, h, lq, lk, keep, values, causal, kernel_device):
+    delta, key_allowed, expected = _problem(b, h, lq, lk, keep, values, causal, lq + keep,
+                                            kernel_device)
     start, end = dma_key_ranges(delta, key_allowed, lq, keep, causal)
     rows = torch.arange(lq)[None, :, None]
     got = (rows >= start[:, None, :]) & (rows < end[:, None, :])
@@ -32,9 +34,9 @@ def test_key_ranges_equal_reference(b, h, lq, lk, keep, values, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_block_mask_tiles(causal):
+def test_block_mask_tiles(causal, kernel_device):
     b, hkv, group, lq, lk, keep, block = 2, 2, 2, 70, 70, 9, 16
-    delta, key_allowed, expected = _problem(b, hkv, lq, lk, keep, 4, causal, 3)
+    delta, key_allowed, expected = _problem(b, hkv, lq, lk, keep, 4, causal, 3, kernel_device)
     start, end = dma_key_ranges(delta, key_allowed, lq, keep, causal)
     mask = dma_block_mask(start, end, b, hkv * group, lq, block)
     nq, nk = -(-lq // block), -(-lk // block)

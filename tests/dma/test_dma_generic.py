@@ -50,13 +50,16 @@ def grads(model, loss):
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-# head dim 16 runs the fused kernels (interpreted), head dim 8 the chunked path
+# head dim 16 runs the fused kernels (on the kernel device), head dim 8 the chunked path (on the
+# CPU)
 @pytest.mark.parametrize("impl,hidden", [("eager", 64), ("sdpa", 64), ("eager", 32)])
-def test_attached_dma_trains_through_backend(impl, hidden):
+def test_attached_dma_trains_through_backend(impl, hidden, request):
+    device = request.getfixturevalue("kernel_device") if hidden == 64 else "cpu"
     model = tiny_llama(impl, hidden)
     reference = copy.deepcopy(model).double()
     reference.set_attn_implementation("dma_by_hand")
-    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 10), generator=gen, device="cpu").to(device)
 
     # Uncompiled, the attached model is the plain model: the hook does nothing eagerly.
     plain = copy.deepcopy(model)
@@ -70,7 +73,8 @@ def test_attached_dma_trains_through_backend(impl, hidden):
     logits = compiled(input_ids=ids).logits
     want = reference(input_ids=ids).logits
     assert rel_error(logits, want) < 1e-4
-    weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(logits.shape, generator=gen, device="cpu").to(device)
     got = grads(model, (logits * weight).sum())
     ref = grads(reference, (want * weight.double()).sum())
     for name in ("model.layers.0.self_attn.A", "model.layers.1.self_attn.dt_proj.weight",

@@ -24,11 +24,15 @@ def model_mask(b, lq, lk, pads, scramble=False):
 
 
 @pytest.mark.parametrize("scramble", [False, True])
-def test_masked_op_matches_reference(scramble):
+def test_masked_op_matches_reference(scramble, request):
+    """Causal & padding runs the kernels (on the kernel device), the scrambled mask the chunked
+    path (on the CPU)."""
+    device = "cpu" if scramble else request.getfixturevalue("kernel_device")
     gen = torch.Generator().manual_seed(int(scramble))
-    q = torch.randn(2, 4, 24, 16, generator=gen, requires_grad=True)
-    k, v = (torch.randn(2, 2, 24, 16, generator=gen, requires_grad=True) for _ in range(2))
-    delta = torch.rand(2, 2, 24, generator=gen).requires_grad_()
+    q = torch.randn(2, 4, 24, 16, generator=gen, device="cpu")
+    k, v = (torch.randn(2, 2, 24, 16, generator=gen, device="cpu") for _ in range(2))
+    delta = torch.rand(2, 2, 24, generator=gen, device="cpu")
+    q, k, v, delta = (t.to(device).requires_grad_() for t in (q, k, v, delta))
     mask = model_mask(2, 24, 24, [0, 5], scramble)
     assert (causal_padding_keys(mask) is None) == scramble
     inputs = (q, k, v, delta)

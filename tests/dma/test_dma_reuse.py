@@ -15,8 +15,9 @@ from tests.dma.test_dma_attention import make_inputs, padding
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("tied", [False, True])
-def test_saved_selection_equals_reselection(causal, tied):
-    q, k, v, delta = (t.detach() for t in make_inputs(2, 4, 2, 37, 37, 16, tied, seed=21))
+def test_saved_selection_equals_reselection(causal, tied, kernel_device):
+    q, k, v, delta = (t.detach() for t in make_inputs(2, 4, 2, 37, 37, 16, tied, seed=21,
+                                                      device=kernel_device))
     keys = padding(2, 37, [0, 5])
     scale = 0.25
     out, lse, *selection = dma_attention_fwd(q, k, v, delta, keys, None, 6, causal, scale)
@@ -35,9 +36,10 @@ def test_saved_selection_equals_reselection(causal, tied):
         assert torch.equal(g_op, g_again)
 
 
-def test_strided_inputs_match_reference():
+def test_strided_inputs_match_reference(kernel_device):
     """q/k/v as a model produces them (``[B, L, H, D].transpose(1, 2)``): same as reference."""
-    q, k, v, delta = (t.detach() for t in make_inputs(1, 4, 2, 33, 33, 16, seed=5))
+    q, k, v, delta = (t.detach() for t in make_inputs(1, 4, 2, 33, 33, 16, seed=5,
+                                                      device=kernel_device))
     qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert not qs.is_contiguous() and qs.stride(-1) == 1
     inputs = [t.requires_grad_() for t in (qs, ks, vs, delta.clone())]

@@ -15,10 +15,11 @@ from sparse_compile.dma_reference import allowed_mask, keep_mask
     "b,h,lq,lk,keep,values",
     [(2, 2, 37, 45, 7, 5), (1, 1, 50, 50, 1, 2), (1, 2, 20, 20, 30, 3), (1, 1, 70, 70, 16, 1000)],
 )
-def test_selection_equals_reference(b, h, lq, lk, keep, values, causal):
+def test_selection_equals_reference(b, h, lq, lk, keep, values, causal, kernel_device):
     gen = torch.Generator().manual_seed(lq + keep)
-    delta = torch.randint(0, values, (b, h, lk), generator=gen).float()
-    key_allowed = torch.rand(b, lk, generator=gen) > 0.2
+    delta = torch.randint(0, values, (b, h, lk), generator=gen, device="cpu").float()
+    key_allowed = torch.rand(b, lk, generator=gen, device="cpu") > 0.2
+    delta, key_allowed = delta.to(kernel_device), key_allowed.to(kernel_device)
     block_m = 16
     sel = dma_select(delta, key_allowed, lq, keep, causal, block_m, block_r=8)
     allowed = allowed_mask(lq, lk, causal, key_allowed[:, None, None, :])

@@ -41,11 +41,12 @@ def dense_kept(q, k, k_blocks, block, causal):
 @pytest.mark.parametrize("b,hq,hkv,lq,lk,kb,block", [(1, 2, 2, 64, 64, 1, 16),
                                                       (2, 4, 2, 40, 56, 2, 16),
                                                       (1, 2, 1, 48, 48, 9, 32)])
-def test_topk_attention_matches_oracle(b, hq, hkv, lq, lk, kb, block, causal):
+def test_topk_attention_matches_oracle(b, hq, hkv, lq, lk, kb, block, causal, kernel_device):
     gen = torch.Generator().manual_seed(lq + kb)
-    q = torch.randn(b, hq, lq, 16, generator=gen, requires_grad=True)
-    k = torch.randn(b, hkv, lk, 16, generator=gen, requires_grad=True)
-    v = torch.randn(b, hkv, lk, 16, generator=gen, requires_grad=True)
+    q = torch.randn(b, hq, lq, 16, generator=gen, device="cpu")
+    k = torch.randn(b, hkv, lk, 16, generator=gen, device="cpu")
+    v = torch.randn(b, hkv, lk, 16, generator=gen, device="cpu")
+    q, k, v = (t.to(kernel_device).requires_grad_() for t in (q, k, v))
     kept_blocks = topk_blocks(q, k, kb, block, causal)
     assert kept_blocks.shape == (b, hkv, -(-lq // block), -(-lk // block))
     mask = dense_kept(q.detach(), k.detach(), kb, block, causal)
