@@ -66,12 +66,13 @@ class TileConfig:
         return "-".join(str(getattr(self, f)) for f in self.__dataclass_fields__)
 
 
-def merged_loop(enabled: bool, loop_length: int, tile: int) -> bool:
-    """Whether a kernel runs its merged loop (``*_merged``): only when every tile of the loop
-    is whole. With a ragged last tile, triton 3.6's software pipeliner fails to compile the
-    merged loop on Hopper (PassManager::run failed; bench/NOTES.md, version 8), so such calls
-    keep the separate loops."""
-    return enabled and loop_length % tile == 0
+def merged_loop(enabled: bool, *extents: tuple[int, int]) -> bool:
+    """Whether a kernel runs its merged loop (``*_merged``): only when every ``(length, tile)``
+    it walks or holds divides whole. With a ragged tile (masked edge entries inside the merged
+    loop's unpredicated branch), triton 3.6's software pipeliner fails to compile the merged
+    loop on Hopper (PassManager::run failed; bench/NOTES.md, version 8), so such calls keep
+    the separate loops."""
+    return enabled and all(length % tile == 0 for length, tile in extents)
 
 
 # Interpreter: small tiles keep the numpy work per program small and exercise many blocks.

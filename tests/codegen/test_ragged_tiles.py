@@ -16,9 +16,9 @@ from tests.codegen.attention_cases import check_against_oracle, make_qkv
 
 
 def test_merged_loop_needs_whole_tiles():
-    assert merged_loop(True, 4096, 64)
-    assert not merged_loop(True, 4100, 64)
-    assert not merged_loop(False, 4096, 64)
+    assert merged_loop(True, (4096, 64), (4096, 32))
+    assert not merged_loop(True, (4096, 64), (4100, 32))
+    assert not merged_loop(False, (4096, 64))
 
 
 @pytest.mark.parametrize("d", [16, 64, 80, 128])
