@@ -3,7 +3,8 @@
 Program (query block, batch * query head). For each tile of the block's gather list the kernel
 recomputes P = exp(S - lse), accumulates dQ in registers, and adds dSᵀQ, PᵀdO and the column
 sums of dS (the gradient of delta, which enters the logits additively) into float32 buffers at the
-gathered key rows. Keys of a kv head receive from every query head of its GQA group.
+gathered key rows. Keys of a kv head receive from every query head of its GQA group. Dots at
+``TileConfig.precision`` of the input dtype, as the forward (``dma_dot``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import TileConfig
 from .dma_backward_kv import dma_backward_kv
-from .dma_forward import dma_gather_tile, dma_logits
+from .dma_forward import dma_dot, dma_gather_tile, dma_logits
 from .dma_select import DmaSelection, dma_gather_lists
 
 __all__ = ["KvPass", "dma_backward"]
@@ -42,6 +44,7 @@ def _bwd_tile(
     skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_GRADS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One tile of the gather list: dQ update (and dK/dV/d delta atomics when KV_GRADS).
     MASKED=False for the leading tiles every row keeps whole (no per-entry test)."""
@@ -49,14 +52,15 @@ def _bwd_tile(
         start, count, list_base, b, hk, bhk, lk, k_ptr, v_ptr, delta_ptr, gkey_ptr, skb, skh,
         skn, svb, svh, svn, offs_d, d_ok, MASKED, BLOCK_N)
     s = dma_logits(q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr,
-                   list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS)
+                   list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS,
+                   PRECISION)
     p = tl.exp2(s - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+    dp = dma_dot(do, tl.trans(v), PRECISION).to(tl.float32)
     ds = p * (dp - di[:, None])
-    dq += tl.dot(ds.to(k.dtype), k)
+    dq += dma_dot(ds.to(k.dtype), k, PRECISION)
     if KV_GRADS:
-        dv_part = tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk_part = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+        dv_part = dma_dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dk_part = dma_dot(tl.trans(ds.to(q.dtype)), q, PRECISION) * scale
         kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
         tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
@@ -74,7 +78,7 @@ def _dma_bwd_kernel(
     lq, lk, hq, hkv, cap, scale,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_GRADS: tl.constexpr,
+    KV_GRADS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -114,13 +118,13 @@ def _dma_bwd_kernel(
             q, do, dq, di, lse2, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
             k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, dk_ptr, dv_ptr,
             ddelta_ptr, skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
-            False, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS)
+            False, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS, PRECISION)
     for start in range(full_end, count, BLOCK_N):
         dq = _bwd_tile(
             q, do, dq, di, lse2, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
             k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, dk_ptr, dv_ptr,
             ddelta_ptr, skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
-            True, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS)
+            True, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS, PRECISION)
     tl.store(dq_ptr + ((b * hq + h) * lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_mask)
 
@@ -166,7 +170,8 @@ def dma_backward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_GRADS=kv_pass is None, num_warps=num_warps, num_stages=num_stages,
+        KV_GRADS=kv_pass is None, PRECISION=TileConfig.precision(q.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if kv_pass is not None:
         lists = dma_gather_lists(selection, delta, lq, kv_pass.rows)

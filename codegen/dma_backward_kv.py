@@ -10,7 +10,8 @@ tile once, loops over the query heads of its GQA group and the span's rows in ``
 tiles, recomputes P and dS (``lse`` and ``Di = rowsum(dO * O)`` from the forward and the dQ
 pass), and accumulates dK, dV and d delta in registers; one atomic add per key tile and span.
 Row tiles that keep nothing of the key tile are skipped: ``thr`` is non-increasing in the row,
-so once a tile's first row stops reaching the key tile's best rank, so do the rest.
+so once a tile's first row stops reaching the key tile's best rank, so do the rest. Dots at
+``TileConfig.precision`` of the input dtype, as the forward (``dma_dot``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .config import TileConfig
+from .dma_forward import dma_dot
 
 __all__ = ["dma_backward_kv"]
 
@@ -31,6 +35,7 @@ def _dma_bwd_kv_kernel(
     lq, lk, hq, hkv, ucap, scale,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -88,7 +93,7 @@ def _dma_bwd_kv_kernel(
                     thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
                     shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
                     # the forward's logits, operation for operation
-                    s = tl.dot(q, tl.trans(k)) * scale_log2
+                    s = dma_dot(q, tl.trans(k), PRECISION) * scale_log2
                     s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
                     if HAS_KEY_BIAS:
                         s += kb[None, :] * 1.4426950408889634
@@ -96,10 +101,10 @@ def _dma_bwd_kv_kernel(
                     if CAUSAL:
                         kept = kept & (keys[None, :] <= (offs_m + (lk - lq))[:, None])
                     p = tl.exp2(tl.where(kept, s, float("-inf")) - lse2[:, None])
-                    dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                    dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+                    dv += dma_dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+                    dp = dma_dot(do, tl.trans(v), PRECISION).to(tl.float32)
                     ds = p * (dp - di[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                    dk += dma_dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
                     dd += tl.sum(ds, axis=0)
         kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dv_ptr + kv_off, dv, mask=kv_mask, sem="relaxed")
@@ -130,5 +135,6 @@ def dma_backward_kv(
         lq, lk, hq, hkv, ukey.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=rows, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, PRECISION=TileConfig.precision(q.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )

@@ -5,6 +5,11 @@ at most ``keep + BLOCK_M - 1`` keys; for each tile of it the kernel loads K/V ro
 adds ``delta`` to the logits and applies the per-row predicate ``rank <= thr[row]`` (and
 ``key <= row`` when causal), except on the leading tiles that every row keeps whole
 (``full_count``), which run unmasked. Online softmax in float32 with exp2.
+
+Every ``tl.dot`` of the DMA kernels goes through ``dma_dot`` at the precision the launcher picks
+with ``TileConfig.precision`` of the input dtype, the attention kernels' rule: exact float32
+products ("ieee") for float32 inputs rather than Triton's default TF32; 16-bit products as
+before, except bfloat16 under the interpreter, multiplied as float32 ("upcast").
 """
 
 from __future__ import annotations
@@ -13,22 +18,35 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import TileConfig
 from .dma_select import DmaSelection
 
-__all__ = ["dma_forward", "dma_gather_tile", "dma_logits"]
+__all__ = ["dma_dot", "dma_forward", "dma_gather_tile", "dma_logits"]
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dma_dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in float32 with ``input_precision=PRECISION`` (``TileConfig.precision``).
+    "upcast" multiplies bfloat16 operands as float32 ("ieee"): the interpreter's bfloat16
+    ``tl.dot`` is wrong (triton 3.9), as in codegen/printer.py's ``_dot``."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
 def dma_logits(
     q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr, list_base, offs_n, n_ok,
     scale_log2, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Logits (log2 units) of one gathered tile, masked to the kept entries when MASKED. The
     forward and the backward share it so that P = exp2(S - lse) matches the forward exactly;
     delta - shift comes first (exact in float32), then the scale: see dma_select's module doc."""
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+    s = dma_dot(q, tl.trans(k), PRECISION) * scale_log2
     s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
     if HAS_KEY_BIAS:
         kb = tl.load(key_bias_ptr + b * lk + keys)  # keys are valid indices everywhere
@@ -76,7 +94,7 @@ def _fwd_tile(
     k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb, svh, svn,
     scale_log2, offs_d, d_ok,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One tile of the gather list: online-softmax update. MASKED=False for tiles every row
     keeps entirely (the list's leading ``full_count`` entries): no per-entry test at all."""
@@ -84,7 +102,8 @@ def _fwd_tile(
         start, count, list_base, b, hk, bhk, lk, k_ptr, v_ptr, delta_ptr, gkey_ptr, skb, skh,
         skn, svb, svh, svn, offs_d, d_ok, MASKED, BLOCK_N)
     s = dma_logits(q, k, keys, delta, shift, thr, pos, b, lk, key_bias_ptr, grank_ptr,
-                   list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS)
+                   list_base, offs_n, n_ok, scale_log2, MASKED, CAUSAL, HAS_KEY_BIAS,
+                   PRECISION)
     if MASKED:
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,7 +113,7 @@ def _fwd_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dma_dot(p.to(v.dtype), v, PRECISION)
     return acc, m_new, l_i
 
 
@@ -106,6 +125,7 @@ def _dma_fwd_kernel(
     lq, lk, hq, hkv, cap, scale_log2,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -137,12 +157,14 @@ def _dma_fwd_kernel(
         acc, m_i, l_i = _fwd_tile(
             q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
             k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb,
-            svh, svn, scale_log2, offs_d, d_ok, False, CAUSAL, HAS_KEY_BIAS, BLOCK_N)
+            svh, svn, scale_log2, offs_d, d_ok, False, CAUSAL, HAS_KEY_BIAS, PRECISION,
+            BLOCK_N)
     for start in range(full_end, count, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(
             q, acc, m_i, l_i, start, count, list_base, thr, shift, pos, b, hk, bhk, lk,
             k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, skb, skh, skn, svb,
-            svh, svn, scale_log2, offs_d, d_ok, True, CAUSAL, HAS_KEY_BIAS, BLOCK_N)
+            svh, svn, scale_log2, offs_d, d_ok, True, CAUSAL, HAS_KEY_BIAS, PRECISION,
+            BLOCK_N)
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     # lse in log2 units of the shifted logits (selection.shift), as the backward uses it;
@@ -185,6 +207,6 @@ def dma_forward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages,
+        PRECISION=TileConfig.precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
