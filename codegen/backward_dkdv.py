@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import TileConfig, merged_loop
+from .config import TileConfig, launch_groups, merged_loop
 from .forward import bias_args, softcap_args
 from .tables import Visit, visit_args
 from .tma import TensorDescriptor, row_descriptors, tma_supported
@@ -194,15 +194,16 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                  PO, PI, FO, FI, t_rows, RLO, RHI,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
-                 Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed,
+                 Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed, HG,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                  RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
                  SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr):
-    # Heads fastest; key blocks in order (under causal the first key blocks are the longest).
-    pid_bkv = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Groups of HG kv heads (config.launch_groups); heads fastest within a group, key blocks
+    # in order (under causal the first key blocks are the longest).
+    pid_bkv = tl.program_id(1) * HG + tl.program_id(0) % HG
+    pid_n = tl.program_id(0) // HG
     b = pid_bkv // Hkv
     hkv = pid_bkv % Hkv
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
@@ -358,12 +359,13 @@ def launch_dkdv(
             desc = reduce_descriptor(dq_acc, cfg.kv_m)
             if desc is not None:
                 fused, dq_arg = 2, desc
-    grid = (b * hkv, triton.cdiv(lk, cfg.kv_n))
+    hg = launch_groups(b * hkv, cfg.head_group)
+    grid = (hg * triton.cdiv(lk, cfg.kv_n), b * hkv // hg)
     module._dkdv_kernel[grid](
         q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, dq_arg, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
         hq, hkv, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
-        *softcap_args(scale, softcap), dropout_p, seed,
+        *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.kv_m, BN=cfg.kv_n,
         EVEN_N=lk % cfg.kv_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,

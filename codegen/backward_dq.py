@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import TileConfig, merged_loop
+from .config import TileConfig, launch_groups, merged_loop
 from .forward import bias_args, softcap_args
 from .tables import Visit, visit_args
 from .tma import row_descriptors
@@ -92,16 +92,17 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
                PO, PI, FO, FI, t_rows, RLO, RHI,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn, sob, soh, som, sod,
-               Hq, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed,
+               Hq, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed, HG,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
                DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
                SOFTCAP: tl.constexpr, DELTA_FROM_OUT: tl.constexpr):
-    # Heads fastest, query tiles last-first (longest rows first under causal-like patterns).
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    # Groups of HG heads (config.launch_groups); heads fastest within a group, query tiles
+    # last-first (longest rows first under causal-like patterns).
+    pid_bh = tl.program_id(1) * HG + tl.program_id(0) % HG
+    pid_m = tl.cdiv(Lq, BM) - 1 - tl.program_id(0) // HG
     b = pid_bh // Hq
     h = pid_bh % Hq
     hkv = h // G
@@ -253,14 +254,15 @@ def launch_dq(
         return dq
     descs = row_descriptors(cfg.dq_tma and lk % cfg.dq_n == 0, cfg.dq_n, k, v)
     k_arg, v_arg = descs or (k, v)
-    grid = (b * hq, triton.cdiv(lq, cfg.dq_m))
+    hg = launch_groups(b * hq, cfg.head_group)
+    grid = (hg * triton.cdiv(lq, cfg.dq_m), b * hq // hg)
     module._dq_kernel[grid](
         q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, dout if out is None else out,
         *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
         *(dout if out is None else out).stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
-        *softcap_args(scale, softcap), dropout_p, seed,
+        *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
         EVEN_N=lk % cfg.dq_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,

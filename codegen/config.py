@@ -46,6 +46,12 @@ class TileConfig:
     # the extra transposed dS tile and the BM x D float32 atomics per block pair cost more
     # than the dQ pass's two recomputed matmuls, plus 0.12 ms of dQ buffer zero + cast at 16k.
     bwd_fused: int = 0
+    # Heads per launch group (0: all heads in one group). Programs are issued group by group,
+    # heads fastest within a group, so the programs resident at once read the K/V of few heads
+    # and share them in L2: with B*H = 256 and heads fastest across all of them, a banded
+    # forward at L=4k streamed K/V from DRAM at half the 16k (B=1) rate (bench/NOTES.md,
+    # version 8).
+    head_group: int = 16
 
     @staticmethod
     def d_pad(head_dim: int) -> int:
@@ -64,6 +70,14 @@ class TileConfig:
 
     def key(self) -> str:
         return "-".join(str(getattr(self, f)) for f in self.__dataclass_fields__)
+
+
+def launch_groups(heads: int, cap: int) -> int:
+    """Heads per launch group for ``heads`` = batch x heads programs: the largest divisor of
+    ``heads`` up to ``cap`` (0: all), so every group is full and the grid has no idle programs."""
+    if cap <= 0 or heads <= cap:
+        return heads
+    return max(g for g in range(1, cap + 1) if heads % g == 0)
 
 
 def merged_loop(enabled: bool, *extents: tuple[int, int]) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import TileConfig, merged_loop
+from .config import TileConfig, launch_groups, merged_loop
 from .tables import Visit, visit_args
 from .tma import row_descriptors
 
@@ -95,16 +95,17 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
                 PO, PI, FO, FI, t_rows, RLO, RHI,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                Hq, G, NPH, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed,
+                Hq, G, NPH, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed, HG,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
                 MERGED: tl.constexpr, SOFTCAP: tl.constexpr):
-    # Heads vary fastest and query tiles are issued last-first: under causal-like patterns the
-    # longest rows start first, which shortens the tail of the launch.
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    # Groups of HG heads one after another (config.launch_groups); within a group heads vary
+    # fastest and query tiles are issued last-first: under causal-like patterns the longest
+    # rows start first, which shortens the tail of the launch.
+    pid_bh = tl.program_id(1) * HG + tl.program_id(0) % HG
+    pid_m = tl.cdiv(Lq, BM) - 1 - tl.program_id(0) // HG
     b = pid_bh // Hq
     h = pid_bh % Hq
     hkv = h // G
@@ -241,12 +242,13 @@ def launch_forward(
     bias_t, bias_strides = bias_args(bias, q)
     descs = row_descriptors(cfg.fwd_tma and lk % cfg.fwd_n == 0, cfg.fwd_n, k, v)
     k_arg, v_arg = descs or (k, v)
-    grid = (b * hq, triton.cdiv(lq, cfg.fwd_m))
+    hg = launch_groups(b * hq, cfg.head_group)
+    grid = (hg * triton.cdiv(lq, cfg.fwd_m), b * hq // hg)
     module._fwd_kernel[grid](
         q, k_arg, v_arg, bias_t, out, lse, *visit_args(visit, q),
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, scale * 1.4426950408889634,
-        *softcap_args(scale, softcap), dropout_p, seed,
+        *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.fwd_m, BN=cfg.fwd_n,
         EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,

@@ -1,0 +1,40 @@
+"""Programs issued in groups of heads (``TileConfig.head_group``): every (batch, head, tile)
+program still runs exactly once, whatever the group size."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.config import launch_groups
+
+from tests.codegen.attention_cases import make_qkv, oracle
+from tests.conftest import rel_error
+
+
+def test_launch_groups_divide_the_heads():
+    assert launch_groups(256, 16) == 16
+    assert launch_groups(18, 16) == 9
+    assert launch_groups(17, 16) == 1  # prime: one head per group, still no idle program
+    assert launch_groups(12, 16) == 12
+    assert launch_groups(256, 0) == 256
+
+
+@pytest.mark.parametrize("group", [0, 1, 4, 16])
+@pytest.mark.parametrize("text", ["causal & sliding(24)", "global(2) | local(20)"])
+def test_every_program_runs_once(kernel_device, group, text):
+    # B * Hq = 18 query-head programs and B * Hkv = 6 kv-head programs per tile
+    q, k, v = make_qkv(3, 6, 2, 40, 44, 16, torch.float32)
+    dout = torch.randn_like(q)
+    scale = 0.25
+    cfg = replace(kernels.select_config(text, q, k.shape[2]), head_group=group)
+    out, lse = kernels.forward(q.detach(), k.detach(), v.detach(), text, scale, cfg=cfg)
+    dq, dk, dv = kernels.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, text,
+                                  scale, cfg=cfg)[:3]
+    ref = oracle(q, k, v, text, scale, None)
+    want = torch.autograd.grad(ref, (q, k, v), dout.to(torch.float64))
+    assert rel_error(out, ref) < 1e-5
+    for got, exp in zip((dq, dk, dv), want, strict=True):
+        assert rel_error(got, exp) < 1e-5
