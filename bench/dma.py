@@ -131,7 +131,7 @@ def exact_check(device: str) -> str:
     want = torch.autograd.grad(ref, inputs, grad.double())
     errs = [rel(out, ref)] + [rel(g, w) for g, w in zip(got, want, strict=True)]
     names = ["out", "dq", "dk", "dv", "ddelta"]
-    return "exact check vs float64 reference (f32, tf32 dots): " + ", ".join(
+    return "exact check vs float64 reference (f32 inputs, exact f32 dots): " + ", ".join(
         f"{n} {e:.1e}" for n, e in zip(names, errs, strict=True))
 
 
