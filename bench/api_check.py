@@ -63,12 +63,13 @@ def check_case(text: str, d: int, length: int, heads: int, rep: int) -> dict:
             "err_grad": max(errs[1:])}
 
 
-ROUTES = ("residue_route", "axial_route")  # codegen.attention's pattern-reshaping routes
+ROUTES = ("residue_route", "strided_union_route")  # codegen.attention's pattern-reshaping routes
 
 
 def general_route(text: str, d: int, length: int, heads: int, rep: int) -> dict:
-    """The same case with the residue-class and axial routes switched off (every block of a
-    strided or axial pattern visited through the layout), for an A/B in one process."""
+    """The same case with the residue-class and strided-union routes switched off (every
+    block of a strided or axial pattern visited through the layout), for an A/B in one
+    process."""
     from sparse_compile.codegen import attention as kernels
 
     saved = {name: getattr(kernels, name) for name in ROUTES}

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from .axial import AxialRoute, axial_route, merge_parts
 from .backward_delta import launch_delta
 from .backward_dkdv import launch_dkdv
 from .backward_dq import launch_dq
@@ -22,6 +21,7 @@ from .forward import launch_forward
 from .predicate import interval_bounds, pattern_heads
 from .residue import ResidueRoute, as_layout, class_layout, from_classes, residue_route, to_classes
 from .source import kernel_module
+from .strided_union import StridedUnion, merge_parts, strided_union_route
 from .tables import (
     CLOSED_FORM,
     ROW_BOUNDS,
@@ -126,9 +126,10 @@ def forward(
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks.
     """
-    parts = axial_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
+    parts = strided_union_route(pattern_text, q.shape[2], k.shape[2], bias is not None,
+                                dropout_p)
     if parts is not None:
-        return _axial_forward(parts, q, k, v, scale, cfg, softcap)
+        return _union_forward(parts, q, k, v, scale, cfg, softcap)
     route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
     if route is not None:
         return _residue_forward(route, q, k, v, scale, cfg, softcap)
@@ -167,9 +168,10 @@ def backward(
     softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
-    parts = axial_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
+    parts = strided_union_route(pattern_text, q.shape[2], k.shape[2], bias is not None,
+                                dropout_p)
     if parts is not None:
-        return _axial_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
+        return _union_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
     route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
     if route is not None:
         return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
@@ -246,22 +248,22 @@ def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
             from_classes(dv, b, hkv, layout), None)
 
 
-def _axial_forward(parts: AxialRoute, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _union_forward(parts: StridedUnion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float, cfg: TileConfig | None, softcap: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An axial pattern's forward: its row part and column part, merged (codegen/axial.py)."""
-    out_rows, lse_rows = forward(q, k, v, parts.rows, scale, cfg=cfg, softcap=softcap)
-    out_cols, lse_cols = forward(q, k, v, parts.columns, scale, cfg=cfg, softcap=softcap)
-    return merge_parts(out_rows, lse_rows, out_cols, lse_cols)
+    """A strided union's forward: its two parts, merged (codegen/strided_union.py)."""
+    out_main, lse_main = forward(q, k, v, parts.main, scale, cfg=cfg, softcap=softcap)
+    out_strided, lse_strided = forward(q, k, v, parts.strided, scale, cfg=cfg, softcap=softcap)
+    return merge_parts(out_main, lse_main, out_strided, lse_strided)
 
 
-def _axial_backward(parts: AxialRoute, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+def _union_backward(parts: StridedUnion, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
                     cfg: TileConfig | None, softcap: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
     """Each part's passes with the merged output and log-sum-exp give that part's share of
     the gradients (P and Δ are the whole pattern's); their sum is the pattern's."""
     grads = [backward(dout, q, k, v, out, lse, text, scale, cfg=cfg, softcap=softcap)[:3]
-             for text in (parts.rows, parts.columns)]
+             for text in (parts.main, parts.strided)]
     dq, dk, dv = (a.add_(b) for a, b in zip(grads[0], grads[1], strict=True))
     return dq, dk, dv, None

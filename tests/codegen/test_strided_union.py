@@ -1,12 +1,12 @@
-"""Axial patterns as a row part and a residue-class column part merged by log-sum-exp
-(codegen/axial.py), against the float64 oracle and the general route."""
+"""Strided unions (``axial(c)``, ``A | strided(s)``) as two parts merged by log-sum-exp
+(codegen/strided_union.py), against the float64 oracle and the general route."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.axial import AxialRoute, axial_route, merge_parts
+from sparse_compile.codegen.strided_union import StridedUnion, merge_parts, strided_union_route
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (
@@ -18,21 +18,35 @@ from tests.codegen.attention_cases import (
 from tests.conftest import rel_error
 
 
-def test_parts_are_rows_and_columns_without_the_diagonal():
-    assert axial_route("axial(8)", 64, 64, False, 0.0) == AxialRoute(
+def test_axial_parts_are_rows_and_columns_without_the_diagonal():
+    assert strided_union_route("axial(8)", 64, 64, False, 0.0) == StridedUnion(
         "block(8)", "strided(8) & ~window(0, 0)")
-    assert axial_route("causal & axial(8)", 64, 64, False, 0.0) == AxialRoute(
+    assert strided_union_route("causal & axial(8)", 64, 64, False, 0.0) == StridedUnion(
         "causal & block(8)", "causal & strided(8) & ~window(0, 0)")
+
+
+def test_union_parts_are_the_rest_and_the_strided_operand_without_it():
+    assert strided_union_route("causal & (sliding(8) | strided(4))", 64, 64, False,
+                               0.0) == StridedUnion(
+        "causal & sliding(8)", "causal & strided(4) & ~(sliding(8))")
+    assert strided_union_route("causal & (sliding(8) | sink(2) | strided(4))", 64, 64, False,
+                               0.0) is None  # ~(sliding | sink) has no residue form
+    assert strided_union_route("strided(4) | local(8)", 64, 64, False, 0.0) == StridedUnion(
+        "local(8)", "strided(4) & ~(local(8))")
 
 
 @pytest.mark.parametrize(
     "text, lq, lk, bias, dropout",
-    [("axial(8, 2)", 64, 64, False, 0.0), ("axial(8) & sliding(4)", 64, 64, False, 0.0),
+    [("axial(8, 2)", 64, 64, False, 0.0), ("axial(8) & block(16)", 64, 64, False, 0.0),
      ("axial(8) | sink(2)", 64, 64, False, 0.0), ("axial(8)", 60, 64, False, 0.0),
-     ("axial(8)", 64, 64, True, 0.0), ("axial(8)", 64, 64, False, 0.1)],
+     ("axial(8)", 64, 64, True, 0.0), ("axial(8)", 64, 64, False, 0.1),
+     ("sliding(8) | strided(4)", 62, 64, False, 0.0),  # lengths not multiples of s
+     ("sliding(8) | strided(4) | strided(8)", 64, 64, False, 0.0),  # two strided operands
+     ("block(16) | strided(4)", 64, 64, False, 0.0),  # ~block(16) has no residue form
+     ("sliding(8) | strided(4)", 64, 64, True, 0.0)],
 )
 def test_route_is_not_taken_where_it_does_not_hold(text, lq, lk, bias, dropout):
-    assert axial_route(text, lq, lk, bias, dropout) is None
+    assert strided_union_route(text, lq, lk, bias, dropout) is None
 
 
 def test_merging_with_an_empty_part_keeps_the_other_and_two_empty_give_zeros():
@@ -56,31 +70,35 @@ def test_merging_with_an_empty_part_keeps_the_other_and_two_empty_give_zeros():
 @pytest.mark.parametrize(
     "text, lq, lk, hq, hkv",
     [("axial(8)", 64, 64, 2, 2), ("causal & axial(8)", 64, 64, 2, 1), ("axial(4)", 32, 48, 4, 2),
-     ("causal & axial(8)", 48, 32, 2, 2)],
+     ("causal & axial(8)", 48, 32, 2, 2), ("causal & (sliding(6) | strided(4))", 64, 64, 2, 1),
+     ("local(10) | strided(8)", 48, 64, 2, 2), ("axial(8) & sliding(20)", 64, 64, 2, 2),
+     ("causal & (strided(4) | sliding(12))", 48, 32, 2, 2)],
 )
 def test_two_part_route_matches_the_oracle(text, lq, lk, hq, hkv, noncontiguous):
     # Lq > Lk under causal leaves the first rows without keys: zeros, never NaN.
-    assert axial_route(text, lq, lk, False, 0.0) is not None
+    assert strided_union_route(text, lq, lk, False, 0.0) is not None
     q, k, v = make_qkv(2, hq, hkv, lq, lk, 16, torch.float32, noncontiguous)
     check_against_oracle(attention, q, k, v, text, 0.25)
     out, lse, _ = kernel_outputs(q, k, v, text, 0.25, torch.randn(2, hq, lq, 16))
     assert out.is_contiguous() and lse.shape == q.shape[:3]
 
 
-def test_two_part_and_general_routes_agree(monkeypatch):
+@pytest.mark.parametrize("text", ["axial(8)", "causal & (sliding(12) | strided(8))"])
+def test_two_part_and_general_routes_agree(monkeypatch, text):
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
     dout = torch.randn(1, 2, 64, 16)
-    parts = kernel_outputs(q, k, v, "axial(8)", 0.3, dout)
-    monkeypatch.setattr(kernels, "axial_route", lambda *args: None)
-    general = kernel_outputs(q, k, v, "axial(8)", 0.3, dout)
+    parts = kernel_outputs(q, k, v, text, 0.3, dout)
+    monkeypatch.setattr(kernels, "strided_union_route", lambda *args: None)
+    general = kernel_outputs(q, k, v, text, 0.3, dout)
     assert rel_error(parts[0], general[0]) < 1e-5
     assert rel_error(parts[1], general[1]) < 1e-5  # the same log-sum-exp
     for a, b in zip(parts[2], general[2], strict=True):
         assert rel_error(a, b) < 1e-5
 
 
-def test_public_call_takes_the_route_in_bfloat16(monkeypatch):
-    calls = count_calls(monkeypatch, kernels, "_axial_forward")
+@pytest.mark.parametrize("text", ["axial(8)", "causal & (sliding(12) | strided(8))"])
+def test_public_call_takes_the_route_in_bfloat16(monkeypatch, text):
+    calls = count_calls(monkeypatch, kernels, "_union_forward")
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.bfloat16, noncontiguous=True)
-    check_against_oracle(attention, q, k, v, "axial(8)")
+    check_against_oracle(attention, q, k, v, text)
     assert calls
