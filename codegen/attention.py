@@ -120,8 +120,10 @@ def forward(
     seed: int = 0,
     cfg: TileConfig | None = None,
     softcap: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns out [B, Hq, Lq, D] and lse [B, Hq, Lq] (float32, log2 units, +inf if empty).
+    """Returns out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] (float32,
+    log2 units, +inf if empty).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks.
@@ -132,13 +134,14 @@ def forward(
         return _union_forward(parts, q, k, v, scale, cfg, softcap)
     route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
     if route is not None:
-        return _residue_forward(route, q, k, v, scale, cfg, softcap)
+        return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
     module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
     return launch_forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
+        out_dtype,
     )
 
 
@@ -224,12 +227,13 @@ def _class_views(route: ResidueRoute, tensors: list[torch.Tensor], same_heads: b
 
 
 def _residue_forward(route: ResidueRoute, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float, cfg: TileConfig | None, softcap: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, cfg: TileConfig | None, softcap: float,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of a ``strided(s) & R`` pattern as ``route.inner`` over residue classes."""
     b, hq = q.shape[:2]
     layout, (qc, kc, vc) = _class_views(route, [q, k, v], hq == k.shape[1])
-    out, lse = forward(qc, kc, vc, route.inner, scale, cfg=cfg, softcap=softcap)
+    out, lse = forward(qc, kc, vc, route.inner, scale, cfg=cfg, softcap=softcap,
+                       out_dtype=out_dtype)
     return from_classes(out, b, hq, layout), from_classes(lse, b, hq, layout)
 
 
@@ -251,10 +255,14 @@ def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
 def _union_forward(parts: StridedUnion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float, cfg: TileConfig | None, softcap: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A strided union's forward: its two parts, merged (codegen/strided_union.py)."""
-    out_main, lse_main = forward(q, k, v, parts.main, scale, cfg=cfg, softcap=softcap)
-    out_strided, lse_strided = forward(q, k, v, parts.strided, scale, cfg=cfg, softcap=softcap)
-    return merge_parts(out_main, lse_main, out_strided, lse_strided)
+    """A strided union's forward: its two parts, merged (codegen/strided_union.py). The parts
+    keep their outputs in float32 so that the merged output is rounded once."""
+    out_main, lse_main = forward(q, k, v, parts.main, scale, cfg=cfg, softcap=softcap,
+                                 out_dtype=torch.float32)
+    out_strided, lse_strided = forward(q, k, v, parts.strided, scale, cfg=cfg, softcap=softcap,
+                                       out_dtype=torch.float32)
+    out, lse = merge_parts(out_main, lse_main, out_strided, lse_strided)
+    return out.to(q.dtype), lse
 
 
 def _union_backward(parts: StridedUnion, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -224,6 +224,7 @@ def launch_forward(
     seed: int,
     cfg: TileConfig,
     softcap: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel of a generated ``module``.
 
@@ -231,11 +232,12 @@ def launch_forward(
     to [B, Hq, Lq, Lk] through stride-0 dims (bool as uint8). ``visit`` says how the kernel
     finds its key blocks (kv tables for (cfg.fwd_m, cfg.fwd_n) when it reads tables).
     ``softcap`` > 0 caps the logits as softcap * tanh(scale * s / softcap) before bias / masks.
-    Returns out [B, Hq, Lq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32 (log2 units).
+    Returns out [B, Hq, Lq, D] (``out_dtype``, default q's dtype; contiguous) and lse
+    [B, Hq, Lq] float32 (log2 units).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    out = torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))

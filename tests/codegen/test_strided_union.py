@@ -14,6 +14,7 @@ from tests.codegen.attention_cases import (
     count_calls,
     kernel_outputs,
     make_qkv,
+    oracle,
 )
 from tests.conftest import rel_error
 
@@ -102,3 +103,19 @@ def test_public_call_takes_the_route_in_bfloat16(monkeypatch, text):
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.bfloat16, noncontiguous=True)
     check_against_oracle(attention, q, k, v, text)
     assert calls
+
+
+def test_merged_output_is_rounded_once(kernel_device):
+    # The parts' outputs stay float32 until the merge: in bfloat16 the routed output is closer
+    # to the oracle than a merge of parts already rounded to bfloat16.
+    torch.manual_seed(0)
+    text = "causal & (sliding(12) | strided(8))"
+    q, k, v = make_qkv(2, 4, 4, 128, 128, 32, torch.bfloat16)
+    ref = oracle(q, k, v, text, 0.2)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    parts = strided_union_route(text, 128, 128, False, 0.0)
+    rounded_first, _ = merge_parts(*kernels.forward(qd, kd, vd, parts.main, 0.2),
+                                   *kernels.forward(qd, kd, vd, parts.strided, 0.2))
+    out, _ = kernels.forward(qd, kd, vd, text, 0.2)
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, ref) < 0.9 * rel_error(rounded_first, ref)
