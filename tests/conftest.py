@@ -1,7 +1,9 @@
-"""Settings shared by every test: Triton runs through its interpreter on machines without a GPU."""
+"""Settings shared by every test: Triton runs through its interpreter on machines without a GPU;
+the device the kernels run on."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -16,3 +18,15 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denom = e.norm().item()
     diff = (a - e).norm().item()
     return diff if denom == 0 else diff / denom
+
+
+@pytest.fixture
+def kernel_device():
+    """Tensors on the GPU where there is one (the kernels run there), else on the CPU (the
+    interpreter runs them). Autouse in tests/codegen; requested by the DMA tests that launch
+    kernels (the tests of the chunked path and of the reference keep their CPU tensors)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(previous)

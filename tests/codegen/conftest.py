@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def kernel_device():
-    """Tensors on the GPU where there is one (the kernels run there), else on the CPU (the
-    interpreter runs them)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    previous = torch.get_default_device()
-    torch.set_default_device(device)
-    yield device
-    torch.set_default_device(previous)
+def on_kernel_device(kernel_device):
+    """Every kernel test builds its tensors on the kernel device (tests/conftest.py)."""
+    return kernel_device
