@@ -72,12 +72,18 @@ class TileConfig:
         return "-".join(str(getattr(self, f)) for f in self.__dataclass_fields__)
 
 
+# CUDA's limit on a grid's second dimension (launch groups go there).
+MAX_GRID_Y = 65535
+
+
 def launch_groups(heads: int, cap: int) -> int:
     """Heads per launch group for ``heads`` = batch x heads programs: the largest divisor of
-    ``heads`` up to ``cap`` (0: all), so every group is full and the grid has no idle programs."""
+    ``heads`` up to ``cap`` (0: all), so every group is full and the grid has no idle programs.
+    All heads in one group when the groups would overflow the grid's second dimension."""
     if cap <= 0 or heads <= cap:
         return heads
-    return max(g for g in range(1, cap + 1) if heads % g == 0)
+    group = max(g for g in range(1, cap + 1) if heads % g == 0)
+    return group if heads // group <= MAX_GRID_Y else heads
 
 
 def merged_loop(enabled: bool, *extents: tuple[int, int]) -> bool:

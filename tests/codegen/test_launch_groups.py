@@ -20,6 +20,8 @@ def test_launch_groups_divide_the_heads():
     assert launch_groups(17, 16) == 1  # prime: one head per group, still no idle program
     assert launch_groups(12, 16) == 12
     assert launch_groups(256, 0) == 256
+    # 4099 * 17 has no divisor in 2..16: one head per group would need 69683 grid rows
+    assert launch_groups(4099 * 17, 16) == 4099 * 17
 
 
 @pytest.mark.parametrize("group", [0, 1, 4, 16])
