@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -76,10 +77,12 @@ class TileConfig:
 MAX_GRID_Y = 65535
 
 
+@lru_cache(maxsize=256)
 def launch_groups(heads: int, cap: int) -> int:
     """Heads per launch group for ``heads`` = batch x heads programs: the largest divisor of
     ``heads`` up to ``cap`` (0: all), so every group is full and the grid has no idle programs.
-    All heads in one group when the groups would overflow the grid's second dimension."""
+    All heads in one group when the groups would overflow the grid's second dimension. Cached:
+    asked on every launch."""
     if cap <= 0 or heads <= cap:
         return heads
     group = max(g for g in range(1, cap + 1) if heads % g == 0)
