@@ -8,6 +8,7 @@ import random
 import torch
 from sparse_compile.patterns import parse
 
+from sparse_compile.functional import attention
 from sparse_compile.reference import reference_attention
 from tests.conftest import rel_error
 
@@ -135,3 +136,28 @@ def count_calls(monkeypatch, owner, name: str) -> list:
     monkeypatch.setattr(owner, name, counted)
     return calls
 
+
+
+def check_routed_case(text, lq, lk, hq, hkv, noncontiguous):
+    """A routed pattern through the public call against the oracle (fp32, forward and
+    gradients), and its kernels' output contiguous with a [B, Hq, Lq] log-sum-exp."""
+    q, k, v = make_qkv(2, hq, hkv, lq, lk, 16, torch.float32, noncontiguous)
+    check_against_oracle(attention, q, k, v, text, 0.25)
+    out, lse, _ = kernel_outputs(q, k, v, text, 0.25, torch.randn(2, hq, lq, 16))
+    assert out.is_contiguous() and lse.shape == q.shape[:3]
+
+
+def check_route_matches_general(monkeypatch, route: str, text: str):
+    """Output, log-sum-exp and gradients of ``text`` with codegen.attention's ``route`` on
+    equal (1e-5) to the same with it switched off (the layout's general route)."""
+    from sparse_compile.codegen import attention as kernels
+
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
+    dout = torch.randn(1, 2, 64, 16)
+    routed = kernel_outputs(q, k, v, text, 0.3, dout)
+    monkeypatch.setattr(kernels, route, lambda *args: None)
+    general = kernel_outputs(q, k, v, text, 0.3, dout)
+    assert rel_error(routed[0], general[0]) < 1e-5
+    assert rel_error(routed[1], general[1]) < 1e-5  # the same log-sum-exp, in row order
+    for a, b in zip(routed[2], general[2], strict=True):
+        assert rel_error(a, b) < 1e-5

@@ -11,11 +11,11 @@ from sparse_compile.codegen.residue import ResidueRoute, residue_route
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (
     check_against_oracle,
+    check_route_matches_general,
+    check_routed_case,
     count_calls,
-    kernel_outputs,
     make_qkv,
 )
-from tests.conftest import rel_error
 
 
 @pytest.mark.parametrize(
@@ -51,22 +51,11 @@ def test_route_is_not_taken_where_it_does_not_hold(text, lq, lk, bias, dropout):
 def test_routed_kernels_match_the_oracle(text, lq, lk, hq, hkv, noncontiguous):
     # Lq > Lk under causal leaves the first rows without keys: zeros, never NaN.
     assert residue_route(text, lq, lk, False, 0.0) is not None
-    q, k, v = make_qkv(2, hq, hkv, lq, lk, 16, torch.float32, noncontiguous)
-    check_against_oracle(attention, q, k, v, text, 0.25)
-    out, lse, _ = kernel_outputs(q, k, v, text, 0.25, torch.randn(2, hq, lq, 16))
-    assert out.is_contiguous() and lse.shape == q.shape[:3]
+    check_routed_case(text, lq, lk, hq, hkv, noncontiguous)
 
 
 def test_routed_and_general_routes_agree(monkeypatch):
-    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
-    dout = torch.randn(1, 2, 64, 16)
-    routed = kernel_outputs(q, k, v, "causal & strided(4)", 0.3, dout)
-    monkeypatch.setattr(kernels, "residue_route", lambda *args: None)
-    general = kernel_outputs(q, k, v, "causal & strided(4)", 0.3, dout)
-    assert rel_error(routed[0], general[0]) < 1e-5
-    assert rel_error(routed[1], general[1]) < 1e-5  # the same log-sum-exp, in row order
-    for a, b in zip(routed[2], general[2], strict=True):
-        assert rel_error(a, b) < 1e-5
+    check_route_matches_general(monkeypatch, "residue_route", "causal & strided(4)")
 
 
 def test_public_call_takes_the_route(monkeypatch):

@@ -11,8 +11,9 @@ from sparse_compile.codegen.strided_union import StridedUnion, merge_parts, stri
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (
     check_against_oracle,
+    check_route_matches_general,
+    check_routed_case,
     count_calls,
-    kernel_outputs,
     make_qkv,
     oracle,
 )
@@ -78,23 +79,12 @@ def test_merging_with_an_empty_part_keeps_the_other_and_two_empty_give_zeros():
 def test_two_part_route_matches_the_oracle(text, lq, lk, hq, hkv, noncontiguous):
     # Lq > Lk under causal leaves the first rows without keys: zeros, never NaN.
     assert strided_union_route(text, lq, lk, False, 0.0) is not None
-    q, k, v = make_qkv(2, hq, hkv, lq, lk, 16, torch.float32, noncontiguous)
-    check_against_oracle(attention, q, k, v, text, 0.25)
-    out, lse, _ = kernel_outputs(q, k, v, text, 0.25, torch.randn(2, hq, lq, 16))
-    assert out.is_contiguous() and lse.shape == q.shape[:3]
+    check_routed_case(text, lq, lk, hq, hkv, noncontiguous)
 
 
 @pytest.mark.parametrize("text", ["axial(8)", "causal & (sliding(12) | strided(8))"])
 def test_two_part_and_general_routes_agree(monkeypatch, text):
-    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
-    dout = torch.randn(1, 2, 64, 16)
-    parts = kernel_outputs(q, k, v, text, 0.3, dout)
-    monkeypatch.setattr(kernels, "strided_union_route", lambda *args: None)
-    general = kernel_outputs(q, k, v, text, 0.3, dout)
-    assert rel_error(parts[0], general[0]) < 1e-5
-    assert rel_error(parts[1], general[1]) < 1e-5  # the same log-sum-exp
-    for a, b in zip(parts[2], general[2], strict=True):
-        assert rel_error(a, b) < 1e-5
+    check_route_matches_general(monkeypatch, "strided_union_route", text)
 
 
 @pytest.mark.parametrize("text", ["axial(8)", "causal & (sliding(12) | strided(8))"])
