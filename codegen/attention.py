@@ -18,10 +18,19 @@ from .backward_dkdv import launch_dkdv
 from .backward_dq import launch_dq
 from .config import LONG_ROWS, TileConfig, default_config, long_rows_config
 from .forward import launch_forward
+from .merge import add_rows_, merge_parts
 from .predicate import interval_bounds, pattern_heads
-from .residue import ResidueRoute, as_layout, class_layout, from_classes, residue_route, to_classes
+from .residue import (
+    ResidueRoute,
+    as_layout,
+    class_grid,
+    class_layout,
+    residue_route,
+    rows_of_grid,
+    to_classes,
+)
 from .source import kernel_module
-from .strided_union import StridedUnion, merge_parts, strided_union_route
+from .strided_union import StridedUnion, strided_union_route
 from .tables import (
     CLOSED_FORM,
     ROW_BOUNDS,
@@ -226,43 +235,69 @@ def _class_views(route: ResidueRoute, tensors: list[torch.Tensor], same_heads: b
     return layout, [to_classes(t, route.s, layout) for t in tensors]
 
 
-def _residue_forward(route: ResidueRoute, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float, cfg: TileConfig | None, softcap: float,
-                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of a ``strided(s) & R`` pattern as ``route.inner`` over residue classes."""
+def _residue_forward_grid(route: ResidueRoute, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, scale: float, cfg: TileConfig | None, softcap: float,
+                          out_dtype: torch.dtype | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of a ``strided(s) & R`` pattern as ``route.inner`` over residue classes:
+    out and lse as ``[B, Hq, Lq / s, s, (D)]`` views of the class-ordered outputs (no copy)."""
     b, hq = q.shape[:2]
     layout, (qc, kc, vc) = _class_views(route, [q, k, v], hq == k.shape[1])
     out, lse = forward(qc, kc, vc, route.inner, scale, cfg=cfg, softcap=softcap,
                        out_dtype=out_dtype)
-    return from_classes(out, b, hq, layout), from_classes(lse, b, hq, layout)
+    return class_grid(out, b, hq, layout), class_grid(lse, b, hq, layout)
 
 
-def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
-                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                      scale: float, cfg: TileConfig | None, softcap: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-    """The backward of ``_residue_forward`` (same classes, same inner pattern)."""
+def _residue_forward(route: ResidueRoute, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float, cfg: TileConfig | None, softcap: float,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_residue_forward_grid`` in row order (contiguous [B, Hq, Lq, D] and [B, Hq, Lq])."""
+    out, lse = _residue_forward_grid(route, q, k, v, scale, cfg, softcap, out_dtype)
+    return rows_of_grid(out), rows_of_grid(lse)
+
+
+def _residue_backward_grid(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
+                           k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, scale: float, cfg: TileConfig | None,
+                           softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of ``_residue_forward`` (same classes, same inner pattern): dq, dk, dv as
+    ``[B, H, L / s, s, D]`` views of the class-ordered gradients (no copy)."""
     b, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
     layout, (qc, kc, vc, oc, doc) = _class_views(route, [q, k, v, out, dout], hq == hkv)
     # The kernels read the log-sum-exp row-dense: a (small) copy in class order.
     lse_c = to_classes(as_layout(lse, layout), route.s, layout).contiguous()
     dq, dk, dv, _ = backward(doc, qc, kc, vc, oc, lse_c, route.inner, scale, cfg=cfg,
                              softcap=softcap)
-    return (from_classes(dq, b, hq, layout), from_classes(dk, b, hkv, layout),
-            from_classes(dv, b, hkv, layout), None)
+    return (class_grid(dq, b, hq, layout), class_grid(dk, b, hkv, layout),
+            class_grid(dv, b, hkv, layout))
+
+
+def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      scale: float, cfg: TileConfig | None, softcap: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    """``_residue_backward_grid`` in row order (contiguous gradients)."""
+    grads = _residue_backward_grid(route, dout, q, k, v, out, lse, scale, cfg, softcap)
+    dq, dk, dv = (rows_of_grid(g) for g in grads)
+    return dq, dk, dv, None
 
 
 def _union_forward(parts: StridedUnion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float, cfg: TileConfig | None, softcap: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """A strided union's forward: its two parts, merged (codegen/strided_union.py). The parts
-    keep their outputs in float32 so that the merged output is rounded once."""
+    keep their outputs in float32 so that the merged output is rounded once; the strided
+    part's is merged where the residue classes left it (codegen/merge.py)."""
+    b, hq, lq, d = q.shape
     out_main, lse_main = forward(q, k, v, parts.main, scale, cfg=cfg, softcap=softcap,
                                  out_dtype=torch.float32)
-    out_strided, lse_strided = forward(q, k, v, parts.strided, scale, cfg=cfg, softcap=softcap,
-                                       out_dtype=torch.float32)
-    out, lse = merge_parts(out_main, lse_main, out_strided, lse_strided)
-    return out.to(q.dtype), lse
+    route = residue_route(parts.strided, lq, k.shape[2], False, 0.0)
+    out_strided, lse_strided = _residue_forward_grid(route, q, k, v, scale, cfg, softcap,
+                                                     torch.float32)
+    grid = lse_strided.shape
+    out, lse = merge_parts(out_main.view(*grid, d), lse_main.view(grid), out_strided,
+                           lse_strided, q.dtype)
+    return out.view(b, hq, lq, d), lse.view(b, hq, lq)
 
 
 def _union_backward(parts: StridedUnion, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -270,8 +305,12 @@ def _union_backward(parts: StridedUnion, dout: torch.Tensor, q: torch.Tensor, k:
                     cfg: TileConfig | None, softcap: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
     """Each part's passes with the merged output and log-sum-exp give that part's share of
-    the gradients (P and Δ are the whole pattern's); their sum is the pattern's."""
-    grads = [backward(dout, q, k, v, out, lse, text, scale, cfg=cfg, softcap=softcap)[:3]
-             for text in (parts.main, parts.strided)]
-    dq, dk, dv = (a.add_(b) for a, b in zip(grads[0], grads[1], strict=True))
+    the gradients (P and Δ are the whole pattern's); their sum is the pattern's. The strided
+    part's shares are added where the residue classes left them (no reordering copy)."""
+    grads = backward(dout, q, k, v, out, lse, parts.main, scale, cfg=cfg, softcap=softcap)[:3]
+    route = residue_route(parts.strided, q.shape[2], k.shape[2], False, 0.0)
+    shares = _residue_backward_grid(route, dout, q, k, v, out, lse, scale, cfg, softcap)
+    for grad, share in zip(grads, shares, strict=True):
+        add_rows_(grad.view(share.shape), share)
+    dq, dk, dv = grads
     return dq, dk, dv, None

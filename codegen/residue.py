@@ -22,8 +22,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["ResidueRoute", "as_layout", "class_layout", "from_classes", "residue_route",
-           "to_classes"]
+__all__ = ["ResidueRoute", "as_layout", "class_grid", "class_layout", "residue_route",
+           "rows_of_grid", "to_classes"]
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,22 @@ def to_classes(x: torch.Tensor, s: int, layout: str) -> torch.Tensor:
     return x.as_strided(shape + tail_shape, stride + tail_stride, x.storage_offset())
 
 
-def from_classes(y: torch.Tensor, b: int, h: int, layout: str) -> torch.Tensor:
-    """Inverse of ``to_classes`` for a contiguous kernel output: a contiguous [B, H, L, ...]."""
+def class_grid(y: torch.Tensor, b: int, h: int, layout: str) -> torch.Tensor:
+    """A contiguous kernel output in class order (``to_classes``'s shape) as a view
+    ``[B, H, L / s, s, ...]``: element ``[.., a, r, ..]`` is row ``a·s + r``. No copy: the
+    merge of two parts (codegen/merge.py) and the sum of gradients read it in place."""
     tail = tuple(y.shape[3:])
+    tail_dims = tuple(range(4, 4 + len(tail)))
     s, n = (y.shape[1], y.shape[2]) if layout == "batch" else (y.shape[1] // h, y.shape[2])
     if layout == "batch":
-        grid = y.reshape((b, h, s, n) + tail).transpose(2, 3)  # [b, h, a, r, ...]
-    else:
-        grid = y.reshape((b, s, h, n) + tail).permute((0, 2, 3, 1) + tuple(
-            range(4, 4 + len(tail))))
-    return grid.reshape((b, h, s * n) + tail).contiguous()
+        return y.reshape((b, h, s, n) + tail).transpose(2, 3)
+    return y.reshape((b, s, h, n) + tail).permute((0, 2, 3, 1) + tail_dims)
+
+
+def rows_of_grid(grid: torch.Tensor) -> torch.Tensor:
+    """A ``[B, H, L / s, s, ...]`` grid (``class_grid``) as a contiguous [B, H, L, ...]."""
+    b, h, n, s = grid.shape[:4]
+    return grid.reshape((b, h, n * s) + tuple(grid.shape[4:])).contiguous()
 
 
 def as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -6,9 +6,9 @@ same grid row or same grid column; the Sparse Transformer's strided layout is
 strided part reaches, so the kernels touch most of the Lq × Lk plane. Split in two disjoint
 parts, ``A`` runs as usual (closed-form bounds for bands and blocks) and ``strided(s) & ~A``
 runs by residue class (``codegen/residue.py``): for axial(c), ``L·c + L²/c`` entries per head
-instead of most of ``L²``. The two partial softmaxes are merged exactly by their log-sum-exps;
-the backward runs each part's passes with the merged output and log-sum-exp, which gives each
-part's share of dQ, dK and dV, and sums them.
+instead of most of ``L²``. The two partial softmaxes are merged exactly by their log-sum-exps
+(``codegen/merge.py``); the backward runs each part's passes with the merged output and
+log-sum-exp, which gives each part's share of dQ, dK and dV, and sums them.
 
 Taken for ``axial(c)`` with offset 0 and for a union with exactly one ``strided(s)`` operand,
 alone or intersected with other patterns, when the residue route takes the strided part
@@ -21,11 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
-
 from .residue import residue_route
 
-__all__ = ["StridedUnion", "merge_parts", "strided_union_route"]
+__all__ = ["StridedUnion", "strided_union_route"]
 
 
 @dataclass(frozen=True)
@@ -76,22 +74,3 @@ def strided_union_route(pattern_text: str, lq: int, lk: int, has_bias: bool,
     if parts is None or residue_route(parts.strided, lq, lk, False, 0.0) is None:
         return None
     return parts
-
-
-def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of two disjoint key sets from each set's output and
-    log-sum-exp (log2 units, +inf for a row with no key, as the kernels save them)."""
-    empty_a, empty_b = torch.isposinf(lse_a), torch.isposinf(lse_b)
-    la = torch.where(empty_a, float("-inf"), lse_a)
-    lb = torch.where(empty_b, float("-inf"), lse_b)
-    top = torch.maximum(la, lb)
-    top = torch.where(torch.isneginf(top), 0.0, top)
-    wa, wb = torch.exp2(la - top), torch.exp2(lb - top)
-    total = wa + wb
-    none = total == 0
-    lse = torch.where(none, float("inf"), top + torch.log2(torch.where(none, 1.0, total)))
-    share_a = torch.where(none, 0.0, wa / torch.where(none, 1.0, total))
-    out = out_a.float() * share_a[..., None] + out_b.float() * (1.0 - share_a)[..., None]
-    out = torch.where(none[..., None], 0.0, out)
-    return out.to(out_a.dtype), lse

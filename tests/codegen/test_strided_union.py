@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.strided_union import StridedUnion, merge_parts, strided_union_route
+from sparse_compile.codegen.merge import merge_parts
+from sparse_compile.codegen.strided_union import StridedUnion, strided_union_route
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (
@@ -49,23 +50,6 @@ def test_union_parts_are_the_rest_and_the_strided_operand_without_it():
 )
 def test_route_is_not_taken_where_it_does_not_hold(text, lq, lk, bias, dropout):
     assert strided_union_route(text, lq, lk, bias, dropout) is None
-
-
-def test_merging_with_an_empty_part_keeps_the_other_and_two_empty_give_zeros():
-    out_a, out_b = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    lse_a, lse_b = torch.randn(2, 3, 5), torch.full((2, 3, 5), float("inf"))
-    lse_b[0, 0, 0] = 0.5
-    lse_a[0, 0, 1] = float("inf")
-    out, lse = merge_parts(out_a, lse_a, out_b, lse_b)
-    assert torch.equal(out[1], out_a[1]) and torch.equal(lse[1], lse_a[1])
-    both = merge_parts(out_a, torch.full_like(lse_a, float("inf")), out_b, lse_b.clone().fill_(
-        float("inf")))
-    assert torch.equal(both[0], torch.zeros_like(out_a)) and torch.isposinf(both[1]).all()
-    # Two live parts: probabilities 2^lse_a : 2^lse_b.
-    w = 2.0 ** lse_a[0, 0, 0] / (2.0 ** lse_a[0, 0, 0] + 2.0 ** 0.5)
-    want = w * out_a[0, 0, 0] + (1 - w) * out_b[0, 0, 0]
-    assert torch.allclose(out[0, 0, 0], want, atol=1e-6)
-    assert torch.allclose(lse[0, 0, 0], torch.log2(2.0 ** lse_a[0, 0, 0] + 2.0 ** 0.5))
 
 
 @pytest.mark.parametrize("noncontiguous", [False, True], ids=["contiguous", "model-layout"])
