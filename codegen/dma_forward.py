@@ -7,9 +7,10 @@ adds ``delta`` to the logits and applies the per-row predicate ``rank <= thr[row
 (``full_count``), which run unmasked. Online softmax in float32 with exp2.
 
 Every ``tl.dot`` of the DMA kernels goes through ``dma_dot`` at the precision the launcher picks
-with ``TileConfig.precision`` of the input dtype, the attention kernels' rule: exact float32
-products ("ieee") for float32 inputs rather than Triton's default TF32; 16-bit products as
-before, except bfloat16 under the interpreter, multiplied as float32 ("upcast").
+with ``TileConfig.precision`` of the input dtype, the attention kernels' rule: float32 inputs
+follow PyTorch's float32 matmul setting (three TF32 products by default, float32-level error;
+one where TF32 is allowed); 16-bit products as they are, except bfloat16 under the
+interpreter, multiplied as float32 ("upcast").
 """
 
 from __future__ import annotations

@@ -1,0 +1,32 @@
+"""The tl.dot precision the kernels use per input dtype (``TileConfig.precision``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparse_compile.codegen.config import TileConfig
+
+
+@pytest.fixture
+def matmul_precision():
+    """Restores PyTorch's float32 matmul setting after the test."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_float32_follows_the_float32_matmul_setting(matmul_precision):
+    matmul_precision("highest")
+    assert TileConfig.precision(torch.float32) == "tf32x3"  # float32-level error
+    matmul_precision("high")
+    assert TileConfig.precision(torch.float32) == "tf32"  # TF32 allowed by the user
+    matmul_precision("medium")
+    assert TileConfig.precision(torch.float32) == "tf32"
+
+
+def test_sixteen_bit_inputs_multiply_as_they_are(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert TileConfig.precision(torch.float16) == "tf32"  # ignored by tl.dot for 16-bit
+    assert TileConfig.precision(torch.bfloat16) == "tf32"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert TileConfig.precision(torch.bfloat16) == "upcast"  # the interpreter's bf16 dot
