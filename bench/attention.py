@@ -60,6 +60,9 @@ def mask_mod_for(text: str) -> Callable:
         "global(16) | local(512)": lambda b, h, q, k: (k < 16) | (q < 16)
         | ((q - k <= 256) & (k - q <= 256)),
         "causal & strided(64)": lambda b, h, q, k: (k <= q) & ((q - k) % 64 == 0),
+        # the Sparse Transformer's pattern (codegen/strided_union.py's route)
+        "causal & (sliding(1024) | strided(128))": lambda b, h, q, k: (k <= q)
+        & ((q - k < 1024) | ((q - k) % 128 == 0)),
     }
     return mods[text]
 

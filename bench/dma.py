@@ -366,12 +366,16 @@ def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=Non
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    # flash has no float32 kernel: float32 runs compare against the memory-efficient backend
+    # (in the "flash" column, the row names it)
+    backend, label = ((SDPBackend.EFFICIENT_ATTENTION, "memory-efficient")
+                      if q.dtype == torch.float32 else (SDPBackend.FLASH_ATTENTION, "flash"))
+    with sdpa_kernel(backend):
         sdpa_f = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                        device)
         sdpa_b = timed(sdpa_fb, device)
     base["flash"] = sdpa_b
-    add("dense causal SDPA (flash)", sdpa_f, sdpa_b, sdpa_b, "-")
+    add(f"dense causal SDPA ({label})", sdpa_f, sdpa_b, sdpa_b, "-")
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             cf = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
