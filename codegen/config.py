@@ -60,15 +60,19 @@ class TileConfig:
         return max(16, 1 << (head_dim - 1).bit_length())
 
     @staticmethod
-    def precision(dtype: torch.dtype) -> str:
+    def precision(dtype: torch.dtype, head_dim: int) -> str:
         """tl.dot input precision. float32 inputs follow PyTorch's float32 matmul setting:
         three TF32 products ("tf32x3") by default ("highest"), float32-level error, and one
         ("tf32") where TF32 is allowed (``torch.set_float32_matmul_precision("high")``). Exact
         products ("ieee") run on the CUDA cores: on the H100 they made a float32 forward 4x
         and a backward 17-27x slower than tf32x3 for the same error against float64
-        (bench/NOTES.md, version 9). "upcast" (bf16 operands multiplied as fp32) under the
-        interpreter, whose bf16 tl.dot is wrong (triton 3.9)."""
+        (bench/NOTES.md, version 9). Heads wider than 128 keep exact products: the split
+        operands of tf32x3 overflow shared memory with their tiles (measured at D=160).
+        "upcast" (bf16 operands multiplied as fp32) under the interpreter, whose bf16 tl.dot
+        is wrong (triton 3.9)."""
         if dtype == torch.float32:
+            if TileConfig.d_pad(head_dim) > 128:
+                return "ieee"
             return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
         if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
             return "upcast"

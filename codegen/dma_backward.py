@@ -170,8 +170,8 @@ def dma_backward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_GRADS=kv_pass is None, PRECISION=TileConfig.precision(q.dtype), num_warps=num_warps,
-        num_stages=num_stages,
+        KV_GRADS=kv_pass is None, PRECISION=TileConfig.precision(q.dtype, d),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if kv_pass is not None:
         lists = dma_gather_lists(selection, delta, lq, kv_pass.rows)

@@ -7,10 +7,11 @@ adds ``delta`` to the logits and applies the per-row predicate ``rank <= thr[row
 (``full_count``), which run unmasked. Online softmax in float32 with exp2.
 
 Every ``tl.dot`` of the DMA kernels goes through ``dma_dot`` at the precision the launcher picks
-with ``TileConfig.precision`` of the input dtype, the attention kernels' rule: float32 inputs
-follow PyTorch's float32 matmul setting (three TF32 products by default, float32-level error;
-one where TF32 is allowed); 16-bit products as they are, except bfloat16 under the
-interpreter, multiplied as float32 ("upcast").
+with ``TileConfig.precision`` of the input dtype and head dim, the attention kernels' rule:
+float32 inputs follow PyTorch's float32 matmul setting (three TF32 products by default,
+float32-level error; one where TF32 is allowed; exact products for heads wider than 128);
+16-bit products as they are, except bfloat16 under the interpreter, multiplied as float32
+("upcast").
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def dma_forward(
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=TileConfig.precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=TileConfig.precision(q.dtype, d), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, lse
