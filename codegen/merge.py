@@ -102,9 +102,11 @@ def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     either part give zeros and +inf."""
     shape = tuple(out_a.shape)
     if tuple(out_b.shape) != shape or tuple(lse_a.shape) != shape[:-1] or tuple(
-            lse_b.shape) != shape[:-1] or not 1 <= len(shape) - 1 <= 4:
+            lse_b.shape) != shape[:-1]:
         raise ValueError(f"merge_parts: parts of shapes {shape}, {tuple(out_b.shape)} and "
                          f"log-sum-exps {tuple(lse_a.shape)}, {tuple(lse_b.shape)} differ")
+    if not 2 <= len(shape) <= 5:
+        raise ValueError(f"merge_parts: outputs need 1 to 4 row dims and D, got shape {shape}")
     dims, d = len(shape) - 1, shape[-1]
     out = torch.empty(shape, device=out_a.device, dtype=out_dtype or out_a.dtype)
     lse = torch.empty(shape[:-1], device=out_a.device, dtype=torch.float32)
@@ -129,8 +131,11 @@ def add_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     strides; ``dst``'s rows must not overlap). One pass that reads each row of ``src`` where
     it lies: PyTorch's element-wise add of a permuted view ran at half the bandwidth
     (bench/NOTES.md, version 9). The sum is formed in float32 and rounded once."""
-    if tuple(dst.shape) != tuple(src.shape) or not 2 <= dst.dim() <= 5:
+    if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"add_rows_: shapes {tuple(dst.shape)} and {tuple(src.shape)} differ")
+    if not 2 <= dst.dim() <= 5:
+        raise ValueError(f"add_rows_: tensors need 1 to 4 row dims and D, got shape "
+                         f"{tuple(dst.shape)}")
     dims, d = dst.dim() - 1, dst.shape[-1]
     n_rows = dst.numel() // max(d, 1)
     if n_rows == 0 or d == 0:

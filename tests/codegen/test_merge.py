@@ -59,10 +59,15 @@ def test_a_part_in_another_row_order_is_read_in_place(dtype):
         assert torch.equal(out[0, 1, 3, 2], kept)
 
 
-def test_parts_of_different_shapes_are_refused():
+def test_parts_of_different_shapes_or_too_many_dims_are_refused():
     out, lse = torch.randn(2, 5, 8), torch.randn(2, 5)
     with pytest.raises(ValueError, match="differ"):
         merge_parts(out, lse, torch.randn(2, 6, 8), torch.randn(2, 6))
+    wide, wide_lse = torch.randn(1, 2, 1, 2, 1, 8), torch.randn(1, 2, 1, 2, 1)
+    with pytest.raises(ValueError, match="1 to 4 row dims"):
+        merge_parts(wide, wide_lse, wide, wide_lse)
+    with pytest.raises(ValueError, match="1 to 4 row dims"):
+        add_rows_(wide, wide)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
