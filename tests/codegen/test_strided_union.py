@@ -93,3 +93,16 @@ def test_merged_output_is_rounded_once(kernel_device):
     out, _ = kernels.forward(qd, kd, vd, text, 0.2)
     assert out.dtype == torch.bfloat16
     assert rel_error(out, ref) < 0.9 * rel_error(rounded_first, ref)
+
+
+def test_the_residue_part_is_merged_and_summed_where_it_lies(monkeypatch):
+    # No copy of the strided part back to row order: the merge and the gradient sum read its
+    # class-ordered outputs in place (codegen/merge.py).
+    copies = count_calls(monkeypatch, kernels, "rows_of_grid")
+    merges = count_calls(monkeypatch, kernels, "merge_parts")
+    sums = count_calls(monkeypatch, kernels, "add_rows_")
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    out, lse = kernels.forward(qd, kd, vd, "axial(8)", 0.25)
+    kernels.backward(torch.randn_like(out), qd, kd, vd, out, lse, "axial(8)", 0.25)
+    assert not copies and len(merges) == 1 and len(sums) == 3
