@@ -140,7 +140,7 @@ def forward(
     parts = strided_union_route(pattern_text, q.shape[2], k.shape[2], bias is not None,
                                 dropout_p)
     if parts is not None:
-        return _union_forward(parts, q, k, v, scale, cfg, softcap)
+        return _union_forward(parts, q, k, v, scale, cfg, softcap, out_dtype)
     route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
     if route is not None:
         return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
@@ -283,8 +283,8 @@ def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
 
 
 def _union_forward(parts: StridedUnion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   scale: float, cfg: TileConfig | None, softcap: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, cfg: TileConfig | None, softcap: float,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A strided union's forward: its two parts, merged (codegen/strided_union.py). The parts
     keep their outputs in float32 so that the merged output is rounded once; the strided
     part's is merged where the residue classes left it (codegen/merge.py)."""
@@ -296,7 +296,7 @@ def _union_forward(parts: StridedUnion, q: torch.Tensor, k: torch.Tensor, v: tor
                                                      torch.float32)
     grid = lse_strided.shape
     out, lse = merge_parts(out_main.view(*grid, d), lse_main.view(grid), out_strided,
-                           lse_strided, q.dtype)
+                           lse_strided, out_dtype or q.dtype)
     return out.view(b, hq, lq, d), lse.view(b, hq, lq)
 
 

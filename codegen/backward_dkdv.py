@@ -370,7 +370,7 @@ def launch_dkdv(
         EVEN_N=lk % cfg.kv_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
-        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, q.shape[-1]), RANGES=visit.ranges,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.kv_merged, (lq, cfg.kv_m), (lk, cfg.kv_n)),
         SOFTCAP=softcap > 0, FUSED_DQ=fused,
         num_warps=cfg.kv_warps,

@@ -270,7 +270,7 @@ def launch_dq(
         BIAS_GRAD=dbias is not None,
         DB_ROWS=dbias is not None and dbias.shape[2] == 1,
         DB_COLS=dbias is not None and dbias.shape[3] == 1,
-        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, q.shape[-1]), RANGES=visit.ranges,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.dq_merged, (lk, cfg.dq_n)),
         SOFTCAP=softcap > 0,
         DELTA_FROM_OUT=out is not None, num_warps=cfg.dq_warps,

@@ -135,6 +135,6 @@ def dma_backward_kv(
         lq, lk, hq, hkv, ukey.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=rows, BLOCK_M=block_m,
-        BLOCK_N=block_n, PRECISION=TileConfig.precision(q.dtype, q.shape[-1]), num_warps=num_warps,
+        BLOCK_N=block_n, PRECISION=TileConfig.precision(q.dtype, d), num_warps=num_warps,
         num_stages=num_stages,
     )

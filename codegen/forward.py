@@ -254,7 +254,7 @@ def launch_forward(
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.fwd_m, BN=cfg.fwd_n,
         EVEN_N=lk % cfg.fwd_n == 0, FOLD=bias is None and scale > 0 and not softcap,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
-        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, q.shape[-1]), RANGES=visit.ranges,
+        DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.fwd_merged, (lk, cfg.fwd_n)),
         SOFTCAP=softcap > 0,
         num_warps=cfg.fwd_warps,

@@ -86,6 +86,12 @@ def _add_rows_kernel(
     tl.store(dst, total.to(DST.dtype.element_ty), mask=mask)
 
 
+def _row_tiles(head_dim: int) -> tuple[int, int]:
+    """(rows, padded D) per program of the row kernels: about 4096 elements each."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    return max(1, min(64, 4096 // block_d)), block_d
+
+
 def _as_rows(x: torch.Tensor, row_dims: int) -> torch.Tensor:
     """``x`` (``row_dims`` row dims, then D or nothing) with its row dims padded in front to
     4 by size-1 dims (a view)."""
@@ -116,8 +122,7 @@ def merge_parts(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     oa, ob = _as_rows(out_a, dims), _as_rows(out_b, dims)
     la, lb = _as_rows(lse_a, dims), _as_rows(lse_b, dims)
     _, n1, n2, n3 = la.shape
-    block_d = max(16, triton.next_power_of_2(d))
-    block_r = max(1, min(64, 4096 // block_d))
+    block_r, block_d = _row_tiles(d)
     _merge_kernel[(triton.cdiv(n_rows, block_r),)](
         oa, la, ob, lb, out, lse, n_rows, n1, n2, n3,
         *oa.stride(), *la.stride(), *ob.stride(), *lb.stride(),
@@ -142,8 +147,7 @@ def add_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         return dst
     dr, sr = _as_rows(dst, dims), _as_rows(src, dims)
     _, n1, n2, n3, _ = dr.shape
-    block_d = max(16, triton.next_power_of_2(d))
-    block_r = max(1, min(64, 4096 // block_d))
+    block_r, block_d = _row_tiles(d)
     _add_rows_kernel[(triton.cdiv(n_rows, block_r),)](
         dr, sr, n_rows, n1, n2, n3, *dr.stride(), *sr.stride(),
         HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,

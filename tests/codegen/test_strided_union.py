@@ -106,3 +106,13 @@ def test_the_residue_part_is_merged_and_summed_where_it_lies(monkeypatch):
     out, lse = kernels.forward(qd, kd, vd, "axial(8)", 0.25)
     kernels.backward(torch.randn_like(out), qd, kd, vd, out, lse, "axial(8)", 0.25)
     assert not copies and len(merges) == 1 and len(sums) == 3
+
+
+def test_the_union_writes_the_requested_output_dtype():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.bfloat16)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    wide, _ = kernels.forward(qd, kd, vd, "axial(8)", 0.25, out_dtype=torch.float32)
+    narrow, _ = kernels.forward(qd, kd, vd, "axial(8)", 0.25)
+    assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
+    # one rounding apart (the interpreter rounds bfloat16 stores toward zero, torch to nearest)
+    assert torch.allclose(wide, narrow.float(), rtol=2 ** -7, atol=0)
