@@ -10,7 +10,8 @@ tile once, loops over the query heads of its GQA group and the span's rows in ``
 tiles, recomputes P and dS (``lse`` and ``Di = rowsum(dO * O)`` from the forward and the dQ
 pass), and accumulates dK, dV and d delta in registers; one atomic add per key tile and span.
 Row tiles that keep nothing of the key tile are skipped: ``thr`` is non-increasing in the row,
-so once a tile's first row stops reaching the key tile's best rank, so do the rest. Dots at
+so once a tile's first row stops reaching the key tile's best rank, so do the rest; the loop
+runs over the remaining run of tiles, bounds computed up front. Dots at
 ``TileConfig.precision`` of the input dtype, as the forward (``dma_dot``).
 """
 
@@ -70,42 +71,53 @@ def _dma_bwd_kv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dd = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # The span's row tiles that keep an entry of this key tile form one run [t_lo, t_hi):
+        # thr is non-increasing in the row, so the tiles whose first row reaches best_rank are
+        # a prefix; causality admits the tiles from the one holding the first key's row on. A
+        # loop with these bounds has no branch in its body, which triton can software-pipeline.
         row0 = pid_s * ROWS
-        row_end = tl.minimum(row0 + ROWS, lq)
+        tile_rows = row0 + tl.arange(0, ROWS // BLOCK_M) * BLOCK_M
+        tile_ok = tile_rows < lq
+        tile_thr = tl.load(thr_ptr + bhk * lq + tile_rows, mask=tile_ok, other=-1)
+        t_hi = tl.sum((tile_thr >= best_rank).to(tl.int32), axis=0)
+        t_lo = tl.zeros([], dtype=tl.int32)
+        if CAUSAL:
+            t_lo = tl.maximum(first_key - (lk - lq) - row0, 0) // BLOCK_M
+        m_lo = row0 + t_lo * BLOCK_M
+        m_hi = row0 + t_hi * BLOCK_M
         for g in range(0, group):
             h = hk * group + g
             bh = b * hq + h
-            for m0 in range(row0, row_end, BLOCK_M):
-                active = tl.load(thr_ptr + bhk * lq + m0) >= best_rank
+            for m0 in range(m_lo, m_hi, BLOCK_M):
+                # Transposed orientation (keys x rows): P and dS come out of their products
+                # already shaped as the A operands of dV += Pᵀ dO and dK += dSᵀ Q, with no
+                # register transpose; Q and dO are read as [D, rows] views.
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < lq
+                md_mask = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm
+                            + offs_d[None, :], mask=md_mask, other=0.0)
+                do = tl.load(dout_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom
+                             + offs_d[None, :], mask=md_mask, other=0.0)
+                lse = tl.load(lse_ptr + bh * lq + offs_m, mask=row_ok, other=float("-inf"))
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+                di = tl.load(di_ptr + bh * lq + offs_m, mask=row_ok, other=0.0)
+                thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+                shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
+                # the forward's logits (delta - shift first: dma_select's module doc)
+                s_t = dma_dot(k, tl.trans(q), PRECISION) * scale_log2
+                s_t += (delta[:, None] - shift[None, :]) * 1.4426950408889634
+                if HAS_KEY_BIAS:
+                    s_t += kb[:, None] * 1.4426950408889634
+                kept = n_ok[:, None] & (ranks[:, None] <= thr[None, :])
                 if CAUSAL:
-                    active = active & (tl.minimum(m0 + BLOCK_M, lq) - 1 + (lk - lq) >= first_key)
-                if active:
-                    offs_m = m0 + tl.arange(0, BLOCK_M)
-                    row_ok = offs_m < lq
-                    md_mask = row_ok[:, None] & d_ok[None, :]
-                    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm
-                                + offs_d[None, :], mask=md_mask, other=0.0)
-                    do = tl.load(dout_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom
-                                 + offs_d[None, :], mask=md_mask, other=0.0)
-                    lse = tl.load(lse_ptr + bh * lq + offs_m, mask=row_ok, other=float("-inf"))
-                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
-                    di = tl.load(di_ptr + bh * lq + offs_m, mask=row_ok, other=0.0)
-                    thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
-                    shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
-                    # the forward's logits, operation for operation
-                    s = dma_dot(q, tl.trans(k), PRECISION) * scale_log2
-                    s += (delta[None, :] - shift[:, None]) * 1.4426950408889634
-                    if HAS_KEY_BIAS:
-                        s += kb[None, :] * 1.4426950408889634
-                    kept = n_ok[None, :] & (ranks[None, :] <= thr[:, None])
-                    if CAUSAL:
-                        kept = kept & (keys[None, :] <= (offs_m + (lk - lq))[:, None])
-                    p = tl.exp2(tl.where(kept, s, float("-inf")) - lse2[:, None])
-                    dv += dma_dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-                    dp = dma_dot(do, tl.trans(v), PRECISION).to(tl.float32)
-                    ds = p * (dp - di[:, None])
-                    dk += dma_dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
-                    dd += tl.sum(ds, axis=0)
+                    kept = kept & (keys[:, None] <= (offs_m + (lk - lq))[None, :])
+                p_t = tl.exp2(tl.where(kept, s_t, float("-inf")) - lse2[None, :])
+                dv += dma_dot(p_t.to(do.dtype), do, PRECISION)
+                dp_t = dma_dot(v, tl.trans(do), PRECISION).to(tl.float32)
+                ds_t = p_t * (dp_t - di[None, :])
+                dk += dma_dot(ds_t.to(q.dtype), q, PRECISION)
+                dd += tl.sum(ds_t, axis=1)
         kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dv_ptr + kv_off, dv, mask=kv_mask, sem="relaxed")
         tl.atomic_add(dk_ptr + kv_off, dk * scale, mask=kv_mask, sem="relaxed")

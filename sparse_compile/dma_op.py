@@ -43,11 +43,11 @@ def forward_stages(device: torch.device) -> int:
 
 def backward_span(device: torch.device) -> KvPass | None:
     """How the backward computes dK/dV: the span pass (``codegen.dma_backward_kv``, 1024-row
-    spans, H100-tuned) on the GPU; atomics inside the dQ kernel under the CPU interpreter
-    (fewer kernels to interpret)."""
+    spans of 32-row steps, 3 stages: H100-tuned, bench/NOTES.md version 10) on the GPU; atomics
+    inside the dQ kernel under the CPU interpreter (fewer kernels to interpret)."""
     if device.type != "cuda":
         return None
-    return KvPass(rows=1024, block_m=64, block_n=64, num_warps=4)
+    return KvPass(rows=1024, block_m=32, block_n=64, num_warps=4, num_stages=3)
 
 
 def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:

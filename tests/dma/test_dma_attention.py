@@ -153,10 +153,14 @@ def test_fused_large_delta(causal, fn, request):
     check(fn, inputs, 12, causal, None, None)
 
 
+@pytest.mark.parametrize("rows", [32, 64])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], (1, 2, 2, 50, 50, 16, 9, [6], False)])
-def test_backward_span_pass(case, causal, kernel_device):
-    """dK/dV by the span pass (several query blocks per atomic add) equal the reference."""
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], (1, 2, 2, 50, 50, 16, 9, [6], False),
+                                  (1, 2, 1, 70, 90, 16, 7, [30], False)])
+def test_backward_span_pass(case, causal, rows, kernel_device):
+    """dK/dV by the span pass (several query blocks per atomic add) equal the reference. Spans
+    of 2 and 4 row tiles; the last case has spans whose first rows see no listed key (padding
+    hides the first 30 keys) and rows whose thresholds end inside a span."""
     from sparse_compile.codegen.dma_backward import KvPass, dma_backward
     from sparse_compile.codegen.dma_forward import dma_forward
     from sparse_compile.codegen.dma_select import dma_select
@@ -171,7 +175,7 @@ def test_backward_span_pass(case, causal, kernel_device):
                            causal, scale, 16)
     grad = torch.randn_like(out)
     got = dma_backward(grad, q.detach(), k.detach(), v.detach(), delta.detach(), None, out, lse,
-                       sel, causal, scale, 16, kv_pass=KvPass(rows=32, block_m=16, block_n=16))
+                       sel, causal, scale, 16, kv_pass=KvPass(rows=rows, block_m=16, block_n=16))
     ref = dma_reference(q, k, v, delta, keep, causal=causal,
                         bias=keys[:, None, None, :] if keys is not None else None)
     want = torch.autograd.grad(ref, (q, k, v, delta), grad.double())
