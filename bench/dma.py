@@ -457,9 +457,9 @@ def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=Non
 
     if args.kv_variants == length and device == "cuda":
         rows = []
-        for variant in (KvPass(1024, 64, 64, 4, 2), KvPass(1024, 32, 64, 4, 2),
-                        KvPass(2048, 32, 64, 4, 3), KvPass(512, 32, 64, 4, 3),
-                        KvPass(1024, 32, 128, 8, 3)):
+        for variant in (KvPass(1024, 32, 64, 4, 3), KvPass(2048, 64, 64, 4, 2),
+                        KvPass(4096, 32, 64, 4, 3), KvPass(512, 32, 64, 4, 3),
+                        KvPass(2048, 32, 128, 8, 3)):
             _, fb = fused_fns(q, k, v, delta, args.keep, cfg_f, cfg_b, variant, stages)
             try:
                 rows.append(f"{variant}: {timed(lambda fb=fb: fb(dout), device):.3f} ms")

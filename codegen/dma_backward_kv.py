@@ -4,15 +4,22 @@ The fused backward (``dma_backward``) adds every query block's dK/dV tile into f
 with atomics: ``Lq / BLOCK_M`` adds per kept key and head, most of them on the same hot rows
 (a high-delta key is kept by every later query), which dominates its time. This pass instead
 takes ``ROWS`` query rows at once (a span of several query blocks) and the union of their kept
-keys, which the selection lists in rank order (``dma_gather_lists``; at most ``keep + ROWS``
-keys). Program (key tile of that list, row span, batch * kv head): it loads its gathered K/V
-tile once, loops over the query heads of its GQA group and the span's rows in ``BLOCK_M``
-tiles, recomputes P and dS (``lse`` and ``Di = rowsum(dO * O)`` from the forward and the dQ
-pass), and accumulates dK, dV and d delta in registers; one atomic add per key tile and span.
-Row tiles that keep nothing of the key tile are skipped: ``thr`` is non-increasing in the row,
-so once a tile's first row stops reaching the key tile's best rank, so do the rest; the loop
-runs over the remaining run of tiles, bounds computed up front. Dots at
-``TileConfig.precision`` of the input dtype, as the forward (``dma_dot``).
+keys (``dma_gather_lists``: at most ``keep + ROWS`` keys, the older ones in rank order, then the
+span's own keys by position). Program (key tile of that list, row span, batch * kv head): it
+loads its gathered K/V tile once, loops over the query heads of its GQA group and the span's
+rows in ``BLOCK_M`` steps, recomputes P and dS (``lse`` and ``Di = rowsum(dO * O)`` from the
+forward and the dQ pass), and accumulates dK, dV and d delta in registers; one atomic add per
+key tile and span.
+
+The row steps that keep some entry of the key tile form one run, and those that keep all of
+it a run inside that one: ``thr`` is non-increasing in the row, so a step's first row keeps
+the most and its last row the least, and causality admits rows from a key's position on. The
+loops run masked steps, then steps without any mask arithmetic (most of them: the span's own
+keys, which causality cuts, sit together at the list's end), then masked steps, with bounds
+computed up front so that triton can software-pipeline each loop. The work is in the
+transposed orientation (keys x rows): P and dS come out of their products shaped as the A
+operands of dV += Pᵀ dO and dK += dSᵀ Q. Q and dO tiles arrive through TMA where exact
+(``codegen.tma``). Dots at ``TileConfig.precision`` of the input dtype, as the forward.
 """
 
 from __future__ import annotations
@@ -23,8 +30,52 @@ import triton.language as tl
 
 from .config import TileConfig
 from .dma_forward import dma_dot
+from .tma import row_descriptors
 
 __all__ = ["dma_backward_kv"]
+
+
+@triton.jit
+def _kv_step(
+    dk, dv, dd, k, v, delta, kb, keys, ranks, n_ok, m0, q_src, do_src, q_row, bh, bhk,
+    lse_ptr, di_ptr, thr_ptr, shift_ptr, sqm, sdom, lq, lk, offs_d, d_ok, scale_log2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One step of BLOCK_M rows against the key tile. MASKED=False for steps that keep every
+    entry (all rows within Lq, every key kept by every row): no mask arithmetic."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < lq
+    if TMA:
+        q = q_src.load([q_row + m0, 0])
+        do = do_src.load([q_row + m0, 0])
+    else:
+        md_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_src + offs_m[:, None] * sqm + offs_d[None, :], mask=md_mask, other=0.0)
+        do = tl.load(do_src + offs_m[:, None] * sdom + offs_d[None, :], mask=md_mask,
+                     other=0.0)
+    lse = tl.load(lse_ptr + bh * lq + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+    di = tl.load(di_ptr + bh * lq + offs_m, mask=row_ok, other=0.0)
+    shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
+    # the forward's logits (delta - shift first: dma_select's module doc)
+    s_t = dma_dot(k, tl.trans(q), PRECISION) * scale_log2
+    s_t += (delta[:, None] - shift[None, :]) * 1.4426950408889634
+    if HAS_KEY_BIAS:
+        s_t += kb[:, None] * 1.4426950408889634
+    if MASKED:
+        thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
+        kept = n_ok[:, None] & (ranks[:, None] <= thr[None, :])
+        if CAUSAL:
+            kept = kept & (keys[:, None] <= (offs_m + (lk - lq))[None, :])
+        s_t = tl.where(kept, s_t, float("-inf"))
+    p_t = tl.exp2(s_t - lse2[None, :])
+    dv += dma_dot(p_t.to(do.dtype), do, PRECISION)
+    dp_t = dma_dot(v, tl.trans(do), PRECISION).to(tl.float32)
+    ds_t = p_t * (dp_t - di[None, :])
+    dk += dma_dot(ds_t.to(q.dtype), q, PRECISION)
+    dd += tl.sum(ds_t, axis=1)
+    return dk, dv, dd
 
 
 @triton.jit
@@ -36,7 +87,7 @@ def _dma_bwd_kv_kernel(
     lq, lk, hq, hkv, ucap, scale,
     CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    TMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -65,59 +116,59 @@ def _dma_bwd_kv_kernel(
         if HAS_KEY_BIAS:
             kb = tl.load(key_bias_ptr + b * lk + keys, mask=n_ok, other=0.0)
         best_rank = tl.min(tl.where(n_ok, ranks, 2147483647), axis=0)
+        worst_rank = tl.max(tl.where(n_ok, ranks, -1), axis=0)
         first_key = tl.min(tl.where(n_ok, keys, 2147483647), axis=0)
+        last_key = tl.max(tl.where(n_ok, keys, -1), axis=0)
         scale_log2 = scale * 1.4426950408889634
+
+        # Step runs (module doc): [t_lo, t_hi) keep some entry, [f_lo, f_hi) all of them.
+        row0 = pid_s * ROWS
+        step_rows = row0 + tl.arange(0, ROWS // BLOCK_M) * BLOCK_M
+        step_whole = step_rows + BLOCK_M <= lq
+        first_thr = tl.load(thr_ptr + bhk * lq + step_rows, mask=step_rows < lq, other=-1)
+        last_thr = tl.load(thr_ptr + bhk * lq + step_rows + BLOCK_M - 1, mask=step_whole,
+                           other=-1)
+        t_hi = tl.sum((first_thr >= best_rank).to(tl.int32), axis=0)
+        f_hi = tl.sum((step_whole & (last_thr >= worst_rank)).to(tl.int32), axis=0)
+        if start + BLOCK_N > count:
+            f_hi = 0  # a partial key tile has padding entries: every step masked
+        t_lo = tl.zeros([], dtype=tl.int32)
+        f_lo = tl.zeros([], dtype=tl.int32)
+        if CAUSAL:
+            t_lo = tl.maximum(first_key - (lk - lq) - row0, 0) // BLOCK_M
+            f_lo = (tl.maximum(last_key - (lk - lq) - row0, 0) + BLOCK_M - 1) // BLOCK_M
+        f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
+        f_hi = tl.maximum(tl.minimum(f_hi, t_hi), f_lo)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dd = tl.zeros([BLOCK_N], dtype=tl.float32)
-        # The span's row tiles that keep an entry of this key tile form one run [t_lo, t_hi):
-        # thr is non-increasing in the row, so the tiles whose first row reaches best_rank are
-        # a prefix; causality admits the tiles from the one holding the first key's row on. A
-        # loop with these bounds has no branch in its body, which triton can software-pipeline.
-        row0 = pid_s * ROWS
-        tile_rows = row0 + tl.arange(0, ROWS // BLOCK_M) * BLOCK_M
-        tile_ok = tile_rows < lq
-        tile_thr = tl.load(thr_ptr + bhk * lq + tile_rows, mask=tile_ok, other=-1)
-        t_hi = tl.sum((tile_thr >= best_rank).to(tl.int32), axis=0)
-        t_lo = tl.zeros([], dtype=tl.int32)
-        if CAUSAL:
-            t_lo = tl.maximum(first_key - (lk - lq) - row0, 0) // BLOCK_M
-        m_lo = row0 + t_lo * BLOCK_M
-        m_hi = row0 + t_hi * BLOCK_M
         for g in range(0, group):
             h = hk * group + g
             bh = b * hq + h
-            for m0 in range(m_lo, m_hi, BLOCK_M):
-                # Transposed orientation (keys x rows): P and dS come out of their products
-                # already shaped as the A operands of dV += Pᵀ dO and dK += dSᵀ Q, with no
-                # register transpose; Q and dO are read as [D, rows] views.
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < lq
-                md_mask = row_ok[:, None] & d_ok[None, :]
-                q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm
-                            + offs_d[None, :], mask=md_mask, other=0.0)
-                do = tl.load(dout_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdom
-                             + offs_d[None, :], mask=md_mask, other=0.0)
-                lse = tl.load(lse_ptr + bh * lq + offs_m, mask=row_ok, other=float("-inf"))
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
-                di = tl.load(di_ptr + bh * lq + offs_m, mask=row_ok, other=0.0)
-                thr = tl.load(thr_ptr + bhk * lq + offs_m, mask=row_ok, other=-1)
-                shift = tl.load(shift_ptr + bhk * lq + offs_m, mask=row_ok, other=0.0)
-                # the forward's logits (delta - shift first: dma_select's module doc)
-                s_t = dma_dot(k, tl.trans(q), PRECISION) * scale_log2
-                s_t += (delta[:, None] - shift[None, :]) * 1.4426950408889634
-                if HAS_KEY_BIAS:
-                    s_t += kb[:, None] * 1.4426950408889634
-                kept = n_ok[:, None] & (ranks[:, None] <= thr[None, :])
-                if CAUSAL:
-                    kept = kept & (keys[:, None] <= (offs_m + (lk - lq))[None, :])
-                p_t = tl.exp2(tl.where(kept, s_t, float("-inf")) - lse2[None, :])
-                dv += dma_dot(p_t.to(do.dtype), do, PRECISION)
-                dp_t = dma_dot(v, tl.trans(do), PRECISION).to(tl.float32)
-                ds_t = p_t * (dp_t - di[None, :])
-                dk += dma_dot(ds_t.to(q.dtype), q, PRECISION)
-                dd += tl.sum(ds_t, axis=1)
+            if TMA:
+                q_src = q_ptr
+                do_src = dout_ptr
+                q_row = bh * lq
+            else:
+                q_src = q_ptr + b * sqb + h * sqh
+                do_src = dout_ptr + b * sdob + h * sdoh
+                q_row = 0
+            for m0 in range(row0 + t_lo * BLOCK_M, row0 + f_lo * BLOCK_M, BLOCK_M):
+                dk, dv, dd = _kv_step(
+                    dk, dv, dd, k, v, delta, kb, keys, ranks, n_ok, m0, q_src, do_src, q_row,
+                    bh, bhk, lse_ptr, di_ptr, thr_ptr, shift_ptr, sqm, sdom, lq, lk, offs_d,
+                    d_ok, scale_log2, True, CAUSAL, HAS_KEY_BIAS, TMA, PRECISION, BLOCK_M)
+            for m0 in range(row0 + f_lo * BLOCK_M, row0 + f_hi * BLOCK_M, BLOCK_M):
+                dk, dv, dd = _kv_step(
+                    dk, dv, dd, k, v, delta, kb, keys, ranks, n_ok, m0, q_src, do_src, q_row,
+                    bh, bhk, lse_ptr, di_ptr, thr_ptr, shift_ptr, sqm, sdom, lq, lk, offs_d,
+                    d_ok, scale_log2, False, CAUSAL, HAS_KEY_BIAS, TMA, PRECISION, BLOCK_M)
+            for m0 in range(row0 + f_hi * BLOCK_M, row0 + t_hi * BLOCK_M, BLOCK_M):
+                dk, dv, dd = _kv_step(
+                    dk, dv, dd, k, v, delta, kb, keys, ranks, n_ok, m0, q_src, do_src, q_row,
+                    bh, bhk, lse_ptr, di_ptr, thr_ptr, shift_ptr, sqm, sdom, lq, lk, offs_d,
+                    d_ok, scale_log2, True, CAUSAL, HAS_KEY_BIAS, TMA, PRECISION, BLOCK_M)
         kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
         tl.atomic_add(dv_ptr + kv_off, dv, mask=kv_mask, sem="relaxed")
         tl.atomic_add(dk_ptr + kv_off, dk * scale, mask=kv_mask, sem="relaxed")
@@ -131,22 +182,26 @@ def dma_backward_kv(
     lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: int, causal: bool,
     scale: float, dk: torch.Tensor, dv: torch.Tensor, ddelta: torch.Tensor,
     block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    tma: bool = True,
 ) -> None:
     """Accumulate dK, dV (float32 ``[B, Hkv, Lk, D]``) and d delta (float32 ``[B, Hkv, Lk]``)
     in place. ``lists`` = ``dma_gather_lists(..., block_m=rows)``; thr/shift from the
-    selection; lse the forward's, di ``[B, Hq, Lq]`` float32 from the dQ pass."""
+    selection; lse the forward's, di ``[B, Hq, Lq]`` float32 from the dQ pass. ``tma``: load
+    Q and dO tiles through TMA descriptors where exact (Lq a multiple of ``block_m``)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     ukey, urank, ucount = lists
+    descs = row_descriptors(tma and lq % block_m == 0, block_m, q, dout)
+    q_arg, do_arg = descs or (q, dout)
     grid = (triton.cdiv(ukey.shape[-1], block_n), triton.cdiv(lq, rows), b * hkv)
     _dma_bwd_kv_kernel[grid](
-        q, k, v, delta, key_bias if key_bias is not None else delta, dout, lse, di,
+        q_arg, k, v, delta, key_bias if key_bias is not None else delta, do_arg, lse, di,
         dk, dv, ddelta, thr, shift, ukey, urank, ucount,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         lq, lk, hq, hkv, ukey.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=rows, BLOCK_M=block_m,
-        BLOCK_N=block_n, PRECISION=TileConfig.precision(q.dtype, d), num_warps=num_warps,
-        num_stages=num_stages,
+        BLOCK_N=block_n, TMA=descs is not None, PRECISION=TileConfig.precision(q.dtype, d),
+        num_warps=num_warps, num_stages=num_stages,
     )

@@ -88,15 +88,18 @@ def _dma_select_kernel(
         slot = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
         tl.store(gather_key_ptr + list_base + slot, keys, mask=take)
         tl.store(gather_rank_ptr + list_base + slot, ranks, mask=take)
-        if PER_ROW:
-            fresh = take & (keys > p_first)
-            tl.store(slot_ptr + base * BLOCK_M + (keys - p_first), slot, mask=fresh)
+        fresh = take & (keys > p_first)
+        tl.store(slot_ptr + base * BLOCK_M + (keys - p_first), slot, mask=fresh)
         seen += tl.sum(visible.to(tl.int32), axis=0)
         n_out += tl.sum(take.to(tl.int32), axis=0)
         r0 += BLOCK_R
     tl.store(gather_count_ptr + base, n_out)
-    # Phases 2 and 3 read list entries other threads of this program wrote.
+    # Phases 2 to 4 read list entries other threads of this program wrote.
     tl.debug_barrier()
+    offs_j = tl.arange(0, BLOCK_M)
+    block_slot = tl.load(slot_ptr + base * BLOCK_M + offs_j)  # block key p_first + j
+    block_key = p_first + offs_j
+    thr_min = tl.full([], -1, dtype=tl.int32)
     if PER_ROW:  # thresholds and shifts (the dK/dV pass needs the lists only)
         # Phase 2: row p's count at list slot i is (i + 1) minus the block keys after p listed at
         # or before i; it reaches `keep` inside the window [keep - 1, keep + BLOCK_M - 2].
@@ -105,9 +108,6 @@ def _dma_select_kernel(
             pos = offs_m + (lk - lq)
         else:
             pos = tl.zeros([BLOCK_M], dtype=tl.int32) + lk
-        offs_j = tl.arange(0, BLOCK_M)
-        block_slot = tl.load(slot_ptr + base * BLOCK_M + offs_j)  # block key p_first + j
-        block_key = p_first + offs_j
         w0 = keep - 1
         hidden = (block_key[None, :] > pos[:, None]) & (block_slot[None, :] < w0)
         hidden_before = tl.sum(hidden.to(tl.int32), axis=1)
@@ -132,30 +132,32 @@ def _dma_select_kernel(
         shift = tl.where(shift == float("-inf"), 0.0, shift)
         tl.store(shift_ptr + bh * lq + offs_m, shift, mask=offs_m < lq)
 
-        # Phase 4: reorder the list as [keys <= p_first in rank order][block keys] and count
-        # its leading entries that every row keeps (rank <= the block's smallest threshold):
-        # the kernels run those tiles without any mask.
         thr_min = tl.min(tl.where(offs_m < lq, thr, 2147483647), axis=0)
-        listed = block_slot < n_out
-        b_rank = tl.load(gather_rank_ptr + list_base + block_slot, mask=listed, other=0)
-        n_front = tl.zeros([], dtype=tl.int32)
-        n_full = tl.zeros([], dtype=tl.int32)
-        for c0 in range(0, n_out, BLOCK_R):
-            idx = c0 + tl.arange(0, BLOCK_R)
-            ok = idx < n_out
-            c_key = tl.load(gather_key_ptr + list_base + idx, mask=ok, other=0)
-            c_rank = tl.load(gather_rank_ptr + list_base + idx, mask=ok, other=0)
-            tl.debug_barrier()  # every read of this chunk before any write into it
-            front = ok & (c_key <= p_first)
-            dst = n_front + tl.cumsum(front.to(tl.int32), axis=0) - 1
-            tl.store(gather_key_ptr + list_base + dst, c_key, mask=front)
-            tl.store(gather_rank_ptr + list_base + dst, c_rank, mask=front)
-            n_full += tl.sum((front & (c_rank <= thr_min)).to(tl.int32), axis=0)
-            n_front += tl.sum(front.to(tl.int32), axis=0)
-            tl.debug_barrier()
-        b_dst = n_front + tl.cumsum(listed.to(tl.int32), axis=0) - 1
-        tl.store(gather_key_ptr + list_base + b_dst, block_key, mask=listed)
-        tl.store(gather_rank_ptr + list_base + b_dst, b_rank, mask=listed)
+
+    # Phase 4: reorder the list as [keys <= p_first in rank order][block keys by position] and
+    # count its leading entries that every row keeps (rank <= the block's smallest threshold;
+    # PER_ROW only): the kernels run those tiles without any mask.
+    listed = block_slot < n_out
+    b_rank = tl.load(gather_rank_ptr + list_base + block_slot, mask=listed, other=0)
+    n_front = tl.zeros([], dtype=tl.int32)
+    n_full = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n_out, BLOCK_R):
+        idx = c0 + tl.arange(0, BLOCK_R)
+        ok = idx < n_out
+        c_key = tl.load(gather_key_ptr + list_base + idx, mask=ok, other=0)
+        c_rank = tl.load(gather_rank_ptr + list_base + idx, mask=ok, other=0)
+        tl.debug_barrier()  # every read of this chunk before any write into it
+        front = ok & (c_key <= p_first)
+        dst = n_front + tl.cumsum(front.to(tl.int32), axis=0) - 1
+        tl.store(gather_key_ptr + list_base + dst, c_key, mask=front)
+        tl.store(gather_rank_ptr + list_base + dst, c_rank, mask=front)
+        n_full += tl.sum((front & (c_rank <= thr_min)).to(tl.int32), axis=0)
+        n_front += tl.sum(front.to(tl.int32), axis=0)
+        tl.debug_barrier()
+    b_dst = n_front + tl.cumsum(listed.to(tl.int32), axis=0) - 1
+    tl.store(gather_key_ptr + list_base + b_dst, block_key, mask=listed)
+    tl.store(gather_rank_ptr + list_base + b_dst, b_rank, mask=listed)
+    if PER_ROW:
         tl.store(full_ptr + base, n_full)
 
 
@@ -240,8 +242,7 @@ def _launch(order, n_allowed, delta, lq, keep, causal, block_m, block_r, per_row
     gather_count = torch.empty(bh, nq, dtype=torch.int32, device=dev)
     thr = torch.empty(bh, lq if per_row else 1, dtype=torch.int32, device=dev)
     shift = torch.empty(bh, lq if per_row else 1, dtype=torch.float32, device=dev)
-    slot = torch.full((bh, nq, block_m) if per_row else (1,), 2**30, dtype=torch.int32,
-                      device=dev)
+    slot = torch.full((bh, nq, block_m), 2**30, dtype=torch.int32, device=dev)
     full = torch.zeros(bh, nq, dtype=torch.int32, device=dev)
     _dma_select_kernel[(nq, bh)](
         order, delta, n_allowed, gather_key, gather_rank, gather_count, slot, thr, shift, full,

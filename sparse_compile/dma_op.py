@@ -42,12 +42,12 @@ def forward_stages(device: torch.device) -> int:
 
 
 def backward_span(device: torch.device) -> KvPass | None:
-    """How the backward computes dK/dV: the span pass (``codegen.dma_backward_kv``, 1024-row
+    """How the backward computes dK/dV: the span pass (``codegen.dma_backward_kv``, 2048-row
     spans of 32-row steps, 3 stages: H100-tuned, bench/NOTES.md version 10) on the GPU; atomics
     inside the dQ kernel under the CPU interpreter (fewer kernels to interpret)."""
     if device.type != "cuda":
         return None
-    return KvPass(rows=1024, block_m=32, block_n=64, num_warps=4, num_stages=3)
+    return KvPass(rows=2048, block_m=32, block_n=64, num_warps=4, num_stages=3)
 
 
 def _contiguous_rows(t: torch.Tensor) -> torch.Tensor:

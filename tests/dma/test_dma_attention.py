@@ -153,6 +153,31 @@ def test_fused_large_delta(causal, fn, request):
     check(fn, inputs, 12, causal, None, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_span_pass_long_spans(causal, dtype, kernel_device):
+    """Spans of 4 row steps over lists of several key tiles, most steps keeping whole tiles
+    (the loop without masks); float16 at Lq a multiple of the step reads Q and dO through
+    TMA descriptors."""
+    from sparse_compile.codegen.dma_backward import KvPass, dma_backward
+    from sparse_compile.codegen.dma_forward import dma_forward
+    from sparse_compile.codegen.dma_select import dma_select
+
+    q, k, v, delta = make_inputs(1, 2, 1, 128, 128, 32, dtype=dtype, device=kernel_device)
+    scale = 32 ** -0.5
+    sel = dma_select(delta.detach(), None, 128, 40, causal, 16)
+    out, lse = dma_forward(q.detach(), k.detach(), v.detach(), delta.detach(), None, sel,
+                           causal, scale, 16)
+    grad = torch.randn_like(out)
+    got = dma_backward(grad, q.detach(), k.detach(), v.detach(), delta.detach(), None, out, lse,
+                       sel, causal, scale, 16, kv_pass=KvPass(rows=64, block_m=16, block_n=16))
+    ref = dma_reference(q, k, v, delta, 40, causal=causal)
+    want = torch.autograd.grad(ref, (q, k, v, delta), grad.double())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, g, w in zip("q k v delta".split(), got, want, strict=True):
+        assert rel_error(g, w) < tol, name
+
+
 @pytest.mark.parametrize("rows", [32, 64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], (1, 2, 2, 50, 50, 16, 9, [6], False),
