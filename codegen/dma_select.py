@@ -82,15 +82,18 @@ def _dma_select_kernel(
         valid = ranks < n_allowed
         keys = tl.load(order_ptr + bh * lk + ranks, mask=valid, other=0)
         visible = valid & (keys <= p_first)
-        # stop right after the keep-th key visible to the first row
-        before = seen + tl.cumsum(visible.to(tl.int32), axis=0) - visible.to(tl.int32)
-        take = valid & (keys <= p_last) & (before < keep)
+        n_visible = tl.sum(visible.to(tl.int32), axis=0)
+        take = valid & (keys <= p_last)
+        if seen + n_visible >= keep:  # only the chunk holding the stop needs the running count
+            # stop right after the keep-th key visible to the first row
+            before = seen + tl.cumsum(visible.to(tl.int32), axis=0) - visible.to(tl.int32)
+            take = take & (before < keep)
         slot = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
         tl.store(gather_key_ptr + list_base + slot, keys, mask=take)
         tl.store(gather_rank_ptr + list_base + slot, ranks, mask=take)
         fresh = take & (keys > p_first)
         tl.store(slot_ptr + base * BLOCK_M + (keys - p_first), slot, mask=fresh)
-        seen += tl.sum(visible.to(tl.int32), axis=0)
+        seen += n_visible
         n_out += tl.sum(take.to(tl.int32), axis=0)
         r0 += BLOCK_R
     tl.store(gather_count_ptr + base, n_out)
