@@ -77,10 +77,15 @@ def _dma_select_kernel(
     seen = tl.zeros([], dtype=tl.int32)
     n_out = tl.zeros([], dtype=tl.int32)
     r0 = tl.zeros([], dtype=tl.int32)
+    # each chunk's keys are loaded one iteration ahead, so the load overlaps the scan
+    keys_next = tl.load(order_ptr + bh * lk + tl.arange(0, BLOCK_R),
+                        mask=tl.arange(0, BLOCK_R) < n_allowed, other=0)
     while (r0 < n_allowed) & (seen < keep):
         ranks = r0 + tl.arange(0, BLOCK_R)
         valid = ranks < n_allowed
-        keys = tl.load(order_ptr + bh * lk + ranks, mask=valid, other=0)
+        keys = keys_next
+        keys_next = tl.load(order_ptr + bh * lk + ranks + BLOCK_R,
+                            mask=ranks + BLOCK_R < n_allowed, other=0)
         visible = valid & (keys <= p_first)
         n_visible = tl.sum(visible.to(tl.int32), axis=0)
         take = valid & (keys <= p_last)
