@@ -340,6 +340,19 @@ def flex_row(length, args, q, k, v, delta, dout, qg, kg, vg, out_ours, op_grads,
     del block_mask, run
 
 
+def default_sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """Name of the CUDA kernel PyTorch's default SDPA dispatch runs for a causal forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    if not events:
+        return "no CUDA kernel recorded"
+    return max(events, key=lambda e: e.device_time_total).key[:90]
+
+
 def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=None, stages=2):
     """Time every variant at one sequence length; appends rows to table and notes to lines."""
     q, k, v, delta = make_problem(length, args.heads, args.dim, args.keep, device, dtype)
@@ -376,6 +389,11 @@ def bench_length(length, args, cfg_f, cfg_b, device, dtype, table, lines, kv=Non
         sdpa_b = timed(sdpa_fb, device)
     base["flash"] = sdpa_b
     add(f"dense causal SDPA ({label})", sdpa_f, sdpa_b, sdpa_b, "-")
+    if device == "cuda":
+        default_ms = timed(sdpa_fb, device)
+        lines.append(f"L={length}: F.scaled_dot_product_attention(is_causal=True) with no "
+                     f"backend chosen runs {default_sdpa_kernel(q, k, v)}; fwd+bwd "
+                     f"{default_ms:.2f} ms")
     try:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             cf = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
