@@ -174,10 +174,11 @@ class DmaSelection:
 
     thr ``[BH, Lq]`` int32 rank threshold per row; shift ``[BH, Lq]`` float32, the constant the
     kernels subtract from delta on each row (module doc); gather_key / gather_rank
-    ``[BH, nq, cap]`` int32 (key index and its rank, in rank order, ``gather_count [BH, nq]``
-    valid entries, of which the first ``full_count [BH, nq]`` are kept by every row of the
-    block); block_m the query block size the lists were built for; order / n_allowed the
-    rank order (for more lists at other block sizes). BH = batch * kv heads.
+    ``[BH, nq, cap]`` int32 (key index and its rank: the keys before the block in rank order,
+    then the block's own keys by position; ``gather_count [BH, nq]`` valid entries, of which the
+    first ``full_count [BH, nq]`` are kept by every row of the block); block_m the query block
+    size the lists were built for; order / n_allowed the rank order (for more lists at other
+    block sizes). BH = batch * kv heads.
     """
 
     def __init__(self, thr, gather_key, gather_rank, gather_count, block_m, shift,
