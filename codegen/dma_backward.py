@@ -61,9 +61,10 @@ def _bwd_tile(
     if KV_GRADS:
         dv_part = dma_dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk_part = dma_dot(tl.trans(ds.to(q.dtype)), q, PRECISION) * scale
-        kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
-        tl.atomic_add(dv_ptr + kv_off, dv_part, mask=kv_mask, sem="relaxed")
-        tl.atomic_add(dk_ptr + kv_off, dk_part, mask=kv_mask, sem="relaxed")
+        head_off = bhk * lk * HEAD_DIM
+        kv_off = keys[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dv_ptr + head_off + kv_off, dv_part, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(dk_ptr + head_off + kv_off, dk_part, mask=kv_mask, sem="relaxed")
         tl.atomic_add(ddelta_ptr + bhk * lk + keys, tl.sum(ds, axis=0), mask=n_ok,
                       sem="relaxed")
     return dq
@@ -87,6 +88,9 @@ def _dma_bwd_kernel(
     hk = h // (hq // hkv)
     bhk = b * hkv + hk
     nq = tl.cdiv(lq, BLOCK_M)
+    # (batch, head) offsets in 64 bits, as in the forward
+    b, h, hk, bhk, pid_bh = (b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64),
+                             bhk.to(tl.int64), pid_bh.to(tl.int64))
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -125,7 +129,7 @@ def _dma_bwd_kernel(
             k_ptr, v_ptr, delta_ptr, key_bias_ptr, gkey_ptr, grank_ptr, dk_ptr, dv_ptr,
             ddelta_ptr, skb, skh, skn, svb, svh, svn, scale, scale_log2, offs_d, d_ok,
             True, CAUSAL, HAS_KEY_BIAS, HEAD_DIM, BLOCK_N, KV_GRADS, PRECISION)
-    tl.store(dq_ptr + ((b * hq + h) * lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+    tl.store(dq_ptr + pid_bh * lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=md_mask)
 
 

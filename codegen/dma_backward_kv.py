@@ -91,7 +91,7 @@ def _dma_bwd_kv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    bhk = tl.program_id(2)
+    bhk = tl.program_id(2).to(tl.int64)  # 64-bit (batch, head) offsets, as in the forward
     b = bhk // hkv
     hk = bhk % hkv
     group = hq // hkv
@@ -149,7 +149,7 @@ def _dma_bwd_kv_kernel(
             if TMA:
                 q_src = q_ptr
                 do_src = dout_ptr
-                q_row = bh * lq
+                q_row = (bh * lq).to(tl.int32)  # TMA coordinates are 32-bit
             else:
                 q_src = q_ptr + b * sqb + h * sqh
                 do_src = dout_ptr + b * sdob + h * sdoh
@@ -169,9 +169,10 @@ def _dma_bwd_kv_kernel(
                     dk, dv, dd, k, v, delta, kb, keys, ranks, n_ok, m0, q_src, do_src, q_row,
                     bh, bhk, lse_ptr, di_ptr, thr_ptr, shift_ptr, sqm, sdom, lq, lk, offs_d,
                     d_ok, scale_log2, True, CAUSAL, HAS_KEY_BIAS, TMA, PRECISION, BLOCK_M)
-        kv_off = (bhk * lk + keys[:, None]) * HEAD_DIM + offs_d[None, :]
-        tl.atomic_add(dv_ptr + kv_off, dv, mask=kv_mask, sem="relaxed")
-        tl.atomic_add(dk_ptr + kv_off, dk * scale, mask=kv_mask, sem="relaxed")
+        head_off = bhk * lk * HEAD_DIM
+        kv_off = keys[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dv_ptr + head_off + kv_off, dv, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(dk_ptr + head_off + kv_off, dk * scale, mask=kv_mask, sem="relaxed")
         tl.atomic_add(ddelta_ptr + bhk * lk + keys, dd, mask=n_ok, sem="relaxed")
 
 

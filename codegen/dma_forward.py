@@ -136,6 +136,10 @@ def _dma_fwd_kernel(
     hk = h // (hq // hkv)
     bhk = b * hkv + hk
     nq = tl.cdiv(lq, BLOCK_M)
+    # (batch, head) offsets in 64 bits: a tensor may hold more than 2**31 elements; the
+    # offsets within one head stay 32-bit
+    b, h, hk, bhk, pid_bh = (b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64),
+                             bhk.to(tl.int64), pid_bh.to(tl.int64))
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

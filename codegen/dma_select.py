@@ -63,7 +63,7 @@ def _dma_select_kernel(
     bh = tl.program_id(1)
     nq = tl.cdiv(lq, BLOCK_M)
     base = bh * nq + pid_m
-    list_base = base * cap
+    list_base = base.to(tl.int64) * cap  # the lists may hold more than 2**31 entries
     n_allowed = tl.load(n_allowed_ptr + bh)
     if CAUSAL:
         p_first = pid_m * BLOCK_M + (lk - lq)

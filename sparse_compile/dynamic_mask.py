@@ -7,6 +7,7 @@ no Triton available). Semantics, including the tie rule, are in ``sparse_compile
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -18,6 +19,8 @@ from .dma_chunked import dma_attention_chunked
 from .dma_reference import bias_allows
 
 __all__ = ["dma_attention", "dma_delta", "key_only_mask", "attach_dma"]
+
+log = logging.getLogger("sparse_compile")
 
 
 def dma_delta(
@@ -67,6 +70,19 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _fits_grid(q: torch.Tensor) -> bool:
+    """The fused kernels launch one program row per (batch, query head): CUDA allows 65535.
+    Beyond that the chunked path runs, with a warning (it is slower, not different)."""
+    from .codegen.config import MAX_GRID_Y
+
+    if q.shape[0] * q.shape[1] <= MAX_GRID_Y:
+        return True
+    log.warning("dma_attention: batch x query heads = %d exceeds the fused kernels' grid "
+                "limit (%d); running the chunked PyTorch path", q.shape[0] * q.shape[1],
+                MAX_GRID_Y)
+    return False
+
+
 def dma_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,7 +119,7 @@ def dma_attention(
         raise ValueError(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     ok, key_allowed, key_add = key_only_mask(bias, q.shape[0], k.shape[2])
-    if ok and _triton_usable(q.device) and q.shape[-1] >= 16:
+    if ok and _triton_usable(q.device) and q.shape[-1] >= 16 and _fits_grid(q):
         from .dma_op import dma_attention_fused
 
         return dma_attention_fused(q, k, v, delta, keep, causal, key_allowed, key_add, scale)

@@ -206,3 +206,38 @@ def test_backward_span_pass(case, causal, rows, kernel_device):
     want = torch.autograd.grad(ref, (q, k, v, delta), grad.double())
     for name, g, w in zip("q k v delta".split(), got, want, strict=True):
         assert rel_error(g, w) < 1e-4, name
+
+
+def test_more_heads_than_the_grid_takes_the_chunked_path(monkeypatch, caplog, kernel_device):
+    """batch x query heads beyond the kernels' grid limit: the chunked path, with a warning,
+    and the same answer (the limit is lowered here to keep the case small)."""
+    import sparse_compile.codegen.config as config
+
+    monkeypatch.setattr(config, "MAX_GRID_Y", 3)
+    inputs = make_inputs(2, 2, 2, 20, 20, 16, seed=5, device=kernel_device)
+    with caplog.at_level("WARNING", logger="sparse_compile"):
+        check(dma_attention, inputs, 6, True, None, None)
+    assert "grid limit" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_properties(0).total_memory < 70 * 2**30,
+                    reason="needs a GPU with 70 GiB: tensors of more than 2**31 elements")
+def test_tensors_past_two_to_the_31_elements():
+    """Offsets of the last (batch, head) pass 2**31 elements: its output and gradients must
+    still match the reference computed on that head alone."""
+    b, h, length, d, keep = 16383, 4, 264, 128, 32
+    assert b * h * length * d > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, device="cuda", dtype=torch.bfloat16,
+                           generator=gen).requires_grad_() for _ in range(3))
+    delta = torch.rand(b, h, length, device="cuda", generator=gen).requires_grad_()
+    out = dma_attention(q, k, v, delta, keep)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, delta), grad)
+    last = [t.detach()[-1:].double().requires_grad_() for t in (q, k, v, delta)]
+    ref = dma_reference(*last, keep, causal=True)
+    want = torch.autograd.grad(ref, last, grad[-1:].double())
+    assert rel_error(out[-1:], ref) < 2e-2
+    for name, g, w in zip("q k v delta".split(), got, want, strict=True):
+        assert rel_error(g[-1:], w) < 3e-2, name
