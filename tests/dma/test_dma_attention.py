@@ -178,6 +178,31 @@ def test_backward_span_pass_long_spans(causal, dtype, kernel_device):
         assert rel_error(g, w) < tol, name
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_span_pass_with_key_bias(causal, kernel_device):
+    """An additive per-key bias (a float padding mask) through the span pass."""
+    from sparse_compile.codegen.dma_backward import KvPass, dma_backward
+    from sparse_compile.codegen.dma_forward import dma_forward
+    from sparse_compile.codegen.dma_select import dma_select
+
+    q, k, v, delta = make_inputs(1, 2, 2, 96, 96, 16, seed=8, device=kernel_device)
+    gen = torch.Generator().manual_seed(9)
+    key_bias = (torch.randn(1, 96, generator=gen) * 2).to(kernel_device)
+    scale = 16 ** -0.5
+    sel = dma_select(delta.detach(), None, 96, 24, causal, 16)
+    out, lse = dma_forward(q.detach(), k.detach(), v.detach(), delta.detach(), key_bias, sel,
+                           causal, scale, 16)
+    grad = torch.randn_like(out)
+    got = dma_backward(grad, q.detach(), k.detach(), v.detach(), delta.detach(), key_bias, out,
+                       lse, sel, causal, scale, 16,
+                       kv_pass=KvPass(rows=64, block_m=16, block_n=16))
+    ref = dma_reference(q, k, v, delta, 24, causal=causal, bias=key_bias[:, None, None, :])
+    want = torch.autograd.grad(ref, (q, k, v, delta), grad.double())
+    assert rel_error(out, ref) < 1e-4
+    for name, g, w in zip("q k v delta".split(), got, want, strict=True):
+        assert rel_error(g, w) < 1e-4, name
+
+
 @pytest.mark.parametrize("rows", [32, 64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], (1, 2, 2, 50, 50, 16, 9, [6], False),
