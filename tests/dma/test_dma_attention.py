@@ -206,11 +206,13 @@ def test_backward_span_pass_with_key_bias(causal, kernel_device):
 @pytest.mark.parametrize("rows", [32, 64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], (1, 2, 2, 50, 50, 16, 9, [6], False),
-                                  (1, 2, 1, 70, 90, 16, 7, [30], False)])
+                                  (1, 2, 1, 70, 90, 16, 7, [30], False),
+                                  (1, 2, 2, 40, 40, 24, 8, None, False)])
 def test_backward_span_pass(case, causal, rows, kernel_device):
     """dK/dV by the span pass (several query blocks per atomic add) equal the reference. Spans
-    of 2 and 4 row tiles; the last case has spans whose first rows see no listed key (padding
-    hides the first 30 keys) and rows whose thresholds end inside a span."""
+    of 2 and 4 row tiles; the fourth case has spans whose first rows see no listed key (padding
+    hides the first 30 keys) and rows whose thresholds end inside a span; the last a head dim
+    narrower than its tile."""
     from sparse_compile.codegen.dma_backward import KvPass, dma_backward
     from sparse_compile.codegen.dma_forward import dma_forward
     from sparse_compile.codegen.dma_select import dma_select
