@@ -173,7 +173,7 @@ def dma_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=TileConfig.d_pad(d), BLOCK_M=block_m, BLOCK_N=block_n,
         KV_GRADS=kv_pass is None, PRECISION=TileConfig.precision(q.dtype, d),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -183,16 +183,15 @@ def dma_backward_kv(
     lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: int, causal: bool,
     scale: float, dk: torch.Tensor, dv: torch.Tensor, ddelta: torch.Tensor,
     block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-    tma: bool = True,
 ) -> None:
     """Accumulate dK, dV (float32 ``[B, Hkv, Lk, D]``) and d delta (float32 ``[B, Hkv, Lk]``)
     in place. ``lists`` = ``dma_gather_lists(..., block_m=rows)``; thr/shift from the
-    selection; lse the forward's, di ``[B, Hq, Lq]`` float32 from the dQ pass. ``tma``: load
-    Q and dO tiles through TMA descriptors where exact (Lq a multiple of ``block_m``)."""
+    selection; lse the forward's, di ``[B, Hq, Lq]`` float32 from the dQ pass. Q and dO
+    tiles come through TMA descriptors where exact (Lq a multiple of ``block_m``)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     ukey, urank, ucount = lists
-    descs = row_descriptors(tma and lq % block_m == 0, block_m, q, dout)
+    descs = row_descriptors(lq % block_m == 0, block_m, q, dout)
     q_arg, do_arg = descs or (q, dout)
     grid = (triton.cdiv(ukey.shape[-1], block_n), triton.cdiv(lq, rows), b * hkv)
     _dma_bwd_kv_kernel[grid](
@@ -202,7 +201,7 @@ def dma_backward_kv(
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         lq, lk, hq, hkv, ukey.shape[-1], scale,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), ROWS=rows, BLOCK_M=block_m,
+        BLOCK_D=TileConfig.d_pad(d), ROWS=rows, BLOCK_M=block_m,
         BLOCK_N=block_n, TMA=descs is not None, PRECISION=TileConfig.precision(q.dtype, d),
         num_warps=num_warps, num_stages=num_stages,
     )

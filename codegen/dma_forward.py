@@ -212,7 +212,7 @@ def dma_forward(
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lq, lk, hq, hkv, selection.gather_key.shape[-1], scale * LOG2E,
         CAUSAL=causal, HAS_KEY_BIAS=key_bias is not None, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=TileConfig.d_pad(d), BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION=TileConfig.precision(q.dtype, d), num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import TileConfig
+
 __all__ = ["add_rows_", "merge_parts"]
 
 
@@ -88,7 +90,7 @@ def _add_rows_kernel(
 
 def _row_tiles(head_dim: int) -> tuple[int, int]:
     """(rows, padded D) per program of the row kernels: about 4096 elements each."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = TileConfig.d_pad(head_dim)
     return max(1, min(64, 4096 // block_d)), block_d
 
 
