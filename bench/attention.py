@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import triton
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.config import TileConfig, default_config
+from sparse_compile.codegen.launch.config import TileConfig, default_config
 from sparse_compile.patterns import parse
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -60,7 +60,7 @@ def mask_mod_for(text: str) -> Callable:
         "global(16) | local(512)": lambda b, h, q, k: (k < 16) | (q < 16)
         | ((q - k <= 256) & (k - q <= 256)),
         "causal & strided(64)": lambda b, h, q, k: (k <= q) & ((q - k) % 64 == 0),
-        # the Sparse Transformer's pattern (codegen/strided_union.py's route)
+        # the Sparse Transformer's pattern (codegen/routes/strided_union.py's route)
         "causal & (sliding(1024) | strided(128))": lambda b, h, q, k: (k <= q)
         & ((q - k < 1024) | ((q - k) % 128 == 0)),
     }
@@ -145,12 +145,12 @@ def time_kernels(text: str, length: int, d: int, heads: int, base: TileConfig, o
     """Time the forward, dQ and dK/dV kernels alone for each option (B=1, bf16) and return
     ``base`` with each kernel's fastest option; outputs are checked against the first option."""
     from sparse_compile.codegen.attention import visit_plan
-    from sparse_compile.codegen.backward_delta import launch_delta
-    from sparse_compile.codegen.backward_dkdv import launch_dkdv
-    from sparse_compile.codegen.backward_dq import launch_dq
-    from sparse_compile.codegen.forward import launch_forward
-    from sparse_compile.codegen.predicate import pattern_heads
-    from sparse_compile.codegen.source import kernel_module
+    from sparse_compile.codegen.tl.backward_delta import launch_delta
+    from sparse_compile.codegen.tl.backward_dkdv import launch_dkdv
+    from sparse_compile.codegen.tl.backward_dq import launch_dq
+    from sparse_compile.codegen.tl.forward import launch_forward
+    from sparse_compile.codegen.tl.module import kernel_module
+    from sparse_compile.codegen.tl.predicate import pattern_heads
 
     dev = torch.device("cuda")
     q, k, v, do = (torch.randn(1, heads, length, d, device=dev, dtype=torch.bfloat16)
@@ -358,7 +358,7 @@ def no_traffic_module(text: str) -> object:
     import importlib.util
     import tempfile
 
-    from sparse_compile.codegen.source import module_source
+    from sparse_compile.codegen.tl.module import module_source
 
     src = module_source(parse(text))
     assert _ATOMIC in src
@@ -377,11 +377,11 @@ def bwd_parts(args) -> None:
     """--bwd-parts: whole backward for BWD_WIDE options, then each kernel alone: the two-pass
     dQ and dK/dV passes, the one-pass dK/dV kernel with and without its atomic traffic."""
     from sparse_compile.codegen.attention import visit_plan
-    from sparse_compile.codegen.backward_delta import launch_delta
-    from sparse_compile.codegen.backward_dkdv import launch_dkdv
-    from sparse_compile.codegen.backward_dq import launch_dq
-    from sparse_compile.codegen.predicate import pattern_heads
-    from sparse_compile.codegen.source import kernel_module
+    from sparse_compile.codegen.tl.backward_delta import launch_delta
+    from sparse_compile.codegen.tl.backward_dkdv import launch_dkdv
+    from sparse_compile.codegen.tl.backward_dq import launch_dq
+    from sparse_compile.codegen.tl.module import kernel_module
+    from sparse_compile.codegen.tl.predicate import pattern_heads
 
     t_start = time.perf_counter()
     d, length, h = int(args.dims.split(",")[-1]), int(args.lengths.split(",")[0]), args.heads
@@ -665,7 +665,7 @@ def write_results(args, gpu, configs, rows, do_bwd, tune_lines) -> str:
         "dense SDPA (is_causal for `causal`); err = relative error vs FlexAttention on the timed "
         "inputs; 1st = first call (layout + codegen + compile, or block mask + compile)\n"
         f"- tiles (base; `*` after the pattern: the backward's long-row tiles, "
-        f"codegen/config.py LONG_ROWS):\n{cfg_lines}\n\n{tab}\n"
+        f"codegen/launch/config.py LONG_ROWS):\n{cfg_lines}\n\n{tab}\n"
     )
     if tune_lines:
         text += ("\n## Tuning (--tune, each kernel alone on causal & sliding(1024), L=16384)\n\n"

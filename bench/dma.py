@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sparse_compile.codegen.dma_backward import KvPass, dma_backward
-from sparse_compile.codegen.dma_forward import dma_forward
-from sparse_compile.codegen.dma_select import dma_gather_lists, dma_select, selection_rank_order
+from sparse_compile.codegen.tl.dma.backward import KvPass, dma_backward
+from sparse_compile.codegen.tl.dma.forward import dma_forward
+from sparse_compile.codegen.tl.dma.select import dma_gather_lists, dma_select, selection_rank_order
 
-from sparse_compile.dma_flex import dma_block_mask, dma_key_ranges
-from sparse_compile.dma_op import backward_span, block_sizes, forward_stages
-from sparse_compile.dma_reference import keep_mask
-from sparse_compile.dynamic_mask import dma_attention, dma_delta
+from sparse_compile.dynamic_mask.flex import dma_block_mask, dma_key_ranges
+from sparse_compile.dynamic_mask.functional import dma_attention, dma_delta
+from sparse_compile.dynamic_mask.op import backward_span, block_sizes, forward_stages
+from sparse_compile.dynamic_mask.reference import keep_mask
 
 
 def timed(fn, device: str) -> float:
@@ -115,7 +115,7 @@ def doge_eager(q, k, v, delta, keep):
 def exact_check(device: str) -> str:
     """Public op (fused path) against the float64 reference at a small size: forward and the
     gradients of q, k, v and delta, float32 inputs, GQA, key padding."""
-    from sparse_compile.dma_reference import dma_reference
+    from sparse_compile.dynamic_mask.reference import dma_reference
 
     gen = torch.Generator(device=device).manual_seed(1)
     q = torch.randn(2, 4, 1000, 64, device=device, generator=gen)
@@ -585,7 +585,8 @@ def main() -> None:
             "- ours fwd includes the selection (sort + scan); the backward reuses the "
             "forward's selection.",
             "- FlexAttention runs the same selection: BlockMask from each key's row range "
-            "(sparse_compile.dma_flex), delta as score_mod; its backward gives no d delta.", "",
+            "(sparse_compile.dynamic_mask.flex), delta as score_mod; its backward gives no "
+            "d delta.", "",
             *[f"- {x}" for x in lines], "", *table, "",
         ])
         suffix = "-sweep" if args.sweep_only else ""

@@ -8,7 +8,7 @@ dt_proj) train. Per seed, three runs start from the same weights and see the sam
 * ``eager-index``: Doge eager with its top-k made stable (ties: lower key index first, the rule
   of ``dma_attention``), the reference the rewritten model must match;
 * ``eager-topk``: Doge eager as shipped (CPU ``torch.topk`` picks an arbitrary subset of ties);
-* ``sparse``: compiled, every DMA site rewritten by ``sparse_compile.dma_detect``;
+* ``sparse``: compiled, every DMA site rewritten by ``sparse_compile.dynamic_mask.detect``;
 * ``control``: ``eager-index`` again from weights perturbed by one part in 1e6: how far two runs
   of the same computation drift apart (AdamW turns round-off in near-zero gradients into
   full-size steps, and top-k choices flip on near-ties), i.e. the noise level.
@@ -34,7 +34,7 @@ import torch
 import transformers
 from transformers import DogeConfig, DogeForCausalLM
 
-from sparse_compile.dma_detect import rewrite_dma_sites
+from sparse_compile.dynamic_mask.detect import rewrite_dma_sites
 
 VOCAB = 64
 

@@ -161,8 +161,8 @@ def main() -> None:
     lines += ["", f"At n = 2^{n}: what the kernels read, `codegen.attention.visit_plan(text, n, n, "
               "bm, bn, cpu, transposed)` for the forward (64 x 64, per query block) and the "
               "dK/dV pass (32 x 64, per key block; H100 bf16 head dim 128 tiles, "
-              "codegen/config.py), each call building its layout; MB = int32 arrays handed to "
-              "the kernels (both calls); peak = RSS growth of a fresh process:", "",
+              "codegen/launch/config.py), each call building its layout; MB = int32 arrays "
+              "handed to the kernels (both calls); peak = RSS growth of a fresh process:", "",
               "| pattern | kernels read | forward 64x64 ms | dK/dV 32x64 ms | total ms | MB | "
               "peak MB |", "|---|---|---:|---:|---:|---:|---:|"]
     for text, k in kernel.items():

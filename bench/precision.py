@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import triton
-from sparse_compile.codegen.config import TileConfig
+from sparse_compile.codegen.launch.config import TileConfig
 
 import sparse_compile
-from sparse_compile.dma_reference import dma_reference
+from sparse_compile.dynamic_mask.reference import dma_reference
 
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 DEVICE = "cuda"

@@ -12,26 +12,13 @@ from types import ModuleType
 from typing import Any
 
 import torch
-
-from .backward_delta import launch_delta
-from .backward_dkdv import launch_dkdv
-from .backward_dq import launch_dq
-from .config import LONG_ROWS, TileConfig, default_config, long_rows_config
-from .forward import launch_forward
-from .merge import add_rows_, merge_parts
-from .predicate import interval_bounds, pattern_heads
-from .residue import (
-    ResidueRoute,
-    as_layout,
-    class_grid,
-    class_layout,
-    residue_route,
-    rows_of_grid,
-    to_classes,
+from sparse_compile.codegen.launch.config import (
+    LONG_ROWS,
+    TileConfig,
+    default_config,
+    long_rows_config,
 )
-from .source import kernel_module
-from .strided_union import StridedUnion, strided_union_route
-from .tables import (
+from sparse_compile.codegen.launch.tables import (
     CLOSED_FORM,
     ROW_BOUNDS,
     TABLES,
@@ -40,6 +27,23 @@ from .tables import (
     layout_for,
     row_bounds,
 )
+from sparse_compile.codegen.routes.residue import (
+    ResidueRoute,
+    as_layout,
+    class_grid,
+    class_layout,
+    residue_route,
+    rows_of_grid,
+    to_classes,
+)
+from sparse_compile.codegen.routes.strided_union import StridedUnion, strided_union_route
+from sparse_compile.codegen.tl.backward_delta import launch_delta
+from sparse_compile.codegen.tl.backward_dkdv import launch_dkdv
+from sparse_compile.codegen.tl.backward_dq import launch_dq
+from sparse_compile.codegen.tl.forward import launch_forward
+from sparse_compile.codegen.tl.merge import add_rows_, merge_parts
+from sparse_compile.codegen.tl.module import kernel_module
+from sparse_compile.codegen.tl.predicate import interval_bounds, pattern_heads
 
 
 @lru_cache(maxsize=256)
@@ -285,9 +289,9 @@ def _residue_backward(route: ResidueRoute, dout: torch.Tensor, q: torch.Tensor,
 def _union_forward(parts: StridedUnion, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float, cfg: TileConfig | None, softcap: float,
                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A strided union's forward: its two parts, merged (codegen/strided_union.py). The parts
+    """A strided union's forward: its two parts, merged (codegen/routes/strided_union.py). The parts
     keep their outputs in float32 so that the merged output is rounded once; the strided
-    part's is merged where the residue classes left it (codegen/merge.py)."""
+    part's is merged where the residue classes left it (codegen/tl/merge.py)."""
     b, hq, lq, d = q.shape
     out_main, lse_main = forward(q, k, v, parts.main, scale, cfg=cfg, softcap=softcap,
                                  out_dtype=torch.float32)

@@ -44,13 +44,13 @@ _EXPORTS: dict[str, str] = {
     "sparsify": "sparse_compile.decorate",
     "explain": "sparse_compile.report",
     "sparse_backend": "sparse_compile.backend",
-    "dma_attention": "sparse_compile.dynamic_mask",
-    "dma_delta": "sparse_compile.dynamic_mask",
-    "attach_dma": "sparse_compile.dynamic_mask",
-    "topk_attention": "sparse_compile.dma_topk",
-    "MissingDeltaError": "sparse_compile.dma_dispatch",
-    "dma_key_ranges": "sparse_compile.dma_flex",
-    "dma_block_mask": "sparse_compile.dma_flex",
+    "dma_attention": "sparse_compile.dynamic_mask.functional",
+    "dma_delta": "sparse_compile.dynamic_mask.functional",
+    "attach_dma": "sparse_compile.dynamic_mask.functional",
+    "topk_attention": "sparse_compile.dynamic_mask.topk",
+    "MissingDeltaError": "sparse_compile.dynamic_mask.dispatch",
+    "dma_key_ranges": "sparse_compile.dynamic_mask.flex",
+    "dma_block_mask": "sparse_compile.dynamic_mask.flex",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ each (``assign``, ``decorate``), replaces each provable site by one call of the 
 Options (all optional): ``pattern`` (DSL text or Pattern, default ``"dense"``, which still
 routes attention through the sparse op), ``assign`` (module-path glob or class name →
 pattern; precedence ``assign`` > ``@sparsify`` decorator > ``pattern`` > default, see
-``sparse_compile.assign``), ``min_length`` (sites with fewer keys stay as they are; with
+``sparse_compile.fx.choose``), ``min_length`` (sites with fewer keys stay as they are; with
 dynamic shapes the comparison becomes a guard, so crossing it recompiles), ``compiler``
 (``"inductor"``, ``"eager"``, ``"aot_eager"``: what runs the rest of the graph),
 ``on_unsupported`` (``"warn"``: log and leave sites that cannot be proven as they are;
@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch.fx import Graph, GraphModule
 
-from .assign import BackendOptions, choose_pattern
-from .decorate import decorated_pattern
-from .detect import find_sites, module_info
-from .inplace import functionalize_score_updates
-from .report import SiteReport, log, record
-from .rewrite import rewrite_site, site_pattern
-from .site import AttentionSite
+from sparse_compile.decorate import decorated_pattern
+from sparse_compile.fx.choose import BackendOptions, choose_pattern
+from sparse_compile.fx.detect import find_sites, module_info
+from sparse_compile.fx.inplace import functionalize_score_updates
+from sparse_compile.fx.rewrite import rewrite_site, site_pattern
+from sparse_compile.fx.site import AttentionSite
+from sparse_compile.report import SiteReport, log, record
 
 
 class UnsupportedAttentionError(RuntimeError):
@@ -98,7 +98,7 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
 def _rewrite_dynamic_mask_sites(gm: GraphModule) -> list[SiteReport]:
     """Doge-style dynamic-mask attention (its mask is built from the values) goes to the DMA
     op, which computes the same thing; returns the rows of sites that could not be proven."""
-    from .dma_detect import find_dma_sites, rewrite_dma_sites
+    from sparse_compile.dynamic_mask.detect import find_dma_sites, rewrite_dma_sites
 
     if not find_dma_sites(gm):
         return []
@@ -113,8 +113,9 @@ def _rewrite_dynamic_mask_sites(gm: GraphModule) -> list[SiteReport]:
 
 
 def _strip_value_tags(gm: GraphModule) -> None:
-    """attach_dma's value tags (sparse_compile.dma_values) have served the dynamic sites."""
-    from .dma_values import strip_value_tags
+    """attach_dma's value tags (sparse_compile.dynamic_mask.values) have served the dynamic
+    sites."""
+    from sparse_compile.dynamic_mask.values import strip_value_tags
 
     strip_value_tags(gm.graph)
 
@@ -135,7 +136,7 @@ def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> Si
     if site.reason is not None:
         return row(False, site.reason)
     if getattr(pattern, "is_dynamic", False):  # dma / topk on a generic site
-        from .dma_sites import dynamic_site_problem
+        from sparse_compile.dynamic_mask.sites import dynamic_site_problem
 
         if site.softcap:
             return row(False, f"soft-capped scores with the dynamic pattern {pattern}")

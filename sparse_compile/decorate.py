@@ -9,7 +9,7 @@ Dynamo inlines. The decorated object is returned unchanged apart from a marker, 
 runs exactly as before when it is not compiled with ``backend="sparse"``.
 
 Precedence against the backend options is ``assign`` > decorator > ``pattern`` > default (see
-``sparse_compile.assign``).
+``sparse_compile.fx.choose``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .assign import as_pattern
+from sparse_compile.fx.choose import as_pattern
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .report import explain
+from sparse_compile.report import explain
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +58,7 @@ def build_llama(layers: int, hidden: int, heads: int, device: str, dtype: torch.
 def _reference_attention_impl(pattern: Any) -> Callable[..., Any]:
     """A transformers attention function running ``reference_attention`` with ``pattern``."""
     from sparse_compile.patterns import causal
-
-    from .reference import reference_attention
+    from sparse_compile.reference import reference_attention
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         out = reference_attention(query, key, value, pattern & causal, scale=scaling,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .op import kernels_available
+from sparse_compile.op import kernels_available
 
 
 def fast_path_applies(*tensors: torch.Tensor | None) -> bool:

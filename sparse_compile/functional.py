@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .eager import fast_path_applies, kernel_attention
-from .op import attention_op
+from sparse_compile.eager import fast_path_applies, kernel_attention
+from sparse_compile.op import attention_op
 
 
 @lru_cache(maxsize=512)
@@ -65,7 +65,7 @@ def attention(
         dropout_p: attention dropout probability (applied whenever > 0).
         delta: DMA content score ``[B, Hkv, Lk]`` (``dma_delta``), required by ``dma(keep)``.
             Dynamic patterns (``dma(keep)``, ``topk(k, block)``, each alone or ``& causal``)
-            run through ``sparse_compile.dma_dispatch``; they take no dropout.
+            run through ``sparse_compile.dynamic_mask.dispatch``; they take no dropout.
         softcap: logit soft-capping constant (> 0), or None for none.
 
     Returns:
@@ -81,7 +81,7 @@ def attention(
     if _is_dynamic(text):
         if softcap is not None:
             raise NotImplementedError(f"softcap with the dynamic pattern {text!r}")
-        from .dma_dispatch import dynamic_attention
+        from sparse_compile.dynamic_mask.dispatch import dynamic_attention
 
         return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .fallback import chunked_attention
+from sparse_compile.fallback import chunked_attention
 
 _NS = "sparse_compile"
 

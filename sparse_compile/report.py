@@ -108,7 +108,7 @@ def explain(model: Any, *args: Any, **options: Any) -> Report:
         >>> report = explain(model, input_ids, pattern="causal & sliding(64)")
         >>> print(report)
     """
-    from .backend import sparse_backend
+    from sparse_compile.backend import sparse_backend
 
     def backend(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
         # A fresh callable per call: Dynamo caches compiled code per backend.

@@ -51,11 +51,6 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert command in ci_script
 
 
-@pytest.mark.parametrize("name", sparse_compile.__all__)
-def test_every_public_name_resolves(name: str) -> None:
-    assert getattr(sparse_compile, name) is not None
-
-
 def test_global_is_an_alias_of_global_() -> None:
     assert getattr(sparse_compile, "global") is sparse_compile.global_
 

@@ -1,6 +1,6 @@
 """One-pass backward (dK/dV pass adding dQ by atomics) against the float64 oracle, and the cases
 that keep the two-pass backward (deterministic mode, bias gradient) even when the tiles ask for
-the one-pass form (the default tiles do not: it lost on the H100, codegen/config.py).
+the one-pass form (the default tiles do not: it lost on the H100, codegen/launch/config.py).
 
 The fused path is checked to run by making the dQ launch fail while it is expected not to run.
 """
@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.config import INTERPRETER
+from sparse_compile.codegen.launch.config import INTERPRETER
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from sparse_compile.codegen.source import cache_dir, source_key
+from sparse_compile.codegen.tl.module import cache_dir, source_key
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.config import launch_groups
+from sparse_compile.codegen.launch.config import launch_groups
 
 from tests.codegen.attention_cases import make_qkv, oracle
 from tests.conftest import rel_error

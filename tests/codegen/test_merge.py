@@ -1,11 +1,11 @@
-"""The merge of two partial attentions by log-sum-exp (codegen/merge.py), under the
+"""The merge of two partial attentions by log-sum-exp (codegen/tl/merge.py), under the
 interpreter on the CPU (the GPU where there is one)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from sparse_compile.codegen.merge import add_rows_, merge_parts
+from sparse_compile.codegen.tl.merge import add_rows_, merge_parts
 
 
 def merged_in_float64(out_a, lse_a, out_b, lse_b):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_compile.codegen.config import TileConfig
+from sparse_compile.codegen.launch.config import TileConfig
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import sys
 import pytest
 import sympy
 import torch
-from sparse_compile.codegen.predicate import interval_bounds, predicate_source
-from sparse_compile.codegen.printer import HELPERS_SOURCE, PrintError, print_triton
+from sparse_compile.codegen.tl.predicate import interval_bounds, predicate_source
+from sparse_compile.codegen.tl.printer import HELPERS_SOURCE, PrintError, print_triton
 from sparse_compile.patterns import parse
 from sparse_compile.patterns.symbolic import IsPowerOf, K, Q
 

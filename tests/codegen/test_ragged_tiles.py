@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_compile.codegen.config import merged_loop
+from sparse_compile.codegen.launch.config import merged_loop
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import check_against_oracle, make_qkv

@@ -1,4 +1,4 @@
-"""The residue-class route of ``strided(s) & R`` patterns (codegen/residue.py) against the
+"""The residue-class route of ``strided(s) & R`` patterns (codegen/routes/residue.py) against the
 float64 oracle and against the general route, through the kernels and the public call."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.residue import ResidueRoute, residue_route
+from sparse_compile.codegen.routes.residue import ResidueRoute, residue_route
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (

@@ -1,13 +1,13 @@
 """Strided unions (``axial(c)``, ``A | strided(s)``) as two parts merged by log-sum-exp
-(codegen/strided_union.py), against the float64 oracle and the general route."""
+(codegen/routes/strided_union.py), against the float64 oracle and the general route."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.merge import merge_parts
-from sparse_compile.codegen.strided_union import StridedUnion, strided_union_route
+from sparse_compile.codegen.routes.strided_union import StridedUnion, strided_union_route
+from sparse_compile.codegen.tl.merge import merge_parts
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (
@@ -97,7 +97,7 @@ def test_merged_output_is_rounded_once(kernel_device):
 
 def test_the_residue_part_is_merged_and_summed_where_it_lies(monkeypatch):
     # No copy of the strided part back to row order: the merge and the gradient sum read its
-    # class-ordered outputs in place (codegen/merge.py).
+    # class-ordered outputs in place (codegen/tl/merge.py).
     copies = count_calls(monkeypatch, kernels, "rows_of_grid")
     merges = count_calls(monkeypatch, kernels, "merge_parts")
     sums = count_calls(monkeypatch, kernels, "add_rows_")

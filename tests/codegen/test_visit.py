@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
-from sparse_compile.codegen.config import TileConfig
-from sparse_compile.codegen.tables import CLOSED_FORM, ROW_BOUNDS, TABLES, block_tables
-from sparse_compile.codegen.tma import row_descriptor
+from sparse_compile.codegen.launch.config import TileConfig
+from sparse_compile.codegen.launch.tables import CLOSED_FORM, ROW_BOUNDS, TABLES, block_tables
+from sparse_compile.codegen.launch.tma import row_descriptor
 from sparse_compile.patterns import parse
 
 from tests.codegen.attention_cases import TOL, make_qkv, oracle

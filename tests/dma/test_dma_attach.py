@@ -6,8 +6,8 @@ import pytest
 import torch
 from doge_site import tiny_doge
 
-from sparse_compile.dma_attach import attach_dma, module_delta
-from sparse_compile.dynamic_mask import dma_attention
+from sparse_compile.dynamic_mask.attach import attach_dma, module_delta
+from sparse_compile.dynamic_mask.functional import dma_attention
 
 transformers = pytest.importorskip("transformers")
 

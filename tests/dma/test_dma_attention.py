@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.dma_chunked import dma_attention_chunked
-from sparse_compile.dma_reference import dma_reference
-from sparse_compile.dynamic_mask import dma_attention, key_only_mask
+from sparse_compile.dynamic_mask.chunked import dma_attention_chunked
+from sparse_compile.dynamic_mask.functional import dma_attention, key_only_mask
+from sparse_compile.dynamic_mask.reference import dma_reference
 from tests.conftest import rel_error
 
 
@@ -159,9 +159,9 @@ def test_backward_span_pass_long_spans(causal, dtype, kernel_device):
     """Spans of 4 row steps over lists of several key tiles, most steps keeping whole tiles
     (the loop without masks); float16 at Lq a multiple of the step reads Q and dO through
     TMA descriptors."""
-    from sparse_compile.codegen.dma_backward import KvPass, dma_backward
-    from sparse_compile.codegen.dma_forward import dma_forward
-    from sparse_compile.codegen.dma_select import dma_select
+    from sparse_compile.codegen.tl.dma.backward import KvPass, dma_backward
+    from sparse_compile.codegen.tl.dma.forward import dma_forward
+    from sparse_compile.codegen.tl.dma.select import dma_select
 
     q, k, v, delta = make_inputs(1, 2, 1, 128, 128, 32, dtype=dtype, device=kernel_device)
     scale = 32 ** -0.5
@@ -181,9 +181,9 @@ def test_backward_span_pass_long_spans(causal, dtype, kernel_device):
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_span_pass_with_key_bias(causal, kernel_device):
     """An additive per-key bias (a float padding mask) through the span pass."""
-    from sparse_compile.codegen.dma_backward import KvPass, dma_backward
-    from sparse_compile.codegen.dma_forward import dma_forward
-    from sparse_compile.codegen.dma_select import dma_select
+    from sparse_compile.codegen.tl.dma.backward import KvPass, dma_backward
+    from sparse_compile.codegen.tl.dma.forward import dma_forward
+    from sparse_compile.codegen.tl.dma.select import dma_select
 
     q, k, v, delta = make_inputs(1, 2, 2, 96, 96, 16, seed=8, device=kernel_device)
     gen = torch.Generator().manual_seed(9)
@@ -213,9 +213,9 @@ def test_backward_span_pass(case, causal, rows, kernel_device):
     of 2 and 4 row tiles; the fourth case has spans whose first rows see no listed key (padding
     hides the first 30 keys) and rows whose thresholds end inside a span; the last a head dim
     narrower than its tile."""
-    from sparse_compile.codegen.dma_backward import KvPass, dma_backward
-    from sparse_compile.codegen.dma_forward import dma_forward
-    from sparse_compile.codegen.dma_select import dma_select
+    from sparse_compile.codegen.tl.dma.backward import KvPass, dma_backward
+    from sparse_compile.codegen.tl.dma.forward import dma_forward
+    from sparse_compile.codegen.tl.dma.select import dma_select
 
     b, hq, lq, lk, d, keep, pads, tied = case[0], case[1], case[3], case[4], case[5], case[6], \
         case[7], case[8]
@@ -238,7 +238,7 @@ def test_backward_span_pass(case, causal, rows, kernel_device):
 def test_more_heads_than_the_grid_takes_the_chunked_path(monkeypatch, caplog, kernel_device):
     """batch x query heads beyond the kernels' grid limit: the chunked path, with a warning,
     and the same answer (the limit is lowered here to keep the case small)."""
-    import sparse_compile.codegen.config as config
+    import sparse_compile.codegen.launch.config as config
 
     monkeypatch.setattr(config, "MAX_GRID_Y", 3)
     inputs = make_inputs(2, 2, 2, 20, 20, 16, seed=5, device=kernel_device)

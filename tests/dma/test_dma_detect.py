@@ -6,7 +6,7 @@ import pytest
 import torch
 from doge_site import doge_inputs, tiny_doge, valid_rows
 
-from sparse_compile.dma_detect import find_dma_sites, rewrite_dma_sites
+from sparse_compile.dynamic_mask.detect import find_dma_sites, rewrite_dma_sites
 from tests.conftest import rel_error
 
 

@@ -8,9 +8,9 @@ import torch
 from test_dma_topk import dense_kept
 
 from sparse_compile import attention
-from sparse_compile.dma_dispatch import MissingDeltaError, split_dynamic
-from sparse_compile.dma_reference import dma_reference
-from sparse_compile.dma_topk import topk_attention
+from sparse_compile.dynamic_mask.dispatch import MissingDeltaError, split_dynamic
+from sparse_compile.dynamic_mask.reference import dma_reference
+from sparse_compile.dynamic_mask.topk import topk_attention
 from tests.conftest import rel_error
 
 transformers = pytest.importorskip("transformers")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.dma_flex import dma_block_mask, dma_key_ranges
-from sparse_compile.dma_reference import allowed_mask, keep_mask
+from sparse_compile.dynamic_mask.flex import dma_block_mask, dma_key_ranges
+from sparse_compile.dynamic_mask.reference import allowed_mask, keep_mask
 
 
 def _problem(b, h, lq, lk, keep, values, causal, seed, device):

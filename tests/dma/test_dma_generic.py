@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 
-from sparse_compile.dma_attach import attach_dma, module_delta
-from sparse_compile.dma_reference import dma_reference
+from sparse_compile.dynamic_mask.attach import attach_dma, module_delta
+from sparse_compile.dynamic_mask.reference import dma_reference
 from tests.conftest import rel_error
 
 transformers = pytest.importorskip("transformers")

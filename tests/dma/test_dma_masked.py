@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.dma_masked import causal_padding_keys, dma_attention_masked
-from sparse_compile.dma_reference import dma_reference
+from sparse_compile.dynamic_mask.masked import causal_padding_keys, dma_attention_masked
+from sparse_compile.dynamic_mask.reference import dma_reference
 from tests.conftest import rel_error
 
 LOW = torch.finfo(torch.float32).min

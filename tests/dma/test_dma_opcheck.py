@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.dma_masked import dma_attention_masked, dma_attention_masked_bwd
-from sparse_compile.dma_op import dma_attention_bwd, dma_attention_fwd
-from sparse_compile.dma_topk import topk_attention_bwd, topk_attention_fwd, topk_mask_keys
-from sparse_compile.dma_values import dma_delta_heads_first, dma_value_tag
+from sparse_compile.dynamic_mask.masked import dma_attention_masked, dma_attention_masked_bwd
+from sparse_compile.dynamic_mask.op import dma_attention_bwd, dma_attention_fwd
+from sparse_compile.dynamic_mask.topk import topk_attention_bwd, topk_attention_fwd, topk_mask_keys
+from sparse_compile.dynamic_mask.values import dma_delta_heads_first, dma_value_tag
 
 UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from doge_site import doge_inputs, replace_dma_site, tiny_doge, valid_rows
 
-from sparse_compile.dma_reference import dma_reference, keep_mask
+from sparse_compile.dynamic_mask.reference import dma_reference, keep_mask
 from tests.conftest import rel_error
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.dma_op import dma_attention_bwd, dma_attention_fwd
-from sparse_compile.dma_reference import dma_reference
-from sparse_compile.dynamic_mask import dma_attention
+from sparse_compile.dynamic_mask.functional import dma_attention
+from sparse_compile.dynamic_mask.op import dma_attention_bwd, dma_attention_fwd
+from sparse_compile.dynamic_mask.reference import dma_reference
 from tests.conftest import rel_error
 from tests.dma.test_dma_attention import make_inputs, padding
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_compile.codegen.dma_select import dma_select, selection_rank_order
+from sparse_compile.codegen.tl.dma.select import dma_select, selection_rank_order
 
-from sparse_compile.dma_reference import allowed_mask, keep_mask
+from sparse_compile.dynamic_mask.reference import allowed_mask, keep_mask
 
 
 @pytest.mark.parametrize("causal", [True, False])

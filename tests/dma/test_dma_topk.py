@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.dma_topk import topk_attention, topk_blocks
+from sparse_compile.dynamic_mask.topk import topk_attention, topk_blocks
 from tests.conftest import rel_error
 
 

@@ -1,0 +1,87 @@
+"""Triton source for one pattern's predicate and interval bounds.
+
+``predicate_source(pattern)`` returns the text of two ``@triton.jit`` functions that every kernel
+of the generated module calls on PARTIAL blocks only:
+
+- ``_keep(q_pos, k_pos, hp)``: bool tensor, broadcast of ``q_pos`` ([BM, 1] or [1, BM], absolute
+  query positions) and ``k_pos`` (key indices); ``hp`` is the pattern head (query head % n).
+- ``_bounds(q_pos, hp)``: (lo, hi) int32 tensors shaped like ``q_pos`` with
+  ``keep(q, k) <=> lo <= k <= hi``. Emitted only for interval patterns (``INTERVAL`` is then
+  True in the module); otherwise it returns an empty range and is never called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+from sparse_compile.codegen.tl.printer import TritonPrinter
+
+
+def _per_head_select(texts: list[str]) -> str:
+    """Nested tl.where choosing texts[hp] (hp a scalar)."""
+    out = texts[-1]
+    for i in range(len(texts) - 2, -1, -1):
+        out = f"tl.where(hp == {i}, {texts[i]}, {out})"
+    return out
+
+
+def _keep_text(printer: TritonPrinter, expr: sympy.Basic) -> str:
+    text = printer(expr)
+    # Constant predicates still have to be tensors of the broadcast shape.
+    if text == "True":
+        return "((q_pos * 0 + k_pos * 0) == 0)"
+    if text == "False":
+        return "((q_pos * 0 + k_pos * 0) != 0)"
+    return text
+
+
+def _bound_text(printer: TritonPrinter, expr: sympy.Basic) -> str:
+    return f"(({printer(expr)}) + q_pos * 0)"
+
+
+def pattern_heads(pattern: Any) -> int:
+    """Number of distinct pattern heads (n for heads(p0..p_{n-1}), else 1)."""
+    return int(pattern.num_heads) if getattr(pattern, "per_head", False) else 1
+
+
+def interval_bounds(pattern: Any) -> list[tuple[sympy.Expr, sympy.Expr]] | None:
+    """Per pattern head (lo, hi), or None when some head is not one interval per row."""
+    n = pattern_heads(pattern)
+    heads = [None] if n == 1 and not getattr(pattern, "per_head", False) else list(range(n))
+    bounds = []
+    for h in heads:
+        iv = pattern.interval(h) if h is not None else pattern.interval()
+        if iv is None:
+            return None
+        bounds.append(iv)
+    return bounds
+
+
+def predicate_source(pattern: Any) -> tuple[str, bool]:
+    """(source of ``_keep`` and ``_bounds``, whether the pattern is an interval pattern)."""
+    printer = TritonPrinter()
+    n = pattern_heads(pattern)
+    if getattr(pattern, "per_head", False):
+        keeps = [_keep_text(printer, pattern.keep_expr(h)) for h in range(n)]
+    else:
+        keeps = [_keep_text(printer, pattern.keep_expr())]
+    bounds = interval_bounds(pattern)
+    if bounds is not None:
+        los = _per_head_select([_bound_text(printer, lo) for lo, _ in bounds])
+        his = _per_head_select([_bound_text(printer, hi) for _, hi in bounds])
+    else:
+        los, his = "(q_pos * 0)", "(q_pos * 0 - 1)"
+    src = f'''
+@triton.jit
+def _keep(q_pos, k_pos, hp):
+    return {_per_head_select(keeps)}
+
+
+@triton.jit
+def _bounds(q_pos, hp):
+    lo = {los}
+    hi = {his}
+    return lo.to(tl.int32), hi.to(tl.int32)
+'''
+    return src, bounds is not None
