@@ -170,9 +170,15 @@ def fallback_directory() -> Path:
     with _fallback_lock:
         if _fallback is None or _fallback[0] != os.getpid():
             path = Path(tempfile.mkdtemp(prefix="sparse_compile-kernels-"))
-            atexit.register(shutil.rmtree, path, True)
+            atexit.register(_remove, os.getpid(), path)
             _fallback = (os.getpid(), path)
         return _fallback[1]
+
+
+def _remove(pid: int, path: Path) -> None:
+    # A forked child inherits the exit hooks of its parent, whose directory is not its own.
+    if os.getpid() == pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _make_private(directory: Path) -> None:
