@@ -1,24 +1,19 @@
-"""Assemble, cache and import the generated Triton module of one pattern.
+"""Assemble and key the generated Triton module of one pattern.
 
 The module holds the printed predicate (``_keep``, ``_bounds``), the shared visit-range helper
 and the three kernel families. Its source depends only on the pattern's canonical text (dtype,
 head dim and tiles are constexpr specialisations that Triton caches itself), so it is keyed by a
-hash of that text and the generator version. Source files live under
-``$SPARSE_COMPILE_CACHE`` (default ``~/.cache/sparse_compile/kernels``) and are imported from
-there: ``triton.jit`` needs a real file to read the source of (compiler and interpreter alike).
+hash of that text and the generator version. ``codegen/cache.py`` stores it on disk and runs the
+source generated here, never the file it finds there.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from sparse_compile.codegen.cache import KernelCache, load_module
 from sparse_compile.codegen.tl.backward_dkdv import DKDV_SOURCE
 from sparse_compile.codegen.tl.backward_dq import DQ_SOURCE
 from sparse_compile.codegen.tl.forward import FORWARD_SOURCE
@@ -27,19 +22,12 @@ from sparse_compile.codegen.tl.printer import HELPERS_SOURCE
 from sparse_compile.codegen.tl.visit import VISIT_SOURCE
 
 GENERATOR_VERSION = "2"
-# Any edit of the templates changes the key, so stale files on disk are never reused.
+# Any edit of the templates changes the key, so files of other versions keep their own names.
 _TEMPLATES_HASH = hashlib.sha256(
     "".join([HELPERS_SOURCE, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE]).encode()
 ).hexdigest()[:12]
 
 _MODULES: dict[str, ModuleType] = {}
-
-
-def cache_dir() -> Path:
-    """Directory of generated kernel sources."""
-    root = os.environ.get("SPARSE_COMPILE_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "sparse_compile"
-    return base / "kernels"
 
 
 def module_source(pattern: Any) -> str:
@@ -56,31 +44,17 @@ def module_source(pattern: Any) -> str:
 
 
 def source_key(pattern: Any) -> str:
+    """Key of ``pattern``'s module: a hash of its canonical text and the generator version."""
     text = f"{GENERATOR_VERSION}\n{_TEMPLATES_HASH}\n{pattern!s}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def kernel_module(pattern: Any) -> ModuleType:
-    """The imported generated module for ``pattern`` (memory cache, then disk cache)."""
+    """The generated module for ``pattern``: from memory, else its source regenerated, checked
+    against the kernel cache on disk and executed (``codegen/cache.py``)."""
     key = source_key(pattern)
     mod = _MODULES.get(key)
-    if mod is not None:
-        return mod
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"sc_{key}.py"
-    if not path.exists():
-        src = module_source(pattern)
-        # Atomic publish: concurrent processes never import a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".py.tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(src)
-        os.replace(tmp, path)
-    name = f"sparse_compile_kernels_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    _MODULES[key] = mod
+    if mod is None:
+        mod = load_module(KernelCache.from_environment(), key, module_source(pattern))
+        _MODULES[key] = mod
     return mod

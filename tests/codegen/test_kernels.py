@@ -8,10 +8,11 @@ the interpreter uses, so EMPTY, PARTIAL and FULL blocks and ragged edges all occ
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
-from sparse_compile.codegen.tl.module import cache_dir, source_key
+from sparse_compile.codegen.tl.module import kernel_module
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
@@ -27,8 +28,7 @@ def test_interpreter_runs_the_kernels():
     q, k, v = make_qkv(1, 1, 1, 20, 20, 16, torch.float32)
     assert kernels_available(q), "tests must exercise the kernels (TRITON_INTERPRET=1 on CPU)"
     run(q, k, v, "causal & sliding(5)", None, None)
-    path = cache_dir() / f"sc_{source_key(parse('causal & sliding(5)'))}.py"
-    src = path.read_text()
+    src = Path(kernel_module(parse("causal & sliding(5)")).__file__).read_text()
     assert "def _fwd_kernel" in src and "def _dq_kernel" in src and "def _dkdv_kernel" in src
     assert "INTERVAL = tl.constexpr(True)" in src
 
