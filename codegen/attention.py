@@ -18,8 +18,10 @@ from sparse_compile.codegen.launch.config import (
     default_config,
     long_rows_config,
 )
+from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame
 from sparse_compile.codegen.launch.tables import (
     CLOSED_FORM,
+    HULL,
     ROW_BOUNDS,
     TABLES,
     Visit,
@@ -99,13 +101,16 @@ def static_kernels(pattern_text: str) -> tuple[ModuleType, int]:
 
 def visit_plan(
     pattern_text: str, lq: int, lk: int, block_m: int, block_n: int, device: torch.device,
-    transposed: bool = False,
+    transposed: bool = False, frame: Frame = DEFAULT_FRAME,
 ) -> Visit:
     """How a kernel with ``block_m x block_n`` tiles finds its blocks: closed-form bounds,
     row bounds of an interval union, or the layout's compact tables (per query block, or per
-    key block when ``transposed``)."""
+    key block when ``transposed``). Row bounds and tables are built for the default alignment:
+    under another ``frame`` the patterns without a closed form visit their hull."""
     if _is_interval(pattern_text):
         return Visit(CLOSED_FORM)
+    if not frame.is_default(lq, lk):
+        return Visit(HULL)
     pattern = parse_pattern(pattern_text)
     rows = row_bounds(pattern, lq, lk, device)
     if rows is not None:
@@ -134,27 +139,30 @@ def forward(
     cfg: TileConfig | None = None,
     softcap: float = 0.0,
     out_dtype: torch.dtype | None = None,
+    frame: Frame = DEFAULT_FRAME,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] (float32,
     log2 units, +inf if empty).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
-    softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks.
+    softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks;
+    ``frame``: where queries and keys sit (codegen/launch/positions.py; the residue and
+    strided-union routes serve the default alignment only).
     """
-    parts = strided_union_route(pattern_text, q.shape[2], k.shape[2], bias is not None,
-                                dropout_p)
-    if parts is not None:
-        return _union_forward(parts, q, k, v, scale, cfg, softcap, out_dtype)
-    route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
-    if route is not None:
-        return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
-    module, n_heads = static_kernels(pattern_text)
-    cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
-    visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device)
+    if frame.is_default(lq, lk):
+        parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
+        if parts is not None:
+            return _union_forward(parts, q, k, v, scale, cfg, softcap, out_dtype)
+        route = residue_route(pattern_text, lq, lk, bias is not None, dropout_p)
+        if route is not None:
+            return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
+    module, n_heads = static_kernels(pattern_text)
+    cfg = cfg or select_config(pattern_text, q, lk)
+    visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device, frame=frame)
     return launch_forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
-        out_dtype,
+        out_dtype, frame,
     )
 
 
@@ -182,29 +190,31 @@ def backward(
     seed: int = 0,
     cfg: TileConfig | None = None,
     softcap: float = 0.0,
+    frame: Frame = DEFAULT_FRAME,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
-    parts = strided_union_route(pattern_text, q.shape[2], k.shape[2], bias is not None,
-                                dropout_p)
-    if parts is not None:
-        return _union_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
-    route = residue_route(pattern_text, q.shape[2], k.shape[2], bias is not None, dropout_p)
-    if route is not None:
-        return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
-    module, n_heads = static_kernels(pattern_text)
-    cfg = cfg or select_config(pattern_text, q, k.shape[2])
     lq, lk = q.shape[2], k.shape[2]
+    if frame.is_default(lq, lk):
+        parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
+        if parts is not None:
+            return _union_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
+        route = residue_route(pattern_text, lq, lk, bias is not None, dropout_p)
+        if route is not None:
+            return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
+    module, n_heads = static_kernels(pattern_text)
+    cfg = cfg or select_config(pattern_text, q, lk)
     kb = kernel_bias(bias)
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():
         dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
-    kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True)
+    kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True,
+                          frame=frame)
     if fused_backward(cfg, dbias is not None):
         delta = launch_delta(out, dout)
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         dk, dv = launch_dkdv(
             module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed,
-            cfg, softcap, dq_acc,
+            cfg, softcap, dq_acc, frame,
         )
         # One epilogue pass: scale and cast (in place for float32 inputs).
         if q.dtype == torch.float32:
@@ -213,16 +223,16 @@ def backward(
             dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
             torch.mul(dq_acc, scale, out=dq)
         return dq, dk, dv, None
-    dq_visit = visit_plan(pattern_text, lq, lk, cfg.dq_m, cfg.dq_n, q.device)
+    dq_visit = visit_plan(pattern_text, lq, lk, cfg.dq_m, cfg.dq_n, q.device, frame=frame)
     # The dQ pass computes Δ = rowsum(dO ∘ O) for its rows and leaves it for the dK/dV pass.
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
-        seed, cfg, softcap, out,
+        seed, cfg, softcap, out, frame,
     )
     dk, dv = launch_dkdv(
         module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed, cfg,
-        softcap,
+        softcap, None, frame,
     )
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).to(bias.dtype)

@@ -39,6 +39,10 @@ _EXPORTS: dict[str, str] = {
     "maximum": "sparse_compile.patterns",
     # The dense float64 oracle every kernel and rewrite is checked against.
     "reference_attention": "sparse_compile.reference",
+    # Where queries and keys sit: positions and packed documents.
+    "PositionError": "sparse_compile.positions",
+    "documents_from_cu_seqlens": "sparse_compile.positions",
+    "documents_from_position_ids": "sparse_compile.positions",
     # Running attention and compiling models.
     "attention": "sparse_compile.functional",
     "sparsify": "sparse_compile.decorate",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from sparse_compile.op import kernels_available
+from sparse_compile.op import kernel_frame, kernels_available
 
 
 def fast_path_applies(*tensors: torch.Tensor | None) -> bool:
@@ -35,12 +35,13 @@ class _KernelAttention(torch.autograd.Function):
     """out = the kernels' forward; backward = the kernels' dQ and dK/dV passes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, pattern, scale, dropout_p, seed, softcap):
+    def forward(ctx, q, k, v, bias, pattern, scale, dropout_p, seed, softcap, frame):
         from sparse_compile.codegen.attention import forward
 
-        out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap)
+        out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
+                           frame=frame)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.args = (pattern, scale, dropout_p, seed, softcap)
+        ctx.args = (pattern, scale, dropout_p, seed, softcap, frame)
         ctx.bias_grad = bias is not None and bias.requires_grad and bias.is_floating_point()
         return out
 
@@ -49,12 +50,12 @@ class _KernelAttention(torch.autograd.Function):
         from sparse_compile.codegen.attention import backward
 
         q, k, v, bias, out, lse = ctx.saved_tensors
-        pattern, scale, dropout_p, seed, softcap = ctx.args
+        pattern, scale, dropout_p, seed, softcap, frame = ctx.args
         dq, dk, dv, db = backward(
             dout.contiguous(), q, k, v, out, lse, pattern, scale, bias, ctx.bias_grad,
-            dropout_p, seed, softcap=softcap,
+            dropout_p, seed, softcap=softcap, frame=frame,
         )
-        return dq, dk, dv, db, None, None, None, None, None
+        return dq, dk, dv, db, None, None, None, None, None, None
 
 
 def kernel_attention(
@@ -67,13 +68,18 @@ def kernel_attention(
     dropout_p: float,
     seed: int,
     softcap: float,
+    starts: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernels' attention ([B, Hq, Lq, D]), differentiable when an input requires grad.
 
     ``pattern`` is canonical DSL text of a static pattern; arguments as the custom op's.
     """
+    frame = kernel_frame(q, starts, documents)
     if _needs_grad(q, k, v, bias):
-        return _KernelAttention.apply(q, k, v, bias, pattern, scale, dropout_p, seed, softcap)
+        return _KernelAttention.apply(q, k, v, bias, pattern, scale, dropout_p, seed, softcap,
+                                      frame)
     from sparse_compile.codegen.attention import forward
 
-    return forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap)[0]
+    return forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
+                   frame=frame)[0]

@@ -6,7 +6,8 @@ never built for long inputs); with autograd on, each chunk is recomputed in the 
 (activation checkpointing), so the backward is memory-bounded too.
 
 Semantics are DESIGN.md §2: ``softmax(scale · Q Kᵀ + bias + where(keep, 0, −inf)) V`` with query
-``i`` at absolute position ``i + Lk − Lq``; a row with no kept key gives zeros and zero gradients.
+``i`` at absolute position ``i + Lk − Lq`` unless positions or documents say otherwise
+(sparse_compile.positions); a row with no kept key gives zeros and zero gradients.
 Dropout uses torch's RNG (the kernels use their own Philox stream, so the two paths do not draw
 the same mask for the same seed).
 """
@@ -48,17 +49,36 @@ def bias_as_4d(bias: torch.Tensor | None) -> torch.Tensor | None:
     return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
 
 
-def _keep_chunk(
-    pattern: Any, q_abs: torch.Tensor, lk: int, hq: int, device: torch.device
-) -> torch.Tensor:
-    """Keep mask for absolute query positions ``q_abs`` [c]: [c, Lk] or [Hq, c, Lk] per head."""
-    k_idx = torch.arange(lk, device=device, dtype=torch.int64)
+def _chunk_positions(rows: torch.Tensor, lq: int, lk: int, starts: torch.Tensor | None,
+                     doc_bounds: tuple[torch.Tensor, torch.Tensor] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query positions [B|1, c, 1], key positions [B|1, c|1, Lk] and the keys each row may
+    keep at all [B|1, c|1, Lk] for query rows ``rows`` [c] (sparse_compile.positions)."""
+    cols = torch.arange(lk, device=rows.device, dtype=torch.int64)
+    if doc_bounds is not None:
+        first, last = (t[:, rows].to(torch.int64)[:, :, None] for t in doc_bounds)
+        allowed = (cols >= first) & (cols <= last)
+        return rows[None, :, None] - first, cols - first, allowed
+    if starts is None:
+        q_pos = (rows + (lk - lq))[None, :, None]
+        return q_pos, cols[None, None, :], torch.ones_like(cols[None, None, :], dtype=torch.bool)
+    q0, k0 = (starts[:, i].to(torch.int64)[:, None, None] for i in (0, 1))
+    k_pos = cols[None, None, :] + k0
+    return rows[None, :, None] + q0, k_pos, k_pos >= 0
+
+
+def _keep_chunk(pattern: Any, rows: torch.Tensor, lq: int, lk: int, hkv: int, group: int,
+                starts: torch.Tensor | None,
+                doc_bounds: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Keep mask of query rows ``rows`` [c]: [B|1, 1, 1, c, Lk], or [B|1, Hkv, G, c, Lk] per
+    head."""
+    q_pos, k_pos, allowed = _chunk_positions(rows, lq, lk, starts, doc_bounds)
     if getattr(pattern, "per_head", False):
-        h_idx = torch.arange(hq, device=device, dtype=torch.int64)
-        keep = pattern.evaluate(q_abs[None, :, None], k_idx[None, None, :], h_idx[:, None, None])
-        return keep.expand(hq, q_abs.numel(), lk)
-    keep = pattern.evaluate(q_abs[:, None], k_idx[None, :])
-    return keep.expand(q_abs.numel(), lk)
+        h_idx = torch.arange(hkv * group, device=rows.device, dtype=torch.int64)
+        keep = pattern.evaluate(q_pos[:, None], k_pos[:, None], h_idx[None, :, None, None])
+        keep = keep & allowed[:, None]
+        return keep.reshape(keep.shape[0], hkv, group, *keep.shape[2:])
+    return (pattern.evaluate(q_pos, k_pos) & allowed)[:, None, None]
 
 
 def _chunk_attention(
@@ -105,6 +125,8 @@ def chunked_attention(
     dropout_p: float = 0.0,
     max_scores: int = DEFAULT_MAX_SCORES,
     softcap: float = 0.0,
+    starts: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse attention, chunked over queries.
 
@@ -118,6 +140,9 @@ def chunked_attention(
         max_scores: bound on score entries held at once (over B·Hq·chunk·Lk).
         softcap: when > 0, logits are capped as softcap·tanh(scale·q·k / softcap) before the
             bias and the pattern (Gemma-2 style).
+        starts, documents: where queries and keys sit, as the op takes them
+            (sparse_compile.positions): ``[B or 1, 2]`` (q_start, k_start) or document ids
+            ``[B or 1, L]``.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype. Differentiable through plain torch ops.
@@ -145,17 +170,19 @@ def chunked_attention(
         bias5 = None
 
     chunk = max(1, min(lq, max_scores // max(1, b * hq * lk)))
-    offset = lk - lq
+    doc_bounds = None
+    if documents is not None:
+        from sparse_compile.codegen.launch.positions import document_bounds
+
+        doc_bounds = document_bounds(documents)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )
     outs = []
     for start in range(0, lq, chunk):
         stop = min(lq, start + chunk)
-        q_abs = torch.arange(start, stop, device=q.device, dtype=torch.int64) + offset
-        keep = _keep_chunk(pattern, q_abs, lk, hq, q.device)
-        if keep.dim() == 3:
-            keep = keep.reshape(hkv, group, stop - start, lk)
+        rows = torch.arange(start, stop, device=q.device, dtype=torch.int64)
+        keep = _keep_chunk(pattern, rows, lq, lk, hkv, group, starts, doc_bounds)
         bias_c = None
         if bias5 is not None:
             bias_c = bias5 if bias5.shape[3] == 1 else bias5[:, :, :, start:stop]

@@ -10,6 +10,7 @@ import torch
 
 from sparse_compile.eager import fast_path_applies, kernel_attention
 from sparse_compile.op import attention_op
+from sparse_compile.positions import check_documents, starts_tensor
 
 
 @lru_cache(maxsize=512)
@@ -40,12 +41,17 @@ def attention(
     dropout_p: float = 0.0,
     delta: torch.Tensor | None = None,
     softcap: float | None = None,
+    q_start: int | torch.Tensor | None = None,
+    k_start: int | torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse scaled dot-product attention.
 
     Computes ``softmax(scale · Q Kᵀ + bias + where(keep, 0, −inf)) V`` where ``keep`` is the
-    pattern's predicate at absolute query position ``q + Lk − Lq`` (bottom-right alignment);
-    with ``softcap`` the logits ``scale · Q Kᵀ`` are first capped to
+    pattern's predicate at the queries' and keys' positions: query row ``i`` at
+    ``q_start + i`` (default ``Lk − Lq``: bottom-right alignment), key ``j`` at
+    ``k_start + j`` (default 0), or positions inside each document (``documents``;
+    sparse_compile.positions); with ``softcap`` the logits ``scale · Q Kᵀ`` are first capped to
     ``softcap · tanh(scale · Q Kᵀ / softcap)`` (Gemma 2).
     Rows with no kept key return zeros (and zero gradients).
 
@@ -67,6 +73,13 @@ def attention(
             Dynamic patterns (``dma(keep)``, ``topk(k, block)``, each alone or ``& causal``)
             run through ``sparse_compile.dynamic_mask.dispatch``; they take no dropout.
         softcap: logit soft-capping constant (> 0), or None for none.
+        q_start, k_start: positions of query row 0 and of key 0: an int or an integer tensor
+            ``[B]`` / 0-dim (a static cache's fill level, left padding). Keys at negative
+            positions are never kept.
+        documents: integer ids ``[B, L]`` or ``[L]`` of packed sequences (Lq = Lk): attention
+            stays inside each document, positions count from its first token, negative ids
+            are padding (never attended, their rows output zeros). Checked here (one host
+            synchronisation); bad ids raise ``PositionError``.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype.
@@ -78,9 +91,13 @@ def attention(
     text = _pattern_text(pattern)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
+    placed = q_start is not None or k_start is not None or documents is not None
     if _is_dynamic(text):
         if softcap is not None:
             raise NotImplementedError(f"softcap with the dynamic pattern {text!r}")
+        if placed:
+            raise NotImplementedError(f"positions or documents with the dynamic pattern "
+                                      f"{text!r}")
         from sparse_compile.dynamic_mask.dispatch import dynamic_attention
 
         return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
@@ -88,9 +105,18 @@ def attention(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    if fast_path_applies(q, k, v, bias):
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    starts = None
+    if documents is not None:
+        if q_start is not None or k_start is not None:
+            raise ValueError("documents set every position: q_start / k_start do not apply")
+        documents = check_documents(documents, b, lq, lk)
+    else:
+        starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
+    if fast_path_applies(q, k, v, bias, starts, documents):
         return kernel_attention(q, k, v, bias, text, scale, float(dropout_p),
-                                0 if seed is None else int(seed), float(softcap or 0.0))
+                                0 if seed is None else int(seed), float(softcap or 0.0),
+                                starts, documents)
     out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed,
-                          float(softcap or 0.0))
+                          float(softcap or 0.0), starts, documents)
     return out

@@ -19,6 +19,9 @@ def reference_attention(
     pattern: Pattern | str | None = None,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
+    q_start: int | torch.Tensor | None = None,
+    k_start: int | torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(scale * q k^T + bias + where(keep, 0, -inf)) v`` in float64.
 
@@ -32,6 +35,12 @@ def reference_attention(
         scale: logit scale, default ``1 / sqrt(D)``.
         bias: broadcastable to ``[B, Hq, Lq, Lk]``; a bool tensor is a keep-mask (False drops the
             entry), any other dtype is added to the logits.
+        q_start, k_start: positions of query row 0 and of key 0 (an int, or an integer tensor
+            ``[B]`` / 0-dim); default ``Lk - Lq`` and 0. Keys at negative positions are never
+            kept.
+        documents: integer ids ``[B, L]`` or ``[L]`` (Lq = Lk = L): a row keeps only keys of
+            its own document (a run of equal non-negative ids), positions count from the
+            document's first token, and a negative id (padding) is never kept nor keeps.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` float64. A row with no kept key (pattern and bias together) is zero.
@@ -52,10 +61,7 @@ def reference_attention(
     k64 = k64.repeat_interleave(group, dim=1)
     v64 = v64.repeat_interleave(group, dim=1)
     logits = scale * (q64 @ k64.transpose(-1, -2))  # [B, Hq, Lq, Lk]
-    keep = torch.ones((lq, lk), dtype=torch.bool, device=q.device)
-    if pattern is not None:
-        keep = pattern.mask(lq, lk, heads=hq if pattern.per_head else None, device=q.device)
-    keep = keep.expand(b, hq, lq, lk)
+    keep = kept_mask(pattern, b, hq, lq, lk, q.device, q_start, k_start, documents)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias.to(q.device)
@@ -68,3 +74,50 @@ def reference_attention(
     denom = weights.sum(-1, keepdim=True)
     probs = torch.where(empty, 0.0, weights / torch.where(empty, 1.0, denom))
     return probs @ v64
+
+
+def _starts(start: int | torch.Tensor | None, default: int, b: int,
+            device: torch.device) -> torch.Tensor:
+    """``[B, 1]`` int64 starting positions."""
+    if start is None:
+        start = default
+    return torch.as_tensor(start, dtype=torch.int64, device=device).reshape(-1, 1).expand(b, 1)
+
+
+def _document_starts(ids: torch.Tensor) -> torch.Tensor:
+    """Per token, the index of the first token of its run of equal ids (a plain loop)."""
+    starts = torch.zeros_like(ids, dtype=torch.int64)
+    for i in range(1, ids.shape[1]):
+        same = ids[:, i] == ids[:, i - 1]
+        starts[:, i] = torch.where(same, starts[:, i - 1], i)
+    return starts
+
+
+def kept_mask(pattern: Pattern | None, b: int, hq: int, lq: int, lk: int, device: torch.device,
+              q_start: int | torch.Tensor | None = None, k_start: int | torch.Tensor | None = None,
+              documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense bool keep mask ``[B, Hq, Lq, Lk]`` of ``pattern`` (None: dense) at the positions
+    ``reference_attention`` takes; materialises Lq x Lk, for tests and small sizes."""
+    rows = torch.arange(lq, device=device, dtype=torch.int64)
+    cols = torch.arange(lk, device=device, dtype=torch.int64)
+    if documents is not None:
+        if lq != lk:
+            raise ValueError("documents need Lq == Lk")
+        ids = documents.to(device=device, dtype=torch.int64).reshape(-1, lk).expand(b, lk)
+        first = _document_starts(ids)
+        q_pos = (rows - first)[:, :, None]                        # [B, Lq, 1]
+        k_pos = cols[None, None, :] - first[:, :, None]           # [B, Lq, Lk]
+        allowed = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+                   & (ids[:, None, :] >= 0))
+    else:
+        q_pos = (rows[None, :] + _starts(q_start, lk - lq, b, device))[:, :, None]
+        k_pos = (cols[None, :] + _starts(k_start, 0, b, device))[:, None, :]
+        allowed = (k_pos >= 0).expand(b, lq, lk)
+    if pattern is None:
+        return allowed[:, None].expand(b, hq, lq, lk)
+    if pattern.per_head:
+        heads = torch.arange(hq, device=device, dtype=torch.int64)[None, :, None, None]
+        keep = pattern.evaluate(q_pos[:, None], k_pos[:, None], heads)
+    else:
+        keep = pattern.evaluate(q_pos, k_pos)[:, None]
+    return (keep & allowed[:, None]).expand(b, hq, lq, lk)

@@ -22,6 +22,8 @@ PUBLIC_NAMES = [
     "heads", "predicate", "minimum", "maximum",
     # Attention, the oracle, compiling models.
     "attention", "reference_attention", "sparsify", "explain", "sparse_backend",
+    # Positions and packed documents.
+    "PositionError", "documents_from_cu_seqlens", "documents_from_position_ids",
     # Dynamic patterns.
     "dma_attention", "dma_delta", "attach_dma", "topk_attention", "MissingDeltaError",
     "dma_key_ranges", "dma_block_mask",

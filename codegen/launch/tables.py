@@ -9,7 +9,10 @@ Three ways (the kernels' ``RANGES`` constexpr):
 * 0, block tables: compact CSR (offsets + flat indices), O(visited blocks) whatever the longest
   row, taken as the layout builds them (``Layout.kv_partial`` ..., ``q_full``); each direction
   is built when a launch first reads it (the dK/dV pass only reads the transposed tables of
-  its own tile shape).
+  its own tile shape);
+* 3, hull: where rows sit somewhere the tables were not built for (positions read on the
+  device, documents: ``positions.py``), patterns without a closed form visit the hull of their
+  kept keys, computed in-kernel, with the predicate on every block.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from sparse_compile.patterns.intervals import union_rows
 from sparse_compile.patterns.layout import union_leaves
 
-CLOSED_FORM, ROW_BOUNDS, TABLES = 1, 2, 0
+CLOSED_FORM, ROW_BOUNDS, TABLES, HULL = 1, 2, 0, 3
 
 
 class BlockTables:
@@ -138,7 +141,7 @@ def block_tables(
 
 @dataclass(frozen=True)
 class Visit:
-    """How one kernel launch finds its blocks: ``ranges`` (CLOSED_FORM, ROW_BOUNDS or TABLES)
+    """How one kernel launch finds its blocks: ``ranges`` (CLOSED_FORM, ROW_BOUNDS, TABLES, HULL)
     with the tables (for this kernel's tiles and direction) or row bounds it reads."""
 
     ranges: int

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 from sparse_compile.codegen.launch.config import TileConfig, launch_groups, merged_loop
+from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_args
 from sparse_compile.codegen.launch.tables import Visit, visit_args
 from sparse_compile.codegen.launch.tma import TensorDescriptor, row_descriptors, tma_supported
 from sparse_compile.codegen.tl.forward import bias_args, softcap_args
@@ -37,44 +38,54 @@ def reduce_descriptor(dq_acc: torch.Tensor, block_rows: int) -> object | None:
 
 DKDV_SOURCE = '''
 @triton.jit
-def _row_bounds_at(i, Lq, Lk, hp, RLO, RHI, RANGES: tl.constexpr):
-    """(lo, hi) of query index i: closed form (RANGES 1) or the row-bound arrays (2)."""
+def _row_bounds_at(i, b, Lq, Lk, hp, RLO, RHI, q_first, k_first, Starts, s_st, DS, DE,
+                   RANGES: tl.constexpr, POS_MODE: tl.constexpr):
+    """(lo, hi) key indices of query index i (scalar or vector): the row-bound arrays
+    (RANGES 2), else the closed form (1) or the hull (3) at the row's frame (visit.py)."""
     if RANGES == 2:
         r = tl.minimum(tl.maximum(i, 0), Lq - 1)
         lo = tl.load(RLO + hp * Lq + r)
         hi = tl.load(RHI + hp * Lq + r)
     else:
-        lo, hi = _bounds(i + (Lk - Lq), hp)
+        q_pos, kb, c_lo, c_hi = _row_frame(i, (i >= 0) & (i < Lq), b, Lq, Lk, q_first, k_first,
+                                           Starts, s_st, DS, DE, POS_MODE)
+        lo, hi = _index_bounds(q_pos, kb, c_lo, c_hi, hp, RANGES == 3)
     return lo, hi
 
 
 @triton.jit
-def _first_row(Lq, Lk, hp, target, RLO, RHI, USE_HI: tl.constexpr, RANGES: tl.constexpr):
+def _first_row(b, Lq, Lk, hp, target, RLO, RHI, q_first, k_first, Starts, s_st, DS, DE,
+               USE_HI: tl.constexpr, RANGES: tl.constexpr, POS_MODE: tl.constexpr):
     """First query index i in [0, Lq] with hi(i) >= target (USE_HI) or lo(i) > target."""
     # Tensors from the start: Triton may specialise Lq == 1 into a constant.
     a = tl.full([], 0, tl.int32)
-    b = tl.full([], 0, tl.int32) + Lq
-    while a < b:
-        mid = (a + b) // 2
-        lo, hi = _row_bounds_at(mid, Lq, Lk, hp, RLO, RHI, RANGES)
+    e = tl.full([], 0, tl.int32) + Lq
+    while a < e:
+        mid = (a + e) // 2
+        lo, hi = _row_bounds_at(mid, b, Lq, Lk, hp, RLO, RHI, q_first, k_first, Starts, s_st,
+                                DS, DE, RANGES, POS_MODE)
         if USE_HI:
             ok = hi >= target
         else:
             ok = lo > target
         a = tl.where(ok, a, mid + 1)
-        b = tl.where(ok, mid, b)
+        e = tl.where(ok, mid, e)
     return a
 
 
 @triton.jit
-def _row_blocks(Lq, Lk, hp, n_first, n_last, RLO, RHI, BM: tl.constexpr,
-                RANGES: tl.constexpr):
+def _row_blocks(b, Lq, Lk, hp, n_first, n_last, RLO, RHI, q_first, k_first, Starts, s_st, DS,
+                DE, BM: tl.constexpr, RANGES: tl.constexpr, POS_MODE: tl.constexpr):
     """Query-block ranges (i_lo, if_lo, if_hi, i_hi) for keys [n_first, n_last]: PARTIAL
     [i_lo, if_lo), FULL [if_lo, if_hi), PARTIAL [if_hi, i_hi)."""
-    q_a = _first_row(Lq, Lk, hp, n_first, RLO, RHI, True, RANGES)
-    q_b = _first_row(Lq, Lk, hp, n_last, RLO, RHI, False, RANGES)
-    qf_a = _first_row(Lq, Lk, hp, n_last, RLO, RHI, True, RANGES)
-    qf_b = _first_row(Lq, Lk, hp, n_first, RLO, RHI, False, RANGES)
+    q_a = _first_row(b, Lq, Lk, hp, n_first, RLO, RHI, q_first, k_first, Starts, s_st, DS, DE,
+                     True, RANGES, POS_MODE)
+    q_b = _first_row(b, Lq, Lk, hp, n_last, RLO, RHI, q_first, k_first, Starts, s_st, DS, DE,
+                     False, RANGES, POS_MODE)
+    qf_a = _first_row(b, Lq, Lk, hp, n_last, RLO, RHI, q_first, k_first, Starts, s_st, DS, DE,
+                      True, RANGES, POS_MODE)
+    qf_b = _first_row(b, Lq, Lk, hp, n_first, RLO, RHI, q_first, k_first, Starts, s_st, DS, DE,
+                      False, RANGES, POS_MODE)
     i_lo = q_a // BM
     i_hi = tl.where(q_b > q_a, (q_b + BM - 1) // BM, i_lo)
     # Rows past Lq are inert (LSE = +inf), so a last block ending at Lq may count as FULL.
@@ -88,18 +99,32 @@ def _row_blocks(Lq, Lk, hp, n_first, n_last, RLO, RHI, BM: tl.constexpr,
 
 
 @triton.jit
+def _kept_entries_t(q_idx, m_ok, b, k_idx, n_ok, hp, Lq, Lk, q_first, k_first, Starts, s_st, DS,
+                    DE, POS_MODE: tl.constexpr):
+    """[BN, BM] entries the predicate keeps (keys x queries) at the rows' frame (visit.py)."""
+    q_pos, kb, c_lo, c_hi = _row_frame(q_idx, m_ok, b, Lq, Lk, q_first, k_first, Starts, s_st,
+                                       DS, DE, POS_MODE)
+    kept = _keep(q_pos[None, :], k_idx[:, None] - kb[None, :], hp) & n_ok[:, None]
+    if POS_MODE != 0:
+        kept = kept & (k_idx[:, None] >= c_lo[None, :]) & (k_idx[:, None] <= c_hi[None, :])
+    return kept
+
+
+@triton.jit
 def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                edge, k_idx, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
-                qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst, dq_row,
-                HEAD_DIM: tl.constexpr, BM: tl.constexpr, MODE: tl.constexpr,
-                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
-                PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
-                SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr):
-    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate;
-    3: interval bounds only where the runtime flag ``edge`` says PARTIAL (merged loop); 4: the
-    predicate only where ``edge`` says PARTIAL (merged loop over the block tables).
-    FUSED_DQ 1: dS K added into the float32 dQ rows by pointer atomics; 2: by a TMA reduce."""
+                edge, k_idx, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
+                qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first, k_first, Starts,
+                s_st, DS, DE, dq_dst, dq_row, HEAD_DIM: tl.constexpr, BM: tl.constexpr,
+                MODE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+                FOLD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
+                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RANGES: tl.constexpr,
+                TMA: tl.constexpr, SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr,
+                POS_MODE: tl.constexpr):
+    """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate at the
+    rows' frame (visit.py); 3: interval bounds only where the runtime flag ``edge`` says
+    PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop over
+    the block tables). FUSED_DQ 1: dS K added into the float32 dQ rows by pointer atomics; 2:
+    by a TMA reduce."""
     q_idx = i * BM + offs_m
     m_ok = q_idx < Lq
     if TMA:
@@ -131,24 +156,26 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
         else:
             s_t = s_t + bias.to(tl.float32) * 1.4426950408889634
     if MODE == 1:
-        lo, hi = _row_bounds_at(q_idx, Lq, Lk, hp, RLO, RHI, RANGES)
+        lo, hi = _row_bounds_at(q_idx, b, Lq, Lk, hp, RLO, RHI, q_first, k_first, Starts,
+                                s_st, DS, DE, RANGES, POS_MODE)
         kept = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
         s_t = tl.where(kept & n_ok[:, None], s_t, float("-inf"))
     elif MODE == 2:
-        q_pos = q_idx + (Lk - Lq)
-        kept = _keep(q_pos[None, :], k_idx[:, None], hp) & n_ok[:, None]
+        kept = _kept_entries_t(q_idx, m_ok, b, k_idx, n_ok, hp, Lq, Lk, q_first, k_first,
+                               Starts, s_st, DS, DE, POS_MODE)
         s_t = tl.where(kept, s_t, float("-inf"))
     elif MODE == 3:
         if edge:
-            lo, hi = _row_bounds_at(q_idx, Lq, Lk, hp, RLO, RHI, RANGES)
+            lo, hi = _row_bounds_at(q_idx, b, Lq, Lk, hp, RLO, RHI, q_first, k_first,
+                                    Starts, s_st, DS, DE, RANGES, POS_MODE)
             kept = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
             s_t = tl.where(kept & n_ok[:, None], s_t, float("-inf"))
         elif not EVEN_N:
             s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
     elif MODE == 4:
         if edge:
-            q_pos = q_idx + (Lk - Lq)
-            kept = _keep(q_pos[None, :], k_idx[:, None], hp) & n_ok[:, None]
+            kept = _kept_entries_t(q_idx, m_ok, b, k_idx, n_ok, hp, Lq, Lk, q_first, k_first,
+                                   Starts, s_st, DS, DE, POS_MODE)
             s_t = tl.where(kept, s_t, float("-inf"))
         elif not EVEN_N:
             s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
@@ -190,15 +217,16 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
-                 PO, PI, FO, FI, t_rows, RLO, RHI,
+                 PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
-                 Hq, Hkv, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed, HG,
+                 Hq, Hkv, G, NPH, Lq, Lk, q_first, k_first, scale, qk_scale, cap_in, cap_out,
+                 drop_p, seed, HG,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                  RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
-                 SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr):
+                 SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr, POS_MODE: tl.constexpr):
     # Groups of HG kv heads (config.launch_groups); heads fastest within a group, key blocks
     # in order (under causal the first key blocks are the longest).
     pid_bkv = tl.program_id(1) * HG + tl.program_id(0) % HG
@@ -242,39 +270,54 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
             dq_row = 0
         if RANGES != 0:
             n_last = tl.minimum(pid_n * BN + BN, Lk) - 1
-            i_lo, if_lo, if_hi, i_hi = _row_blocks(Lq, Lk, hp, pid_n * BN, n_last, RLO, RHI,
-                                                   BM, RANGES)
-            if MERGED:
+            i_lo, if_lo, if_hi, i_hi = _row_blocks(b, Lq, Lk, hp, pid_n * BN, n_last, RLO, RHI,
+                                                   q_first, k_first, Starts, s_st, DS, DE, BM,
+                                                   RANGES, POS_MODE)
+            if RANGES == 3:
+                # The hull of a pattern without block tables: every block under the predicate.
+                for i in range(i_lo, i_hi):
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
+                        False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 2,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
+            elif MERGED:
                 for i in range(i_lo, i_hi):
                     edge = (i < if_lo) | (i >= if_hi)
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        edge, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 3,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
             else:
                 for i in range(i_lo, if_lo):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 1,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
                 for i in range(if_lo, if_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 0,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
                 for i in range(if_hi, i_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 1,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
         else:
             row = hp * t_rows + pid_n
             p_start = tl.load(PO + row)
@@ -289,27 +332,30 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                     i = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        edge, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 4, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        edge, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 4,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
             else:
                 for t in range(p_start, p_end):
                     i = tl.load(PI + t)
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 2,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
                 for t in range(f_start, f_end):
                     i = tl.load(FI + t)
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
-                        False, offs_n, n_ok, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
-                        Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, dq_dst,
-                        dq_row, HEAD_DIM, BM, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
-                        DROPOUT, PRECISION, RANGES, TMA, SOFTCAP, FUSED_DQ)
+                        False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm,
+                        sbn, Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI,
+                        q_first, k_first, Starts, s_st, DS, DE, dq_dst, dq_row, HEAD_DIM, BM, 0,
+                        EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES,
+                        TMA, SOFTCAP, FUSED_DQ, POS_MODE)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -334,13 +380,15 @@ def launch_dkdv(
     cfg: TileConfig,
     softcap: float = 0.0,
     dq_acc: torch.Tensor | None = None,
+    frame: Frame = DEFAULT_FRAME,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
 
     ``visit``: closed form, row bounds, or the transposed (per key block) tables of the layout
     (cfg.kv_m, cfg.kv_n). ``dq_acc``: None (two-pass backward), or a zeroed float32
     [B, Hq, Lq, D] contiguous buffer into which the pass adds dS K (dQ / scale) by atomics
-    (cfg.bwd_fused: 1 pointer atomics, 2 a TMA reduce-add where exact).
+    (cfg.bwd_fused: 1 pointer atomics, 2 a TMA reduce-add where exact). ``frame``: where
+    queries and keys sit (codegen/launch/positions.py).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -360,10 +408,12 @@ def launch_dkdv(
                 fused, dq_arg = 2, desc
     hg = launch_groups(b * hkv, cfg.head_group)
     grid = (hg * triton.cdiv(lk, cfg.kv_n), b * hkv // hg)
+    pos_ptrs, (q_first, k_first) = frame_args(frame, lq, lk, q)
     module._dkdv_kernel[grid](
         q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, dq_arg, *visit_args(visit, q),
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
-        hq, hkv, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
+        *pos_ptrs, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
+        hq, hkv, hq // hkv, num_pattern_heads, lq, lk, q_first, k_first, scale,
+        scale * 1.4426950408889634,
         *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.kv_m, BN=cfg.kv_n,
         EVEN_N=lk % cfg.kv_n == 0, FOLD=bias is None and scale > 0 and not softcap,
@@ -371,7 +421,7 @@ def launch_dkdv(
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.kv_merged, (lq, cfg.kv_m), (lk, cfg.kv_n)),
-        SOFTCAP=softcap > 0, FUSED_DQ=fused,
+        SOFTCAP=softcap > 0, FUSED_DQ=fused, POS_MODE=frame.mode,
         num_warps=cfg.kv_warps,
         num_stages=cfg.kv_stages,
     )

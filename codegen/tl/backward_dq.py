@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 from sparse_compile.codegen.launch.config import TileConfig, launch_groups, merged_loop
+from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_args
 from sparse_compile.codegen.launch.tables import Visit, visit_args
 from sparse_compile.codegen.launch.tma import row_descriptors
 from sparse_compile.codegen.tl.forward import bias_args, softcap_args
@@ -23,16 +24,18 @@ from sparse_compile.codegen.tl.forward import bias_args, softcap_args
 DQ_SOURCE = '''
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
-              offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-              dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
+              offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn,
+              svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
               HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr,
               DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DROPOUT: tl.constexpr,
-              PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
-    """MODE 0: FULL; 1: PARTIAL, interval bounds; 2: PARTIAL, predicate; 3: interval bounds
-    only where the runtime flag ``edge`` says PARTIAL (merged loop); 4: the predicate only
-    where ``edge`` says PARTIAL (merged loop over the block tables)."""
+              PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr,
+              CLIP: tl.constexpr):
+    """MODE 0: FULL; 1: PARTIAL, interval bounds; 2: PARTIAL, predicate at the rows' frame
+    (q_pos, kb, c_lo, c_hi; visit.py); 3: interval bounds only where the runtime flag ``edge``
+    says PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop
+    over the block tables)."""
     k_idx = j * BN + offs_n
     n_ok = k_idx < Lk
     if TMA:
@@ -54,8 +57,8 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
         s = t_cap * cap_out
     elif not FOLD:
         s = s * qk_scale
-    s = _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, lo, hi, hp, edge,
-                       MODE, EVEN_N, HAS_BIAS, BIAS_BOOL)
+    s = _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, kb, c_lo, c_hi, lo,
+                       hi, hp, edge, MODE, EVEN_N, HAS_BIAS, BIAS_BOOL, CLIP)
     if FOLD:
         # Scale folded into the exponent: one FMA per entry.
         p = tl.math.exp2(s * qk_scale - lse[:, None])
@@ -88,16 +91,17 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
 
 @triton.jit
 def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
-               PO, PI, FO, FI, t_rows, RLO, RHI,
+               PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn, sob, soh, som, sod,
-               Hq, G, NPH, Lq, Lk, scale, qk_scale, cap_in, cap_out, drop_p, seed, HG,
+               Hq, G, NPH, Lq, Lk, q_first, k_first, scale, qk_scale, cap_in, cap_out, drop_p,
+               seed, HG,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, EVEN_N: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr, DB_ROWS: tl.constexpr,
                DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
-               SOFTCAP: tl.constexpr, DELTA_FROM_OUT: tl.constexpr):
+               SOFTCAP: tl.constexpr, DELTA_FROM_OUT: tl.constexpr, POS_MODE: tl.constexpr):
     # Groups of HG heads (config.launch_groups); heads fastest within a group, query tiles
     # last-first (longest rows first under causal-like patterns).
     pid_bh = tl.program_id(1) * HG + tl.program_id(0) % HG
@@ -107,6 +111,7 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
     hkv = h // G
     hp = h % NPH
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    CLIP: tl.constexpr = POS_MODE != 0
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D_PAD)
@@ -135,7 +140,8 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
         kv_row = 0
     bias_base = Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     dbias_base = DBias + b.to(tl.int64) * dbb + h.to(tl.int64) * dbh
-    q_pos = offs_m + (Lk - Lq)
+    q_pos, kb, c_lo, c_hi = _row_frame(offs_m, row_ok, b, Lq, Lk, q_first, k_first, Starts,
+                                       s_st, DS, DE, POS_MODE)
     seed_bh = seed + pid_bh
     dq = tl.zeros([BM, D_PAD], tl.float32)
     if RANGES != 0:
@@ -143,41 +149,48 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
             lo = tl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
             hi = tl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
         else:
-            lo, hi = _bounds(q_pos, hp)
-            lo = tl.maximum(lo, 0)
-            hi = tl.minimum(hi, Lk - 1)
+            lo, hi = _index_bounds(q_pos, kb, c_lo, c_hi, hp, RANGES == 3)
         j_lo, jf_lo, jf_hi, j_hi = _visit_range(lo, hi, row_ok, Lk, BN)
-        if MERGED:
+        if RANGES == 3:
+            # The hull of a pattern without block tables: every block under the predicate.
+            for j in range(j_lo, j_hi):
+                dq = _dq_block(
+                    dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd,
+                    svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
+                    HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
+        elif MERGED:
             for j in range(j_lo, j_hi):
                 edge = (j < jf_lo) | (j >= jf_hi)
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
-                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 3,
-                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
-                    PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd,
+                    svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
+                    HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
         else:
             for j in range(j_lo, jf_lo):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1,
-                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
-                    PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd,
+                    svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
+                    HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
             for j in range(jf_lo, jf_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0,
-                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
-                    PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd,
+                    svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
+                    HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
             for j in range(jf_hi, j_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn,
-                    dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1,
-                    EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT,
-                    PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, row_ok, offs_n, offs_d, skn, skd,
+                    svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
+                    HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
@@ -192,27 +205,27 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
                 j = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
-                    offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd,
-                    sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM,
-                    BN, 4, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS,
-                    DROPOUT, PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn,
+                    skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
+                    seed_bh, HEAD_DIM, BN, 4, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                    BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
         else:
             for t in range(p_start, p_end):
                 j = tl.load(PI + t)
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd,
-                    sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM,
-                    BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS,
-                    DROPOUT, PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn,
+                    skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
+                    seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                    BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
             for t in range(f_start, f_end):
                 j = tl.load(FI + t)
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn, skd, svn, svd,
-                    sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM,
-                    BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD, DB_ROWS, DB_COLS,
-                    DROPOUT, PRECISION, TMA, SOFTCAP)
+                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, row_ok, offs_n, offs_d, skn,
+                    skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
+                    seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL,
+                    BIAS_GRAD, DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP)
     dq = dq * scale
     tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -237,12 +250,14 @@ def launch_dq(
     cfg: TileConfig,
     softcap: float = 0.0,
     out: torch.Tensor | None = None,
+    frame: Frame = DEFAULT_FRAME,
 ) -> torch.Tensor:
     """dQ [B, Hq, Lq, D] (q's dtype, contiguous); adds the bias gradient into ``dbias``.
 
     lse, delta: [B, Hq, Lq] float32. dbias: None or float32 shaped like the 4-D bias. With
     ``out`` (the forward output), the kernel computes Δ = rowsum(dO ∘ O) and writes it into
-    ``delta`` (then only an allocated buffer) for the dK/dV pass.
+    ``delta`` (then only an allocated buffer) for the dK/dV pass. ``frame``: where queries
+    and keys sit (codegen/launch/positions.py).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -255,12 +270,14 @@ def launch_dq(
     k_arg, v_arg = descs or (k, v)
     hg = launch_groups(b * hq, cfg.head_group)
     grid = (hg * triton.cdiv(lq, cfg.dq_m), b * hq // hg)
+    pos_ptrs, (q_first, k_first) = frame_args(frame, lq, lk, q)
     module._dq_kernel[grid](
         q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, dout if out is None else out,
-        *visit_args(visit, q),
+        *visit_args(visit, q), *pos_ptrs,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
         *(dout if out is None else out).stride(),
-        hq, hq // hkv, num_pattern_heads, lq, lk, scale, scale * 1.4426950408889634,
+        hq, hq // hkv, num_pattern_heads, lq, lk, q_first, k_first, scale,
+        scale * 1.4426950408889634,
         *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
         EVEN_N=lk % cfg.dq_n == 0, FOLD=bias is None and scale > 0 and not softcap,
@@ -272,7 +289,7 @@ def launch_dq(
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.dq_merged, (lk, cfg.dq_n)),
         SOFTCAP=softcap > 0,
-        DELTA_FROM_OUT=out is not None, num_warps=cfg.dq_warps,
+        DELTA_FROM_OUT=out is not None, POS_MODE=frame.mode, num_warps=cfg.dq_warps,
         num_stages=cfg.dq_stages,
     )
     return dq

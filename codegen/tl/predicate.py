@@ -8,6 +8,11 @@ of the generated module calls on PARTIAL blocks only:
 - ``_bounds(q_pos, hp)``: (lo, hi) int32 tensors shaped like ``q_pos`` with
   ``keep(q, k) <=> lo <= k <= hi``. Emitted only for interval patterns (``INTERVAL`` is then
   True in the module); otherwise it returns an empty range and is never called.
+- ``_hull(q_pos, hp)``: (lo, hi) of an interval that holds every key the row keeps (the
+  bounds themselves for interval patterns): what the general route visits when the block
+  tables cannot be used (positions known only on the device, documents).
+
+Bounds are key positions; the kernels turn them into key indices (``visit.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +63,31 @@ def interval_bounds(pattern: Any) -> list[tuple[sympy.Expr, sympy.Expr]] | None:
     return bounds
 
 
+def _hull(pattern: Any, head: int | None) -> tuple[sympy.Expr, sympy.Expr]:
+    """An interval ``(lo, hi)`` of key positions holding every key a row keeps: the exact
+    interval where there is one, the intersection (``&``) or the span (``|``) of the parts'
+    hulls, else all keys. Non-decreasing in ``Q`` like the intervals it is made of."""
+    iv = pattern.interval(head) if head is not None or not pattern.per_head else None
+    if iv is not None:
+        return iv
+    kind = type(pattern).__name__
+    if kind in ("And", "Or"):
+        (a_lo, a_hi), (b_lo, b_hi) = (_hull(part, head) for part in pattern.children())
+        if kind == "And":
+            return sympy.Max(a_lo, b_lo), sympy.Min(a_hi, b_hi)
+        return sympy.Min(a_lo, b_lo), sympy.Max(a_hi, b_hi)
+    if kind == "Heads":
+        return _hull(pattern.for_head(head or 0), head)
+    return sympy.Integer(0), sympy.oo
+
+
+def hull_bounds(pattern: Any) -> list[tuple[sympy.Expr, sympy.Expr]]:
+    """Per pattern head, the hull ``(lo, hi)`` of the kept keys (see ``_hull``)."""
+    if getattr(pattern, "per_head", False):
+        return [_hull(pattern.for_head(h), h) for h in range(pattern_heads(pattern))]
+    return [_hull(pattern, None)]
+
+
 def predicate_source(pattern: Any) -> tuple[str, bool]:
     """(source of ``_keep`` and ``_bounds``, whether the pattern is an interval pattern)."""
     printer = TritonPrinter()
@@ -72,6 +102,9 @@ def predicate_source(pattern: Any) -> tuple[str, bool]:
         his = _per_head_select([_bound_text(printer, hi) for _, hi in bounds])
     else:
         los, his = "(q_pos * 0)", "(q_pos * 0 - 1)"
+    hulls = hull_bounds(pattern)
+    hull_los = _per_head_select([_bound_text(printer, lo) for lo, _ in hulls])
+    hull_his = _per_head_select([_bound_text(printer, hi) for _, hi in hulls])
     src = f'''
 @triton.jit
 def _keep(q_pos, k_pos, hp):
@@ -82,6 +115,13 @@ def _keep(q_pos, k_pos, hp):
 def _bounds(q_pos, hp):
     lo = {los}
     hi = {his}
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _hull(q_pos, hp):
+    lo = {hull_los}
+    hi = {hull_his}
     return lo.to(tl.int32), hi.to(tl.int32)
 '''
     return src, bounds is not None

@@ -9,7 +9,7 @@ import torch
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
-from sparse_compile.reference import reference_attention
+from sparse_compile.reference import kept_mask, reference_attention
 from tests.conftest import rel_error
 
 # Relative-error bounds per input dtype (DESIGN.md §5).
@@ -50,9 +50,11 @@ def make_qkv(
     return one(hq, lq), one(hkv, lk), one(hkv, lk)
 
 
-def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0):
+def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None):
     """Float64 attention with autograd (same formula as reference_attention, which it matches;
     with ``softcap`` > 0 the logits are first capped as softcap * tanh(s / softcap)).
+    ``positions``: keyword arguments ``q_start`` / ``k_start`` / ``documents`` of
+    reference_attention (where queries and keys sit).
 
     Returns the output [B, Hq, Lq, D] float64, differentiable in q, k, v and a float bias.
     """
@@ -66,8 +68,13 @@ def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0):
     s = scale * (q.to(torch.float64) @ k64.transpose(-1, -2))
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    keep = p.mask(lq, lk, heads=hq if p.per_head else None, device=q.device)
-    keep = keep.expand(b, hq, lq, lk)
+    positions = positions or {}
+    if positions:
+        keep = kept_mask(p, b, hq, lq, lk, q.device, positions.get("q_start"),
+                     positions.get("k_start"), positions.get("documents"))
+    else:
+        keep = p.mask(lq, lk, heads=hq if p.per_head else None, device=q.device)
+        keep = keep.expand(b, hq, lq, lk)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias
@@ -81,21 +88,23 @@ def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0):
     out = (e / torch.where(den > 0, den, torch.ones_like(den))) @ v64
     if softcap > 0:
         return out
-    ref = reference_attention(q, k, v, p, scale, bias)
+    ref = reference_attention(q, k, v, p, scale, bias, **positions)
     assert rel_error(out, ref) < 1e-12, "test oracle disagrees with reference_attention"
     return out
 
 
-def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True, softcap=0.0):
-    """Run ``fn(q, k, v, pattern, scale, bias)`` and compare output and gradients with the oracle.
+def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True, softcap=0.0,
+                         positions=None):
+    """Run ``fn(q, k, v, pattern, scale, bias)`` and compare output and gradients with the oracle
+    (``positions``: where queries and keys sit, passed to both; see ``oracle``).
 
     Returns the dict of relative errors (out, dq, dk, dv[, dbias]).
     """
     tol = TOL[q.dtype]
-    out = fn(q, k, v, pattern, scale, bias)
+    out = fn(q, k, v, pattern, scale, bias, **(positions or {}))
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), f"non-finite output for {pattern!r}"
-    ref = oracle(q, k, v, pattern, scale, bias, softcap)
+    ref = oracle(q, k, v, pattern, scale, bias, softcap, positions)
     errs = {"out": rel_error(out, ref)}
     if grads:
         dout = torch.randn_like(out)

@@ -1,0 +1,108 @@
+"""Where the queries and keys of one call sit, as the kernels read it (their ``POS_MODE``).
+
+A pattern is a predicate of query and key *positions*. By default query row ``i`` sits at
+``i + Lk - Lq`` and key ``j`` at ``j`` (bottom-right alignment). A ``Frame`` says otherwise:
+
+* mode 0, fixed starts: query row ``i`` at ``q_first + i``, key ``j`` at ``k_first + j``;
+* mode 1, per-batch starts read on the device (``starts`` ``[B or 1, 2]`` int32 holding
+  ``(q_start, k_start)``, added to the fixed ones): a static cache's fill level, left padding,
+  a shard of a longer sequence. Nothing is read on the host, so CUDA graphs replay it;
+* mode 2, documents: each row's positions count from its document's first token and it keeps
+  keys of its own document only (``doc_start`` / ``doc_end``, ``[B, L]`` int32 key indices,
+  an empty ``[i, i - 1]`` for padding rows).
+
+Keys at negative positions are never kept. Block tables are built for the default alignment
+only, so a non-default frame runs interval patterns in closed form and the others on their hull
+(``codegen/tl/predicate.py``) with the predicate on every visited block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# POS_MODE values of the kernels (codegen/tl/visit.py ``_row_frame``).
+FIXED, PER_BATCH, DOCUMENTS = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One call's positions: ``mode`` and the arguments of that mode (see the module doc).
+    ``q_first`` None means ``Lk - Lq``."""
+
+    mode: int = FIXED
+    q_first: int | None = None
+    k_first: int = 0
+    starts: torch.Tensor | None = None
+    doc_start: torch.Tensor | None = None
+    doc_end: torch.Tensor | None = None
+
+    def is_default(self, lq: int, lk: int) -> bool:
+        """Whether this frame is the bottom-right alignment the block tables are built for."""
+        return (self.mode == FIXED and self.k_first == 0
+                and (self.q_first is None or self.q_first == lk - lq))
+
+
+DEFAULT_FRAME = Frame()
+
+
+def starts_frame(starts: torch.Tensor) -> Frame:
+    """Per-batch ``(q_start, k_start)`` from an integer tensor ``[B or 1, 2]`` on the kernels'
+    device (positions of query row 0 and of key 0)."""
+    if starts.dim() != 2 or starts.shape[-1] != 2:
+        raise ValueError(f"positions must be [B or 1, 2] (q_start, k_start), got "
+                         f"{tuple(starts.shape)}")
+    return Frame(PER_BATCH, q_first=0, starts=starts.to(torch.int32).contiguous())
+
+
+def document_bounds(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the key indices ``[start, end]`` of its document (int32 ``[B, L]``).
+
+    ``ids`` ``[B, L]``: a document is a run of equal non-negative ids; a negative id marks a
+    padding token, which gets the empty range ``[i, i - 1]``. O(L) work on the ids' device, no
+    host synchronisation.
+    """
+    b, length = ids.shape
+    idx = torch.arange(length, device=ids.device, dtype=torch.int64).expand(b, length)
+    boundary = ids[:, 1:] != ids[:, :-1]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = boundary
+    last = torch.ones_like(ids, dtype=torch.bool)
+    last[:, :-1] = boundary
+    start = torch.where(first, idx, 0).cummax(dim=-1).values
+    end = torch.where(last, idx, length - 1).flip(-1).cummin(dim=-1).values.flip(-1)
+    pad = ids < 0
+    start = torch.where(pad, idx, start)
+    end = torch.where(pad, idx - 1, end)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def documents_frame(ids: torch.Tensor) -> Frame:
+    """The frame of documents ``ids`` ``[B, L]`` (see ``document_bounds``)."""
+    start, end = document_bounds(ids)
+    return Frame(DOCUMENTS, doc_start=start, doc_end=end)
+
+
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """An int32 placeholder for the pointer arguments a launch does not read."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = torch.zeros(2, device=device, dtype=torch.int32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _DUMMIES[device] = t
+    return t
+
+
+def frame_args(frame: Frame, lq: int, lk: int, like: torch.Tensor) -> tuple:
+    """Kernel arguments ``(Starts, s_st, DS, DE)`` and ``(q_first, k_first)`` of ``frame``."""
+    dummy = _dummy(like.device)
+    starts = frame.starts if frame.starts is not None else dummy
+    s_st = 0 if frame.starts is None or frame.starts.shape[0] == 1 else 2
+    ds = frame.doc_start if frame.doc_start is not None else dummy
+    de = frame.doc_end if frame.doc_end is not None else dummy
+    q_first = lk - lq if frame.q_first is None else frame.q_first
+    return (starts, s_st, ds, de), (q_first, frame.k_first)

@@ -1,0 +1,136 @@
+"""Queries and keys at given positions (static caches, left padding, shards) and packed
+documents, through the public call, against the float64 oracle at the same positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparse_compile as sc
+from sparse_compile import fallback
+from sparse_compile.functional import attention
+from sparse_compile.positions import (
+    PositionError,
+    documents_from_cu_seqlens,
+    documents_from_position_ids,
+)
+from sparse_compile.reference import reference_attention
+from tests.codegen.attention_cases import check_against_oracle, make_qkv
+from tests.conftest import rel_error
+
+# Interval patterns (closed form), a union and per-head patterns (row bounds / tables by
+# default: their hull under positions) and patterns with no interval at all.
+PATTERNS = [
+    "causal & sliding(7)",
+    "block(6)",
+    "causal & (sink(3) | sliding(5))",
+    "heads(causal, sink(2) | local(6))",
+    "global(2) | local(6)",
+]
+
+
+def _documents(b: int, length: int) -> torch.Tensor:
+    """Two rows of ids: several documents with padding between and after them; one document."""
+    row = [0] * 9 + [1] * 14 + [-1] * 3 + [3] * 7 + [-1] * (length - 33)
+    return torch.tensor([row, [0] * length][:b])
+
+
+POSITION_CASES = {
+    "static cache": lambda b, lq, lk: {"q_start": torch.tensor([lk - lq - 9, lk - lq - 4])},
+    # Per-batch starts and fixed ones go through different kernel arguments.
+    "shifted keys": lambda b, lq, lk: {"q_start": 11, "k_start": -4},
+    "left padding": lambda b, lq, lk: {"q_start": torch.tensor([lk - lq - 3, lk - lq]),
+                                       "k_start": torch.tensor([-3, 0])},
+}
+
+
+@pytest.mark.parametrize("case", sorted(POSITION_CASES))
+@pytest.mark.parametrize("text", PATTERNS)
+def test_positions_match_the_oracle(text: str, case: str) -> None:
+    b, lq, lk = 2, 13, 35
+    q, k, v = make_qkv(b, 2, 1, lq, lk, 16, torch.float32)
+    positions = POSITION_CASES[case](b, lq, lk)
+    check_against_oracle(attention, q, k, v, text, positions=positions)
+
+
+@pytest.mark.parametrize("text", PATTERNS)
+def test_documents_match_the_oracle(text: str) -> None:
+    q, k, v = make_qkv(2, 2, 1, 37, 37, 16, torch.float32, noncontiguous=True)
+    check_against_oracle(attention, q, k, v, text, positions={"documents": _documents(2, 37)})
+
+
+@pytest.mark.parametrize("text", ["causal & sink(4)", "block(5) | causal & sliding(3)"])
+def test_a_packed_batch_equals_each_document_alone(text: str) -> None:
+    lengths = [7, 12, 3, 9]
+    total = sum(lengths)
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, total, total, 16, torch.float32))
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    packed = attention(q, k, v, text, documents=ids)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = attention(q[:, :, part], k[:, :, part], v[:, :, part], text)
+        assert rel_error(packed[:, :, part], alone) < 1e-5
+        start += n
+
+
+def test_padding_rows_output_zeros() -> None:
+    q, k, v = (t.detach() for t in make_qkv(2, 2, 2, 37, 37, 16, torch.float32))
+    ids = _documents(2, 37)
+    out = attention(q, k, v, "causal", documents=ids)
+    assert torch.equal(out[0, :, ids[0] < 0], torch.zeros_like(out[0, :, ids[0] < 0]))
+
+
+def test_a_static_cache_equals_the_filled_part() -> None:
+    """Keys of a cache of capacity 40 holding 26 tokens, queries the next 3: the same as the
+    26 + 3 keys a growing cache would hold (the unfilled tail is beyond the causal bound)."""
+    text, filled, lq, capacity = "causal & (sink(2) | sliding(6))", 26, 3, 40
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, lq, capacity, 16, torch.float32))
+    static = attention(q, k, v, text, q_start=filled)
+    grown = attention(q, k[:, :, :filled + lq], v[:, :, :filled + lq], text)
+    assert rel_error(static, grown) < 1e-5
+
+
+@pytest.mark.parametrize("positions", [
+    {"q_start": torch.tensor([3, 9]), "k_start": -2},
+    {"documents": torch.tensor([0] * 5 + [1] * 6 + [-1] * 2 + [2] * 4)},
+])
+def test_chunked_pytorch_path_matches_the_reference(positions) -> None:
+    q, k, v = (t.detach() for t in make_qkv(2, 2, 1, 17, 17, 8, torch.float32))
+    text = "causal & (sink(2) | sliding(4))"
+    if "documents" in positions:
+        args = {"documents": positions["documents"].reshape(1, -1)}
+    else:
+        args = {"starts": sc.positions.starts_tensor(positions["q_start"], positions["k_start"],
+                                                     2, 17, 17, q.device)}
+    out = fallback.chunked_attention(q, k, v, sc.parse(text), max_scores=64, **args)
+    ref = reference_attention(q, k, v, text, **positions)
+    assert rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"documents": torch.tensor([0, 0, 1, 1, 0, 0, 2, 2])}, "non-decreasing"),
+    ({"documents": torch.tensor([0, 0, -1, 0, 1, 1, 1, 1])}, "split by padding"),
+    ({"documents": torch.zeros(8)}, "integers"),
+    ({"documents": torch.zeros(3, 8, dtype=torch.long)}, r"\[B, L\]"),
+    ({"documents": torch.zeros(8, dtype=torch.long), "q_start": 2}, "q_start"),
+    ({"q_start": torch.zeros(3, dtype=torch.long)}, "q_start"),
+    ({"k_start": 1.5}, "k_start"),
+])
+def test_bad_positions_raise_clear_errors(kwargs, message: str) -> None:
+    q, k, v = (t.detach() for t in make_qkv(2, 2, 2, 8, 8, 16, torch.float32))
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v, "causal", **kwargs)
+
+
+def test_documents_need_as_many_queries_as_keys() -> None:
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 4, 8, 16, torch.float32))
+    with pytest.raises(PositionError, match="Lq = 4, Lk = 8"):
+        attention(q, k, v, "causal", documents=torch.zeros(8, dtype=torch.long))
+
+
+def test_documents_from_flash_and_transformers_forms() -> None:
+    cu = torch.tensor([0, 3, 5, 9])
+    assert documents_from_cu_seqlens(cu, 11).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1]
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert documents_from_position_ids(position_ids).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
