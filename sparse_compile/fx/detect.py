@@ -20,7 +20,9 @@ proven before a site is rewritable:
 - q, k and v have consistent shapes, and the same head dimension.
 
 ``nn.MultiheadAttention`` reaches the backend as one ``F.multi_head_attention_forward`` call;
-it is a site of its own (``form="mha"``, see ``sparse_compile.fx.mha``).
+it is a site of its own (``form="mha"``, see ``sparse_compile.fx.mha``). So is every
+FlexAttention call (``form="flex"``, see ``sparse_compile.fx.flex``), reported and left to
+FlexAttention for now.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.fx import GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.fx.einsum import read_output_einsum, read_scores_einsum
+from sparse_compile.fx.flex import LEFT_TO_FLEX, FlexCall, read_flex_call
 from sparse_compile.fx.mha import mha_arguments, mha_site_reason
 from sparse_compile.fx.operands import Operand, product_operands, shapes_reason
 from sparse_compile.fx.score_chain import read_steps, score_path
@@ -46,6 +49,8 @@ def find_sites(gm: GraphModule) -> list[AttentionSite]:
             sites.append(_sdpa_site(node))
         elif ops.is_mha(node):
             sites.append(_mha_site(node))
+        elif ops.is_flex_attention(node):
+            sites.append(_flex_site(read_flex_call(gm, node)))
         elif node in softmaxes:
             site = _softmax_site(softmaxes[node])
             if site is not None:
@@ -81,6 +86,14 @@ def _mha_site(node: Node) -> AttentionSite:
     # [L, N, E] -> [N, L, E] for the report; the replacement takes the call's own arguments.
     site.q, site.k = Operand(arguments["query"], (1, 0, 2)), Operand(arguments["key"], (1, 0, 2))
     site.reason = mha_site_reason(arguments)
+    return site
+
+
+def _flex_site(call: FlexCall) -> AttentionSite:
+    """A FlexAttention call: reported, and left to FlexAttention."""
+    site = AttentionSite(anchor=call.node, output=call.node, form="flex", nodes=[call.node],
+                         scale=call.scale, reason=LEFT_TO_FLEX)
+    site.q, site.k, site.v = Operand(call.query), Operand(call.key), Operand(call.value)
     return site
 
 

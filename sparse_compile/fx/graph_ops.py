@@ -110,6 +110,12 @@ def is_mha(node: Any) -> bool:
     return _is(node, (F.multi_head_attention_forward,), ())
 
 
+def is_flex_attention(node: Any) -> bool:
+    """The ``flex_attention`` higher-order op, as Dynamo records FlexAttention calls."""
+    return (isinstance(node, Node) and node.op == "call_function"
+            and node.target is torch.ops.higher_order.flex_attention)
+
+
 def is_dropout(node: Any) -> bool:
     return _is(node, (F.dropout, torch.dropout), ("dropout",))
 
