@@ -2,7 +2,7 @@
 
 ``torch.nn.attention.flex_attention.flex_attention(q, k, v, score_mod, block_mask, ...)``
 reaches a backend as one call of the higher-order op ``torch.ops.higher_order.flex_attention``
-whose result is the tuple ``(out, logsumexp, max)``. Its arguments (torch 2.11 to 2.14) are
+whose result is the tuple ``(out, logsumexp, max)``. On torch 2.13 its arguments are
 
     (query, key, value, score_mod, block_mask, scale, kernel_options,
      score_mod_other_buffers, mask_mod_other_buffers)
@@ -11,13 +11,16 @@ whose result is the tuple ``(out, logsumexp, max)``. Its arguments (torch 2.11 t
   graph (``score_mod_0``, ``mask_fn_0``): small graphs of 0-dim tensors,
   ``score_mod(score, b, h, q_idx, kv_idx, *score_mod_other_buffers)`` and
   ``mask_mod(b, h, q_idx, kv_idx, *mask_mod_other_buffers)``; the buffers are the tensors they
-  read from outside (graph values);
+  read from outside (graph values: document ids, bias tables);
 - ``block_mask`` is ``BlockMask.as_tuple()``: ``(Q_LEN, KV_LEN, kv_num_blocks, kv_indices,
   full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks,
-  full_q_indices, ..., Q_BLOCK_SIZE, KV_BLOCK_SIZE, mask_mod)``, where newer torch inserts
-  dQ write-order entries before the block sizes; the tensors are graph values (inputs of the
-  graph when the mask was built outside it, nodes when ``create_block_mask`` ran inside);
-- ``scale`` is a number (``1 / sqrt(head dim)`` when the caller gave none);
+  full_q_indices, dq_write_order, dq_write_order_full, dq_kv_order, dq_kv_order_spt,
+  Q_BLOCK_SIZE, KV_BLOCK_SIZE, mask_mod)``; the dQ write-order entries (None unless asked for)
+  are skipped here, and the block sizes and ``mask_mod`` are read from the end of the tuple so
+  that a layout without them reads the same. The tensors are graph values: inputs of the graph
+  when the mask was built outside it, nodes when ``create_block_mask`` ran inside;
+- ``scale`` is a number (``1 / sqrt(head dim)`` when the caller gave none), or a graph value
+  under dynamic shapes;
 - ``kernel_options`` a dict (``OUTPUT_LOGSUMEXP``, ``BACKEND``, ...). ``enable_gqa`` is not
   passed on: it is only checked before the call, and the op shares key/value heads whenever
   their count divides the query heads'. ``return_lse`` shows as a use of the logsumexp output.
