@@ -4,8 +4,9 @@ Stages, in the order the backend (``sparse_compile.backend``) runs them:
 
 - ``graph_ops``: the torch operations the pass recognises, in all their spellings;
 - ``inplace``: in-place score updates made out-of-place, so the chains below can be read;
-- ``detect`` (with ``operands``, ``score_chain``, ``einsum``, ``mha``): every softmax(Q Kᵀ)V
-  found and proven, normalised to an ``AttentionSite`` (``site``);
+- ``detect`` (with ``softmax``, ``operands``, ``score_chain``, ``einsum``, ``mha``, ``flex``):
+  every softmax(Q Kᵀ)V found and proven, normalised to an ``AttentionSite`` (``site``);
+  FlexAttention calls are reported and left to FlexAttention;
 - ``choose``: the backend's options and the pattern each site gets;
 - ``rewrite``: the site's nodes replaced by one call of the sparse attention op.
 """

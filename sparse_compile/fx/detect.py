@@ -3,10 +3,13 @@
 ``find_sites(gm)`` returns one ``AttentionSite`` per attention it recognises: every
 ``F.scaled_dot_product_attention`` call, and every softmax whose input is a product of two
 tensors (through scaling, masks, biases and casts) and whose output, through casts and
-dropout, is multiplied with a third. A site carries either a recipe for the rewrite (``reason
-is None``) or the reason it must stay as it is. What is proven before a site is rewritable:
+dropout, is multiplied with a third. The softmax may be ``softmax``, ``exp(log_softmax)`` or
+written out with ``exp`` and a division by the sum (``sparse_compile.fx.softmax``, which also
+returns the forms recognised only in part, reported with their reason). A site carries either
+a recipe for the rewrite (``reason is None``) or the reason it must stay as it is. What is
+proven before a site is rewritable:
 
-- the softmax runs over the key axis (the last axis of the scores);
+- the softmax runs over the key axis (the last axis of the scores), its exp and its sum alike;
 - between the product and the softmax the scores only go through an affine map
   ``a·S + b``: multiplication/division by numbers or by tensors constant along the key axis,
   additive biases, ``masked_fill``/``where`` with a large negative fill, dtype casts,
@@ -17,35 +20,39 @@ is None``) or the reason it must stay as it is. What is proven before a site is 
 - q, k and v have consistent shapes, and the same head dimension.
 
 ``nn.MultiheadAttention`` reaches the backend as one ``F.multi_head_attention_forward`` call;
-it is a site of its own (``form="mha"``, see ``sparse_compile.fx.mha``).
+it is a site of its own (``form="mha"``, see ``sparse_compile.fx.mha``). So is every
+FlexAttention call (``form="flex"``, see ``sparse_compile.fx.flex``), reported and left to
+FlexAttention for now.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.fx.einsum import read_output_einsum, read_scores_einsum
+from sparse_compile.fx.flex import LEFT_TO_FLEX, FlexCall, read_flex_call
 from sparse_compile.fx.mha import mha_arguments, mha_site_reason
 from sparse_compile.fx.operands import Operand, product_operands, shapes_reason
-from sparse_compile.fx.score_chain import read_steps
+from sparse_compile.fx.score_chain import read_steps, score_path
 from sparse_compile.fx.site import AttentionSite, BatchView, batch_view
+from sparse_compile.fx.softmax import Softmax, find_softmaxes
 
 
 def find_sites(gm: GraphModule) -> list[AttentionSite]:
     """All attention sites of ``gm``, in graph order, rewritable or not."""
     sites = []
+    softmaxes = find_softmaxes(gm.graph)
     for node in gm.graph.nodes:
         if ops.is_sdpa(node):
             sites.append(_sdpa_site(node))
         elif ops.is_mha(node):
             sites.append(_mha_site(node))
-        elif ops.is_softmax(node):
-            site = _softmax_site(node)
+        elif ops.is_flex_attention(node):
+            sites.append(_flex_site(read_flex_call(gm, node)))
+        elif node in softmaxes:
+            site = _softmax_site(softmaxes[node])
             if site is not None:
                 sites.append(site)
     return sites
@@ -82,32 +89,17 @@ def _mha_site(node: Node) -> AttentionSite:
     return site
 
 
+def _flex_site(call: FlexCall) -> AttentionSite:
+    """A FlexAttention call: reported, and left to FlexAttention."""
+    site = AttentionSite(anchor=call.node, output=call.node, form="flex", nodes=[call.node],
+                         scale=call.scale, reason=LEFT_TO_FLEX)
+    site.q, site.k, site.v = Operand(call.query), Operand(call.key), Operand(call.value)
+    return site
+
+
 # --- softmax(Q Kᵀ) V ----------------------------------------------------------------------
 
 _MAX_CHAIN = 16
-
-
-def _score_path(node: Any, depth: int = 0) -> list[Node] | None:
-    """Nodes from a product to ``node`` through score-chain ops, or None."""
-    if not isinstance(node, Node) or depth > _MAX_CHAIN:
-        return None
-    if ops.is_product(node):
-        return [node]
-    if not _is_chain_op(node):
-        return None
-    for parent in node.all_input_nodes:
-        path = _score_path(parent, depth + 1)
-        if path is not None:
-            return [*path, node]
-    return None
-
-
-def _is_chain_op(node: Node) -> bool:
-    checks: tuple[Callable[[Any], bool], ...] = (
-        ops.is_mul, ops.is_div, ops.is_add, ops.is_sub, ops.is_masked_fill, ops.is_where,
-        ops.is_cast_or_identity, ops.is_tanh, ops.is_reshape,
-    )
-    return any(check(node) for check in checks)
 
 
 def _weights_path(softmax: Node) -> tuple[list[Node], Node | None, bool]:
@@ -129,14 +121,16 @@ def _weights_path(softmax: Node) -> tuple[list[Node], Node | None, bool]:
     return path, None, elsewhere
 
 
-def _softmax_site(softmax: Node) -> AttentionSite | None:
-    scores_in = ops.arg(softmax, 0, "input")
-    chain = _score_path(scores_in)
-    post, pv, elsewhere = _weights_path(softmax)
+def _softmax_site(softmax: Softmax) -> AttentionSite | None:
+    chain = score_path(softmax.input)
+    post, pv, elsewhere = _weights_path(softmax.output)
     if chain is None and pv is None:
         return None
-    site = AttentionSite(anchor=softmax, output=pv if pv is not None else softmax,
-                         form="softmax")
+    site = AttentionSite(anchor=softmax.output,
+                         output=pv if pv is not None else softmax.output, form="softmax")
+    if softmax.reason is not None:
+        site.reason = softmax.reason
+        return site
     if chain is None:
         site.reason = "the softmax input is not a recognised Q·Kᵀ product"
         return site
@@ -145,14 +139,15 @@ def _softmax_site(softmax: Node) -> AttentionSite | None:
         return site
     product, steps = chain[0], chain[1:]
     site.form = _form_name(product)
-    site.nodes = [*chain, softmax, *post, pv]
+    site.nodes = [*chain, *softmax.nodes, *post, pv]
+    inner = [*chain, *softmax.nodes[:-1]]
     site.reason = (
         _softmax_dim_reason(softmax)
         or _read_scores(site, product)
         or read_steps(site, product, steps)
-        or _single_use_reason(chain, site.nodes, elsewhere)
+        or _single_use_reason(inner, site.nodes, elsewhere)
         or _read_post(site, post)
-        or _read_output(site, pv, post[-1] if post else softmax)
+        or _read_output(site, pv, post[-1] if post else softmax.output)
         or _apply_views(site)
         or shapes_reason(site.q, site.k, site.v)
     )
@@ -167,9 +162,9 @@ def _form_name(product: Node) -> str:
     return "matmul"
 
 
-def _softmax_dim_reason(softmax: Node) -> str | None:
-    dim = ops.arg(softmax, 1, "dim")
-    ndim = ops.tensor_value(softmax).dim()
+def _softmax_dim_reason(softmax: Softmax) -> str | None:
+    dim = softmax.dim
+    ndim = ops.tensor_value(softmax.output).dim()
     if not isinstance(dim, int) or dim % ndim != ndim - 1:
         return f"softmax over axis {dim}, not over the key axis (the last of {ndim})"
     if ndim not in (3, 4):

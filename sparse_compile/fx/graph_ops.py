@@ -78,6 +78,29 @@ def is_softmax(node: Any) -> bool:
     return _is(node, (torch.softmax, F.softmax, torch.special.softmax), ("softmax",))
 
 
+def is_log_softmax(node: Any) -> bool:
+    return _is(node, (torch.log_softmax, F.log_softmax, torch.special.log_softmax),
+               ("log_softmax",))
+
+
+def is_exp(node: Any) -> bool:
+    return _is(node, (torch.exp,), ("exp",))
+
+
+def is_sum(node: Any) -> bool:
+    return _is(node, (torch.sum,), ("sum",))
+
+
+def reciprocal_source(node: Any) -> Any:
+    """``x`` when ``node`` is ``1 / x`` (``x.reciprocal()``, ``torch.reciprocal(x)``,
+    ``1 / x``, ``torch.div(1, x)``), else None."""
+    if _is(node, (torch.reciprocal,), ("reciprocal",)):
+        return node.args[0]
+    if is_div(node) and node.op == "call_function" and constant_number(node.args[0]) == 1:
+        return node.args[1]
+    return None
+
+
 def is_sdpa(node: Any) -> bool:
     return _is(node, (F.scaled_dot_product_attention,), ())
 
@@ -85,6 +108,12 @@ def is_sdpa(node: Any) -> bool:
 def is_mha(node: Any) -> bool:
     """``F.multi_head_attention_forward``, which Dynamo keeps as one call."""
     return _is(node, (F.multi_head_attention_forward,), ())
+
+
+def is_flex_attention(node: Any) -> bool:
+    """The ``flex_attention`` higher-order op, as Dynamo records FlexAttention calls."""
+    return (isinstance(node, Node) and node.op == "call_function"
+            and node.target is torch.ops.higher_order.flex_attention)
 
 
 def is_dropout(node: Any) -> bool:
@@ -185,10 +214,9 @@ def ancestors(node: Node, limit: int = 10_000) -> set[Node]:
     return seen
 
 
-def row_max_source(node: Any) -> Node | None:
-    """``x`` when ``node`` is the maximum of ``x`` over its last axis with ``keepdim=True``
-    (``x.amax(-1, keepdim=True)``, ``x.max(-1, keepdim=True)[0]`` / ``.values``, optionally
-    ``.detach()``-ed), else None."""
+def max_source(node: Any) -> tuple[Node, Any, Any] | None:
+    """``(x, dim, keepdim)`` when ``node`` is a maximum of ``x`` over ``dim``
+    (``x.amax(dim)``, ``x.max(dim)[0]`` / ``.values``, optionally ``.detach()``-ed), else None."""
     if _is(node, (torch.detach,), ("detach",)):
         node = node.args[0]
     if isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem:
@@ -197,8 +225,20 @@ def row_max_source(node: Any) -> Node | None:
         node = node.args[0]
     if not _is(node, (torch.amax, torch.max), ("amax", "max")):
         return None
-    x, dim = node.args[0], arg(node, 1, "dim")
-    keepdim = arg(node, 2, "keepdim", False)
+    dim = arg(node, 1, "dim")
+    if dim is None or isinstance(dim, Node):  # over every axis, or elementwise of two tensors
+        return None
+    return node.args[0], dim, arg(node, 2, "keepdim", False)
+
+
+def row_max_source(node: Any) -> Node | None:
+    """``x`` when ``node`` is the maximum of ``x`` over its last axis with ``keepdim=True``
+    (``x.amax(-1, keepdim=True)``, ``x.max(-1, keepdim=True)[0]`` / ``.values``, optionally
+    ``.detach()``-ed), else None."""
+    found = max_source(node)
+    if found is None:
+        return None
+    x, dim, keepdim = found
     t = tensor_value(x)
     if t is None or not isinstance(dim, int) or dim % t.dim() != t.dim() - 1 or keepdim is not True:
         return None

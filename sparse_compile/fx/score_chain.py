@@ -10,6 +10,7 @@ the scaled product with no bias yet, which the sparse op computes itself (``site
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch.fx import Node
@@ -19,6 +20,31 @@ from sparse_compile.fx.site import AttentionSite, batch_view
 
 # masked_fill / where fills at or below this are treated as "masked out".
 MASK_FILL_THRESHOLD = -1e4
+
+_MAX_CHAIN = 16
+
+
+def score_path(node: Any, depth: int = 0) -> list[Node] | None:
+    """Nodes from a product to ``node`` through score-chain ops (product first), or None."""
+    if not isinstance(node, Node) or depth > _MAX_CHAIN:
+        return None
+    if ops.is_product(node):
+        return [node]
+    if not _is_chain_op(node):
+        return None
+    for parent in node.all_input_nodes:
+        path = score_path(parent, depth + 1)
+        if path is not None:
+            return [*path, node]
+    return None
+
+
+def _is_chain_op(node: Node) -> bool:
+    checks: tuple[Callable[[Any], bool], ...] = (
+        ops.is_mul, ops.is_div, ops.is_add, ops.is_sub, ops.is_masked_fill, ops.is_where,
+        ops.is_cast_or_identity, ops.is_tanh, ops.is_reshape,
+    )
+    return any(check(node) for check in checks)
 
 
 def read_steps(site: AttentionSite, product: Node, steps: list[Node]) -> str | None:
@@ -80,8 +106,13 @@ def _independent(x: Any, product: Node) -> bool:
 def _step_reason(site: AttentionSite, node: Node, index: int) -> str | None:
     product = site.nodes[0]
     others = [a for i, a in enumerate(node.args) if i != index] + list(node.kwargs.values())
-    if ops.is_sub(node) and index == 0 and _row_shift(site, node.args[1]):
-        return None
+    if ops.is_sub(node) and index == 0:
+        if _row_shift(site, node.args[1]):
+            return None
+        shift = ops.max_source(node.args[1])
+        if shift is not None and shift[0] in site.nodes:
+            return (f"the scores minus their maximum over axis {shift[1]} "
+                    f"(keepdim={shift[2]}): not a shift of each row over the key axis")
     if not all(_independent(o, product) for o in others):
         return f"{node.name} combines the scores with a value computed from them"
     if ops.is_tanh(node):

@@ -3,6 +3,8 @@
 Each entry is an ``nn.Module`` mapping ``x [B, L, C]`` to ``[B, L, C]`` with exactly
 ``sites`` attention computations; its docstring names the model whose code it imitates.
 Sizes are tiny (B=2, L=8, C=16) so that the suite runs quickly through the Triton interpreter.
+Entries with ``softmax_written_out = True`` compute the softmax with ``exp`` themselves: the
+oracle then masks ``exp`` too (``pattern_by_hand(..., exp=True)``).
 ``LOOKALIKES`` are modules that must not be rewritten.
 """
 
@@ -544,13 +546,119 @@ class GemmaSoftcap(Entry):
         return self.merge(torch.matmul(w, v))
 
 
+class SoftmaxWrittenOut(Entry):
+    """A softmax written out by hand, as in teaching code and in ports to runtimes without a
+    softmax op: the row maximum subtracted (``amax``), ``.exp()``, division by the row sum over
+    ``dim=-1``; a boolean causal mask filled with ``-inf`` before it."""
+
+    softmax_written_out = True
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        s = q @ k.transpose(-1, -2) * self.d ** -0.5
+        s = s.masked_fill(~_causal(x.shape[1]), float("-inf"))
+        a = s - s.amax(-1, keepdim=True)
+        a = a.exp()
+        a = a / a.sum(-1, keepdim=True)
+        return self.merge(a @ v)
+
+
+class SoftmaxWrittenOutFp32(Entry):
+    """The same by hand in a Llama-style layer (GQA through ``repeat_kv``, additive finfo.min
+    causal mask): fp32 upcast, ``max(dim=3, keepdim=True).values``, ``torch.exp``,
+    multiplication by the sum's ``reciprocal()`` over the explicit last axis, cast back."""
+
+    softmax_written_out = True
+
+    def __init__(self) -> None:
+        super().__init__(heads=4, kv_heads=2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+        w = torch.matmul(q, k.transpose(2, 3)) * self.d ** -0.5
+        n = x.shape[1]
+        w = w + torch.full((n, n), torch.finfo(x.dtype).min).triu(1)[None, None]
+        w = w.float()
+        w = w - w.max(dim=3, keepdim=True).values
+        w = torch.exp(w)
+        w = w * w.sum(dim=3, keepdim=True).reciprocal()
+        return self.merge(torch.matmul(w.to(q.dtype), v))
+
+
+class SoftmaxWrittenOut3d(Entry):
+    """fairseq-style 3-D ``[B·H, L, D]`` bmm with the softmax by hand: a detached
+    ``torch.max(w, -1, keepdim=True)[0]``, ``torch.exp``, multiplication by ``1 / sum`` over
+    the explicit last axis (2), an additive causal mask."""
+
+    softmax_written_out = True
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b * self.h, n, self.d) for t in self.qkv(x))
+        w = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(self.d)
+        w = w + torch.zeros(n, n).masked_fill(_causal(n).logical_not(), float("-inf"))
+        e = torch.exp(w - torch.max(w, -1, keepdim=True)[0].detach())
+        probs = e * (1 / torch.sum(e, dim=2, keepdim=True))
+        return self.merge(torch.bmm(probs, v).view(b, self.h, n, self.d))
+
+
+class SoftmaxWrittenOutUnshifted(Entry):
+    """lucidrains-style einsum attention with the naive softmax by hand: ``exp`` of the scores
+    without subtracting the maximum, division by ``torch.sum(..., dim=-1, keepdim=True)``."""
+
+    softmax_written_out = True
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.d ** -0.5
+        e = sim.exp()
+        attn = e / torch.sum(e, dim=-1, keepdim=True)
+        return self.merge(torch.einsum("b h i j, b h j d -> b h i d", attn, v))
+
+
+class ExpLogSoftmax(Entry):
+    """Attention probabilities taken back from log-probabilities, as code that also needs the
+    log-weights (entropy terms, alignment losses) writes it: ``torch.exp(torch.log_softmax(s,
+    -1))``, a T5-style learned relative bias added before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relative_attention_bias = nn.Parameter(0.1 * torch.randn(self.h, L, L))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d)
+        s = s + self.relative_attention_bias
+        return self.merge(torch.exp(torch.log_softmax(s, -1)) @ v)
+
+
+class LogSoftmaxExpFp32(Entry):
+    """``F.log_softmax(s.float(), dim=3).exp()`` over the explicit last axis, cast back with
+    ``type_as``, a padding mask filled with ``-inf`` before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pad = torch.zeros(B, L, dtype=torch.bool)
+        pad[1, -2:] = True
+        self.register_buffer("pad", pad, persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        s = (q * self.d ** -0.5) @ k.transpose(-1, -2)
+        s = s.masked_fill(self.pad[:, None, None, :], float("-inf"))
+        w = F.log_softmax(s.float(), dim=3).exp().type_as(v)
+        return self.merge(w @ v)
+
+
 ZOO = [
     GPT2Legacy, BertSelf, LlamaEager, MistralInterleave, T5Relative, BloomAlibi, Bmm3dThenView,
     NeoXLegacy,
     ViTSelf, WhisperCross, EinsumHeadsFirst, EinsumSeqFirst, NanoGPTFlash, LlamaSdpa,
     SdpaFloatMask, TorchMHA, FairseqBmm, SwinV2Cosine, MptAlibi, ClipPadding,
     GuidedDiffusionQKV, TimmAttention, KVCacheDecode, FalconMQA, InPlaceMasking,
-    RowMaxShift, TwoLayers, GemmaSoftcap,
+    RowMaxShift, TwoLayers, GemmaSoftcap, SoftmaxWrittenOut, SoftmaxWrittenOutFp32,
+    SoftmaxWrittenOut3d, SoftmaxWrittenOutUnshifted, ExpLogSoftmax, LogSoftmaxExpFp32,
 ]
 
 
@@ -625,8 +733,50 @@ class MHAWithWeights(TorchMHA):
         return out, weights
 
 
+class ExpOverQueries(Entry):
+    """Slot Attention with its softmax over the slots written by hand: the exp normalised over
+    the query axis (``e / e.sum(-2, keepdim=True)``), not over the keys."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        e = (q @ k.transpose(-1, -2) * self.d ** -0.5).exp()
+        return self.merge(e / e.sum(-2, keepdim=True) @ v)
+
+
+class MaxOverQueries(Entry):
+    """A softmax by hand over the keys whose "stable" shift is the maximum over the queries:
+    ``exp(s - s.amax(-2, keepdim=True))`` divided by its sum over the keys is no softmax of
+    ``s`` (the shift differs from key to key)."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        s = q @ k.transpose(-1, -2) * self.d ** -0.5
+        e = (s - s.amax(-2, keepdim=True)).exp()
+        return self.merge(e / e.sum(-1, keepdim=True) @ v)
+
+
+class ReluNormalised(Entry):
+    """ReLU attention normalised by its sum over the keys: a sum without the exp."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        w = F.relu(q @ k.transpose(-1, -2)) + 1e-6
+        return self.merge(w / w.sum(-1, keepdim=True) @ v)
+
+
+class SoftmaxOffByOne(Entry):
+    """softmax₁ from "Attention Is Off By One": ``exp(s) / (1 + sum(exp(s)))`` lets a row
+    attend to nothing; the extra 1 makes it no softmax."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        e = (q @ k.transpose(-1, -2) * self.d ** -0.5).exp()
+        return self.merge(e / (1 + e.sum(-1, keepdim=True)) @ v)
+
+
 # (module, how many candidate sites it reports) – each must be left as it is.
 LOOKALIKES = [
     (SoftmaxOverQueries, 1), (LinearAttention, 0), (WeightsReturned, 1), (TanhScores, 1),
     (SoftmaxClassifier, None), (StableSoftmaxByHand, 1), (MHAWithWeights, None),
+    (ExpOverQueries, 1), (MaxOverQueries, 1), (ReluNormalised, 1), (SoftmaxOffByOne, 1),
 ]
