@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
 
 from sparse_compile.decorate import decorated_pattern
 from sparse_compile.fx.choose import BackendOptions, choose_pattern
 from sparse_compile.fx.detect import find_sites, module_info
+from sparse_compile.fx.fold import MaskPlan, combine_patterns, erase_dead_masks, plan_site_mask
 from sparse_compile.fx.inplace import functionalize_score_updates
 from sparse_compile.fx.rewrite import rewrite_site, site_pattern
 from sparse_compile.fx.site import AttentionSite
@@ -80,11 +81,13 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     new_gm = GraphModule(gm, graph)
     functionalize_score_updates(new_gm.graph)
     problems = _rewrite_dynamic_mask_sites(new_gm)
+    folded: list[Node] = []
     for site in find_sites(new_gm):
-        row = _process(new_gm, site, config)
+        row = _process(new_gm, site, config, folded)
         record(row)
         if not row.rewritten and row.source != "min_length":
             problems.append(row)
+    erase_dead_masks(new_gm.graph, folded)
     _strip_value_tags(new_gm)
     if problems and config.on_unsupported == "error":
         raise UnsupportedAttentionError(
@@ -120,7 +123,10 @@ def _strip_value_tags(gm: GraphModule) -> None:
     strip_value_tags(gm.graph)
 
 
-def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> SiteReport:
+def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions,
+             folded: list[Node]) -> SiteReport:
+    """Choose, fold and rewrite one site; returns its report row. The masks it folds are
+    appended to ``folded``."""
     path, classes = module_info(site.anchor)
     decorated = decorated_pattern(classes, site.anchor.meta.get("stack_trace"))
     pattern, source = choose_pattern(config, path, classes, decorated)
@@ -128,10 +134,18 @@ def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> Si
     if site.reason is None:
         pattern = site_pattern(site, pattern)
     lq, lk = (shapes["q"][-2], shapes["k"][-2]) if "k" in shapes else (None, None)
+    plan, mask = None, ""
+    if site.reason is None and not getattr(pattern, "is_dynamic", False):
+        plan = plan_site_mask(site, lq, lk)
+        if plan is not None:
+            mask = plan.describe
+            if plan.mask is not None:
+                pattern = combine_patterns(pattern, plan.mask.pattern)
+            _refuse_evicted_keys(path, plan, pattern)
 
     def row(rewritten: bool, reason: str | None, source: str = source) -> SiteReport:
         return SiteReport(path, site.form, shapes, str(pattern), _density(pattern, lq, lk),
-                          rewritten, reason, source)
+                          rewritten, reason, source, mask)
 
     if site.reason is not None:
         return row(False, site.reason)
@@ -146,8 +160,26 @@ def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> Si
             return row(False, problem)
     if config.min_length and _below(lk, config.min_length):
         return row(False, f"{lk} keys < min_length {config.min_length}", "min_length")
-    rewrite_site(gm, site, pattern)
+    rewrite_site(gm, site, pattern, plan)
+    if plan is not None and plan.drops_mask:
+        folded.extend(plan.terms)
     return row(True, None)
+
+
+def _refuse_evicted_keys(path: str, plan: MaskPlan, pattern: Any) -> None:
+    """A cache whose first key need not be position 0 (a sliding-window cache drops its
+    oldest keys) cannot serve a pattern that keeps keys by absolute position (``sink``,
+    ``global``, ``block``, ...): the keys it would keep may be gone. Refused, whatever
+    ``on_unsupported`` says: attending without them would be a wrong answer."""
+    from sparse_compile.patterns.blocks import is_toeplitz
+
+    shifted = plan.mask is not None and plan.mask.k_start is not None
+    if (shifted or plan.unplaced is not None) and not is_toeplitz(pattern):
+        why = plan.unplaced or "the model's keys start at a position known only at run time"
+        raise UnsupportedAttentionError(
+            f"{path or '<root>'}: {pattern} keeps keys by their absolute position, but {why} "
+            "(a sliding-window cache drops its oldest keys): use a full (static or dynamic) "
+            "cache, or a pattern of relative positions only (causal, sliding, window, local)")
 
 
 def _below(length: Any, minimum: int) -> bool:

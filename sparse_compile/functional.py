@@ -101,18 +101,50 @@ def attention(
         from sparse_compile.dynamic_mask.dispatch import dynamic_attention
 
         return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = None
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
-    starts = None
     if documents is not None:
         if q_start is not None or k_start is not None:
             raise ValueError("documents set every position: q_start / k_start do not apply")
         documents = check_documents(documents, b, lq, lk)
-    else:
-        starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
+    starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
+    return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
+
+
+def placed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Any,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softcap: float | None = None,
+    q_start: int | torch.Tensor | None = None,
+    k_start: int | torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``attention`` of a static pattern with positions or documents read from a model's graph
+    (sparse_compile.fx.model_mask): the backend's rewrite calls it. The document ids are
+    trusted (built by the model as non-decreasing runs; ``[B, L']`` or ``[L']`` with
+    ``L' >= Lk``, the first ``Lk`` used) and not checked, so nothing synchronises with the host
+    and the call traces into graphs and CUDA graphs."""
+    text = _pattern_text(pattern)
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    if documents is not None:
+        documents = documents.reshape(-1, documents.shape[-1])[:, :lk]
+    starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
+    return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
+
+
+def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: str,
+                      scale: float | None, bias: torch.Tensor | None, dropout_p: float,
+                      softcap: float | None, starts: torch.Tensor | None,
+                      documents: torch.Tensor | None) -> torch.Tensor:
+    """The kernels (eagerly, without the op's dispatch) or the custom op (traced)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     if fast_path_applies(q, k, v, bias, starts, documents):
         return kernel_attention(q, k, v, bias, text, scale, float(dropout_p),
                                 0 if seed is None else int(seed), float(softcap or 0.0),

@@ -46,7 +46,7 @@ def starts_tensor(q_start: int | torch.Tensor | None, k_start: int | torch.Tenso
                 raise PositionError(f"{name} must be an int, a 0-dim tensor or [B] with "
                                     f"B = {batch}, got shape {tuple(value.shape)}")
             value = value.to(device=device, dtype=torch.int32).reshape(-1)
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif isinstance(value, int | torch.SymInt) and not isinstance(value, bool):
             value = torch.full((1,), value, dtype=torch.int32, device=device)
         else:
             raise PositionError(f"{name} must be an int or an integer tensor, got "

@@ -24,7 +24,10 @@ class SiteReport:
 
     ``shapes`` is ``{"q": (...), "k": (...), "v": (...)}`` in ``[batch..., L, D]`` layout;
     ``density`` the kept fraction of the Lq × Lk entries (None when unknown: dynamic pattern
-    or symbolic lengths); ``reason`` says why a site was not rewritten (None if it was).
+    or symbolic lengths); ``reason`` says why a site was not rewritten (None if it was);
+    ``mask`` what became of the model's own mask: ``"folded: ..."`` (proven from the graph
+    and handed to the op as pattern, positions, key mask, documents: no Lq × Lk tensor),
+    ``"bias: <reason>"`` (read as a bias tensor), or empty when the site has none.
     """
 
     module_path: str
@@ -35,6 +38,7 @@ class SiteReport:
     rewritten: bool
     reason: str | None = None
     source: str = ""
+    mask: str = ""
 
     def line(self) -> str:
         """One-line summary used in the log."""
@@ -47,8 +51,8 @@ class Report(list):
     """The rows of ``explain``, one per attention site; ``print(report)`` shows a table."""
 
     def __str__(self) -> str:
-        header = ("module", "form", "q shape", "k shape", "pattern", "density", "rewritten",
-                  "reason")
+        header = ("module", "form", "q shape", "k shape", "pattern", "density", "model mask",
+                  "rewritten", "reason")
         rows = [header]
         for r in self:
             rows.append((
@@ -58,6 +62,7 @@ class Report(list):
                 "x".join(str(s) for s in r.shapes.get("k", ())),
                 r.pattern,
                 "-" if r.density is None else f"{r.density:.3f}",
+                r.mask,
                 "yes" if r.rewritten else "no",
                 r.reason or "",
             ))

@@ -1,0 +1,409 @@
+"""The model's own attention mask, proven from the graph that builds it and folded into the op.
+
+Models hand attention an Lq × Lk mask that they build from positions: causal and sliding
+windows (comparisons of query and key indices), key padding (a ``[B, Lk]`` mask gathered per
+key), packed documents (equal document ids), a static cache's fill level (a query offset known
+only on the device). ``read_model_mask`` reads such a mask with ``IndexReader`` and, when every
+part of it is one of these, describes it as a ``ModelMask``: a pattern over positions, where the
+queries and keys sit, a per-key mask and document ids. The rewrite then passes those to the op
+instead of the mask, so that neither the Lq × Lk tensor is built nor read. A mask the pass
+cannot prove this way stays a bias, with the reason reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch.fx import Node
+
+import sparse_compile.fx.graph_ops as ops
+from sparse_compile.fx.index_values import AXES, IndexReader, IndexValue
+
+# A float mask entry at or below this is "masked out" (transformers uses the dtype's minimum).
+MASKED_OUT = -1e4
+
+
+@dataclass(frozen=True)
+class ModelMask:
+    """What a model's mask keeps, in the op's terms.
+
+    pattern: the positional part (causal, sliding, window, ...) or None when there is none;
+    q_start / k_start: positions of query row 0 and of key 0: None for the default alignment,
+    an int, or ``(node, int)`` (a 0-dim integer tensor or SymInt of the graph, plus an int);
+    key_mask: ``(node, dims, batch first)`` of the tensor whose entries (``!= 0``) say which
+    keys are attended, or None; documents: the document ids node ``[B, L]`` or ``[L]`` or
+    None; parts: what ``explain`` shows.
+    """
+
+    pattern: Any = None
+    q_start: Any = None
+    k_start: Any = None
+    key_mask: tuple[Node, int, bool] | None = None
+    documents: Node | None = None
+    parts: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def describe(self) -> str:
+        return "folded: " + (", ".join(self.parts) if self.parts else "nothing")
+
+
+class Unproven(Exception):  # noqa: N818 - a reason, raised and caught inside this module
+    """A part of the mask this module cannot express; its message is the reason."""
+
+
+def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any
+                    ) -> ModelMask | str:
+    """The ModelMask of a site's mask term, or the reason it stays a bias.
+
+    ``kind``: ``"keep"`` (a boolean mask, True = attend), ``"drop"`` (``masked_fill``'s mask,
+    True = masked out) or ``"additive"`` (a float mask added to the scores: 0 where attended,
+    at most ``MASKED_OUT`` elsewhere).
+    """
+    try:
+        value = _keep_value(reader, term, kind)
+        return _fold(reader, value, lq, lk)
+    except Unproven as e:
+        return str(e)
+
+
+def _keep_value(reader: IndexReader, term: Any, kind: str) -> IndexValue:
+    node = _additive_keep(term) if kind == "additive" else term
+    value = reader.read(node)
+    if value is None or not _is_truth(value.expr):
+        raise Unproven(f"mask {getattr(term, 'name', term)} is not built from positions the "
+                       "pass can read")
+    if kind == "drop":
+        value = IndexValue(sympy.Not(value.expr), value.shape)
+    if len(value.shape) not in (2, 4):
+        raise Unproven(f"mask of {len(value.shape)} dims (folded: 2 or 4)")
+    return value
+
+
+def _additive_keep(term: Any) -> Node:
+    """The boolean mask B of an additive mask ``where(B, 0, min)``."""
+    if (isinstance(term, Node) and ops.is_where(term) and len(term.args) == 3
+            and _is_zero(term.args[1]) and _masked_out(term.args[2])):
+        return term.args[0]
+    raise Unproven(f"additive mask {getattr(term, 'name', term)} is not where(mask, 0, min)")
+
+
+def _is_zero(x: Any) -> bool:
+    if isinstance(x, int | float):
+        return x == 0
+    if not isinstance(x, Node) or x.op != "call_function":
+        return False
+    if x.target in (torch.zeros, torch.zeros_like):
+        return True
+    if x.target is torch.tensor and x.args:
+        return x.args[0] == 0
+    return False
+
+
+def _masked_out(x: Any) -> bool:
+    number = ops.constant_number(x)
+    return number is not None and number <= MASKED_OUT
+
+
+def _is_truth(e: sympy.Basic) -> bool:
+    return isinstance(e, sympy.logic.boolalg.BooleanAtom | sympy.core.relational.Relational
+                      | sympy.logic.boolalg.BooleanFunction)
+
+
+# -- the fold -----------------------------------------------------------------------------------
+def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask:
+    four_d = len(value.shape) == 4
+    q_axis, k_axis = AXES[1], AXES[0]
+    batch_axis = AXES[3] if four_d else None
+    if four_d and AXES[2] in value.expr.free_symbols:
+        raise Unproven("mask differs between heads")
+    atoms = list(sympy.And.make_args(value.expr))
+    documents, positions_of = _documents(reader, atoms, q_axis, k_axis, batch_axis)
+    key_mask, relations = None, []
+    for atom in atoms:
+        if atom in (sympy.true, True) or _is_document_atom(atom, documents, reader):
+            continue
+        if atom in (sympy.false, False):
+            raise Unproven("mask keeps nothing")
+        atom = atom.xreplace(positions_of)
+        axes = atom.free_symbols & set(AXES)
+        if _relation(atom, q_axis, k_axis) is not None:
+            relations.append(atom)
+        elif k_axis in axes and q_axis not in axes:
+            if key_mask is not None:
+                raise Unproven("mask has several key masks")
+            key_mask = _key_mask(reader, atom, k_axis, batch_axis)
+        else:
+            raise Unproven(f"mask part {atom} is not positional, a key mask or documents")
+    pattern, q_start, k_start = _positional(reader, relations, q_axis, k_axis, lq, lk)
+    if documents is not None and (q_start is not None or k_start is not None):
+        raise Unproven("documents with shifted positions")
+    parts = []
+    if pattern is not None:
+        parts.append(str(pattern))
+    if q_start is not None or k_start is not None:
+        parts.append("positions from the graph")
+    if key_mask is not None:
+        parts.append("key padding")
+    if documents is not None:
+        parts.append("documents")
+    return ModelMask(pattern, q_start, k_start, key_mask, documents, tuple(parts))
+
+
+def _relation(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol
+              ) -> tuple[int, sympy.Expr, sympy.Expr, int, type] | None:
+    """A comparison between a query position ``q_axis + a`` and a key position
+    ``k_axis + b`` (plus an integer): ``(sign, a, b, c, relation)`` meaning
+    ``sign · ((q + a) − (k + b)) + c REL 0``; None for anything else."""
+    if not isinstance(atom, sympy.Le | sympy.Lt | sympy.Ge | sympy.Gt | sympy.Eq):
+        return None
+    sides = [sympy.expand(s) for s in (atom.lhs, atom.rhs)]
+    diff = sympy.expand(sides[0] - sides[1])
+    if any(isinstance(f, sympy.core.function.AppliedUndef) for f in diff.atoms(sympy.Function)):
+        return None
+    cq, ck = diff.coeff(q_axis), diff.coeff(k_axis)
+    if not (cq in (1, -1) and ck == -cq) and not (cq == 0 and ck in (1, -1)):
+        return None
+    sign = cq if cq != 0 else -ck
+    rest = sympy.expand(diff - cq * q_axis - ck * k_axis)
+    if rest.free_symbols & set(AXES):
+        return None
+    constant, symbolic = rest.as_coeff_Add() if rest.is_Add else (
+        (rest, sympy.Integer(0)) if rest.is_Integer else (sympy.Integer(0), rest))
+    # Symbolic offsets belong to the side they were written on: the query or the key side.
+    a, b = sympy.Integer(0), sympy.Integer(0)
+    for term in sympy.Add.make_args(symbolic):
+        if term == 0:
+            continue
+        on_key_side = any(k_axis in s.free_symbols and term in sympy.Add.make_args(s)
+                          for s in sides)
+        if on_key_side:
+            b -= term * sign if sides[0].has(k_axis) else -term * sign
+        else:
+            a += term * sign
+    return sign, sympy.expand(a), sympy.expand(b), int(constant), type(atom)
+
+
+def _positional(reader: IndexReader, relations: list[sympy.Basic], q_axis: sympy.Symbol,
+                k_axis: sympy.Symbol, lq: Any, lk: Any) -> tuple[Any, Any, Any]:
+    """(pattern, q_start, k_start) of the positional relations."""
+    if not relations:
+        return None, None, None
+    parsed = [_relation(r, q_axis, k_axis) for r in relations]
+    offsets = {(a, b) for _, a, b, _, _ in parsed}
+    if len(offsets) != 1:
+        raise Unproven("mask compares positions with different offsets")
+    (a, b), = offsets
+    default = _default_shift(lq, lk)
+    if a == 0 and b == 0 and default is not None:
+        shift, q_start = default, None
+    else:
+        shift, q_start = 0, a
+    lo, hi = -sympy.oo, sympy.oo     # bounds on d = q_pos - k_pos
+    for sign, _, _, c, rel in parsed:
+        # sign * (d - shift) + c REL 0, with d - shift the index difference q - k.
+        bound = sympy.Rational(-c, sign) + shift
+        if sign < 0:
+            rel = {sympy.Le: sympy.Ge, sympy.Lt: sympy.Gt, sympy.Ge: sympy.Le,
+                   sympy.Gt: sympy.Lt}.get(rel, rel)
+        if rel in (sympy.Le, sympy.Eq):
+            hi = min(hi, bound)
+        if rel is sympy.Lt:
+            hi = min(hi, bound - 1)
+        if rel in (sympy.Ge, sympy.Eq):
+            lo = max(lo, bound)
+        if rel is sympy.Gt:
+            lo = max(lo, bound + 1)
+    k_start = None if b == 0 else b
+    return (_difference_pattern(lo, hi), _graph_value(reader, q_start),
+            _graph_value(reader, k_start))
+
+
+def _default_shift(lq: Any, lk: Any) -> int | None:
+    """``Lk - Lq`` when it is known at compile time."""
+    if lq is lk:
+        return 0
+    if isinstance(lq, int) and isinstance(lk, int):
+        return lk - lq
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        if statically_known_true(lq == lk):
+            return 0
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return None
+
+
+def _difference_pattern(lo: Any, hi: Any) -> Any:
+    """The pattern keeping ``lo <= q - k <= hi``."""
+    from sparse_compile.patterns import causal, dense, predicate, sliding, window
+
+    if lo == -sympy.oo and hi == sympy.oo:
+        return None
+    if lo > hi:
+        raise Unproven("mask keeps nothing")
+    if lo == 0 and hi == sympy.oo:
+        return causal
+    if lo == 0:
+        return sliding(int(hi) + 1)
+    if lo <= 0 <= hi and hi != sympy.oo and lo != -sympy.oo:
+        return window(int(hi), int(-lo))
+    low = None if lo == -sympy.oo else int(lo)
+    high = None if hi == sympy.oo else int(hi)
+
+    def keep(q: Any, k: Any) -> Any:
+        parts = [q - k >= low] if low is not None else []
+        if high is not None:
+            parts.append(q - k <= high)
+        out = parts[0]
+        for p in parts[1:]:
+            out = out & p
+        return out
+
+    return predicate(keep) if (low, high) != (None, None) else dense
+
+
+def _graph_value(reader: IndexReader, expr: Any) -> Any:
+    """An offset as the op takes it: None (zero), an int, or ``(node, int)``: the graph value
+    of its single symbol (a 0-dim integer tensor or a SymInt) plus an int."""
+    if expr is None:
+        return None
+    expr = sympy.sympify(expr)
+    if expr == 0:
+        return None
+    if expr.is_Integer:
+        return int(expr)
+    constant, rest = expr.as_coeff_Add()
+    node = reader.node_of(rest) if isinstance(rest, sympy.Symbol) else None
+    if node is None:
+        raise Unproven(f"position offset {expr} is not one graph value")
+    return node, int(constant)
+
+
+def _key_mask(reader: IndexReader, atom: sympy.Basic, k_axis: sympy.Symbol,
+              batch_axis: sympy.Symbol | None) -> tuple[Node, int, bool]:
+    """``(node, key position in its args, batch first)`` of a key mask atom ``T(b, k) != 0``."""
+    applied = atom.lhs if isinstance(atom, sympy.Ne) and atom.rhs == 0 else None
+    if applied is None or not isinstance(applied, sympy.core.function.AppliedUndef):
+        raise Unproven(f"key mask {atom} is not a boolean tensor gathered per key")
+    node = reader.node_of(applied.func)
+    args = list(applied.args)
+    if node is None or args.count(k_axis) != 1 or args[-1] != k_axis:
+        raise Unproven(f"key mask {atom} is not a boolean tensor gathered per key")
+    others = args[:-1]
+    batch = batch_axis is not None and others[:1] == [batch_axis]
+    if any(x != 0 for x in others[1 if batch else 0:]):
+        raise Unproven(f"key mask {atom} is indexed by more than batch and key")
+    return node, len(args), batch
+
+
+# -- documents ----------------------------------------------------------------------------------
+def _documents(reader: IndexReader, atoms: list[sympy.Basic], q_axis: sympy.Symbol,
+               k_axis: sympy.Symbol, batch_axis: sympy.Symbol | None
+               ) -> tuple[Node | None, dict]:
+    """The document-ids node of an atom ``D(b, q) == D(b, k)`` (None if there is none, or if
+    the ids restart from positions that count up from 0: one document), and the substitution
+    of the positions those documents restart from (within a document a position advances
+    with its index, so comparisons of them are comparisons of indices)."""
+    for atom in atoms:
+        pair = _document_pair(atom, q_axis, k_axis, batch_axis)
+        if pair is None:
+            continue
+        node = reader.node_of(pair.func)
+        source = restart_source(node) if node is not None else None
+        if source is None:
+            raise Unproven(f"document ids {node} are not proven non-decreasing")
+        positions = reader.read(source)
+        if positions is not None and _counts_up(positions.expr):
+            return None, {}
+        head = None if positions is None else _opaque_head(positions.expr)
+        if head is None:
+            raise Unproven("document ids restart from positions the pass cannot read")
+        subst = {}
+        for f in atoms_of(atoms, head):
+            axis = f.args[-1]
+            subst[f] = axis
+        return node, subst
+    return None, {}
+
+
+def atoms_of(atoms: list[sympy.Basic], head: Any) -> set:
+    found = set()
+    for atom in atoms:
+        found |= {f for f in atom.atoms(sympy.Function) if f.func == head}
+    return found
+
+
+def _opaque_head(expr: sympy.Basic) -> Any:
+    if isinstance(expr, sympy.core.function.AppliedUndef):
+        return expr.func
+    return None
+
+
+def _counts_up(expr: sympy.Basic) -> bool:
+    """Whether ``expr`` is ``i0 + c`` with an integer ``c``: positions 0, 1, 2, ... (+ c)."""
+    rest = sympy.expand(expr - AXES[0])
+    return rest.is_Integer
+
+
+def _document_pair(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol,
+                   batch_axis: sympy.Symbol | None) -> Any:
+    """The applied function ``D(..., q)`` of an atom ``D(..., q) == D(..., k)``, else None."""
+    if not isinstance(atom, sympy.Eq):
+        return None
+    a, b = atom.lhs, atom.rhs
+    if not all(isinstance(x, sympy.core.function.AppliedUndef) for x in (a, b)):
+        return None
+    if a.func != b.func or len(a.args) != len(b.args):
+        return None
+    if a.args[-1] == k_axis and b.args[-1] == q_axis:
+        a, b = b, a
+    if a.args[-1] != q_axis or b.args[-1] != k_axis or a.args[:-1] != b.args[:-1]:
+        return None
+    allowed = {0, batch_axis} if batch_axis is not None else {0}
+    if any(x not in allowed for x in a.args[:-1]):
+        return None
+    return a
+
+
+def _is_document_atom(atom: sympy.Basic, documents: Node | None, reader: IndexReader) -> bool:
+    if not isinstance(atom, sympy.Eq):
+        return False
+    funcs = {f.func for f in atom.atoms(sympy.Function)}
+    return len(funcs) == 1 and (
+        documents is None and _restart_of_counting(reader, next(iter(funcs)))
+        or reader.node_of(next(iter(funcs))) is documents)
+
+
+def _restart_of_counting(reader: IndexReader, head: Any) -> bool:
+    node = reader.node_of(head)
+    source = restart_source(node) if node is not None else None
+    positions = reader.read(source) if source is not None else None
+    return positions is not None and _counts_up(positions.expr)
+
+
+def restart_source(node: Node) -> Node | None:
+    """``P`` when ``node`` is transformers' packed-sequence ids of positions ``P``:
+    ``cumsum(diff(P, prepend=P[..., :1] - 1) != 1)`` (a new document wherever a position is
+    not its predecessor's plus one; non-decreasing by construction)."""
+    if not isinstance(node, Node) or node.target not in ("cumsum", torch.cumsum):
+        return None
+    flags = node.args[0]
+    if not isinstance(flags, Node) or flags.target not in ("ne", "__ne__", torch.ne,
+                                                           __import__("operator").ne):
+        return None
+    diff, one = flags.args[0], flags.args[1]
+    if one != 1 or not isinstance(diff, Node) or diff.target is not torch.diff:
+        return None
+    source = diff.args[0]
+    prepend = diff.kwargs.get("prepend")
+    if not isinstance(prepend, Node) or prepend.target not in (
+            __import__("operator").sub, "sub", "__sub__") or prepend.args[1] != 1:
+        return None
+    first = prepend.args[0]
+    if not isinstance(first, Node) or first.args[0] is not source:
+        return None
+    return source

@@ -1,0 +1,239 @@
+"""The model's own mask, read from the graph: folded into the op (no Lq × Lk tensor reaches it),
+with the queries at their real positions (static caches, left padding, chunked prefill) and
+packed documents kept apart; what cannot be proven stays a bias and ``explain`` says why."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import sparse_compile as sc
+import sparse_compile.functional as functional
+from sparse_compile.backend import UnsupportedAttentionError
+from sparse_compile.report import collecting
+from tests.conftest import rel_error
+from tests.fx.by_hand import pattern_by_hand
+from tests.fx.conftest import assert_grads_close
+
+transformers = pytest.importorskip("transformers")
+
+SINKS = "causal & (sink(2) | sliding(4))"
+
+
+def _config(family: str, **extra):
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, **extra))
+    if family == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common, **extra))
+    raise ValueError(family)
+
+
+def _model(family: str, impl: str = "sdpa", **extra):
+    torch.manual_seed(0)
+    model = _config(family, **extra)
+    model.set_attn_implementation(impl)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def recording_op_inputs() -> Iterator[list[dict]]:
+    """Record what every call of the sparse op receives (bias shape, positions, documents)."""
+    calls: list[dict] = []
+    real = functional._static_attention
+
+    def spy(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents):
+        calls.append({"lq": q.shape[2], "lk": k.shape[2],
+                      "bias": None if bias is None else tuple(bias.shape),
+                      "starts": starts, "documents": documents})
+        return real(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
+
+    functional._static_attention = spy
+    try:
+        yield calls
+    finally:
+        functional._static_attention = real
+
+
+def _no_lq_by_lk(calls: list[dict]) -> None:
+    assert calls
+    for c in calls:
+        bias = c["bias"]
+        assert bias is None or not (bias[-2] > 1 and bias[-1] > 1), c
+
+
+def greedy_by_hand(model, ids: torch.Tensor, steps: int, pattern: str) -> list[list[int]]:
+    """Greedy tokens with the pattern applied by hand, recomputing the whole sequence at every
+    step without a cache: a reference that shares nothing with any cache's bookkeeping (nor
+    with transformers' reshaping of single-query GQA attention)."""
+    seq = ids
+    with pattern_by_hand(pattern), torch.no_grad():
+        for _ in range(steps):
+            logits = model(seq, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=-1)
+    return seq.tolist()
+
+
+def _step(model, compiled, inputs):
+    out = compiled(**inputs).logits
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize(("family", "extra", "padded", "folded"), [
+    ("llama", {}, False, "causal"),
+    ("llama", {}, True, "key padding"),
+    ("mistral", {"sliding_window": 4}, False, "sliding(4)"),
+    ("qwen2", {}, True, "key padding"),
+])
+def test_position_masks_are_folded_not_read(family, extra, padded, folded, impl) -> None:
+    """Training setting (no cache, gradients): the mask is proven and folded, the op never
+    receives an Lq × Lk tensor, and logits and gradients equal the pattern applied by hand."""
+    model = _model(family, impl, **extra)
+    model.train()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "use_cache": False}
+    if padded:
+        mask = torch.ones(2, 10, dtype=torch.long)
+        mask[1, :3] = 0
+        inputs["attention_mask"] = mask
+    pattern = "causal & sliding(3)"
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": pattern, "compiler": "eager"})
+    with collecting() as report, recording_op_inputs() as calls:
+        out, grads = _step(model, compiled, inputs)
+    assert report and all(folded in row.mask and row.rewritten for row in report), str(report)
+    _no_lq_by_lk(calls)
+    with pattern_by_hand(pattern):
+        ref, ref_grads = _step(model, model, inputs)
+    rows = slice(None) if not padded else (1, slice(3, None))
+    assert rel_error(out[rows], ref[rows]) < 1e-4
+    if not padded:
+        assert_grads_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_generate_with_a_cache_equals_the_pattern_by_hand(family, cache) -> None:
+    """Greedy decoding through the backend, with the model's static or dynamic cache: the
+    tokens the pattern applied by hand gives (a static cache's queries sit at the cache's
+    fill level, not at its capacity)."""
+    model = _model(family)
+    ids = torch.randint(0, 64, (1, 11), generator=torch.Generator().manual_seed(2))
+    ref = greedy_by_hand(model, ids, 7, SINKS)
+    model.forward = torch.compile(model.forward, backend="sparse",
+                                  options={"pattern": SINKS, "compiler": "eager"})
+    with collecting() as report, recording_op_inputs() as calls, torch.no_grad():
+        out = model.generate(ids, max_new_tokens=7, do_sample=False, cache_implementation=cache)
+    assert out.tolist() == ref, str(report)
+    assert all(row.rewritten for row in report), str(report)
+    _no_lq_by_lk(calls)
+
+
+def test_left_padding_counts_positions_from_each_rows_first_token() -> None:
+    """A left-padded batch generates, row by row, what each prompt generates alone: positional
+    primitives (here sinks) count from the row's first real token."""
+    model = _model("llama")
+    prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n))
+               for n in (12, 8)]
+    alone = [greedy_by_hand(model, p[None], 6, SINKS)[0][-6:] for p in prompts]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 12 - len(p):] = p
+        mask[row, 12 - len(p):] = 1
+    model.forward = torch.compile(model.forward, backend="sparse",
+                                  options={"pattern": SINKS, "compiler": "eager"})
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             cache_implementation="static", pad_token_id=0)
+    assert [row[-6:].tolist() for row in out] == alone
+
+
+def test_chunked_prefill_into_a_static_cache() -> None:
+    """Two chunks of a prompt written into a static cache: the second chunk's logits equal
+    those of the whole prompt at once, pattern by hand."""
+    model = _model("llama")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
+    with pattern_by_hand(SINKS), torch.no_grad():
+        ref = model(ids, use_cache=False).logits[:, 10:]
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": SINKS, "compiler": "eager"})
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        compiled(ids[:, :10], past_key_values=cache, use_cache=True,
+                 cache_position=torch.arange(10))
+        out = compiled(ids[:, 10:], past_key_values=cache, use_cache=True,
+                       cache_position=torch.arange(10, 16)).logits
+    assert rel_error(out, ref) < 1e-4
+
+
+def test_a_sliding_window_cache_refuses_absolute_positions() -> None:
+    """A sliding-window cache drops its oldest keys: sinks would need them. Refused with an
+    error naming the problem; a pattern of relative positions still works there."""
+    model = _model("mistral", sliding_window=6)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(4))
+    model.forward = torch.compile(model.forward, backend="sparse",
+                                  options={"pattern": SINKS, "compiler": "eager"})
+    with pytest.raises(Exception, match="absolute position") as raised, torch.no_grad():
+        model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    # Dynamo reports the backend's error as the cause of its own.
+    error = raised.value
+    assert isinstance(getattr(error, "inner_exception", error), UnsupportedAttentionError)
+    relative = "causal & sliding(3)"
+    model = _model("mistral", sliding_window=6)
+    ref = greedy_by_hand(model, ids, 12, relative)
+    model.forward = torch.compile(model.forward, backend="sparse",
+                                  options={"pattern": relative, "compiler": "eager"})
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False,
+                             cache_implementation="static")
+    assert out.tolist() == ref
+
+
+def test_packed_documents_equal_each_document_alone() -> None:
+    """transformers' packed training (position_ids restarting per document, no mask, no
+    cache): the compiled model gives every document what it gives that document alone,
+    forward and backward, and the op receives document ids, not a mask."""
+    model = _model("qwen2")
+    lengths = [5, 7, 4]
+    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": "causal & sink(2)", "compiler": "eager"})
+    with collecting() as report, recording_op_inputs() as calls:
+        packed = compiled(ids, position_ids=position_ids, use_cache=False).logits
+    assert all("documents" in row.mask for row in report), str(report)
+    assert all(c["documents"] is not None for c in calls)
+    _no_lq_by_lk(calls)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = compiled(ids[:, part], use_cache=False).logits
+        assert rel_error(packed[:, part], alone) < 1e-4
+        start += n
+
+
+def test_a_mask_that_is_not_positional_stays_a_bias_and_explain_says_why() -> None:
+    class Scrambled(torch.nn.Module):
+        def forward(self, q, k, v, keep):
+            scores = q @ k.transpose(-1, -2) / 4.0
+            scores = scores.masked_fill(~keep, float("-inf"))
+            return torch.softmax(scores, dim=-1) @ v
+
+    q, k, v = (torch.randn(1, 2, 6, 16) for _ in range(3))
+    keep = torch.rand(6, 6) > 0.3
+    keep[:, 0] = True
+    report = sc.explain(Scrambled(), q, k, v, keep, pattern="dense", compiler="eager")
+    assert len(report) == 1 and report[0].rewritten
+    assert report[0].mask.startswith("bias: "), str(report)
