@@ -58,7 +58,8 @@ def starts_tensor(q_start: int | torch.Tensor | None, k_start: int | torch.Tenso
 
 def check_documents(documents: torch.Tensor, batch: int, lq: int, lk: int) -> torch.Tensor:
     """``documents`` as ``[B or 1, L]``, after checking shape, dtype and order (one host
-    synchronisation: call it where the ids come from outside, not from a model's graph)."""
+    synchronisation when eager; under ``torch.compile`` the order is asserted on the device,
+    so that the same graph serves every batch)."""
     if not isinstance(documents, torch.Tensor):
         raise PositionError(f"documents must be an integer tensor, got "
                             f"{type(documents).__name__}")
@@ -70,11 +71,19 @@ def check_documents(documents: torch.Tensor, batch: int, lq: int, lk: int) -> to
     if ids.dim() != 2 or ids.shape[1] != lk or ids.shape[0] not in (1, batch):
         raise PositionError(f"documents must be [B, L] or [L] with B = {batch}, L = {lk}; got "
                             f"shape {tuple(documents.shape)}")
-    if ids.shape[1] > 1 and bool(_out_of_order(ids).any()):
-        raise PositionError("documents must be runs of non-decreasing ids, padding (negative "
-                            "ids) only between documents: found a decreasing id or a document "
-                            "split by padding")
+    if ids.shape[1] > 1:
+        bad = _out_of_order(ids).any()
+        if torch.compiler.is_compiling():
+            # Inside a graph the check runs on the device, without a host synchronisation: a
+            # bad layout stops the program instead of giving a wrong answer.
+            torch._assert_async(~bad, ORDER_MESSAGE)
+        elif bool(bad):
+            raise PositionError(ORDER_MESSAGE)
     return ids
+
+
+ORDER_MESSAGE = ("documents must be runs of non-decreasing ids, padding (negative ids) only "
+                 "between documents: found a decreasing id or a document split by padding")
 
 
 def _out_of_order(ids: torch.Tensor) -> torch.Tensor:
