@@ -174,7 +174,7 @@ def chunked_attention(
     if documents is not None:
         from sparse_compile.codegen.launch.positions import document_bounds
 
-        doc_bounds = document_bounds(documents)
+        doc_bounds = document_bounds(documents.to(q.device))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )

@@ -105,7 +105,7 @@ def attention(
     if documents is not None:
         if q_start is not None or k_start is not None:
             raise ValueError("documents set every position: q_start / k_start do not apply")
-        documents = check_documents(documents, b, lq, lk)
+        documents = check_documents(documents.to(q.device), b, lq, lk)
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
     return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
 
@@ -131,7 +131,7 @@ def placed_attention(
     text = _pattern_text(pattern)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     if documents is not None:
-        documents = documents.reshape(-1, documents.shape[-1])[:, :lk]
+        documents = documents.to(q.device).reshape(-1, documents.shape[-1])[:, :lk]
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
     return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
 

@@ -98,6 +98,11 @@ def reciprocal_source(node: Any) -> Any:
         return node.args[0]
     if is_div(node) and node.op == "call_function" and constant_number(node.args[0]) == 1:
         return node.args[1]
+    # Dynamo sometimes records ``1 / x`` as ``x.reciprocal() * 1``.
+    if is_mul(node) and len(node.args) == 2:
+        for inner, other in (node.args, node.args[::-1]):
+            if constant_number(other) == 1 and isinstance(inner, Node):
+                return reciprocal_source(inner) if inner is not node else None
     return None
 
 

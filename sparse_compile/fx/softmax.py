@@ -102,8 +102,18 @@ def _numerator_and_sum(node: Node) -> tuple[Node, Node, tuple[Node, ...]] | None
         for a, inverse in (node.args, node.args[::-1]):
             total = ops.reciprocal_source(inverse)
             if _sums(total, a):
-                return a, total, (inverse,)
+                return a, total, _path(inverse, total)
     return None
+
+
+def _path(top: Node, bottom: Node) -> tuple[Node, ...]:
+    """The nodes from ``top`` down to ``bottom`` (excluded), following the node arguments."""
+    nodes = []
+    node = top
+    while isinstance(node, Node) and node is not bottom and len(nodes) < 8:
+        nodes.append(node)
+        node = next((a for a in node.args if isinstance(a, Node)), None)
+    return tuple(nodes)
 
 
 def _sums(total: Any, a: Any) -> bool:

@@ -99,7 +99,7 @@ def test_chunked_pytorch_path_matches_the_reference(positions) -> None:
     q, k, v = (t.detach() for t in make_qkv(2, 2, 1, 17, 17, 8, torch.float32))
     text = "causal & (sink(2) | sliding(4))"
     if "documents" in positions:
-        args = {"documents": positions["documents"].reshape(1, -1)}
+        args = {"documents": positions["documents"].reshape(1, -1).to(q.device)}
     else:
         args = {"starts": sc.positions.starts_tensor(positions["q_start"], positions["k_start"],
                                                      2, 17, 17, q.device)}

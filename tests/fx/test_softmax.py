@@ -28,6 +28,12 @@ def _index_one_over(s):
     return e * (1 / torch.sum(e, dim=[-1], keepdim=True))
 
 
+def _reciprocal_times_one(s):
+    # How Dynamo records ``1 / sum`` in some states: ``sum.reciprocal() * 1``.
+    e = torch.exp(s)
+    return e * (torch.sum(e, dim=-1, keepdim=True).reciprocal() * 1)
+
+
 def _reciprocal_first(s):
     e = s.exp()
     return torch.reciprocal(e.sum(-1, True)) * e
@@ -61,7 +67,8 @@ def _in_place(s):
 
 
 SOFTMAXES = [
-    _by_hand, _values_reciprocal, _index_one_over, _reciprocal_first, _torch_div, _div_method,
+    _by_hand, _values_reciprocal, _index_one_over, _reciprocal_times_one, _reciprocal_first,
+    _torch_div, _div_method,
     _exp_twice,
     _upcast, _in_place,
     lambda s: torch.exp(torch.log_softmax(s, -1)),
