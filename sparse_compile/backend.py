@@ -23,6 +23,7 @@ out-of-place, and Doge-style dynamic-mask attention is handed to the DMA pass.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,8 +81,9 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     new_gm = GraphModule(gm, graph)
     functionalize_score_updates(new_gm.graph)
     problems = _rewrite_dynamic_mask_sites(new_gm)
+    order: Counter[str] = Counter()  # sites seen per module path: the '#index' of assign keys
     for site in find_sites(new_gm):
-        row = _process(new_gm, site, config)
+        row = _process(new_gm, site, config, order)
         record(row)
         if not row.rewritten and row.source != "min_length":
             problems.append(row)
@@ -120,10 +122,13 @@ def _strip_value_tags(gm: GraphModule) -> None:
     strip_value_tags(gm.graph)
 
 
-def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions) -> SiteReport:
+def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions,
+             order: Counter[str]) -> SiteReport:
     path, classes = module_info(site.anchor)
+    index = order[path]
+    order[path] += 1
     decorated = decorated_pattern(classes, site.anchor.meta.get("stack_trace"))
-    pattern, source = choose_pattern(config, path, classes, decorated)
+    pattern, source = choose_pattern(config, path, classes, decorated, index)
     shapes = _shapes(site)
     if site.reason is None:
         pattern = site_pattern(site, pattern)
