@@ -21,7 +21,7 @@ PUBLIC_NAMES = [
     "sliding", "block", "axial", "strided", "fanout", "sink", "global_", "prefix", "dma", "topk",
     "heads", "predicate", "minimum", "maximum",
     # Attention, the oracle, compiling models.
-    "attention", "reference_attention", "sparsify", "explain", "sparse_backend",
+    "attention", "reference_attention", "sparsify", "explain", "calibrate", "sparse_backend",
     # Dynamic patterns.
     "dma_attention", "dma_delta", "attach_dma", "topk_attention", "MissingDeltaError",
     "dma_key_ranges", "dma_block_mask",
