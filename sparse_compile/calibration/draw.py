@@ -24,7 +24,8 @@ def _grid(result: Calibration, value) -> torch.Tensor:
 
 
 def draw_calibration(result: Calibration, path: str) -> None:
-    """Write ``path`` (PNG): ``len(candidates) + 1`` heat maps of ``sites × heads``."""
+    """Write ``path`` (PNG): ``len(candidates) + 1`` heat maps of ``sites × heads``, four to
+    a row."""
     try:
         import matplotlib
 
@@ -36,23 +37,30 @@ def draw_calibration(result: Calibration, path: str) -> None:
     if not result.sites:
         raise ValueError("nothing to draw: no attention site was measured")
     panels = len(result.candidates) + 1
+    columns = min(panels, 4)
+    rows = math.ceil(panels / columns)
     sites, heads = len(result.sites), max(site.heads for site in result.sites)
     cell = 0.35
-    fig, axes = plt.subplots(1, panels, squeeze=False, layout="constrained",
-                             figsize=(panels * max(2.5, heads * cell + 1.2),
-                                      max(2.5, sites * cell + 1.5)))
+    fig, grid_axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
+                                  figsize=(columns * max(2.5, heads * cell + 1.2),
+                                           rows * max(2.0, sites * cell + 1.2)))
+    axes = grid_axes.reshape(-1)
+    for ax in axes[panels:]:
+        ax.axis("off")
     labels = [site.key or "<root>" for site in result.sites]
     for j, candidate in enumerate(result.candidates):
         grid = _grid(result, lambda site, h, j=j: float(site.mean[h, j]))
-        image = _panel(axes[0, j], grid, f"{j + 1}: {candidate}\nmean recall",
-                       labels if j == 0 else None)
+        image = _panel(axes[j], grid, f"{j + 1}: {candidate}\nmean recall",
+                       labels if j % columns == 0 else None)
     choice = _grid(result, lambda site, h: site.chosen_density(h))
-    _panel(axes[0, -1], choice, f"chosen (recall ≥ {result.recall:g})\ndensity", None)
+    last = axes[panels - 1]
+    _panel(last, choice, f"chosen (recall ≥ {result.recall:g})\ndensity",
+           labels if (panels - 1) % columns == 0 else None)
     for i, site in enumerate(result.sites):
         for h, j in enumerate(site.chosen):
-            axes[0, -1].text(h, i, "D" if j is None else str(j + 1), ha="center", va="center",
+            last.text(h, i, "D" if j is None else str(j + 1), ha="center", va="center",
                              fontsize=7, color="white" if choice[i, h] < 0.5 else "black")
-    fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.8,
+    fig.colorbar(image, ax=axes[:panels].tolist(), shrink=0.8,
                  label="recall / density")
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from sparse_compile.calibration.candidates import check_recall
 from sparse_compile.calibration.choice import assigned_pattern, choose, densities
 from sparse_compile.calibration.instrument import SiteRecord
 from sparse_compile.fx.choose import site_key
@@ -71,7 +72,8 @@ class Calibration:
     length, mean and minimum kept softmax mass over query rows, which one was chosen);
     ``result.assign`` is the mapping to pass as ``options={"assign": result.assign}``;
     ``result.density`` the share of attention entries the chosen patterns keep;
-    ``result.draw(path)`` writes heat maps (matplotlib). ``sites`` holds the measurements,
+    ``result.draw(path)`` writes heat maps (matplotlib); ``result.at_recall(0.99)`` chooses
+    again for another target without rerunning the model. ``sites`` holds the measurements,
     ``skipped`` the ``(module path, reason)`` of sites that were not measured.
     """
 
@@ -102,6 +104,16 @@ class Calibration:
                 r.merged_heads, mean, r.mass.minimum, density, r.mass.rows.clone(), chosen,
                 assigned_pattern(candidates, chosen, r.merged_heads)))
         return cls(candidates, recall, sites, skipped)
+
+    def at_recall(self, recall: float) -> Calibration:
+        """The same measurements, chosen for another recall target (nothing is rerun)."""
+        target = check_recall(recall)
+        sites = []
+        for site in self.sites:
+            chosen = tuple(choose(site.mean, site.density, target))
+            sites.append(replace(site, chosen=chosen, pattern=assigned_pattern(
+                self.candidates, chosen, site.pooled)))
+        return Calibration(self.candidates, target, sites, self.skipped)
 
     @property
     def assign(self) -> dict[str, str]:

@@ -148,3 +148,13 @@ def test_draw_writes_a_png_and_says_when_matplotlib_is_missing(setup, tmp_path,
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="needs matplotlib"):
         result.draw(str(tmp_path / "again.png"))
+
+
+def test_choosing_again_for_another_target_runs_nothing(setup) -> None:
+    model, x, keep, result = setup
+    strict = result.at_recall(0.99)
+    again = sc.calibrate(model, x, keep, candidates=CANDIDATES, recall=0.99)
+    assert strict.recall == 0.99 and strict.assign == again.assign
+    assert strict.density >= result.density
+    with pytest.raises(ValueError, match=r"recall must be in \(0, 1\]"):
+        result.at_recall(1.5)
