@@ -1,7 +1,7 @@
 """Calibration on a model trained here: per-head patterns from ``sparse_compile.calibrate``
 against one uniform pattern at the same density.
 
-The task mixes local and long-range structure. A sequence opens with BOS and 6 tokens that
+The training data mix local and long-range structure. A sequence opens with BOS and 6 tokens that
 each bind a key to a value (one token per (key, value) pair); the rest is a local stream
 (``x[t] = x[t-2] + 1`` mod 24 over the stream's own tokens, 10% of them random) interrupted
 every 8 or more tokens by a query ``QUERY key`` whose answer is the key's value: answering
