@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "attention": "sparse_compile.functional",
     "sparsify": "sparse_compile.decorate",
     "explain": "sparse_compile.report",
+    "calibrate": "sparse_compile.calibration",
     "sparse_backend": "sparse_compile.backend",
     "dma_attention": "sparse_compile.dynamic_mask.functional",
     "dma_delta": "sparse_compile.dynamic_mask.functional",

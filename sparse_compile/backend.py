@@ -23,6 +23,7 @@ out-of-place, and Doge-style dynamic-mask attention is handed to the DMA pass.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,8 +83,9 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     functionalize_score_updates(new_gm.graph)
     problems = _rewrite_dynamic_mask_sites(new_gm)
     folded: list[Node] = []
+    order: Counter[str] = Counter()  # sites seen per module path: the '#index' of assign keys
     for site in find_sites(new_gm):
-        row = _process(new_gm, site, config, folded)
+        row = _process(new_gm, site, config, order, folded)
         record(row)
         if not row.rewritten and row.source != "min_length":
             problems.append(row)
@@ -124,12 +126,15 @@ def _strip_value_tags(gm: GraphModule) -> None:
 
 
 def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions,
-             folded: list[Node]) -> SiteReport:
-    """Choose, fold and rewrite one site; returns its report row. The masks it folds are
-    appended to ``folded``."""
+             order: Counter[str], folded: list[Node]) -> SiteReport:
+    """Choose, fold and rewrite one site; returns its report row. ``order`` counts the sites
+    seen per module path (the ``#index`` of ``assign`` keys); the masks the site's rewrite
+    folds are appended to ``folded``."""
     path, classes = module_info(site.anchor)
+    index = order[path]
+    order[path] += 1
     decorated = decorated_pattern(classes, site.anchor.meta.get("stack_trace"))
-    pattern, source = choose_pattern(config, path, classes, decorated)
+    pattern, source = choose_pattern(config, path, classes, decorated, index)
     shapes = _shapes(site)
     if site.reason is None:
         pattern = site_pattern(site, pattern)

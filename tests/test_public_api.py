@@ -21,7 +21,7 @@ PUBLIC_NAMES = [
     "sliding", "block", "axial", "strided", "fanout", "sink", "global_", "prefix", "dma", "topk",
     "heads", "predicate", "minimum", "maximum",
     # Attention, the oracle, compiling models.
-    "attention", "reference_attention", "sparsify", "explain", "sparse_backend",
+    "attention", "reference_attention", "sparsify", "explain", "calibrate", "sparse_backend",
     # Positions and packed documents.
     "PositionError", "documents_from_cu_seqlens", "documents_from_position_ids",
     # Dynamic patterns.

@@ -6,7 +6,11 @@ Precedence, highest first:
    ``fnmatch`` against the dotted path of the attention module) or class names
    (``"LlamaAttention"``, matched against every module class enclosing the site and their
    base classes) to patterns;
-   the first entry that matches, in the mapping's order, wins;
+   the first entry that matches, in the mapping's order, wins. A key may end in ``#i`` (a
+   non-negative integer) to match only the ``i``-th attention site, in graph order, of the
+   modules its glob or class name matches (``"model.layers.0.mixer#1"``: the second attention
+   computed while that module runs); without the suffix a key matches every site of the
+   module;
 2. a ``@sparsify(...)`` decorator on the enclosing module class or on a function or method the
    attention runs in (the innermost decorated one wins);
 3. ``pattern``: one pattern for every site;
@@ -16,6 +20,7 @@ Precedence, highest first:
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,17 +84,39 @@ class BackendOptions:
         )
 
 
+def site_key(module_path: str, index: int | None = None) -> str:
+    """The ``assign`` key matching exactly the module at ``module_path`` (glob characters
+    escaped) and, with ``index``, only its ``index``-th attention site (``"blocks.0#1"``)."""
+    key = re.sub(r"([*?[])", r"[\1]", module_path)
+    return key if index is None else f"{key}#{index}"
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """An ``assign`` key as ``(glob or class name, site index or None)``:
+    ``"blocks.*#1"`` → ``("blocks.*", 1)``, ``"blocks.*"`` → ``("blocks.*", None)``.
+    Only a suffix of ASCII digits is an index: any other key is matched whole."""
+    target, hash_, index = key.rpartition("#")
+    if not hash_ or not (index.isascii() and index.isdigit()):
+        return key, None
+    return target, int(index)
+
+
 def choose_pattern(
     options: BackendOptions,
     module_path: str,
     module_classes: list[type],
     decorated: Any,
+    index: int = 0,
 ) -> tuple[Any, str]:
     """``(pattern, where it came from)`` for one site; ``decorated`` is the decorator's
-    pattern for the site or None."""
+    pattern for the site or None; ``index`` is the site's order among the attention sites of
+    its module in the graph (0 for the first), matched by keys ending in ``#index``."""
     names = {base.__name__ for cls in module_classes for base in cls.__mro__}
     for key, pattern in options.assign:
-        if fnmatch.fnmatchcase(module_path, key) or key in names:
+        target, wanted = split_key(key)
+        if wanted is not None and wanted != index:
+            continue
+        if fnmatch.fnmatchcase(module_path, target) or target in names:
             return pattern, f"assign[{key!r}]"
     if decorated is not None:
         return decorated, "decorator"

@@ -9,6 +9,7 @@ the attention itself done by ``sparse_compile.functional.attention``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,9 +64,13 @@ def multi_head_attention_forward(pattern: str, query: torch.Tensor, key: torch.T
                                  q_proj_weight: Any = None, k_proj_weight: Any = None,
                                  v_proj_weight: Any = None, static_k: Any = None,
                                  static_v: Any = None, average_attn_weights: bool = True,
-                                 is_causal: bool = False) -> tuple[torch.Tensor, None]:
+                                 is_causal: bool = False, *,
+                                 attend: Callable[..., torch.Tensor] = attention,
+                                 ) -> tuple[torch.Tensor, None]:
     """``F.multi_head_attention_forward`` (unbatched or ``[L, N, E]`` inputs) with the
-    attention computed by the sparse op under ``pattern``; returns ``(output, None)``."""
+    attention computed by the sparse op under ``pattern``; returns ``(output, None)``.
+    ``attend`` (same arguments as ``sparse_compile.attention``) computes the attention
+    instead when given (calibration measures the attention this way)."""
     unbatched = query.dim() == 2
     if unbatched:
         query, key, value = (t.unsqueeze(1) for t in (query, key, value))
@@ -95,8 +100,8 @@ def multi_head_attention_forward(pattern: str, query: torch.Tensor, key: torch.T
     if padding is not None:
         padding = padding.view(n, 1, 1, lk)
         bias = padding if bias is None else bias + padding
-    out = attention(q, k, v, pattern, scale=None, bias=bias,
-                    dropout_p=dropout_p if training else 0.0)
+    out = attend(q, k, v, pattern, scale=None, bias=bias,
+                 dropout_p=dropout_p if training else 0.0)
     out = out.permute(2, 0, 1, 3).reshape(lq, n, e)
     out = F.linear(out, out_proj_weight, out_proj_bias)
     return (out.squeeze(1) if unbatched else out), None

@@ -139,3 +139,34 @@ def test_assign_by_module_path_glob_and_class_name_in_a_transformers_model():
     assert [r.module_path for r in report] == [f"model.layers.{i}.self_attn"
                                                for i in range(layers)]
     assert [r.pattern for r in report] == ["sliding(2) & causal", "block(4) & causal"]
+
+
+class TwoSites(Entry):
+    """Two attentions in one module: matmul/softmax, then SDPA, over the same projections."""
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        first = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.d), dim=-1) @ v
+        return self.merge(first + F.scaled_dot_product_attention(q, k, v))
+
+
+class TwoSiteStack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([TwoSites(), TwoSites()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_assign_keys_with_a_site_index_tell_two_sites_of_one_module_apart():
+    x = Entry.example_input()
+    assign = {"blocks.0#1": "block(2)", "TwoSites#0": "sliding(2)", "blocks.*": "local(2)"}
+    assert _patterns(TwoSiteStack(), x, assign=assign) == [
+        "sliding(2)", "block(2)", "sliding(2)", "local(2)"]
+    torch._dynamo.reset()
+    # Only digits after '#' make an index: any other key is matched whole.
+    assert _patterns(TwoSiteStack(), x, assign={"blocks.0#a": "block(2)", "blocks.1#2": "causal"},
+                     pattern="sink(1)") == ["sink(1)"] * 4
