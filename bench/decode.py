@@ -142,7 +142,8 @@ def main() -> None:
                 t_ours = graph_ms(ours) * 1e3
                 t_flex = graph_ms(flex) * 1e3
                 lines.append(
-                    f"| {length} | {batch} | `{pattern}` | {t_ours:.1f} | {t_flex:.1f} | "
+                    f"| {length} | {batch} | `{pattern.replace('|', chr(92) + '|')}` | "
+                    f"{t_ours:.1f} | {t_flex:.1f} | "
                     f"{sdpa * 1e3:.1f} | {floor:.1f} | {t_ours / floor:.2f} | "
                     f"{t_flex / t_ours:.2f}x | {host_ms(ours) * 1e3:.0f} | {err:.1e} |")
                 print(lines[-1], flush=True)

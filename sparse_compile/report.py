@@ -101,9 +101,11 @@ def collecting() -> Iterator[Report]:
         _collectors.remove(report)
 
 
-def explain(model: Any, *args: Any, **options: Any) -> Report:
+def explain(model: Any, *args: Any, model_kwargs: dict[str, Any] | None = None,
+            **options: Any) -> Report:
     """Compile ``model`` with the sparse backend and ``options``, run it once on ``args``
-    (under ``torch.no_grad``), and return one ``SiteReport`` per attention site found.
+    (and the keyword inputs ``model_kwargs``, e.g. ``{"attention_mask": m, "use_cache":
+    False}``) under ``torch.no_grad``, and return one ``SiteReport`` per attention site found.
 
     Dynamo's caches are reset first (``torch._dynamo.reset()``): code compiled earlier, or a
     frame that already reached Dynamo's recompile limit, would otherwise run without calling
@@ -122,5 +124,5 @@ def explain(model: Any, *args: Any, **options: Any) -> Report:
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     with collecting() as report, torch.no_grad():
-        compiled(*args)
+        compiled(*args, **(model_kwargs or {}))
     return report

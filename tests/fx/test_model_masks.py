@@ -237,3 +237,13 @@ def test_a_mask_that_is_not_positional_stays_a_bias_and_explain_says_why() -> No
     report = sc.explain(Scrambled(), q, k, v, keep, pattern="dense", compiler="eager")
     assert len(report) == 1 and report[0].rewritten
     assert report[0].mask.startswith("bias: "), str(report)
+
+
+def test_explain_takes_keyword_inputs_and_shows_the_folded_mask() -> None:
+    model = _model("llama")
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(6))
+    report = sc.explain(model, ids, model_kwargs={"attention_mask": torch.ones(1, 12),
+                                                  "use_cache": False},
+                        pattern="causal & sliding(4)", compiler="eager")
+    assert len(report) == 2 and all(r.mask == "folded: causal, key padding" for r in report)
+    assert "model mask" in str(report)
