@@ -11,7 +11,7 @@ H = 16, D = 128, bf16) and runs forward + backward of
   (the default backend: cuDNN or flash), padding and unpadding counted.
 
 It reports the median step time over ``--steps`` splits, our preparation alone (GPU time per
-batch of ``codegen.launch.positions.document_bounds``), and the recompiles of a
+batch of ``codegen.tl.documents.document_bounds``), and the recompiles of a
 ``torch.compile``d call over those steps. Every variant is checked against the others on the
 first split. Prints one markdown table and writes it to ``--out``.
 
@@ -27,7 +27,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from sparse_compile.codegen.launch.positions import document_bounds
+from sparse_compile.codegen.tl.documents import document_bounds
 
 import sparse_compile as sc
 

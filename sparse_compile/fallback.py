@@ -172,7 +172,7 @@ def chunked_attention(
     chunk = max(1, min(lq, max_scores // max(1, b * hq * lk)))
     doc_bounds = None
     if documents is not None:
-        from sparse_compile.codegen.launch.positions import document_bounds
+        from sparse_compile.codegen.tl.documents import document_bounds
 
         doc_bounds = document_bounds(documents.to(q.device))
     needs_grad = torch.is_grad_enabled() and any(

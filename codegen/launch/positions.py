@@ -56,30 +56,10 @@ def starts_frame(starts: torch.Tensor) -> Frame:
     return Frame(PER_BATCH, q_first=0, starts=starts.to(torch.int32).contiguous())
 
 
-def document_bounds(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token, the key indices ``[start, end]`` of its document (int32 ``[B, L]``).
-
-    ``ids`` ``[B, L]``: a document is a run of equal non-negative ids; a negative id marks a
-    padding token, which gets the empty range ``[i, i - 1]``. O(L) work on the ids' device, no
-    host synchronisation.
-    """
-    b, length = ids.shape
-    idx = torch.arange(length, device=ids.device, dtype=torch.int64).expand(b, length)
-    boundary = ids[:, 1:] != ids[:, :-1]
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[:, 1:] = boundary
-    last = torch.ones_like(ids, dtype=torch.bool)
-    last[:, :-1] = boundary
-    start = torch.where(first, idx, 0).cummax(dim=-1).values
-    end = torch.where(last, idx, length - 1).flip(-1).cummin(dim=-1).values.flip(-1)
-    pad = ids < 0
-    start = torch.where(pad, idx, start)
-    end = torch.where(pad, idx - 1, end)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
-
-
 def documents_frame(ids: torch.Tensor) -> Frame:
-    """The frame of documents ``ids`` ``[B, L]`` (see ``document_bounds``)."""
+    """The frame of documents ``ids`` ``[B, L]`` (``codegen/tl/documents.py``)."""
+    from sparse_compile.codegen.tl.documents import document_bounds
+
     start, end = document_bounds(ids)
     return Frame(DOCUMENTS, doc_start=start, doc_end=end)
 

@@ -134,3 +134,14 @@ def test_documents_from_flash_and_transformers_forms() -> None:
     assert documents_from_cu_seqlens(cu, 11).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1]
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     assert documents_from_position_ids(position_ids).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("length", [1, 7, 16, 1500])
+def test_document_bounds_kernel_matches_pytorch(length: int) -> None:
+    from sparse_compile.codegen.tl.documents import document_bounds, document_bounds_reference
+
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.sort(torch.randint(0, 6, (3, length), generator=gen)).values
+    ids = torch.where(torch.rand(3, length, generator=gen) < 0.1, -1, ids)
+    got, want = document_bounds(ids), document_bounds_reference(ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
