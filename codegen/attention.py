@@ -42,10 +42,11 @@ from sparse_compile.codegen.routes.strided_union import StridedUnion, strided_un
 from sparse_compile.codegen.tl.backward_delta import launch_delta
 from sparse_compile.codegen.tl.backward_dkdv import launch_dkdv
 from sparse_compile.codegen.tl.backward_dq import launch_dq
+from sparse_compile.codegen.tl.decode import decode_applies, launch_decode
 from sparse_compile.codegen.tl.forward import launch_forward
 from sparse_compile.codegen.tl.merge import add_rows_, merge_parts
 from sparse_compile.codegen.tl.module import kernel_module
-from sparse_compile.codegen.tl.predicate import interval_bounds, pattern_heads
+from sparse_compile.codegen.tl.predicate import interval_bounds, interval_pieces, pattern_heads
 
 
 @lru_cache(maxsize=256)
@@ -59,6 +60,13 @@ def parse_pattern(text: str) -> Any:
 @lru_cache(maxsize=256)
 def _is_interval(text: str) -> bool:
     return interval_bounds(parse_pattern(text)) is not None
+
+
+@lru_cache(maxsize=256)
+def _pieces(text: str) -> int:
+    """How many intervals make a row of the pattern (1 or 2), 0 when it is no such union."""
+    pieces = interval_pieces(parse_pattern(text))
+    return 0 if pieces is None else max(len(p) for p in pieces)
 
 
 @lru_cache(maxsize=256)
@@ -150,6 +158,11 @@ def forward(
     strided-union routes serve the default alignment only).
     """
     lq, lk = q.shape[2], k.shape[2]
+    if decode_applies(q, k, dropout_p, frame):
+        module, n_heads = static_kernels(pattern_text)
+        precision = TileConfig.precision(q.dtype, q.shape[-1])
+        return launch_decode(module, q, k, v, kernel_bias(bias), n_heads, _pieces(pattern_text),
+                             scale, precision, softcap, out_dtype, frame)
     if frame.is_default(lq, lk):
         parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if parts is not None:

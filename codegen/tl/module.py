@@ -16,6 +16,7 @@ from typing import Any
 from sparse_compile.codegen.cache import KernelCache, load_module
 from sparse_compile.codegen.tl.backward_dkdv import DKDV_SOURCE
 from sparse_compile.codegen.tl.backward_dq import DQ_SOURCE
+from sparse_compile.codegen.tl.decode import DECODE_SOURCE
 from sparse_compile.codegen.tl.forward import FORWARD_SOURCE
 from sparse_compile.codegen.tl.predicate import predicate_source
 from sparse_compile.codegen.tl.printer import HELPERS_SOURCE
@@ -24,7 +25,8 @@ from sparse_compile.codegen.tl.visit import VISIT_SOURCE
 GENERATOR_VERSION = "2"
 # Any edit of the templates changes the key, so files of other versions keep their own names.
 _TEMPLATES_HASH = hashlib.sha256(
-    "".join([HELPERS_SOURCE, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE]).encode()
+    "".join([HELPERS_SOURCE, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE,
+             DECODE_SOURCE]).encode()
 ).hexdigest()[:12]
 
 _MODULES: dict[str, ModuleType] = {}
@@ -39,7 +41,8 @@ def module_source(pattern: Any) -> str:
         f"INTERVAL = tl.constexpr({interval})\n"
     )
     return "\n".join(
-        [header, HELPERS_SOURCE, pred, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE]
+        [header, HELPERS_SOURCE, pred, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE,
+         DECODE_SOURCE]
     )
 
 

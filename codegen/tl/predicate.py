@@ -11,6 +11,9 @@ of the generated module calls on PARTIAL blocks only:
 - ``_hull(q_pos, hp)``: (lo, hi) of an interval that holds every key the row keeps (the
   bounds themselves for interval patterns): what the general route visits when the block
   tables cannot be used (positions known only on the device, documents).
+- ``_pieces(q_pos, hp)``: (lo1, hi1, lo2, hi2), two intervals whose union is exactly the row's
+  kept keys, for patterns that are a union of at most two interval patterns
+  (``causal & (sink(4) | sliding(w))``); what the decoding kernels visit.
 
 Bounds are key positions; the kernels turn them into key indices (``visit.py``).
 """
@@ -81,6 +84,39 @@ def _hull(pattern: Any, head: int | None) -> tuple[sympy.Expr, sympy.Expr]:
     return sympy.Integer(0), sympy.oo
 
 
+def _pieces(pattern: Any, head: int | None) -> list[tuple[sympy.Expr, sympy.Expr]] | None:
+    """Intervals whose union is exactly the pattern's row (at most two), or None: an interval
+    pattern is one piece, ``a | b`` the pieces of both, ``a & b`` the pairwise intersections
+    (intersections distribute over unions)."""
+    iv = pattern.interval(head) if head is not None or not pattern.per_head else None
+    if iv is not None:
+        return [iv]
+    kind = type(pattern).__name__
+    if kind == "Heads":
+        return _pieces(pattern.for_head(head or 0), head)
+    if kind not in ("And", "Or"):
+        return None
+    parts = [_pieces(part, head) for part in pattern.children()]
+    if any(p is None for p in parts):
+        return None
+    if kind == "Or":
+        pieces = parts[0] + parts[1]
+    else:
+        pieces = [(sympy.Max(a_lo, b_lo), sympy.Min(a_hi, b_hi))
+                  for a_lo, a_hi in parts[0] for b_lo, b_hi in parts[1]]
+    return pieces if len(pieces) <= 2 else None
+
+
+def interval_pieces(pattern: Any) -> list[list[tuple[sympy.Expr, sympy.Expr]]] | None:
+    """Per pattern head, at most two intervals whose union is the row (``_pieces``), or None
+    when some head is not such a union."""
+    if getattr(pattern, "per_head", False):
+        heads = [_pieces(pattern.for_head(h), h) for h in range(pattern_heads(pattern))]
+    else:
+        heads = [_pieces(pattern, None)]
+    return None if any(p is None for p in heads) else heads
+
+
 def hull_bounds(pattern: Any) -> list[tuple[sympy.Expr, sympy.Expr]]:
     """Per pattern head, the hull ``(lo, hi)`` of the kept keys (see ``_hull``)."""
     if getattr(pattern, "per_head", False):
@@ -105,6 +141,11 @@ def predicate_source(pattern: Any) -> tuple[str, bool]:
     hulls = hull_bounds(pattern)
     hull_los = _per_head_select([_bound_text(printer, lo) for lo, _ in hulls])
     hull_his = _per_head_select([_bound_text(printer, hi) for _, hi in hulls])
+    empty = (sympy.Integer(1), sympy.Integer(0))
+    pieces = interval_pieces(pattern) or [[h] for h in hulls]
+    pieces = [p + [empty] * (2 - len(p)) for p in pieces]
+    piece_texts = [_per_head_select([_bound_text(printer, p[i][j]) for p in pieces])
+                   for i in range(2) for j in range(2)]
     src = f'''
 @triton.jit
 def _keep(q_pos, k_pos, hp):
@@ -123,5 +164,14 @@ def _hull(q_pos, hp):
     lo = {hull_los}
     hi = {hull_his}
     return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _pieces(q_pos, hp):
+    lo1 = {piece_texts[0]}
+    hi1 = {piece_texts[1]}
+    lo2 = {piece_texts[2]}
+    hi2 = {piece_texts[3]}
+    return lo1.to(tl.int32), hi1.to(tl.int32), lo2.to(tl.int32), hi2.to(tl.int32)
 '''
     return src, bounds is not None

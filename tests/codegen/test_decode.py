@@ -1,0 +1,64 @@
+"""The decoding kernels (a few query rows against long keys, split over the keys and merged by
+log-sum-exp): through the public call, against the float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.launch.positions import DEFAULT_FRAME
+from sparse_compile.codegen.tl.decode import decode_applies
+
+from sparse_compile.functional import attention
+from tests.codegen.attention_cases import check_against_oracle, count_calls, make_qkv
+
+PATTERNS = [
+    "causal",                                # one interval
+    "causal & (sink(4) | sliding(40))",      # two pieces: sinks and a window, nothing between
+    "heads(causal, sink(2) | sliding(8))",   # pieces per head
+    "global(3) | local(16)",                 # no union of two intervals: the hull
+]
+
+
+@pytest.mark.parametrize("text", PATTERNS)
+@pytest.mark.parametrize(("lq", "hq", "hkv", "lk", "positions"), [
+    (1, 4, 1, 300, None),
+    (3, 8, 2, 333, {"q_start": torch.tensor([200, 207])}),
+    (2, 2, 2, 290, {"q_start": 120, "k_start": -5}),
+])
+def test_decoding_matches_the_oracle(monkeypatch, text, lq, hq, hkv, lk, positions) -> None:
+    calls = count_calls(monkeypatch, kernels, "launch_decode")
+    q, k, v = make_qkv(2, hq, hkv, lq, lk, 16, torch.float32)
+    check_against_oracle(attention, q, k, v, text, positions=positions, grads=False)
+    assert calls, "the decoding kernels did not run"
+
+
+def test_gradients_through_a_decoding_forward() -> None:
+    """The backward runs the training kernels on the decoding forward's output and
+    log-sum-exp (the same units and conventions)."""
+    q, k, v = make_qkv(1, 4, 2, 2, 280, 16, torch.float32)
+    check_against_oracle(attention, q, k, v, "causal & (sink(4) | sliding(40))",
+                         positions={"q_start": 150})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decoding_with_a_key_mask_softcap_and_narrow_heads(dtype) -> None:
+    text = "causal & (sink(4) | sliding(64))"
+    q, k, v = make_qkv(2, 4, 2, 1, 300, 24, dtype)
+    keys = torch.rand(2, 1, 1, 300) > 0.2
+    keys[1] = False  # a batch row with no key left: zeros, never NaN
+
+    def capped(q_, k_, v_, pattern, scale, bias):
+        return attention(q_, k_, v_, pattern, scale, bias, softcap=5.0)
+
+    check_against_oracle(capped, q, k, v, text, bias=keys, softcap=5.0)
+    out = capped(q, k, v, text, None, keys)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_decoding_is_chosen_only_for_decoding_shapes() -> None:
+    q1, k1 = torch.empty(1, 32, 1, 128), torch.empty(1, 8, 4096, 128)
+    assert decode_applies(q1, k1, 0.0, DEFAULT_FRAME)
+    assert not decode_applies(q1, k1, 0.1, DEFAULT_FRAME)              # dropout
+    assert not decode_applies(torch.empty(1, 32, 512, 128), k1, 0.0, DEFAULT_FRAME)
+    assert not decode_applies(q1, torch.empty(1, 8, 128, 128), 0.0, DEFAULT_FRAME)
