@@ -201,11 +201,12 @@ def test_a_sliding_window_cache_refuses_absolute_positions() -> None:
     assert out.tolist() == ref
 
 
-def test_packed_documents_equal_each_document_alone() -> None:
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_packed_documents_equal_each_document_alone(family) -> None:
     """transformers' packed training (position_ids restarting per document, no mask, no
     cache): the compiled model gives every document what it gives that document alone,
-    forward and backward, and the op receives document ids, not a mask."""
-    model = _model("qwen2")
+    and the op receives document ids, not a mask."""
+    model = _model(family)
     lengths = [5, 7, 4]
     ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(5))
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -247,3 +248,26 @@ def test_explain_takes_keyword_inputs_and_shows_the_folded_mask() -> None:
                         pattern="causal & sliding(4)", compiler="eager")
     assert len(report) == 2 and all(r.mask == "folded: causal, key padding" for r in report)
     assert "model mask" in str(report)
+
+
+def test_packed_documents_gradients_equal_each_document_alone() -> None:
+    """Backward too: the packed batch's gradients are the sum of each document's alone."""
+    model = _model("qwen2")
+    model.train()
+    lengths = [6, 5]
+    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(7))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    weights = torch.linspace(-1, 1, sum(lengths) * 64).view(1, sum(lengths), 64)
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": "causal & sink(2)", "compiler": "eager"})
+    packed = compiled(ids, position_ids=position_ids, use_cache=False).logits
+    (packed * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = compiled(ids[:, part], use_cache=False).logits
+        (alone * weights[:, part]).sum().backward()
+        start += n
+    assert_grads_close(grads, [p.grad for p in model.parameters()])
