@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sparse_compile.codegen.launch.tables import placeholder
 
 # POS_MODE values of the kernels (codegen/tl/visit.py ``_row_frame``).
 FIXED, PER_BATCH, DOCUMENTS = 0, 1, 2
@@ -64,22 +65,9 @@ def documents_frame(ids: torch.Tensor) -> Frame:
     return Frame(DOCUMENTS, doc_start=start, doc_end=end)
 
 
-_DUMMIES: dict[torch.device, torch.Tensor] = {}
-
-
-def _dummy(device: torch.device) -> torch.Tensor:
-    """An int32 placeholder for the pointer arguments a launch does not read."""
-    t = _DUMMIES.get(device)
-    if t is None:
-        t = torch.zeros(2, device=device, dtype=torch.int32)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _DUMMIES[device] = t
-    return t
-
-
 def frame_args(frame: Frame, lq: int, lk: int, like: torch.Tensor) -> tuple:
     """Kernel arguments ``(Starts, s_st, DS, DE)`` and ``(q_first, k_first)`` of ``frame``."""
-    dummy = _dummy(like.device)
+    dummy = placeholder(like.device)
     starts = frame.starts if frame.starts is not None else dummy
     s_st = 0 if frame.starts is None or frame.starts.shape[0] == 1 else 2
     ds = frame.doc_start if frame.doc_start is not None else dummy

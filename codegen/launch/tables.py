@@ -152,9 +152,9 @@ class Visit:
 _DUMMIES: dict[torch.device, torch.Tensor] = {}
 
 
-def _dummy(device: torch.device) -> torch.Tensor:
-    """One int32 placeholder per device for the table arguments a launch does not read (made
-    once: a fresh allocation per launch costs host time on every call)."""
+def placeholder(device: torch.device) -> torch.Tensor:
+    """One int32 placeholder per device for the pointer arguments a launch does not read
+    (made once: a fresh allocation per launch costs host time on every call)."""
     t = _DUMMIES.get(device)
     if t is None:
         t = torch.zeros(1, device=device, dtype=torch.int32)
@@ -166,7 +166,7 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 def visit_args(visit: Visit, like: torch.Tensor) -> tuple:
     """Kernel arguments (PO, PI, FO, FI, t_rows, RLO, RHI); placeholders where unused."""
-    dummy = _dummy(like.device)
+    dummy = placeholder(like.device)
     t = visit.tables
     po, pi, fo, fi, t_rows = (
         (t.partial_offsets, t.partial_indices, t.full_offsets, t.full_indices, t.row_stride)
