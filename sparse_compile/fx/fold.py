@@ -95,7 +95,7 @@ def _fold_sdpa(site: AttentionSite, reader: IndexReader, lq: Any, lk: Any
     from sparse_compile.patterns import causal
 
     if site.attn_mask is None:
-        if site.is_causal and not _same(lq, lk):
+        if site.is_causal and not ops.same_length(lq, lk):
             # SDPA aligns is_causal top-left: query i sits at position i.
             return MaskPlan(ModelMask(causal, q_start=0, parts=("causal (top-left)",)))
         return None
@@ -132,17 +132,6 @@ def erase_dead_masks(graph: Any, roots: list[Node]) -> None:
         graph.erase_node(node)
         erased.add(node)
         stack.extend(inputs)
-
-
-def _same(lq: Any, lk: Any) -> bool:
-    if lq is lk:
-        return True
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return bool(statically_known_true(lq == lk))
-    except ImportError:  # pragma: no cover - older torch
-        return isinstance(lq, int) and lq == lk
 
 
 def _mask_term(node: Node, index: int) -> tuple[Any, str] | None:

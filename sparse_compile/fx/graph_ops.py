@@ -248,3 +248,17 @@ def row_max_source(node: Any) -> Node | None:
     if t is None or not isinstance(dim, int) or dim % t.dim() != t.dim() - 1 or keepdim is not True:
         return None
     return x
+
+
+def same_length(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints or SymInts) are equal for every input the graph serves:
+    statically known, never by guessing (a symbolic pair that merely happens to be equal now
+    is not the same length)."""
+    if a is b:
+        return True
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except ImportError:  # pragma: no cover - older torch
+        return isinstance(a, int) and a == b

@@ -12,6 +12,7 @@ cannot prove this way stays a bias, with the reason reported.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,10 +178,12 @@ def _relation(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol
     for term in sympy.Add.make_args(symbolic):
         if term == 0:
             continue
-        on_key_side = any(k_axis in s.free_symbols and term in sympy.Add.make_args(s)
+        # diff = sign·((q + a) − (k + b)) + c: a term written beside k belongs to b.
+        on_key_side = any(k_axis in s.free_symbols and (term in sympy.Add.make_args(s)
+                                                         or -term in sympy.Add.make_args(s))
                           for s in sides)
         if on_key_side:
-            b -= term * sign if sides[0].has(k_axis) else -term * sign
+            b -= term * sign
         else:
             a += term * sign
     return sign, sympy.expand(a), sympy.expand(b), int(constant), type(atom)
@@ -223,18 +226,9 @@ def _positional(reader: IndexReader, relations: list[sympy.Basic], q_axis: sympy
 
 def _default_shift(lq: Any, lk: Any) -> int | None:
     """``Lk - Lq`` when it is known at compile time."""
-    if lq is lk:
-        return 0
     if isinstance(lq, int) and isinstance(lk, int):
         return lk - lq
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        if statically_known_true(lq == lk):
-            return 0
-    except ImportError:  # pragma: no cover - older torch
-        pass
-    return None
+    return 0 if ops.same_length(lq, lk) else None
 
 
 def _difference_pattern(lo: Any, hi: Any) -> Any:
@@ -393,7 +387,7 @@ def restart_source(node: Node) -> Node | None:
         return None
     flags = node.args[0]
     if not isinstance(flags, Node) or flags.target not in ("ne", "__ne__", torch.ne,
-                                                           __import__("operator").ne):
+                                                           operator.ne):
         return None
     diff, one = flags.args[0], flags.args[1]
     if one != 1 or not isinstance(diff, Node) or diff.target is not torch.diff:
@@ -401,7 +395,7 @@ def restart_source(node: Node) -> Node | None:
     source = diff.args[0]
     prepend = diff.kwargs.get("prepend")
     if not isinstance(prepend, Node) or prepend.target not in (
-            __import__("operator").sub, "sub", "__sub__") or prepend.args[1] != 1:
+            operator.sub, "sub", "__sub__") or prepend.args[1] != 1:
         return None
     first = prepend.args[0]
     if not isinstance(first, Node) or first.args[0] is not source:

@@ -93,13 +93,7 @@ def _causal_top_left(graph: Graph, q: Any, k: Any) -> Node:
 
 
 def _lengths_equal(q: Operand, k: Operand) -> bool:
-    lq, lk = q.shape()[-2], k.shape()[-2]
-    try:
-        from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-        return bool(statically_known_true(lq == lk))
-    except ImportError:  # pragma: no cover - older torch
-        return isinstance(lq, int) and lq == lk
+    return ops.same_length(q.shape()[-2], k.shape()[-2])
 
 
 def _conjuncts(pattern: Any) -> list[Any]:
@@ -286,7 +280,7 @@ def _snapshot(graph: Graph, node: Node) -> Node:
 def _key_mask(graph: Graph, key_mask: tuple[Node, int, bool], k: Node) -> Node:
     """The boolean key mask ``[B or 1, 1, 1, Lk]`` from the model's tensor (``!= 0``; its first
     ``Lk`` keys: a mask longer than the keys, as a cache's, is sliced like the model did)."""
-    node, dims, batch_first = key_mask
+    node, _, batch_first = key_mask
     keys = graph.call_function(operator.ne, (node, 0))
     rows = graph.call_method("size", (keys, 0)) if batch_first else 1
     keys = graph.call_method("reshape", (keys, rows, 1, 1, -1))

@@ -271,3 +271,30 @@ def test_packed_documents_gradients_equal_each_document_alone() -> None:
         (alone * weights[:, part]).sum().backward()
         start += n
     assert_grads_close(grads, [p.grad for p in model.parameters()])
+
+
+@pytest.mark.parametrize("written", ["kv_first", "q_first"])
+def test_offsets_on_either_side_become_query_and_key_starts(written) -> None:
+    """``kv + b <= q + a`` (either way round) reads as causal with queries from ``a`` and keys
+    from ``b``: the offsets are graph values, not guessed from the lengths."""
+    from sparse_compile.fx.index_values import IndexReader
+    from sparse_compile.fx.model_mask import read_model_mask
+
+    captured = {}
+
+    def backend(gm, example_inputs):
+        (node,) = [n for n in gm.graph.nodes if n.op == "output"]
+        captured["mask"] = node.args[0][0] if isinstance(node.args[0], tuple) else node.args[0]
+        captured["names"] = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+        return gm
+
+    def mask(q_off, k_off):
+        q = (torch.arange(4) + q_off)[:, None]
+        k = (torch.arange(9) + k_off)[None, :]
+        return (k <= q) if written == "kv_first" else (q >= k)
+
+    torch.compile(mask, backend=backend)(torch.tensor(5), torch.tensor(2))
+    found = read_model_mask(IndexReader(), captured["mask"], "keep", 4, 9)
+    assert str(found.pattern) == "causal", found
+    (q_node, q_const), (k_node, k_const) = found.q_start, found.k_start
+    assert "q_off" in q_node.name and "k_off" in k_node.name and q_const == k_const == 0
