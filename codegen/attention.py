@@ -18,6 +18,11 @@ from sparse_compile.codegen.launch.config import (
     default_config,
     long_rows_config,
 )
+from sparse_compile.codegen.launch.fallbacks import (
+    FellBack,
+    fall_back_on_failure,
+    family_available,
+)
 from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame
 from sparse_compile.codegen.launch.tables import (
     CLOSED_FORM,
@@ -158,11 +163,16 @@ def forward(
     strided-union routes serve the default alignment only).
     """
     lq, lk = q.shape[2], k.shape[2]
-    if decode_applies(q, k, dropout_p, frame):
+    if decode_applies(q, k, dropout_p, frame) and family_available("decode"):
         module, n_heads = static_kernels(pattern_text)
         precision = TileConfig.precision(q.dtype, q.shape[-1])
-        return launch_decode(module, q, k, v, kernel_bias(bias), n_heads, _pieces(pattern_text),
-                             scale, precision, softcap, out_dtype, frame)
+        try:
+            with fall_back_on_failure("decode"):
+                return launch_decode(module, q, k, v, kernel_bias(bias), n_heads,
+                                     _pieces(pattern_text), scale, precision, softcap,
+                                     out_dtype, frame)
+        except FellBack:
+            pass  # the general kernels below compute the same
     if frame.is_default(lq, lk):
         parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if parts is not None:

@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from sparse_compile.codegen.launch.fallbacks import FellBack, fall_back_on_failure, family_available
 
 
 @triton.jit
@@ -83,12 +84,17 @@ def document_bounds(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padding token, which gets the empty range ``[i, i - 1]``. O(L) work on the ids' device,
     no host synchronisation.
     """
-    if not (ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or ids.numel() == 0:
+    kernels = ids.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not kernels or ids.numel() == 0 or not family_available("documents"):
         return document_bounds_reference(ids)
     ids = ids.contiguous()
     b, length = ids.shape
     start = torch.empty((b, length), device=ids.device, dtype=torch.int32)
     end = torch.empty_like(start)
     block = min(1024, triton.next_power_of_2(max(length, 16)))
-    _document_bounds_kernel[(b,)](ids, start, end, length, BLOCK=block, num_warps=4)
+    try:
+        with fall_back_on_failure("documents"):
+            _document_bounds_kernel[(b,)](ids, start, end, length, BLOCK=block, num_warps=4)
+    except FellBack:
+        return document_bounds_reference(ids)
     return start, end

@@ -62,3 +62,23 @@ def test_decoding_is_chosen_only_for_decoding_shapes() -> None:
     assert not decode_applies(q1, k1, 0.1, DEFAULT_FRAME)              # dropout
     assert not decode_applies(torch.empty(1, 32, 512, 128), k1, 0.0, DEFAULT_FRAME)
     assert not decode_applies(q1, torch.empty(1, 8, 128, 128), 0.0, DEFAULT_FRAME)
+
+
+def test_a_failing_decoding_launch_falls_back_and_says_so(monkeypatch, caplog) -> None:
+    """If the family fails on a machine (a Triton without an operation it uses), the general
+    kernels give the same answer, the failure is logged once and the family not tried again."""
+    from sparse_compile.codegen.launch import fallbacks
+
+    monkeypatch.setattr(fallbacks, "_failed", {})
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no such operation on this Triton")
+
+    monkeypatch.setattr(kernels, "launch_decode", broken)
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 16, torch.float32)
+    with caplog.at_level("WARNING", logger="sparse_compile"):
+        check_against_oracle(attention, q, k, v, "causal & sliding(40)", grads=False)
+        check_against_oracle(attention, q, k, v, "causal & sliding(40)", grads=False)
+    assert len(calls) == 1 and "no such operation" in caplog.text
