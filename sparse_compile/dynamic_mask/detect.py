@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+import sparse_compile.fx.graph_ops as ops
 from sparse_compile.dynamic_mask.functional import dma_attention
 from sparse_compile.dynamic_mask.masked import dma_attention_masked
 
@@ -229,11 +230,48 @@ def _dma_call(q, k, v, delta, keep, mask, scale):
     return dma_attention(q, k, v, delta, keep, causal=False, bias=mask, scale=scale)
 
 
+def _dma_call_folded(q, k, v, delta, keep, causal, keys, scale):
+    """What the rewritten graph calls when the model's mask is proven causal (or not) and key
+    padding: the fused op, whose backward reuses the forward's selection."""
+    group = q.shape[1] // delta.shape[1]
+    if group > 1:
+        k, v = k[:, ::group], v[:, ::group]
+    return dma_attention(q, k, v, delta, keep, causal=causal, bias=keys, scale=scale)
+
+
+def _folded_arguments(gm: GraphModule, site: DmaSite) -> tuple[bool, Any] | None:
+    """``(causal, keys node or None)`` when the site's mask is proven to be causal and/or key
+    padding (``fx/model_mask.py``: read from the graph, not from the data), else None."""
+    from sparse_compile.fx.index_values import IndexReader
+    from sparse_compile.fx.model_mask import ModelMask, read_model_mask
+    from sparse_compile.fx.rewrite import key_mask_node
+    from sparse_compile.patterns import causal
+
+    mask = site.model_mask
+    t = ops.tensor_value(mask)
+    if t is None or t.dim() != 4:
+        return None
+    lq, lk = ops.tensor_value(site.q).shape[-2], ops.tensor_value(site.k).shape[-2]
+    found = read_model_mask(IndexReader(), mask, "keep" if t.dtype == torch.bool
+                            else "additive", lq, lk)
+    if (not isinstance(found, ModelMask) or found.pattern not in (None, causal)
+            or found.q_start is not None or found.k_start is not None
+            or found.documents is not None):
+        return None
+    keys = None
+    if found.key_mask is not None:
+        keys = key_mask_node(gm.graph, found.key_mask, site.k)
+    return found.pattern is not None, keys
+
+
 def rewrite_dma_sites(gm: GraphModule) -> list[DmaSite]:
     """Replace every rewritable site's attention output by ``dma_attention``; returns all sites.
 
-    The model mask (causal, padding) goes to ``dma_attention_masked``, which runs the fused
-    kernels when it is exactly causal & key padding. Without a top-k in the graph, ``keep`` is
+    A model mask proven from the graph to be causal and key padding (Doge's) goes to the
+    fused op as ``causal=True`` and a ``[B, 1, 1, Lk]`` key mask, whose backward reuses the
+    forward's selection; any other model mask goes to ``dma_attention_masked``, which runs the
+    fused kernels when the data shows causal & key padding (recomputing the forward in its
+    backward) and the chunked path otherwise. Without a top-k in the graph, ``keep`` is
     ``NO_SELECTION`` (every allowed key is kept, as in Doge when Lk <= keep_window_size). Dead
     mask-construction nodes are erased and the graph recompiled.
     """
@@ -242,10 +280,16 @@ def rewrite_dma_sites(gm: GraphModule) -> list[DmaSite]:
         if site.reason is not None:
             continue
         with gm.graph.inserting_before(site.output):
-            new = gm.graph.call_function(
-                _dma_call, (site.q, site.k, site.v, site.delta, site.keep, site.model_mask,
-                            site.scale)
-            )
+            folded = _folded_arguments(gm, site) if site.model_mask is not None else None
+            if folded is not None:
+                new = gm.graph.call_function(
+                    _dma_call_folded, (site.q, site.k, site.v, site.delta, site.keep,
+                                       *folded, site.scale))
+            else:
+                new = gm.graph.call_function(
+                    _dma_call, (site.q, site.k, site.v, site.delta, site.keep,
+                                site.model_mask, site.scale)
+                )
         new.meta.update(site.output.meta)
         site.output.replace_all_uses_with(new)
     gm.graph.eliminate_dead_code()

@@ -77,11 +77,17 @@ def _is_boolean(e: sympy.Basic) -> bool:
 
 
 class IndexReader:
-    """Evaluates nodes as index expressions (memoised); see the module docstring."""
+    """Evaluates nodes as index expressions (memoised); see the module docstring.
 
-    def __init__(self) -> None:
+    With ``additive_masks``, an additive mask ``where(keep, 0, min)`` (0 where attended, a
+    large negative number elsewhere, as transformers builds it) reads as its truth value
+    ``keep``, so that slices and views of it read like those of the boolean mask.
+    """
+
+    def __init__(self, additive_masks: bool = False) -> None:
         self._values: dict[Node, IndexValue | None] = {}
         self._opaque: dict[Any, Node] = {}
+        self.additive_masks = additive_masks
 
     def node_of(self, head: Any) -> Node | None:
         """The node an opaque function (or symbol) of ``read``'s expressions stands for."""
@@ -188,6 +194,8 @@ class IndexReader:
                 return _fit(sympy.Integer(1 if ones else 0), shape)
             return None
         if key is torch.where and len(args) == 3:
+            if self.additive_masks and _is_zero(args[1]) and _masked_out(args[2]):
+                return self.read(args[0])
             c, a, b = (self.read(x) for x in args)
             if None in (c, a, b) or not _is_boolean(c.expr):
                 return None
@@ -337,3 +345,26 @@ def _fit(expr: sympy.Basic, shape: tuple[Any, ...]) -> IndexValue:
     zero = {AXES[r]: sympy.Integer(0) for r in range(MAX_AXES)
             if r >= n or _is_one(shape[n - 1 - r])}
     return IndexValue(sympy.sympify(sympy.sympify(expr).xreplace(zero)), shape)
+
+
+# A float mask entry at or below this is "masked out" (transformers uses the dtype's minimum).
+MASKED_OUT = -1e4
+
+
+def _is_zero(x: Any) -> bool:
+    """A literal 0, or a tensor the graph creates as zeros."""
+    if isinstance(x, int | float):
+        return x == 0
+    if not isinstance(x, Node) or x.op != "call_function":
+        return False
+    if x.target in (torch.zeros, torch.zeros_like):
+        return True
+    if x.target is torch.tensor and x.args:
+        return x.args[0] == 0
+    return False
+
+
+def _masked_out(x: Any) -> bool:
+    number = ops.constant_number(x)
+    return number is not None and number <= MASKED_OUT
+

@@ -23,9 +23,6 @@ from torch.fx import Node
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.fx.index_values import AXES, IndexReader, IndexValue
 
-# A float mask entry at or below this is "masked out" (transformers uses the dtype's minimum).
-MASKED_OUT = -1e4
-
 
 @dataclass(frozen=True)
 class ModelMask:
@@ -63,6 +60,8 @@ def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any
     True = masked out) or ``"additive"`` (a float mask added to the scores: 0 where attended,
     at most ``MASKED_OUT`` elsewhere).
     """
+    if kind == "additive" and not reader.additive_masks:
+        reader = IndexReader(additive_masks=True)
     try:
         value = _keep_value(reader, term, kind)
         return _fold(reader, value, lq, lk)
@@ -71,8 +70,7 @@ def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any
 
 
 def _keep_value(reader: IndexReader, term: Any, kind: str) -> IndexValue:
-    node = _additive_keep(term) if kind == "additive" else term
-    value = reader.read(node)
+    value = reader.read(term)
     if value is None or not _is_truth(value.expr):
         raise Unproven(f"mask {getattr(term, 'name', term)} is not built from positions the "
                        "pass can read")
@@ -81,31 +79,6 @@ def _keep_value(reader: IndexReader, term: Any, kind: str) -> IndexValue:
     if len(value.shape) not in (2, 4):
         raise Unproven(f"mask of {len(value.shape)} dims (folded: 2 or 4)")
     return value
-
-
-def _additive_keep(term: Any) -> Node:
-    """The boolean mask B of an additive mask ``where(B, 0, min)``."""
-    if (isinstance(term, Node) and ops.is_where(term) and len(term.args) == 3
-            and _is_zero(term.args[1]) and _masked_out(term.args[2])):
-        return term.args[0]
-    raise Unproven(f"additive mask {getattr(term, 'name', term)} is not where(mask, 0, min)")
-
-
-def _is_zero(x: Any) -> bool:
-    if isinstance(x, int | float):
-        return x == 0
-    if not isinstance(x, Node) or x.op != "call_function":
-        return False
-    if x.target in (torch.zeros, torch.zeros_like):
-        return True
-    if x.target is torch.tensor and x.args:
-        return x.args[0] == 0
-    return False
-
-
-def _masked_out(x: Any) -> bool:
-    number = ops.constant_number(x)
-    return number is not None and number <= MASKED_OUT
 
 
 def _is_truth(e: sympy.Basic) -> bool:

@@ -226,7 +226,7 @@ def _placed_arguments(graph: Graph, mask: Any, pattern: Any, q: Node, k: Node,
     q_start = _offset(graph, mask.q_start)
     k_start = _offset(graph, mask.k_start)
     if mask.key_mask is not None:
-        keys = _key_mask(graph, mask.key_mask, k)
+        keys = key_mask_node(graph, mask.key_mask, k)
         if bias is None:
             bias = keys
         elif ops.tensor_value(bias) is not None and ops.tensor_value(bias).dtype == torch.bool:
@@ -277,7 +277,7 @@ def _snapshot(graph: Graph, node: Node) -> Node:
         return graph.call_method("clone", (node,))
 
 
-def _key_mask(graph: Graph, key_mask: tuple[Node, int, bool], k: Node) -> Node:
+def key_mask_node(graph: Graph, key_mask: tuple[Node, int, bool], k: Any) -> Node:
     """The boolean key mask ``[B or 1, 1, 1, Lk]`` from the model's tensor (``!= 0``; its first
     ``Lk`` keys: a mask longer than the keys, as a cache's, is sliced like the model did)."""
     node, _, batch_first = key_mask

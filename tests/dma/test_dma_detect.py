@@ -87,3 +87,40 @@ def test_doge_with_pass_under_inductor():
     assert rel_error(actual, expected) < 1e-5
     for g, e in zip(grads, expected_grads, strict=True):
         assert rel_error(g, e) < 2e-3
+
+
+def test_doge_mask_is_folded_and_its_backward_reuses_the_selection(monkeypatch, kernel_device):
+    """Doge's mask (causal and padding, built from positions) is proven from the graph: the
+    fused op runs, and its backward reuses the forward's selection instead of selecting
+    again (one selection per step, where the data-checked path made two)."""
+    from transformers import DogeConfig
+    from transformers.models.doge.modeling_doge import DogeForCausalLM
+
+    import sparse_compile.dynamic_mask.op as op
+
+    calls = []
+    real = op.dma_select
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(op, "dma_select", counted)
+    torch.manual_seed(0)
+    config = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, keep_window_size=5,
+                        max_position_embeddings=256, attention_bias=True, is_moe=False)
+    config._attn_implementation = "eager"
+    model = DogeForCausalLM(config).to(kernel_device)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.A.copy_(torch.randn(2))
+    ids, mask = doge_inputs(2, 12, [0, 3])
+    ids, mask = ids.to(kernel_device), mask.to(kernel_device)
+    expected, expected_grads = loss_and_grads(model, model, ids, mask)
+    assert not calls
+    sites = []
+    actual, grads = loss_and_grads(model, compile_with_pass(model, sites), ids, mask)
+    assert len(calls) == 1, f"{len(calls)} selections for one forward and backward"
+    assert rel_error(actual, expected) < 1e-4
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert rel_error(g, e) < 2e-3
