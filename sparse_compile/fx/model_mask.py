@@ -7,7 +7,12 @@ only on the device). ``read_model_mask`` reads such a mask with ``IndexReader`` 
 part of it is one of these, describes it as a ``ModelMask``: a pattern over positions, where the
 queries and keys sit, a per-key mask and document ids. The rewrite then passes those to the op
 instead of the mask, so that neither the Lq × Lk tensor is built nor read. A mask the pass
-cannot prove this way stays a bias, with the reason reported.
+cannot prove this way stays a bias, with the reason reported. Comparisons that are not bands
+of ``q - k`` (a prefix, sinks: ``index_patterns.py``) take the indices as positions.
+
+FlexAttention's ``mask_mod`` is read the same way (``flex_mask.py``); there, document ids the
+pass cannot prove in order are accepted on the condition that the op checks them at run time
+(``ModelMask.documents_checked``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch.fx import Node
 
 import sparse_compile.fx.graph_ops as ops
+from sparse_compile.fx.index_patterns import difference_pattern, index_pattern
 from sparse_compile.fx.index_values import AXES, IndexReader, IndexValue
 
 # A float mask entry at or below this is "masked out" (transformers uses the dtype's minimum).
@@ -35,7 +41,10 @@ class ModelMask:
     an int, or ``(node, int)`` (a 0-dim integer tensor or SymInt of the graph, plus an int);
     key_mask: ``(node, dims, batch first)`` of the tensor whose entries (``!= 0``) say which
     keys are attended, or None; documents: the document ids node ``[B, L]`` or ``[L]`` or
-    None; parts: what ``explain`` shows.
+    None; documents_checked: the ids are not proven in order (read from a tensor the model was
+    given): the rewrite checks them at run time, and ``document_positions`` (a tensor indexed
+    like the ids, the positions the mask compares) to advance by one inside each document;
+    parts: what ``explain`` shows.
     """
 
     pattern: Any = None
@@ -44,6 +53,8 @@ class ModelMask:
     key_mask: tuple[Node, int, bool] | None = None
     documents: Node | None = None
     parts: tuple[str, ...] = field(default_factory=tuple)
+    documents_checked: bool = False
+    document_positions: Node | None = None
 
     @property
     def describe(self) -> str:
@@ -54,17 +65,18 @@ class Unproven(Exception):  # noqa: N818 - a reason, raised and caught inside th
     """A part of the mask this module cannot express; its message is the reason."""
 
 
-def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any
-                    ) -> ModelMask | str:
+def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any, *,
+                    check_documents: bool = False) -> ModelMask | str:
     """The ModelMask of a site's mask term, or the reason it stays a bias.
 
     ``kind``: ``"keep"`` (a boolean mask, True = attend), ``"drop"`` (``masked_fill``'s mask,
     True = masked out) or ``"additive"`` (a float mask added to the scores: 0 where attended,
-    at most ``MASKED_OUT`` elsewhere).
+    at most ``MASKED_OUT`` elsewhere). ``check_documents``: accept document ids that cannot be
+    proven in order, marked ``documents_checked`` (the caller checks them at run time).
     """
     try:
         value = _keep_value(reader, term, kind)
-        return _fold(reader, value, lq, lk)
+        return _fold(reader, value, lq, lk, check_documents)
     except Unproven as e:
         return str(e)
 
@@ -113,15 +125,20 @@ def _is_truth(e: sympy.Basic) -> bool:
 
 
 # -- the fold -----------------------------------------------------------------------------------
-def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask:
+def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any,
+          check_documents: bool = False) -> ModelMask:
     four_d = len(value.shape) == 4
     q_axis, k_axis = AXES[1], AXES[0]
     batch_axis = AXES[3] if four_d else None
     if four_d and AXES[2] in value.expr.free_symbols:
         raise Unproven("mask differs between heads")
     atoms = list(sympy.And.make_args(value.expr))
-    documents, positions_of = _documents(reader, atoms, q_axis, k_axis, batch_axis)
-    key_mask, relations = None, []
+    documents, positions_of, checked = _documents(reader, atoms, q_axis, k_axis, batch_axis,
+                                                  check_documents)
+    document_positions = None
+    if checked and positions_of:
+        document_positions = reader.node_of(next(iter(positions_of)).func)
+    key_mask, relations, indices = None, [], []
     for atom in atoms:
         if atom in (sympy.true, True) or _is_document_atom(atom, documents, reader):
             continue
@@ -129,8 +146,11 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask
             raise Unproven("mask keeps nothing")
         atom = atom.xreplace(positions_of)
         axes = atom.free_symbols & set(AXES)
-        if _relation(atom, q_axis, k_axis) is not None:
+        # Without the query index, a comparison of keys is one only for a single query row.
+        if _relation(atom, q_axis, k_axis) is not None and (q_axis in axes or _is_one(lq)):
             relations.append(atom)
+        elif _of_indices(atom, q_axis, k_axis):
+            indices.append(atom)
         elif k_axis in axes and q_axis not in axes:
             if key_mask is not None:
                 raise Unproven("mask has several key masks")
@@ -138,6 +158,12 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask
         else:
             raise Unproven(f"mask part {atom} is not positional, a key mask or documents")
     pattern, q_start, k_start = _positional(reader, relations, q_axis, k_axis, lq, lk)
+    if indices:
+        placed = q_start is not None or k_start is not None
+        pattern = _indexed(pattern, indices, q_axis, k_axis, placed, lq, lk)
+        if (key_mask is not None or documents is not None) and not _toeplitz(pattern):
+            raise Unproven(f"mask keeps keys by absolute index ({pattern}) with key padding "
+                           "or documents, where positions do not count from index 0")
     if documents is not None and (q_start is not None or k_start is not None):
         raise Unproven("documents with shifted positions")
     parts = []
@@ -148,8 +174,42 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask
     if key_mask is not None:
         parts.append("key padding")
     if documents is not None:
-        parts.append("documents")
-    return ModelMask(pattern, q_start, k_start, key_mask, documents, tuple(parts))
+        parts.append("documents (checked at run time)" if checked else "documents")
+    return ModelMask(pattern, q_start, k_start, key_mask, documents, tuple(parts), checked,
+                     document_positions)
+
+
+def _is_one(size: Any) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _of_indices(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol) -> bool:
+    """Whether ``atom`` is a truth value of the query and key indices alone."""
+    return (bool(atom.free_symbols) and atom.free_symbols <= {q_axis, k_axis}
+            and not atom.atoms(sympy.Function))
+
+
+def _indexed(pattern: Any, atoms: list[sympy.Basic], q_axis: sympy.Symbol,
+             k_axis: sympy.Symbol, placed: bool, lq: Any, lk: Any) -> Any:
+    """``pattern`` and the comparisons of absolute indices ``atoms`` (a prefix, sinks). The
+    indices are the positions only with query row 0 at key 0: Lq = Lk and no offsets."""
+    if placed:
+        raise Unproven("mask compares absolute indices and positions shifted in the graph")
+    if _default_shift(lq, lk) != 0:
+        raise Unproven("mask compares absolute indices with Lq != Lk")
+    try:
+        own = index_pattern(sympy.And(*atoms), q_axis, k_axis)
+    except ValueError as e:
+        raise Unproven(str(e)) from None
+    if own is None:
+        return pattern
+    return own if pattern is None else pattern & own
+
+
+def _toeplitz(pattern: Any) -> bool:
+    from sparse_compile.patterns.blocks import is_toeplitz
+
+    return pattern is None or is_toeplitz(pattern)
 
 
 def _relation(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol
@@ -217,8 +277,11 @@ def _positional(reader: IndexReader, relations: list[sympy.Basic], q_axis: sympy
         if rel is sympy.Gt:
             lo = max(lo, bound + 1)
     k_start = None if b == 0 else b
-    return (_difference_pattern(lo, hi), _graph_value(reader, q_start),
-            _graph_value(reader, k_start))
+    try:
+        pattern = difference_pattern(lo, hi)
+    except ValueError as e:
+        raise Unproven(str(e)) from None
+    return pattern, _graph_value(reader, q_start), _graph_value(reader, k_start)
 
 
 def _default_shift(lq: Any, lk: Any) -> int | None:
@@ -235,35 +298,6 @@ def _default_shift(lq: Any, lk: Any) -> int | None:
     except ImportError:  # pragma: no cover - older torch
         pass
     return None
-
-
-def _difference_pattern(lo: Any, hi: Any) -> Any:
-    """The pattern keeping ``lo <= q - k <= hi``."""
-    from sparse_compile.patterns import causal, dense, predicate, sliding, window
-
-    if lo == -sympy.oo and hi == sympy.oo:
-        return None
-    if lo > hi:
-        raise Unproven("mask keeps nothing")
-    if lo == 0 and hi == sympy.oo:
-        return causal
-    if lo == 0:
-        return sliding(int(hi) + 1)
-    if lo <= 0 <= hi and hi != sympy.oo and lo != -sympy.oo:
-        return window(int(hi), int(-lo))
-    low = None if lo == -sympy.oo else int(lo)
-    high = None if hi == sympy.oo else int(hi)
-
-    def keep(q: Any, k: Any) -> Any:
-        parts = [q - k >= low] if low is not None else []
-        if high is not None:
-            parts.append(q - k <= high)
-        out = parts[0]
-        for p in parts[1:]:
-            out = out & p
-        return out
-
-    return predicate(keep) if (low, high) != (None, None) else dense
 
 
 def _graph_value(reader: IndexReader, expr: Any) -> Any:
@@ -302,23 +336,28 @@ def _key_mask(reader: IndexReader, atom: sympy.Basic, k_axis: sympy.Symbol,
 
 # -- documents ----------------------------------------------------------------------------------
 def _documents(reader: IndexReader, atoms: list[sympy.Basic], q_axis: sympy.Symbol,
-               k_axis: sympy.Symbol, batch_axis: sympy.Symbol | None
-               ) -> tuple[Node | None, dict]:
+               k_axis: sympy.Symbol, batch_axis: sympy.Symbol | None, check: bool = False
+               ) -> tuple[Node | None, dict, bool]:
     """The document-ids node of an atom ``D(b, q) == D(b, k)`` (None if there is none, or if
-    the ids restart from positions that count up from 0: one document), and the substitution
+    the ids restart from positions that count up from 0: one document), the substitution
     of the positions those documents restart from (within a document a position advances
-    with its index, so comparisons of them are comparisons of indices)."""
+    with its index, so comparisons of them are comparisons of indices), and whether the ids
+    are to be checked at run time (``check``: ids not proven in order are accepted so)."""
     for atom in atoms:
         pair = _document_pair(atom, q_axis, k_axis, batch_axis)
         if pair is None:
             continue
         node = reader.node_of(pair.func)
+        if node is not None and not _rows_follow_batch(node, pair, batch_axis):
+            raise Unproven(f"document ids {node} are read from one row for every batch row")
         source = restart_source(node) if node is not None else None
+        if source is None and check and node is not None:
+            return node, _positions_in_documents(atoms, pair, q_axis, k_axis), True
         if source is None:
             raise Unproven(f"document ids {node} are not proven non-decreasing")
         positions = reader.read(source)
         if positions is not None and _counts_up(positions.expr):
-            return None, {}
+            return None, {}, False
         head = None if positions is None else _opaque_head(positions.expr)
         if head is None:
             raise Unproven("document ids restart from positions the pass cannot read")
@@ -326,8 +365,44 @@ def _documents(reader: IndexReader, atoms: list[sympy.Basic], q_axis: sympy.Symb
         for f in atoms_of(atoms, head):
             axis = f.args[-1]
             subst[f] = axis
-        return node, subst
-    return None, {}
+        return node, subst, False
+    return None, {}, False
+
+
+def _positions_in_documents(atoms: list[sympy.Basic], pair: Any, q_axis: sympy.Symbol,
+                            k_axis: sympy.Symbol) -> dict:
+    """For ids checked at run time: the substitution ``P(.., q) -> q``, ``P(.., k) -> k`` of
+    the one tensor ``P`` indexed like the ids whose query and key entries the mask compares
+    (positions restarting per document, as transformers' packed sequences), empty if there is
+    none. Inside a document (the only pairs kept) comparing positions is comparing indices
+    when they advance by one per token: the rewrite checks that at run time."""
+    lead = pair.args[:-1]
+    found = set()
+    for atom in atoms:
+        applied = [f for f in atom.atoms(sympy.Function)
+                   if isinstance(f, sympy.core.function.AppliedUndef) and f.func != pair.func]
+        ends = {f.func: set() for f in applied}
+        for f in applied:
+            ends[f.func].add(f.args[-1] if f.args[:-1] == lead else None)
+        found |= {head for head, axes in ends.items() if axes == {q_axis, k_axis}}
+    if len(found) != 1:
+        return {}
+    head = found.pop()
+    uses = atoms_of(atoms, head)
+    if any(f.args[:-1] != lead or f.args[-1] not in (q_axis, k_axis) for f in uses):
+        raise Unproven(f"positions {head} are read at other indices than the query's and key's")
+    return {f: f.args[-1] for f in uses}
+
+
+def _rows_follow_batch(node: Node, pair: Any, batch_axis: sympy.Symbol | None) -> bool:
+    """Whether the ids of batch row ``b`` are row ``b`` of ``node`` (or its only row): the op
+    takes ids ``[B, L]`` row by row."""
+    t = ops.tensor_value(node)
+    if t is None or t.dim() < 2:
+        return True
+    rows = [size for size, index in zip(t.shape[:-1], pair.args[:-1], strict=True)
+            if index != batch_axis]
+    return all(isinstance(size, int) and size == 1 for size in rows)
 
 
 def atoms_of(atoms: list[sympy.Basic], head: Any) -> set:
