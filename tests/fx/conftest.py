@@ -20,6 +20,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def flex_grads(monkeypatch):
+    """FlexAttention with inputs that require grad on the CPU: eagerly it refuses them
+    (``_validate_device``), compiled its higher-order op has a backward, the tests' reference."""
+    import torch.nn.attention.flex_attention as flex
+
+    monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
+
+
 def assert_grads_close(grads, ref_grads, tol: float = 1e-4) -> None:
     """Every gradient within ``tol`` of the reference, relative to the largest reference
     gradient norm (gradients that are mathematically zero are only rounding noise)."""

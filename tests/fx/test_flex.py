@@ -6,7 +6,7 @@ reason in ``explain``.
 
 FlexAttention has no backward on the CPU eagerly (``_validate_device`` refuses inputs that
 require grad); its compiled graph does, through the higher-order op's own autograd, which is
-the reference here (``flex_grads`` lifts the check for the test)."""
+the reference here (the ``flex_grads`` fixture lifts the check)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import logging
 
 import pytest
 import torch
-import torch.nn.attention.flex_attention as flex_module
+from sparse_compile.patterns import parse
 from torch.nn.attention.flex_attention import (
     BlockMask,
     and_masks,
@@ -26,7 +26,6 @@ import sparse_compile as sc
 from sparse_compile.backend import sparsify_graph
 from sparse_compile.fx.choose import BackendOptions
 from sparse_compile.fx.flex import find_flex_calls
-from sparse_compile.patterns import parse
 from sparse_compile.positions import PositionError
 from sparse_compile.report import collecting
 from tests.conftest import rel_error
@@ -89,11 +88,6 @@ class FlexModule(torch.nn.Module):
             out, lse = out
             return out.transpose(1, 2).reshape(B, L, -1), lse
         return out.transpose(1, 2).reshape(B, L, -1)
-
-
-@pytest.fixture
-def flex_grads(monkeypatch):
-    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
 
 
 def _inputs() -> torch.Tensor:
