@@ -22,6 +22,7 @@ from torch.fx import Graph, GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.functional import placed_attention
+from sparse_compile.fx.fold import combine_patterns
 from sparse_compile.fx.operands import Operand, peel_gqa
 from sparse_compile.fx.placed import placed_arguments
 from sparse_compile.fx.site import AttentionSite
@@ -30,7 +31,8 @@ from sparse_compile.fx.site import AttentionSite
 def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any, plan: Any) -> Node:
     """Replace the FlexAttention call of ``site`` (``site.flex``) in ``gm.graph`` by the op
     with ``pattern`` (the user's, combined with the folded ``mask_mod``'s) and ``plan``'s
-    positions, key mask and documents. Returns the new output node."""
+    positions, key mask and documents; without a plan, those of the ``mask_mod`` (its pattern
+    is then combined here). Returns the new output node."""
     graph = gm.graph
     call = site.flex.call
     outputs = dict(call.outputs)
@@ -41,8 +43,10 @@ def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any, plan: 
             q = graph.call_function(operator.mul if kind == "mul" else operator.truediv,
                                     (q, factor))
         k, v = (operand.node for operand in peel_gqa(Operand(call.key), Operand(call.value)))
-        mask = plan.mask if plan is not None else None
-        placed = {} if mask is None else placed_arguments(graph, mask, pattern, q, k, None)
+        mask = plan.mask if plan is not None and plan.mask is not None else site.flex.mask
+        if plan is None:  # the mask_mod's pattern is not in ``pattern`` yet
+            pattern = combine_patterns(pattern, mask.pattern)
+        placed = placed_arguments(graph, mask, pattern, q, k, None)
         out = graph.call_function(
             placed_attention, (q, k, v, str(pattern)),
             {"scale": site.scale, **({"softcap": site.softcap} if site.softcap else {}),
