@@ -22,13 +22,14 @@ from torch.fx import Graph, GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.functional import placed_attention
-from sparse_compile.fx.fold import combine_patterns
+from sparse_compile.fx.fold import MaskPlan, combine_patterns
 from sparse_compile.fx.operands import Operand, peel_gqa
 from sparse_compile.fx.placed import placed_arguments
 from sparse_compile.fx.site import AttentionSite
 
 
-def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any, plan: Any) -> Node:
+def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any,
+                      plan: MaskPlan | None) -> Node:
     """Replace the FlexAttention call of ``site`` (``site.flex``) in ``gm.graph`` by the op
     with ``pattern`` (the user's, combined with the folded ``mask_mod``'s) and ``plan``'s
     positions, key mask and documents; without a plan, those of the ``mask_mod`` (its pattern
@@ -53,13 +54,13 @@ def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any, plan: 
              **placed})
         if 0 in outputs:
             out = _like(graph, out, ops.tensor_value(outputs[0]))
-    if 0 in outputs:
-        outputs[0].replace_all_uses_with(out)
     for index, node in outputs.items():
-        if index != 0:
+        if index == 0:
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        else:  # the logsumexp and the maximum, unread
             _erase_with_users(graph, node)
-    for node in (*(n for i, n in outputs.items() if i == 0), call.node):
-        graph.erase_node(node)
+    graph.erase_node(call.node)
     for attr in mods:
         if isinstance(attr, Node) and attr.op == "get_attr" and not attr.users:
             graph.erase_node(attr)

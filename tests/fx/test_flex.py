@@ -225,3 +225,10 @@ def test_flex_call_operands():
     # The mask_mod reads the document ids from outside.
     assert [t.meta["example_value"].shape for t in mask.mask_mod_buffers] == [(L,)]
     assert "OUTPUT_LOGSUMEXP" in call.kernel_options
+
+
+def test_calibration_does_not_measure_flex_calls():
+    result = sc.calibrate(FlexModule(causal_window), _inputs(),
+                          candidates=["causal & sliding(2)"], recall=0.9)
+    assert [reason for _, reason in result.skipped] == [
+        "FlexAttention calls are not measured: the probes do not apply their mask_mod"]
