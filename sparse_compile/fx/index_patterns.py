@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 
 def difference_pattern(lo: Any, hi: Any) -> Any:
@@ -48,7 +49,7 @@ def index_pattern(expr: sympy.Basic, q: sympy.Symbol, k: sympy.Symbol) -> Any:
     """The pattern keeping ``(q, k)`` where ``expr`` (a truth value of the symbols ``q`` and
     ``k`` only) holds; None when it keeps everything. Raises ValueError when it keeps
     nothing or uses anything but ``q`` and ``k``."""
-    if expr.free_symbols - {q, k} or expr.atoms(sympy.Function):
+    if expr.free_symbols - {q, k} or expr.atoms(AppliedUndef):
         raise ValueError(f"{expr} is not a comparison of query and key indices")
     if expr in (sympy.true, True):
         return None

@@ -188,9 +188,10 @@ def _is_one(size: Any) -> bool:
 
 
 def _of_indices(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol) -> bool:
-    """Whether ``atom`` is a truth value of the query and key indices alone."""
+    """Whether ``atom`` is a truth value of the query and key indices alone (no tensor read,
+    no other symbol)."""
     return (bool(atom.free_symbols) and atom.free_symbols <= {q_axis, k_axis}
-            and not atom.atoms(sympy.Function))
+            and not atom.atoms(sympy.core.function.AppliedUndef))
 
 
 def _indexed(pattern: Any, atoms: list[sympy.Basic], q_axis: sympy.Symbol,
