@@ -170,6 +170,8 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any,
                            "or documents, where positions do not count from index 0")
     if documents is not None and (q_start is not None or k_start is not None):
         raise Unproven("documents with shifted positions")
+    if documents is not None and _default_shift(lq, lk) != 0:
+        raise Unproven("documents with Lq != Lk (the op takes documents for Lq = Lk)")
     parts = []
     if pattern is not None:
         parts.append(str(pattern))

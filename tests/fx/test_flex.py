@@ -232,3 +232,23 @@ def test_calibration_does_not_measure_flex_calls():
                           candidates=["causal & sliding(2)"], recall=0.9)
     assert [reason for _, reason in result.skipped] == [
         "FlexAttention calls are not measured: the probes do not apply their mask_mod"]
+
+
+def test_changing_lengths_reuse_one_graph():
+    """Dynamic shapes: the block mask, the scale and the lengths are graph values."""
+
+    class Window(torch.nn.Module):
+        def forward(self, q, k, v):
+            n = q.shape[2]
+            mask = create_block_mask(causal_window, None, None, n, n, device=q.device,
+                                     BLOCK_SIZE=8)
+            return flex_attention(q, k, v, score_mod=softcap, block_mask=mask)
+
+    compiled = torch.compile(Window(), backend="sparse", dynamic=True,
+                             options={"compiler": "eager"})
+    reference = torch.compile(Window(), backend="eager", dynamic=True)
+    with collecting() as report, torch.no_grad():
+        for n in (16, 24):
+            q, k, v = torch.randn(3, 1, 2, n, D, generator=torch.Generator().manual_seed(n))
+            assert rel_error(compiled(q, k, v), reference(q, k, v)) < 1e-5
+    assert [(r.form, r.rewritten) for r in report] == [("flex", True)]
