@@ -5,20 +5,26 @@ MHA one (``--family llama``), 8 layers, hidden 2048, bf16, batch 1, times in one
 
 - ``sparse``: ``torch.compile(model, backend="sparse", options={"pattern": P})``, the model on
   its SDPA path with its own ``sliding_window`` (the backend folds the model's mask);
+- ``sparse-on-flex``: the model on transformers' ``attn_implementation="flex_attention"`` path
+  with the same window, compiled with ``backend="sparse"`` and the same pattern: the backend
+  replaces every ``flex_attention`` call by the op (``mask_mod`` folded);
 - ``flex``: transformers' ``attn_implementation="flex_attention"`` with the same window,
   ``torch.compile(model)`` (Inductor); for ``--sinks`` (no transformers config for it) the
-  flex path gets a ``BlockMask`` built from the same mask_mod as its ``attention_mask``;
+  flex path gets a ``BlockMask`` built from the same mask_mod as its ``attention_mask`` (the
+  ``sparse-on-flex`` variant too);
 - ``sdpa``: the dense causal model (no window) on SDPA, ``torch.compile(model)``: what a
   window saves at all.
 
 Per variant: a training step (forward + backward of mean(h²) of the last hidden state),
 inference (``torch.no_grad``), peak memory, first-call time (compile included), with
-``--profile`` the attention kernels' share of one step's GPU time, and the agreement of the
-sparse and flex outputs. Prints one markdown table and writes it, with the conditions, to
-``--out``.
+``--profile`` the attention kernels' share of one step's GPU time, how many attention sites
+the backend rewrote (sparse variants), and the agreement of the sparse variants' outputs with
+flex's. Prints one markdown table and writes it, with the conditions, to ``--out``.
 
     python bench/models.py --family mistral --lengths 32768 --windows 1024 4096 \\
         --out bench/results/models-vs-flex-h100.md
+    python bench/models.py --family mistral --lengths 32768 --windows 4096 --profile \\
+        --variants sparse-on-flex flex --out bench/results/models-sparse-on-flex-h100.md
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import torch
 
 ATTENTION_KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_delta", "flex_attention",
                      "flash", "fmha", "cudnn", "attention")
+VARIANTS = ("sparse", "sparse-on-flex", "flex", "sdpa")
+SPARSE = ("sparse", "sparse-on-flex")
 
 
 def build(family: str, layers: int, window: int | None, impl: str) -> Any:
@@ -105,18 +113,21 @@ def attention_share(fn: Callable[[], Any]) -> tuple[float, float]:
 
 def run_variant(name: str, args: Any, length: int, window: int | None, pattern: str,
                 ids: torch.Tensor) -> dict[str, Any]:
+    from sparse_compile.report import collecting
+
+    model_window = None if args.sinks else window
     if name == "sdpa":
         model = build(args.family, args.layers, None, "sdpa")
         compiled = torch.compile(model)
     elif name == "flex":
-        model = build(args.family, args.layers, None if args.sinks else window,
-                      "flex_attention")
+        model = build(args.family, args.layers, model_window, "flex_attention")
         compiled = torch.compile(model)
     else:
-        model = build(args.family, args.layers, None if args.sinks else window, "sdpa")
+        impl = "flex_attention" if name == "sparse-on-flex" else "sdpa"
+        model = build(args.family, args.layers, model_window, impl)
         compiled = torch.compile(model, backend="sparse", options={"pattern": pattern})
     extra = {}
-    if name == "flex" and args.sinks:
+    if name in ("flex", "sparse-on-flex") and args.sinks:
         extra["attention_mask"] = sink_block_mask(length, window)
     result: dict[str, Any] = {}
     for mode in args.modes:
@@ -130,7 +141,11 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
 
         try:
             torch.cuda.reset_peak_memory_stats()
-            result[mode, "first"] = first_call_s(step)
+            with collecting() as report:
+                result[mode, "first"] = first_call_s(step)
+            if name in SPARSE:
+                result[mode, "sites"] = f"{len(report.rewritten)}/{len(report)}"
+                print("\n".join(f"  {name} {mode}: {row.line()}" for row in report), flush=True)
             result[mode, "ms"] = cuda_ms(step, args.repeats)
             result[mode, "peak"] = torch.cuda.max_memory_allocated() / 2**30
             if args.profile:
@@ -139,7 +154,7 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
             result[mode, "error"] = f"{type(e).__name__}: {str(e)[:120]}"
             print(f"  {name} {mode}: {result[mode, 'error']}", flush=True)
         model.zero_grad(set_to_none=True)
-    if name in ("sparse", "flex") and "error" not in str(result):
+    if name in (*SPARSE, "flex") and "error" not in str(result):
         with torch.no_grad():
             result["output"] = compiled(input_ids=ids, use_cache=False,
                                         **extra).last_hidden_state.float().cpu()
@@ -153,7 +168,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--sinks", action="store_true", help="causal & (sink(4) | sliding(w))")
-    ap.add_argument("--variants", nargs="+", default=["sparse", "flex", "sdpa"])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS,
+                    default=["sparse", "sparse-on-flex", "flex", "sdpa"])
     ap.add_argument("--modes", nargs="+", default=["train", "infer"])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
@@ -172,10 +188,15 @@ def main() -> None:
         f"{datetime.date.today()}; median of {args.repeats}; train = forward + backward of "
         "mean(h²) of the last hidden state; first = first call (compile included); peak = "
         "max GPU memory allocated; attn = attention kernels' share of one step's GPU time "
-        "(profiler). Command: `python " + " ".join(sys.argv) + "`", "",
-        "| tokens | pattern | mode | sparse ms | flex ms | sdpa ms | vs flex | first s "
-        "(sparse / flex / sdpa) | peak GiB (sparse / flex / sdpa) | attn ms (sparse / flex) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(profiler). first s and peak GiB list " + " / ".join(args.variants) + ", attn ms "
+        "the same but sdpa; vs flex (flex's time over the variant's: >1 is faster than flex), "
+        "attn vs flex (the attention kernels' in-model time over flex's) and sites (attention "
+        "sites the backend rewrote / found) list " + " / ".join(
+            v for v in SPARSE if v in args.variants) + ". Command: `python "
+        + " ".join(sys.argv) + "`", "",
+        "| tokens | pattern | mode | " + " | ".join(f"{v} ms" for v in args.variants)
+        + " | vs flex | first s | peak GiB | attn ms | attn vs flex | sites |",
+        "|" + "---|" * (len(args.variants) + 9),
     ]
     print("\n".join(lines), flush=True)
 
@@ -193,31 +214,43 @@ def main() -> None:
                        for name in args.variants}
             torch.cuda.empty_cache()
             for mode in args.modes:
-                def cell(name: str, key: str, mode: str = mode, results: dict = results) -> str:
-                    r = results.get(name, {})
-                    if (mode, "error") in r:
-                        return "error"
-                    return f"{r[mode, key]:.1f}" if (mode, key) in r else "-"
-
-                ratio = "-"
-                s, f = results.get("sparse", {}), results.get("flex", {})
-                if (mode, "ms") in s and (mode, "ms") in f:
-                    ratio = f"{f[mode, 'ms'] / s[mode, 'ms']:.2f}x"
-                lines.append(
-                    f"| {length} | `{pattern}` | {mode} | {cell('sparse', 'ms')} | "
-                    f"{cell('flex', 'ms')} | {cell('sdpa', 'ms')} | {ratio} | "
-                    f"{cell('sparse', 'first')} / {cell('flex', 'first')} / "
-                    f"{cell('sdpa', 'first')} | {cell('sparse', 'peak')} / "
-                    f"{cell('flex', 'peak')} / {cell('sdpa', 'peak')} | "
-                    f"{cell('sparse', 'attn')} / {cell('flex', 'attn')} |")
+                lines.append(_row(length, pattern, mode, results, args.variants))
                 print(lines[-1], flush=True)
-            if "output" in results.get("sparse", {}) and "output" in results.get("flex", {}):
-                a, b = results["sparse"]["output"], results["flex"]["output"]
-                rel = ((a - b).norm() / b.norm()).item()
-                lines.append(f"|  | outputs: sparse vs flex relative error {rel:.2e} "
-                             "(bf16) |  |  |  |  |  |  |  |  |")
-                print(lines[-1], flush=True)
+            for name in SPARSE:
+                if "output" in results.get(name, {}) and "output" in results.get("flex", {}):
+                    a, b = results[name]["output"], results["flex"]["output"]
+                    rel = ((a - b).norm() / b.norm()).item()
+                    lines.append(f"|  | outputs: {name} vs flex relative error {rel:.2e} (bf16)"
+                                 + " |" * (len(args.variants) + 8))
+                    print(lines[-1], flush=True)
             write()
+
+
+def _row(length: int, pattern: str, mode: str, results: dict, variants: list[str]) -> str:
+    """One table row: per-variant times, ratios against flex, first-call, memory, attention."""
+    def cell(name: str, key: str) -> str:
+        r = results.get(name, {})
+        if (mode, "error") in r:
+            return "error"
+        value = r.get((mode, key))
+        return "-" if value is None else value if isinstance(value, str) else f"{value:.1f}"
+
+    def ratio(name: str, key: str, inverse: bool = False) -> str:
+        mine, flex = results.get(name, {}).get((mode, key)), results.get("flex", {}).get(
+            (mode, key))
+        if mine is None or flex is None:
+            return "-"
+        return f"{mine / flex:.2f}x" if inverse else f"{flex / mine:.2f}x"
+
+    sparse = [v for v in SPARSE if v in variants]
+    return (f"| {length} | `{pattern}` | {mode} | "
+            + " | ".join(cell(v, "ms") for v in variants)
+            + " | " + " / ".join(ratio(v, "ms") for v in sparse)
+            + " | " + " / ".join(cell(v, "first") for v in variants)
+            + " | " + " / ".join(cell(v, "peak") for v in variants)
+            + " | " + " / ".join(cell(v, "attn") for v in variants if v != "sdpa")
+            + " | " + " / ".join(ratio(v, "attn", inverse=True) for v in sparse)
+            + " | " + " / ".join(cell(v, "sites") for v in sparse) + " |")
 
 
 if __name__ == "__main__":

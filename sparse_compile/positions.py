@@ -96,6 +96,36 @@ def _out_of_order(ids: torch.Tensor) -> torch.Tensor:
     return real & ((ids < before) | ((ids == before) & after_pad))
 
 
+def documents_from_equal_ids(ids: torch.Tensor, batch: int, length: int,
+                             positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Document ids ``[B or 1, length]`` for a mask that keeps the pairs of tokens with equal
+    ``ids`` (``[B, L']`` or ``[L']``, ``L' >= length``; FlexAttention's
+    ``ids[q_idx] == ids[kv_idx]``): the first ``length`` ids, shifted to start at 0 (equal ids
+    attend each other whatever their sign, where ``documents`` takes negative ids for
+    padding) and checked as ``check_documents`` does, so a layout the op cannot take (ids that
+    decrease, a document in two runs) raises ``PositionError`` eagerly and stops the program
+    under ``torch.compile``. ``positions`` (indexed like ``ids``), when the mask compares
+    them instead of indices, are checked to advance by one inside each document."""
+    _integer("ids", ids)
+    ids = ids.reshape(-1, ids.shape[-1])[:, :length]
+    if positions is not None:
+        _check_positions(ids, positions.reshape(-1, positions.shape[-1])[:, :length])
+    return check_documents(ids - ids.amin(), batch, length, length)
+
+
+POSITIONS_MESSAGE = ("positions compared by the mask must advance by one from token to token "
+                     "inside each document")
+
+
+def _check_positions(ids: torch.Tensor, positions: torch.Tensor) -> None:
+    same = ids[:, 1:] == ids[:, :-1]
+    bad = (same & (positions[:, 1:] != positions[:, :-1] + 1)).any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad, POSITIONS_MESSAGE)
+    elif bool(bad):
+        raise PositionError(POSITIONS_MESSAGE)
+
+
 def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int | None = None
                               ) -> torch.Tensor:
     """Document ids ``[L]`` from FlashAttention's cumulative lengths ``[n + 1]`` (0, l0,

@@ -141,9 +141,13 @@ def instrument_graph(gm: GraphModule, table: SiteTable, candidates: Sequence[Pat
         path, _ = module_info(site.anchor)
         index = order[path]
         order[path] += 1
-        merged = site.reason is None and site.form != "mha" and len(site.q.shape()) == 3
-        record = table.site(path, index, site.form, merged, site.reason)
-        if site.reason is None:
+        reason = site.reason
+        if reason is None and site.form == "flex":
+            reason = ("FlexAttention calls are not measured: the probes do not apply their "
+                      "mask_mod")
+        merged = reason is None and site.form != "mha" and len(site.q.shape()) == 3
+        record = table.site(path, index, site.form, merged, reason)
+        if reason is None:
             probe_type = MhaProbe if site.form == "mha" else SiteProbe
             new_gm.add_submodule(f"calibration_probe_{probes}",
                                  probe_type(record, candidates, max_scores))

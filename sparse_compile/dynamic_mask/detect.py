@@ -244,7 +244,7 @@ def _folded_arguments(gm: GraphModule, site: DmaSite) -> tuple[bool, Any] | None
     padding (``fx/model_mask.py``: read from the graph, not from the data), else None."""
     from sparse_compile.fx.index_values import IndexReader
     from sparse_compile.fx.model_mask import ModelMask, read_model_mask
-    from sparse_compile.fx.rewrite import key_mask_node
+    from sparse_compile.fx.placed import key_mask_node
     from sparse_compile.patterns import causal
 
     mask = site.model_mask

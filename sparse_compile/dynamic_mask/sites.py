@@ -36,6 +36,8 @@ def dynamic_site_problem(site: AttentionSite, pattern: Any) -> str | None:
         return str(err)
     if site.form == "mha":
         return f"{spec.kind} patterns are not supported on nn.MultiheadAttention"
+    if site.form == "flex":
+        return f"{spec.kind} patterns are not supported on FlexAttention calls"
     if site.dropout_p:
         return f"{spec.kind} patterns do not support attention dropout ({site.dropout_p})"
     if len(site.q.shape()) != 4:

@@ -21,8 +21,8 @@ proven before a site is rewritable:
 
 ``nn.MultiheadAttention`` reaches the backend as one ``F.multi_head_attention_forward`` call;
 it is a site of its own (``form="mha"``, see ``sparse_compile.fx.mha``). So is every
-FlexAttention call (``form="flex"``, see ``sparse_compile.fx.flex``), reported and left to
-FlexAttention for now.
+FlexAttention call (``form="flex"``): rewritable when its ``mask_mod`` and ``score_mod`` are
+proven (``sparse_compile.fx.flex_site``), else left to FlexAttention with the reason.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from torch.fx import GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.fx.einsum import read_output_einsum, read_scores_einsum
-from sparse_compile.fx.flex import LEFT_TO_FLEX, FlexCall, read_flex_call
+from sparse_compile.fx.flex import FlexCall, read_flex_call
+from sparse_compile.fx.flex_site import read_flex_site
 from sparse_compile.fx.mha import mha_arguments, mha_site_reason
 from sparse_compile.fx.operands import Operand, product_operands, shapes_reason
 from sparse_compile.fx.score_chain import read_steps, score_path
@@ -90,10 +91,10 @@ def _mha_site(node: Node) -> AttentionSite:
 
 
 def _flex_site(call: FlexCall) -> AttentionSite:
-    """A FlexAttention call: reported, and left to FlexAttention."""
-    site = AttentionSite(anchor=call.node, output=call.node, form="flex", nodes=[call.node],
-                         scale=call.scale, reason=LEFT_TO_FLEX)
+    """A FlexAttention call: rewritable when what it computes is proven."""
+    site = AttentionSite(anchor=call.node, output=call.node, form="flex", nodes=[call.node])
     site.q, site.k, site.v = Operand(call.query), Operand(call.key), Operand(call.value)
+    site.reason = shapes_reason(site.q, site.k, site.v) or read_flex_site(site, call)
     return site
 
 

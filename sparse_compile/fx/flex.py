@@ -23,12 +23,12 @@ whose result is the tuple ``(out, logsumexp, max)``. On torch 2.13 its arguments
   under dynamic shapes;
 - ``kernel_options`` a dict (``OUTPUT_LOGSUMEXP``, ``BACKEND``, ...). ``enable_gqa`` is not
   passed on: it is only checked before the call, and the op shares key/value heads whenever
-  their count divides the query heads'. ``return_lse`` shows as a use of the logsumexp output.
+  their count divides the query heads'. ``return_lse`` shows as a use of the logsumexp output
+  (a use whose result nothing reads does not count: Dynamo keeps ``lse.to(dtype)`` nodes that
+  the model computes and drops).
 
-``find_flex_calls(gm)`` returns one ``FlexCall`` per call (``read_flex_call`` reads one). The FX
-pass reports each as an attention site (``form="flex"``) and leaves it to FlexAttention
-(``LEFT_TO_FLEX``): translating ``mask_mod`` / ``score_mod`` into a pattern is future work that
-starts from these operands.
+``find_flex_calls(gm)`` returns one ``FlexCall`` per call (``read_flex_call`` reads one);
+``flex_site.py`` proves what a call computes and ``flex_rewrite.py`` replaces it by the op.
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ from typing import Any
 from torch.fx import GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
-
-# Why the FX pass leaves every flex_attention call as it is, for now.
-LEFT_TO_FLEX = "left to FlexAttention (its mask_mod and score_mod are not translated yet)"
 
 # The block-mask tensors that every supported torch passes, in order, after the lengths.
 _BLOCK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -82,7 +79,8 @@ class FlexCall:
     ``(out, logsumexp, max)``), ``query`` ``[B, Hq, Lq, D]``, ``key`` ``[B, Hkv, Lk, D]`` and
     ``value`` ``[B, Hkv, Lk, Dv]`` graph values, ``score_mod`` as a graph with the tensors it
     reads (``score_mod_buffers``), the ``block_mask``, ``scale``, ``kernel_options``,
-    ``enable_gqa`` (Hq ≠ Hkv) and ``return_lse`` (the logsumexp output is used)."""
+    ``enable_gqa`` (Hq ≠ Hkv), ``return_lse`` / ``return_max`` (the logsumexp / row-maximum
+    output is used) and ``outputs``: the ``getitem`` nodes reading the result, by index."""
 
     node: Node
     query: Node
@@ -95,6 +93,8 @@ class FlexCall:
     kernel_options: dict[str, Any]
     enable_gqa: bool
     return_lse: bool
+    return_max: bool = False
+    outputs: tuple[tuple[int, Node], ...] = ()
 
 
 def find_flex_calls(gm: GraphModule) -> list[FlexCall]:
@@ -107,14 +107,37 @@ def read_flex_call(gm: GraphModule, node: Node) -> FlexCall:
     query, key, value, score_mod, block_mask, scale, options, *buffers = node.args
     score_buffers, mask_buffers = (tuple(b) for b in (*buffers, (), ())[:2])
     heads = [ops.tensor_value(t).shape[-3] for t in (query, key)]
+    outputs = tuple((u.args[1], u) for u in node.users if u.target is operator.getitem)
     return FlexCall(
         node=node, query=query, key=key, value=value,
         score_mod=_submodule(gm, score_mod), score_mod_buffers=score_buffers,
         block_mask=_read_block_mask(gm, tuple(block_mask), mask_buffers),
         scale=scale, kernel_options=dict(options), enable_gqa=heads[0] != heads[1],
-        return_lse=any(u.target is operator.getitem and u.args[1] == 1 and u.users
-                       for u in node.users),
+        return_lse=any(i == 1 and is_read(u) for i, u in outputs),
+        return_max=any(i == 2 and is_read(u) for i, u in outputs),
+        outputs=outputs,
     )
+
+
+def is_read(node: Node) -> bool:
+    """Whether ``node``'s value reaches the graph's output or an operation with side effects
+    (through any chain of users); False when everything computed from it is dropped."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user.op == "output" or user.is_impure() or _in_place(user):
+                return True
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _in_place(node: Node) -> bool:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("__")
 
 
 def _read_block_mask(gm: GraphModule, values: tuple[Any, ...],

@@ -6,10 +6,13 @@ scores, ``masked_fill(scores, mask, min)`` or ``where(mask, scores, min)``. ``fo
 reads that mask (``model_mask.py``); when it is proven, the rewrite drops it and hands the op its
 pattern, positions, key mask and documents instead. Where the keys come from a KV cache written
 in place, the queries' positions come from the cache's write positions (``cache_positions.py``).
+A FlexAttention call's mask is its ``mask_mod``, proven when the site was read
+(``flex_mask.py``); its block mask is no longer used once the call is rewritten.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,6 +21,7 @@ from torch.fx import Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.fx.cache_positions import CacheStart, CacheUnknown, cache_query_start
+from sparse_compile.fx.flex_mask import block_mask_nodes
 from sparse_compile.fx.index_values import IndexReader
 from sparse_compile.fx.model_mask import ModelMask, read_model_mask
 from sparse_compile.fx.site import AttentionSite
@@ -59,8 +63,12 @@ def plan_site_mask(site: AttentionSite, lq: Any, lk: Any) -> MaskPlan | None:
     """The site's mask folded or kept (with the reason) and its queries' positions from a KV
     cache written in place; None when the site has neither."""
     reader = IndexReader()
-    plan = _fold_sdpa(site, reader, lq, lk) if site.form == "sdpa" else _fold_chain(
-        site, reader, lq, lk)
+    if site.form == "flex":
+        plan = MaskPlan(site.flex.mask, terms=block_mask_nodes(site.flex.call))
+    elif site.form == "sdpa":
+        plan = _fold_sdpa(site, reader, lq, lk)
+    else:
+        plan = _fold_chain(site, reader, lq, lk)
     cache = cache_query_start(reader, site.k) if site.form != "mha" else None
     plan = plan or MaskPlan()
     if isinstance(cache, CacheUnknown):
@@ -117,21 +125,66 @@ def _nodes(x: Any) -> tuple[Node, ...]:
 def erase_dead_masks(graph: Any, roots: list[Node]) -> None:
     """Erase the folded masks' nodes that nothing uses any more, and their producers in turn
     (never graph inputs, nodes still used, or operations with side effects), so that no
-    Lq × Lk mask is built even without Inductor's dead-code elimination."""
+    Lq × Lk mask is built even without Inductor's dead-code elimination. A tensor allocated
+    in the graph and only written in place (``create_block_mask`` fills its q-major tables
+    with ``dense[rows, cols] = 1``) goes with its writes when nothing reads it."""
     erased: set[Node] = set()
     stack = list(roots)
     while stack:
         node = stack.pop()
-        if node in erased or getattr(node, "_erased", False) or node.users:
+        if node in erased or getattr(node, "_erased", False):
+            continue
+        writes = _unread_writes(node)
+        if writes is None:
             continue
         if node.op not in ("call_function", "call_method") or node.is_impure():
             continue
-        if isinstance(node.target, str) and node.target.endswith("_"):
+        if _writes_in_place(node):
             continue
-        inputs = node.all_input_nodes
+        inputs = set(node.all_input_nodes)
+        for write in writes:
+            inputs |= set(write.all_input_nodes)
+            graph.erase_node(write)
+            erased.add(write)
         graph.erase_node(node)
         erased.add(node)
-        stack.extend(inputs)
+        stack.extend(inputs - {node})
+
+
+_ALLOCATIONS = ("new_zeros", "new_ones", "new_empty", "new_full", torch.zeros, torch.ones,
+                torch.empty, torch.full, torch.zeros_like, torch.ones_like, torch.empty_like,
+                torch.full_like)
+
+
+def _unread_writes(node: Node) -> list[Node] | None:
+    """What goes with ``node`` when it is unread: nothing when it has no users; for a tensor
+    allocated in the graph, its in-place writes whose results nothing uses, and the pure
+    nodes that only feed those writes (``dense.new_ones(())``, the value written); None when
+    it is read."""
+    users = list(node.users)
+    if not users:
+        return []
+    if node.target not in _ALLOCATIONS:
+        return None
+    writes = [u for u in users if not u.users and u.args and u.args[0] is node
+              and _writes_in_place(u)]
+    feeding = [u for u in users if u not in writes and not u.is_impure()
+               and u.users and set(u.users) <= set(writes)]
+    if len(writes) + len(feeding) != len(users):
+        return None
+    return writes + feeding
+
+
+_IN_PLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv, operator.iand, operator.ior)
+
+
+def _writes_in_place(node: Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x.masked_fill_(...)``,
+    ``x[i] = v``, ``x += y``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    return node.target in _IN_PLACE_FUNCTIONS
 
 
 def _mask_term(node: Node, index: int) -> tuple[Any, str] | None:

@@ -8,17 +8,25 @@ counted from the right, so broadcasting never renames them. A tensor the reader 
 through (a graph input, a ``cumsum``, ...) becomes an opaque function of its indices, and the
 reader remembers which node it stands for (``IndexReader.node_of``), so that a caller can use
 that node itself.
+
+A caller may seed the reader: give some nodes their value (``seed``), or let a subgraph's
+placeholder stand for the value of the calling graph that is passed to it. FlexAttention's
+``mask_mod`` is such a subgraph: it computes on 0-dim tensors that stand for a whole grid
+``[B, H, Lq, Lk]`` (``Grid``), its index placeholders are seeded with the grid's axes and its
+buffers with the outer graph's tensors, so that what it reads (a padding mask, document ids) is
+found as nodes of the outer graph.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import sympy
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 
 import sparse_compile.fx.graph_ops as ops
 
@@ -34,6 +42,16 @@ class IndexValue:
     ``shape`` its sizes (ints or SymInts). ``expr`` never depends on an axis of size 1."""
 
     expr: sympy.Basic
+    shape: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The 0-dim tensors computed in ``graph`` stand for a whole grid of ``shape`` (a function
+    applied to scalars under ``vmap``, as FlexAttention's ``mask_mod``): they are read with that
+    shape, and one the reader cannot see through is unknown (never an opaque constant)."""
+
+    graph: Graph
     shape: tuple[Any, ...]
 
 
@@ -84,9 +102,15 @@ class IndexReader:
     ``keep``, so that slices and views of it read like those of the boolean mask.
     """
 
-    def __init__(self, additive_masks: bool = False) -> None:
+    def __init__(self, seed: Mapping[Node, IndexValue | Node] | None = None,
+                 grid: Grid | None = None, additive_masks: bool = False) -> None:
+        """``seed``: nodes whose value is given, as an IndexValue or as another node they stand
+        for (a subgraph's placeholder and the outer graph's value passed to it); ``grid``: the
+        subgraph whose 0-dim tensors stand for a grid (see ``Grid``)."""
         self._values: dict[Node, IndexValue | None] = {}
         self._opaque: dict[Any, Node] = {}
+        self._seed = dict(seed or {})
+        self._grid = grid
         self.additive_masks = additive_masks
 
     def node_of(self, head: Any) -> Node | None:
@@ -102,14 +126,22 @@ class IndexReader:
             return IndexValue(sympy.Integer(x), ())
         if not isinstance(x, Node):
             return None
+        if x in self._seed:
+            given = self._seed[x]
+            return self.read(given) if isinstance(given, Node) else given
         if x not in self._values:
             self._values[x] = None  # a cycle cannot occur in an FX graph; this guards reentry
             value = self._evaluate(x)
             self._values[x] = self._opaque_leaf(x) if value is None else value
         return self._values[x]
 
+    def _in_grid(self, node: Node) -> bool:
+        return self._grid is not None and node.graph is self._grid.graph
+
     # -- leaves --------------------------------------------------------------------------------
     def _opaque_leaf(self, node: Node) -> IndexValue | None:
+        if self._in_grid(node):
+            return None  # a value over the grid, not a constant
         value = ops.value(node)
         if isinstance(value, torch.SymInt | int) and not isinstance(value, bool):
             head = sympy.Symbol(f"s_{node.name}", integer=True)
@@ -140,6 +172,8 @@ class IndexReader:
             return None
         t = ops.tensor_value(node)
         shape = tuple(t.shape) if t is not None else ()
+        if self._in_grid(node) and not shape:
+            shape = self._grid.shape
         args = list(node.args)
         if key is torch.arange:
             return self._arange(node, shape)

@@ -7,21 +7,26 @@ only on the device). ``read_model_mask`` reads such a mask with ``IndexReader`` 
 part of it is one of these, describes it as a ``ModelMask``: a pattern over positions, where the
 queries and keys sit, a per-key mask and document ids. The rewrite then passes those to the op
 instead of the mask, so that neither the Lq × Lk tensor is built nor read. A mask the pass
-cannot prove this way stays a bias, with the reason reported.
+cannot prove this way stays a bias, with the reason reported. Comparisons that are not bands
+of ``q - k`` (a prefix, sinks: ``index_patterns.py``) take the indices as positions.
+
+FlexAttention's ``mask_mod`` is read the same way (``flex_mask.py``); there, document ids the
+pass cannot prove in order are accepted on the condition that the op checks them at run time
+(``ModelMask.documents_checked``; documents: ``mask_documents.py``).
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
-import torch
 from torch.fx import Node
 
 import sparse_compile.fx.graph_ops as ops
+from sparse_compile.fx.index_patterns import difference_pattern, index_pattern
 from sparse_compile.fx.index_values import AXES, IndexReader, IndexValue
+from sparse_compile.fx.mask_documents import is_document_atom, read_documents
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,10 @@ class ModelMask:
     an int, or ``(node, int)`` (a 0-dim integer tensor or SymInt of the graph, plus an int);
     key_mask: ``(node, dims, batch first)`` of the tensor whose entries (``!= 0``) say which
     keys are attended, or None; documents: the document ids node ``[B, L]`` or ``[L]`` or
-    None; parts: what ``explain`` shows.
+    None; documents_checked: the ids are not proven in order (read from a tensor the model was
+    given): the rewrite checks them at run time, and ``document_positions`` (a tensor indexed
+    like the ids, the positions the mask compares) to advance by one inside each document;
+    parts: what ``explain`` shows.
     """
 
     pattern: Any = None
@@ -42,6 +50,8 @@ class ModelMask:
     key_mask: tuple[Node, int, bool] | None = None
     documents: Node | None = None
     parts: tuple[str, ...] = field(default_factory=tuple)
+    documents_checked: bool = False
+    document_positions: Node | None = None
 
     @property
     def describe(self) -> str:
@@ -52,19 +62,20 @@ class Unproven(Exception):  # noqa: N818 - a reason, raised and caught inside th
     """A part of the mask this module cannot express; its message is the reason."""
 
 
-def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any
-                    ) -> ModelMask | str:
+def read_model_mask(reader: IndexReader, term: Any, kind: str, lq: Any, lk: Any, *,
+                    check_documents: bool = False) -> ModelMask | str:
     """The ModelMask of a site's mask term, or the reason it stays a bias.
 
     ``kind``: ``"keep"`` (a boolean mask, True = attend), ``"drop"`` (``masked_fill``'s mask,
     True = masked out) or ``"additive"`` (a float mask added to the scores: 0 where attended,
-    at most ``MASKED_OUT`` elsewhere).
+    at most ``MASKED_OUT`` elsewhere). ``check_documents``: accept document ids that cannot be
+    proven in order, marked ``documents_checked`` (the caller checks them at run time).
     """
     if kind == "additive" and not reader.additive_masks:
         reader = IndexReader(additive_masks=True)
     try:
         value = _keep_value(reader, term, kind)
-        return _fold(reader, value, lq, lk)
+        return _fold(reader, value, lq, lk, check_documents)
     except Unproven as e:
         return str(e)
 
@@ -87,24 +98,35 @@ def _is_truth(e: sympy.Basic) -> bool:
 
 
 # -- the fold -----------------------------------------------------------------------------------
-def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask:
+def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any,
+          check_documents: bool = False) -> ModelMask:
     four_d = len(value.shape) == 4
     q_axis, k_axis = AXES[1], AXES[0]
     batch_axis = AXES[3] if four_d else None
     if four_d and AXES[2] in value.expr.free_symbols:
         raise Unproven("mask differs between heads")
     atoms = list(sympy.And.make_args(value.expr))
-    documents, positions_of = _documents(reader, atoms, q_axis, k_axis, batch_axis)
-    key_mask, relations = None, []
+    try:
+        documents, positions_of, checked = read_documents(reader, atoms, q_axis, k_axis,
+                                                          batch_axis, check_documents)
+    except ValueError as e:
+        raise Unproven(str(e)) from None
+    document_positions = None
+    if checked and positions_of:
+        document_positions = reader.node_of(next(iter(positions_of)).func)
+    key_mask, relations, indices = None, [], []
     for atom in atoms:
-        if atom in (sympy.true, True) or _is_document_atom(atom, documents, reader):
+        if atom in (sympy.true, True) or is_document_atom(atom, documents, reader):
             continue
         if atom in (sympy.false, False):
             raise Unproven("mask keeps nothing")
         atom = atom.xreplace(positions_of)
         axes = atom.free_symbols & set(AXES)
-        if _relation(atom, q_axis, k_axis) is not None:
+        # Without the query index, a comparison of keys is one only for a single query row.
+        if _relation(atom, q_axis, k_axis) is not None and (q_axis in axes or _is_one(lq)):
             relations.append(atom)
+        elif _of_indices(atom, q_axis, k_axis):
+            indices.append(atom)
         elif k_axis in axes and q_axis not in axes:
             if key_mask is not None:
                 raise Unproven("mask has several key masks")
@@ -112,8 +134,16 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask
         else:
             raise Unproven(f"mask part {atom} is not positional, a key mask or documents")
     pattern, q_start, k_start = _positional(reader, relations, q_axis, k_axis, lq, lk)
+    if indices:
+        placed = q_start is not None or k_start is not None
+        pattern = _indexed(pattern, indices, q_axis, k_axis, placed, lq, lk)
+        if (key_mask is not None or documents is not None) and not _toeplitz(pattern):
+            raise Unproven(f"mask keeps keys by absolute index ({pattern}) with key padding "
+                           "or documents, where positions do not count from index 0")
     if documents is not None and (q_start is not None or k_start is not None):
         raise Unproven("documents with shifted positions")
+    if documents is not None and _default_shift(lq, lk) != 0:
+        raise Unproven("documents with Lq != Lk (the op takes documents for Lq = Lk)")
     parts = []
     if pattern is not None:
         parts.append(str(pattern))
@@ -122,8 +152,43 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any) -> ModelMask
     if key_mask is not None:
         parts.append("key padding")
     if documents is not None:
-        parts.append("documents")
-    return ModelMask(pattern, q_start, k_start, key_mask, documents, tuple(parts))
+        parts.append("documents (checked at run time)" if checked else "documents")
+    return ModelMask(pattern, q_start, k_start, key_mask, documents, tuple(parts), checked,
+                     document_positions)
+
+
+def _is_one(size: Any) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _of_indices(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol) -> bool:
+    """Whether ``atom`` is a truth value of the query and key indices alone (no tensor read,
+    no other symbol)."""
+    return (bool(atom.free_symbols) and atom.free_symbols <= {q_axis, k_axis}
+            and not atom.atoms(sympy.core.function.AppliedUndef))
+
+
+def _indexed(pattern: Any, atoms: list[sympy.Basic], q_axis: sympy.Symbol,
+             k_axis: sympy.Symbol, placed: bool, lq: Any, lk: Any) -> Any:
+    """``pattern`` and the comparisons of absolute indices ``atoms`` (a prefix, sinks). The
+    indices are the positions only with query row 0 at key 0: Lq = Lk and no offsets."""
+    if placed:
+        raise Unproven("mask compares absolute indices and positions shifted in the graph")
+    if _default_shift(lq, lk) != 0:
+        raise Unproven("mask compares absolute indices with Lq != Lk")
+    try:
+        own = index_pattern(sympy.And(*atoms), q_axis, k_axis)
+    except ValueError as e:
+        raise Unproven(str(e)) from None
+    if own is None:
+        return pattern
+    return own if pattern is None else pattern & own
+
+
+def _toeplitz(pattern: Any) -> bool:
+    from sparse_compile.patterns.blocks import is_toeplitz
+
+    return pattern is None or is_toeplitz(pattern)
 
 
 def _relation(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol
@@ -193,8 +258,11 @@ def _positional(reader: IndexReader, relations: list[sympy.Basic], q_axis: sympy
         if rel is sympy.Gt:
             lo = max(lo, bound + 1)
     k_start = None if b == 0 else b
-    return (_difference_pattern(lo, hi), _graph_value(reader, q_start),
-            _graph_value(reader, k_start))
+    try:
+        pattern = difference_pattern(lo, hi)
+    except ValueError as e:
+        raise Unproven(str(e)) from None
+    return pattern, _graph_value(reader, q_start), _graph_value(reader, k_start)
 
 
 def _default_shift(lq: Any, lk: Any) -> int | None:
@@ -202,35 +270,6 @@ def _default_shift(lq: Any, lk: Any) -> int | None:
     if isinstance(lq, int) and isinstance(lk, int):
         return lk - lq
     return 0 if ops.same_length(lq, lk) else None
-
-
-def _difference_pattern(lo: Any, hi: Any) -> Any:
-    """The pattern keeping ``lo <= q - k <= hi``."""
-    from sparse_compile.patterns import causal, dense, predicate, sliding, window
-
-    if lo == -sympy.oo and hi == sympy.oo:
-        return None
-    if lo > hi:
-        raise Unproven("mask keeps nothing")
-    if lo == 0 and hi == sympy.oo:
-        return causal
-    if lo == 0:
-        return sliding(int(hi) + 1)
-    if lo <= 0 <= hi and hi != sympy.oo and lo != -sympy.oo:
-        return window(int(hi), int(-lo))
-    low = None if lo == -sympy.oo else int(lo)
-    high = None if hi == sympy.oo else int(hi)
-
-    def keep(q: Any, k: Any) -> Any:
-        parts = [q - k >= low] if low is not None else []
-        if high is not None:
-            parts.append(q - k <= high)
-        out = parts[0]
-        for p in parts[1:]:
-            out = out & p
-        return out
-
-    return predicate(keep) if (low, high) != (None, None) else dense
 
 
 def _graph_value(reader: IndexReader, expr: Any) -> Any:
@@ -265,112 +304,3 @@ def _key_mask(reader: IndexReader, atom: sympy.Basic, k_axis: sympy.Symbol,
     if any(x != 0 for x in others[1 if batch else 0:]):
         raise Unproven(f"key mask {atom} is indexed by more than batch and key")
     return node, len(args), batch
-
-
-# -- documents ----------------------------------------------------------------------------------
-def _documents(reader: IndexReader, atoms: list[sympy.Basic], q_axis: sympy.Symbol,
-               k_axis: sympy.Symbol, batch_axis: sympy.Symbol | None
-               ) -> tuple[Node | None, dict]:
-    """The document-ids node of an atom ``D(b, q) == D(b, k)`` (None if there is none, or if
-    the ids restart from positions that count up from 0: one document), and the substitution
-    of the positions those documents restart from (within a document a position advances
-    with its index, so comparisons of them are comparisons of indices)."""
-    for atom in atoms:
-        pair = _document_pair(atom, q_axis, k_axis, batch_axis)
-        if pair is None:
-            continue
-        node = reader.node_of(pair.func)
-        source = restart_source(node) if node is not None else None
-        if source is None:
-            raise Unproven(f"document ids {node} are not proven non-decreasing")
-        positions = reader.read(source)
-        if positions is not None and _counts_up(positions.expr):
-            return None, {}
-        head = None if positions is None else _opaque_head(positions.expr)
-        if head is None:
-            raise Unproven("document ids restart from positions the pass cannot read")
-        subst = {}
-        for f in atoms_of(atoms, head):
-            axis = f.args[-1]
-            subst[f] = axis
-        return node, subst
-    return None, {}
-
-
-def atoms_of(atoms: list[sympy.Basic], head: Any) -> set:
-    found = set()
-    for atom in atoms:
-        found |= {f for f in atom.atoms(sympy.Function) if f.func == head}
-    return found
-
-
-def _opaque_head(expr: sympy.Basic) -> Any:
-    if isinstance(expr, sympy.core.function.AppliedUndef):
-        return expr.func
-    return None
-
-
-def _counts_up(expr: sympy.Basic) -> bool:
-    """Whether ``expr`` is ``i0 + c`` with an integer ``c``: positions 0, 1, 2, ... (+ c)."""
-    rest = sympy.expand(expr - AXES[0])
-    return rest.is_Integer
-
-
-def _document_pair(atom: sympy.Basic, q_axis: sympy.Symbol, k_axis: sympy.Symbol,
-                   batch_axis: sympy.Symbol | None) -> Any:
-    """The applied function ``D(..., q)`` of an atom ``D(..., q) == D(..., k)``, else None."""
-    if not isinstance(atom, sympy.Eq):
-        return None
-    a, b = atom.lhs, atom.rhs
-    if not all(isinstance(x, sympy.core.function.AppliedUndef) for x in (a, b)):
-        return None
-    if a.func != b.func or len(a.args) != len(b.args):
-        return None
-    if a.args[-1] == k_axis and b.args[-1] == q_axis:
-        a, b = b, a
-    if a.args[-1] != q_axis or b.args[-1] != k_axis or a.args[:-1] != b.args[:-1]:
-        return None
-    allowed = {0, batch_axis} if batch_axis is not None else {0}
-    if any(x not in allowed for x in a.args[:-1]):
-        return None
-    return a
-
-
-def _is_document_atom(atom: sympy.Basic, documents: Node | None, reader: IndexReader) -> bool:
-    if not isinstance(atom, sympy.Eq):
-        return False
-    funcs = {f.func for f in atom.atoms(sympy.Function)}
-    return len(funcs) == 1 and (
-        documents is None and _restart_of_counting(reader, next(iter(funcs)))
-        or reader.node_of(next(iter(funcs))) is documents)
-
-
-def _restart_of_counting(reader: IndexReader, head: Any) -> bool:
-    node = reader.node_of(head)
-    source = restart_source(node) if node is not None else None
-    positions = reader.read(source) if source is not None else None
-    return positions is not None and _counts_up(positions.expr)
-
-
-def restart_source(node: Node) -> Node | None:
-    """``P`` when ``node`` is transformers' packed-sequence ids of positions ``P``:
-    ``cumsum(diff(P, prepend=P[..., :1] - 1) != 1)`` (a new document wherever a position is
-    not its predecessor's plus one; non-decreasing by construction)."""
-    if not isinstance(node, Node) or node.target not in ("cumsum", torch.cumsum):
-        return None
-    flags = node.args[0]
-    if not isinstance(flags, Node) or flags.target not in ("ne", "__ne__", torch.ne,
-                                                           operator.ne):
-        return None
-    diff, one = flags.args[0], flags.args[1]
-    if one != 1 or not isinstance(diff, Node) or diff.target is not torch.diff:
-        return None
-    source = diff.args[0]
-    prepend = diff.kwargs.get("prepend")
-    if not isinstance(prepend, Node) or prepend.target not in (
-            operator.sub, "sub", "__sub__") or prepend.args[1] != 1:
-        return None
-    first = prepend.args[0]
-    if not isinstance(first, Node) or first.args[0] is not source:
-        return None
-    return source

@@ -19,9 +19,11 @@ from torch.fx import Graph, GraphModule, Node
 
 import sparse_compile.fx.graph_ops as ops
 from sparse_compile.functional import attention, placed_attention
+from sparse_compile.fx.flex_rewrite import rewrite_flex_site
 from sparse_compile.fx.fold import MaskPlan
 from sparse_compile.fx.mha import multi_head_attention_forward
 from sparse_compile.fx.operands import Operand, peel_gqa
+from sparse_compile.fx.placed import placed_arguments
 from sparse_compile.fx.site import AttentionSite
 
 _OUT_OF_PLACE = {
@@ -132,6 +134,8 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any,
     graph = gm.graph
     if site.form == "mha":
         return _rewrite_mha(graph, site, pattern)
+    if site.form == "flex":
+        return rewrite_flex_site(gm, site, pattern, plan)
     ndim = len(site.q.shape())
     chain = site
     if plan is not None and plan.removed:
@@ -157,7 +161,7 @@ def rewrite_site(gm: GraphModule, site: AttentionSite, pattern: Any,
 
             out = dynamic_site_call(graph, site, pattern, q, k, v, bias)
         elif placed_by is not None:
-            placed = _placed_arguments(graph, placed_by.mask, pattern, q, k, bias)
+            placed = placed_arguments(graph, placed_by.mask, pattern, q, k, bias)
             out = graph.call_function(
                 placed_attention, (q, k, v, str(pattern)),
                 {"scale": site.scale, "dropout_p": site.dropout_p,
@@ -214,75 +218,3 @@ def _producers(node: Any, depth: int = 5) -> set[Node]:
     for parent in node.all_input_nodes:
         found |= _producers(parent, depth - 1)
     return found
-
-
-def _placed_arguments(graph: Graph, mask: Any, pattern: Any, q: Node, k: Node,
-                      bias: Any) -> dict[str, Any]:
-    """``bias``, ``q_start``, ``k_start`` and ``documents`` of ``placed_attention`` for a
-    folded mask. With a key mask and a pattern that depends on absolute positions (``sink``,
-    ``block``, ...), positions count from each row's first attended key (left padding)."""
-    from sparse_compile.patterns.blocks import is_toeplitz
-
-    q_start = _offset(graph, mask.q_start)
-    k_start = _offset(graph, mask.k_start)
-    if mask.key_mask is not None:
-        keys = key_mask_node(graph, mask.key_mask, k)
-        if bias is None:
-            bias = keys
-        elif ops.tensor_value(bias) is not None and ops.tensor_value(bias).dtype == torch.bool:
-            bias = graph.call_function(operator.and_, (bias, keys))
-        else:
-            dropped = graph.call_function(torch.logical_not, (keys,))
-            bias = graph.call_method("masked_fill", (bias, dropped, float("-inf")))
-        if not is_toeplitz(pattern):
-            flat = graph.call_method("reshape", (keys, graph.call_method("size", (keys, 0)), -1))
-            seen = graph.call_method("cumsum", (graph.call_method("int", (flat,)), -1))
-            first = graph.call_method("sum", (graph.call_function(operator.eq, (seen, 0)), -1))
-            if q_start is None:
-                lq = graph.call_method("size", (q, -2))
-                lk = graph.call_method("size", (k, -2))
-                q_start = graph.call_function(operator.sub, (lk, lq))
-            q_start = graph.call_function(operator.sub, (q_start, first))
-            k_start = graph.call_function(operator.neg, (first,)) if k_start is None else (
-                graph.call_function(operator.sub, (k_start, first)))
-    placed: dict[str, Any] = {"bias": bias}
-    if q_start is not None:
-        placed["q_start"] = q_start
-    if k_start is not None:
-        placed["k_start"] = k_start
-    if mask.documents is not None:
-        placed["documents"] = mask.documents
-    return placed
-
-
-def _offset(graph: Graph, value: Any) -> Any:
-    """A ModelMask offset as a graph value: None, an int, or node (+ int). A tensor is read
-    where it is defined: a cache's fill level is updated in place later in the step, before
-    attention runs."""
-    if value is None or isinstance(value, int):
-        return value
-    node, constant = value
-    if ops.tensor_value(node) is not None:
-        node = _snapshot(graph, node)
-    return node if constant == 0 else graph.call_function(operator.add, (node, constant))
-
-
-def _snapshot(graph: Graph, node: Node) -> Node:
-    """A copy of ``node``'s value taken right where it is defined (after the last placeholder
-    for a graph input)."""
-    anchor = node
-    if node.op == "placeholder":
-        anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(anchor):
-        return graph.call_method("clone", (node,))
-
-
-def key_mask_node(graph: Graph, key_mask: tuple[Node, int, bool], k: Any) -> Node:
-    """The boolean key mask ``[B or 1, 1, 1, Lk]`` from the model's tensor (``!= 0``; its first
-    ``Lk`` keys: a mask longer than the keys, as a cache's, is sliced like the model did)."""
-    node, _, batch_first = key_mask
-    keys = graph.call_function(operator.ne, (node, 0))
-    rows = graph.call_method("size", (keys, 0)) if batch_first else 1
-    keys = graph.call_method("reshape", (keys, rows, 1, 1, -1))
-    lk = graph.call_method("size", (k, -2))
-    return graph.call_function(operator.getitem, (keys, (Ellipsis, slice(None, lk))))

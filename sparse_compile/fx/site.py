@@ -47,7 +47,8 @@ class AttentionSite:
     ``scale · (q·Πfactors) kᵀ + bias`` where ``bias`` is the score chain replayed on zeros
     (``bias_steps``, starting from ``bias_start``), plus ``attn_mask`` and ``is_causal`` for
     ``scaled_dot_product_attention``. With logit soft-capping (``softcap > 0``) the scores are
-    ``softcap · tanh(scale · (q·Πfactors) kᵀ / softcap) + bias``.
+    ``softcap · tanh(scale · (q·Πfactors) kᵀ / softcap) + bias``. A FlexAttention call
+    carries its operands and its proven mask in ``flex`` (``flex_site.FlexSite``).
     """
 
     anchor: Node
@@ -70,6 +71,7 @@ class AttentionSite:
     weights_view: BatchView | None = None
     nodes: list[Node] = field(default_factory=list)
     reason: str | None = None
+    flex: Any = None
 
     @property
     def has_bias(self) -> bool:

@@ -4,19 +4,15 @@ packed documents kept apart; what cannot be proven stays a bias and ``explain`` 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 import sparse_compile as sc
-import sparse_compile.functional as functional
 from sparse_compile.backend import UnsupportedAttentionError
 from sparse_compile.report import collecting
 from tests.conftest import rel_error
 from tests.fx.by_hand import pattern_by_hand
-from tests.fx.conftest import assert_grads_close
+from tests.fx.conftest import assert_grads_close, no_lq_by_lk, recording_op_inputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,32 +36,6 @@ def _model(family: str, impl: str = "sdpa", **extra):
     model = _config(family, **extra)
     model.set_attn_implementation(impl)
     return model.eval()
-
-
-@contextlib.contextmanager
-def recording_op_inputs() -> Iterator[list[dict]]:
-    """Record what every call of the sparse op receives (bias shape, positions, documents)."""
-    calls: list[dict] = []
-    real = functional._static_attention
-
-    def spy(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents):
-        calls.append({"lq": q.shape[2], "lk": k.shape[2],
-                      "bias": None if bias is None else tuple(bias.shape),
-                      "starts": starts, "documents": documents})
-        return real(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
-
-    functional._static_attention = spy
-    try:
-        yield calls
-    finally:
-        functional._static_attention = real
-
-
-def _no_lq_by_lk(calls: list[dict]) -> None:
-    assert calls
-    for c in calls:
-        bias = c["bias"]
-        assert bias is None or not (bias[-2] > 1 and bias[-1] > 1), c
 
 
 def greedy_by_hand(model, ids: torch.Tensor, steps: int, pattern: str) -> list[list[int]]:
@@ -113,7 +83,7 @@ def test_position_masks_are_folded_not_read(family, extra, padded, folded, impl)
     with collecting() as report, recording_op_inputs() as calls:
         out, grads = _step(model, compiled, inputs)
     assert report and all(folded in row.mask and row.rewritten for row in report), str(report)
-    _no_lq_by_lk(calls)
+    no_lq_by_lk(calls)
     with pattern_by_hand(pattern):
         ref, ref_grads = _step(model, model, inputs)
     rows = slice(None) if not padded else (1, slice(3, None))
@@ -137,7 +107,7 @@ def test_generate_with_a_cache_equals_the_pattern_by_hand(family, cache) -> None
         out = model.generate(ids, max_new_tokens=7, do_sample=False, cache_implementation=cache)
     assert out.tolist() == ref, str(report)
     assert all(row.rewritten for row in report), str(report)
-    _no_lq_by_lk(calls)
+    no_lq_by_lk(calls)
 
 
 def test_left_padding_counts_positions_from_each_rows_first_token() -> None:
@@ -216,7 +186,7 @@ def test_packed_documents_equal_each_document_alone(family) -> None:
         packed = compiled(ids, position_ids=position_ids, use_cache=False).logits
     assert all("documents" in row.mask for row in report), str(report)
     assert all(c["documents"] is not None for c in calls)
-    _no_lq_by_lk(calls)
+    no_lq_by_lk(calls)
     start = 0
     for n in lengths:
         part = slice(start, start + n)

@@ -1,19 +1,17 @@
 """``transformers`` models from tiny configs, eager and SDPA attention: every attention layer
 is found and rewritten, and logits and gradients equal the same model with the pattern applied
-to its attention by hand. With FlexAttention, every layer is reported and left as it is."""
+to its attention by hand. (transformers' FlexAttention path: ``test_flex_models.py``.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import sparse_compile as sc
-from sparse_compile.fx.flex import LEFT_TO_FLEX
 from sparse_compile.report import collecting
 from tests.conftest import rel_error
 from tests.fx.by_hand import pattern_by_hand
 from tests.fx.conftest import assert_grads_close
-from tests.fx.hf_models import MODELS, gemma2, llama
+from tests.fx.hf_models import MODELS, gemma2
 
 PATTERN = "sliding(3) | strided(4)"
 
@@ -69,20 +67,3 @@ def test_gemma2_soft_capped_attention_is_rewritten_with_its_cap():
     with pattern_by_hand(PATTERN), torch.no_grad():
         uncapped = _logits(model(**inputs))
     assert rel_error(out, uncapped) > 1e-3, "the cap should change this model's logits"
-
-
-def test_flex_attention_layers_are_reported_and_left_to_flex_attention():
-    """The reference is the model's SDPA path, which computes the same causal attention: the
-    flex path run uncompiled would first compile FlexAttention with Inductor."""
-    torch.manual_seed(0)
-    model, inputs, layers = llama("flex_attention")
-    report = sc.explain(model, inputs["input_ids"], pattern=PATTERN, compiler="eager")
-    assert [(r.form, r.rewritten, r.reason) for r in report] == [
-        ("flex", False, LEFT_TO_FLEX)] * layers, str(report)
-    compiled = torch.compile(model, backend="sparse",
-                             options={"pattern": PATTERN, "compiler": "eager"})
-    with torch.no_grad():
-        out = _logits(compiled(**inputs))
-        model.set_attn_implementation("sdpa")
-        ref = _logits(model(**inputs))
-    assert rel_error(out, ref) < 1e-5

@@ -1,0 +1,95 @@
+"""Replacing a FlexAttention call by one call of the sparse op.
+
+The higher-order op returns ``(out, logsumexp, max)``, read through ``getitem`` nodes. In its
+place goes one ``placed_attention`` call with the positions, key mask and document ids of the
+folded ``mask_mod`` (``placed.py``), FlexAttention's scale (a number; a graph value multiplies
+q) and the soft-cap of its ``score_mod``; keys and values keep their heads (GQA, and a
+``repeat_kv`` before the call is peeled off). The op's output takes the place of ``out`` with
+its dtype and memory layout (FlexAttention's output follows the query's stride order, which
+the model's ``transpose(1, 2).contiguous()`` after it counts on). The unread logsumexp and
+maximum, and everything computed from them only, go with the call, as do the ``get_attr``
+nodes of its ``score_mod`` and ``mask_mod``. The block mask's tensors are left to
+``fold.erase_dead_masks``: what computed them for this call only does not run.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+import sparse_compile.fx.graph_ops as ops
+from sparse_compile.functional import placed_attention
+from sparse_compile.fx.fold import MaskPlan, combine_patterns
+from sparse_compile.fx.operands import Operand, peel_gqa
+from sparse_compile.fx.placed import placed_arguments
+from sparse_compile.fx.site import AttentionSite
+
+
+def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any,
+                      plan: MaskPlan | None) -> Node:
+    """Replace the FlexAttention call of ``site`` (``site.flex``) in ``gm.graph`` by the op
+    with ``pattern`` (the user's, combined with the folded ``mask_mod``'s) and ``plan``'s
+    positions, key mask and documents; without a plan, those of the ``mask_mod`` (its pattern
+    is then combined here). Returns the new output node."""
+    graph = gm.graph
+    call = site.flex.call
+    outputs = dict(call.outputs)
+    mods = (call.node.args[3], call.node.args[4][-1])  # score_mod, mask_mod: get_attr nodes
+    with graph.inserting_before(call.node):
+        q = call.query
+        for kind, factor in site.q_factors:
+            q = graph.call_function(operator.mul if kind == "mul" else operator.truediv,
+                                    (q, factor))
+        k, v = (operand.node for operand in peel_gqa(Operand(call.key), Operand(call.value)))
+        mask = plan.mask if plan is not None and plan.mask is not None else site.flex.mask
+        if plan is None:  # the mask_mod's pattern is not in ``pattern`` yet
+            pattern = combine_patterns(pattern, mask.pattern)
+        placed = placed_arguments(graph, mask, pattern, q, k, None)
+        out = graph.call_function(
+            placed_attention, (q, k, v, str(pattern)),
+            {"scale": site.scale, **({"softcap": site.softcap} if site.softcap else {}),
+             **placed})
+        if 0 in outputs:
+            out = _like(graph, out, ops.tensor_value(outputs[0]))
+    for index, node in outputs.items():
+        if index == 0:
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        else:  # the logsumexp and the maximum, unread
+            _erase_with_users(graph, node)
+    graph.erase_node(call.node)
+    for attr in mods:
+        if isinstance(attr, Node) and attr.op == "get_attr" and not attr.users:
+            graph.erase_node(attr)
+    return out
+
+
+def _like(graph: Graph, out: Node, example: torch.Tensor | None) -> Node:
+    """``out`` ``[B, H, Lq, D]`` (contiguous, q's dtype) with the dtype and stride order of
+    FlexAttention's output ``example``."""
+    if example is None:
+        return out
+    if not example.is_contiguous():
+        strides = example.stride()
+        order = sorted(range(example.dim()), key=lambda d: (-strides[d], d))
+        inverse = sorted(range(example.dim()), key=order.__getitem__)
+        out = graph.call_method("permute", (out, *order))
+        out = graph.call_method("contiguous", (out,))
+        out = graph.call_method("permute", (out, *inverse))
+    return graph.call_method("to", (out, example.dtype))
+
+
+def _erase_with_users(graph: Graph, node: Node) -> None:
+    """Erase ``node`` and everything computed from it (unread: see ``flex.is_read``)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    found, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in found:
+                found.add(user)
+                stack.append(user)
+    for n in sorted(found, key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
