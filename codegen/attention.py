@@ -153,6 +153,7 @@ def forward(
     softcap: float = 0.0,
     out_dtype: torch.dtype | None = None,
     frame: Frame = DEFAULT_FRAME,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] (float32,
     log2 units, +inf if empty).
@@ -160,7 +161,8 @@ def forward(
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks;
     ``frame``: where queries and keys sit (codegen/launch/positions.py; the residue and
-    strided-union routes serve the default alignment only).
+    strided-union routes serve the default alignment only); ``alibi``: None or float32
+    per-query-head slopes ``[Hq]``, adding ``slope * (k_pos - q_pos)`` to the logits.
     """
     lq, lk = q.shape[2], k.shape[2]
     if decode_applies(q, k, dropout_p, frame) and family_available("decode"):
@@ -170,10 +172,10 @@ def forward(
             with fall_back_on_failure("decode"):
                 return launch_decode(module, q, k, v, kernel_bias(bias), n_heads,
                                      _pieces(pattern_text), scale, precision, softcap,
-                                     out_dtype, frame)
+                                     out_dtype, frame, alibi)
         except FellBack:
             pass  # the general kernels below compute the same
-    if frame.is_default(lq, lk):
+    if frame.is_default(lq, lk) and alibi is None:
         parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if parts is not None:
             return _union_forward(parts, q, k, v, scale, cfg, softcap, out_dtype)
@@ -185,7 +187,7 @@ def forward(
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device, frame=frame)
     return launch_forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
-        out_dtype, frame,
+        out_dtype, frame, alibi,
     )
 
 
@@ -214,10 +216,11 @@ def backward(
     cfg: TileConfig | None = None,
     softcap: float = 0.0,
     frame: Frame = DEFAULT_FRAME,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
     lq, lk = q.shape[2], k.shape[2]
-    if frame.is_default(lq, lk):
+    if frame.is_default(lq, lk) and alibi is None:
         parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if parts is not None:
             return _union_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
@@ -237,7 +240,7 @@ def backward(
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         dk, dv = launch_dkdv(
             module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed,
-            cfg, softcap, dq_acc, frame,
+            cfg, softcap, dq_acc, frame, alibi,
         )
         # One epilogue pass: scale and cast (in place for float32 inputs).
         if q.dtype == torch.float32:
@@ -251,11 +254,11 @@ def backward(
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
-        seed, cfg, softcap, out, frame,
+        seed, cfg, softcap, out, frame, alibi,
     )
     dk, dv = launch_dkdv(
         module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed, cfg,
-        softcap, None, frame,
+        softcap, None, frame, alibi,
     )
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).to(bias.dtype)

@@ -35,13 +35,13 @@ class _KernelAttention(torch.autograd.Function):
     """out = the kernels' forward; backward = the kernels' dQ and dK/dV passes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, pattern, scale, dropout_p, seed, softcap, frame):
+    def forward(ctx, q, k, v, bias, pattern, scale, dropout_p, seed, softcap, frame, alibi):
         from sparse_compile.codegen.attention import forward
 
         out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                           frame=frame)
+                           frame=frame, alibi=alibi)
         ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.args = (pattern, scale, dropout_p, seed, softcap, frame)
+        ctx.args = (pattern, scale, dropout_p, seed, softcap, frame, alibi)
         ctx.bias_grad = bias is not None and bias.requires_grad and bias.is_floating_point()
         return out
 
@@ -50,12 +50,12 @@ class _KernelAttention(torch.autograd.Function):
         from sparse_compile.codegen.attention import backward
 
         q, k, v, bias, out, lse = ctx.saved_tensors
-        pattern, scale, dropout_p, seed, softcap, frame = ctx.args
+        pattern, scale, dropout_p, seed, softcap, frame, alibi = ctx.args
         dq, dk, dv, db = backward(
             dout.contiguous(), q, k, v, out, lse, pattern, scale, bias, ctx.bias_grad,
-            dropout_p, seed, softcap=softcap, frame=frame,
+            dropout_p, seed, softcap=softcap, frame=frame, alibi=alibi,
         )
-        return dq, dk, dv, db, None, None, None, None, None, None
+        return dq, dk, dv, db, None, None, None, None, None, None, None
 
 
 def kernel_attention(
@@ -70,6 +70,7 @@ def kernel_attention(
     softcap: float,
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernels' attention ([B, Hq, Lq, D]), differentiable when an input requires grad.
 
@@ -78,8 +79,8 @@ def kernel_attention(
     frame = kernel_frame(q, starts, documents)
     if _needs_grad(q, k, v, bias):
         return _KernelAttention.apply(q, k, v, bias, pattern, scale, dropout_p, seed, softcap,
-                                      frame)
+                                      frame, alibi)
     from sparse_compile.codegen.attention import forward
 
     return forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                   frame=frame)[0]
+                   frame=frame, alibi=alibi)[0]

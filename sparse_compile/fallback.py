@@ -67,6 +67,23 @@ def _chunk_positions(rows: torch.Tensor, lq: int, lk: int, starts: torch.Tensor 
     return rows[None, :, None] + q0, k_pos, k_pos >= 0
 
 
+def _with_alibi(alibi: torch.Tensor, rows: torch.Tensor, lq: int, lk: int, hkv: int, group: int,
+                starts: torch.Tensor | None,
+                doc_bounds: tuple[torch.Tensor, torch.Tensor] | None, keep: torch.Tensor,
+                bias: torch.Tensor | None, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, float bias) of a query chunk with ALiBi's ``slope * (k_pos - q_pos)`` added (a
+    boolean bias moves into ``keep``)."""
+    q_pos, k_pos, _ = _chunk_positions(rows, lq, lk, starts, doc_bounds)
+    slopes = alibi.to(dtype).reshape(1, hkv, group, 1, 1)
+    added = slopes * (k_pos - q_pos).to(dtype)[:, None, None]
+    if bias is None:
+        return keep, added
+    if bias.dtype == torch.bool:
+        return keep & bias, added
+    return keep, added + bias.to(dtype)
+
+
 def _keep_chunk(pattern: Any, rows: torch.Tensor, lq: int, lk: int, hkv: int, group: int,
                 starts: torch.Tensor | None,
                 doc_bounds: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -127,6 +144,7 @@ def chunked_attention(
     softcap: float = 0.0,
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse attention, chunked over queries.
 
@@ -143,6 +161,7 @@ def chunked_attention(
         starts, documents: where queries and keys sit, as the op takes them
             (sparse_compile.positions): ``[B or 1, 2]`` (q_start, k_start) or document ids
             ``[B or 1, L]``.
+        alibi: None or ALiBi slopes ``[Hq]``: logits + slope * (k_pos - q_pos).
 
     Returns:
         [B, Hq, Lq, D] in q's dtype. Differentiable through plain torch ops.
@@ -186,6 +205,9 @@ def chunked_attention(
         bias_c = None
         if bias5 is not None:
             bias_c = bias5 if bias5.shape[3] == 1 else bias5[:, :, :, start:stop]
+        if alibi is not None:
+            keep, bias_c = _with_alibi(alibi, rows, lq, lk, hkv, group, starts, doc_bounds,
+                                       keep, bias_c, compute_dtype)
         q_c = qg[:, :, :, start:stop]
         if needs_grad and chunk < lq:
             out = checkpoint(

@@ -44,6 +44,7 @@ def attention(
     q_start: int | torch.Tensor | None = None,
     k_start: int | torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse scaled dot-product attention.
 
@@ -80,6 +81,9 @@ def attention(
             stays inside each document, positions count from its first token, negative ids
             are padding (never attended, their rows output zeros). Checked here (one host
             synchronisation); bad ids raise ``PositionError``.
+        alibi: ALiBi slopes, a float tensor ``[Hq]``: the logits of query head ``h`` get
+            ``alibi[h] * (k_pos - q_pos)`` (the positions above; computed in the kernels,
+            nothing Lq x Lk is built). Not differentiated.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype.
@@ -91,13 +95,14 @@ def attention(
     text = _pattern_text(pattern)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
-    placed = q_start is not None or k_start is not None or documents is not None
+    placed = (q_start is not None or k_start is not None or documents is not None
+              or alibi is not None)
     if _is_dynamic(text):
         if softcap is not None:
             raise NotImplementedError(f"softcap with the dynamic pattern {text!r}")
         if placed:
-            raise NotImplementedError(f"positions or documents with the dynamic pattern "
-                                      f"{text!r}")
+            raise NotImplementedError(f"positions, documents or ALiBi with the dynamic "
+                                      f"pattern {text!r}")
         from sparse_compile.dynamic_mask.dispatch import dynamic_attention
 
         return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
@@ -107,7 +112,22 @@ def attention(
             raise ValueError("documents set every position: q_start / k_start do not apply")
         documents = check_documents(documents.to(q.device), b, lq, lk)
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
-    return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
+    return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents,
+                             _alibi_slopes(alibi, q))
+
+
+def _alibi_slopes(alibi: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """The slopes as the kernels read them: float32 ``[Hq]`` on q's device."""
+    if alibi is None:
+        return None
+    if not isinstance(alibi, torch.Tensor) or not alibi.is_floating_point():
+        raise ValueError(f"alibi must be a float tensor of slopes, got {alibi!r}")
+    slopes = alibi.detach().to(device=q.device, dtype=torch.float32).reshape(-1)
+    if slopes.numel() == 1:
+        slopes = slopes.expand(q.shape[1])
+    if slopes.numel() != q.shape[1]:
+        raise ValueError(f"alibi has {slopes.numel()} slopes for {q.shape[1]} query heads")
+    return slopes.contiguous()
 
 
 def placed_attention(
@@ -122,6 +142,7 @@ def placed_attention(
     q_start: int | torch.Tensor | None = None,
     k_start: int | torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``attention`` of a static pattern with positions or documents read from a model's graph
     (sparse_compile.fx.model_mask): the backend's rewrite calls it. The document ids are
@@ -133,22 +154,24 @@ def placed_attention(
     if documents is not None:
         documents = documents.to(q.device).reshape(-1, documents.shape[-1])[:, :lk]
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
-    return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents)
+    return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents,
+                             _alibi_slopes(alibi, q))
 
 
 def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: str,
                       scale: float | None, bias: torch.Tensor | None, dropout_p: float,
                       softcap: float | None, starts: torch.Tensor | None,
-                      documents: torch.Tensor | None) -> torch.Tensor:
+                      documents: torch.Tensor | None,
+                      alibi: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels (eagerly, without the op's dispatch) or the custom op (traced)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    if fast_path_applies(q, k, v, bias, starts, documents):
+    if fast_path_applies(q, k, v, bias, starts, documents, alibi):
         return kernel_attention(q, k, v, bias, text, scale, float(dropout_p),
                                 0 if seed is None else int(seed), float(softcap or 0.0),
-                                starts, documents)
+                                starts, documents, alibi)
     out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed,
-                          float(softcap or 0.0), starts, documents)
+                          float(softcap or 0.0), starts, documents, alibi)
     return out

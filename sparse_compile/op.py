@@ -28,14 +28,15 @@ def _seed_int(seed: torch.Tensor | None) -> int:
 
 
 def _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None,
-              documents=None):
+              documents=None, alibi=None):
     from sparse_compile.codegen.attention import parse_pattern
 
     with torch.random.fork_rng(devices=[q.device] if q.is_cuda else [], enabled=dropout_p > 0):
         if dropout_p > 0:
             torch.manual_seed(_seed_int(seed))
         return chunked_attention(q, k, v, parse_pattern(pattern), scale, bias, dropout_p,
-                                 softcap=softcap, starts=starts, documents=documents)
+                                 softcap=softcap, starts=starts, documents=documents,
+                                 alibi=alibi)
 
 
 def kernel_frame(q: torch.Tensor, starts: torch.Tensor | None,
@@ -67,6 +68,7 @@ def attention_op(
     softcap: float = 0.0,
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Hq, Lq, D] (q's dtype) and lse [B, Hq, Lq] float32 (log2 units; kernel path).
 
@@ -75,20 +77,23 @@ def attention_op(
     softcap: when > 0, logits are capped as softcap * tanh(scale * q.k / softcap) before the
     bias and the pattern (Gemma-2 style); 0 = off. starts: None or int ``[B or 1, 2]``
     (positions of query row 0 and key 0 per batch row); documents: None or integer ids
-    ``[B or 1, L]`` (sparse_compile.positions; trusted here, checked by ``attention``).
+    ``[B or 1, L]`` (sparse_compile.positions; trusted here, checked by ``attention``);
+    alibi: None or float32 slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)).
     """
     if kernels_available(q):
         from sparse_compile.codegen.attention import forward
 
         return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
-                       softcap=softcap, frame=kernel_frame(q, starts, documents))
-    out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap, starts, documents)
+                       softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi)
+    out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap, starts, documents,
+                    alibi)
     lse = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
     return out.contiguous(), lse
 
 
 @attention_op.register_fake
-def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, documents=None):
+def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, documents=None,
+      alibi=None):
     b, hq, lq, d = q.shape
     return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
 
@@ -110,6 +115,7 @@ def attention_backward_op(
     softcap: float = 0.0,
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias has bias's shape when ``bias_grad`` else is empty."""
     if kernels_available(q):
@@ -117,7 +123,7 @@ def attention_backward_op(
 
         dq, dk, dv, db = backward(
             dout, q, k, v, out, lse, pattern, scale, bias, bias_grad, dropout_p, _seed_int(seed),
-            softcap=softcap, frame=kernel_frame(q, starts, documents),
+            softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi,
         )
     else:
         # The op runs below the autograd dispatch key: differentiate with torch.func instead.
@@ -125,7 +131,7 @@ def attention_backward_op(
 
         def fn(q_, k_, v_, b_):
             return _fallback(q_, k_, v_, b_, pattern, scale, dropout_p, seed, softcap, starts,
-                             documents)
+                             documents, alibi)
 
         primals = (q, k, v, bias if with_bias else None)
         if with_bias:
@@ -143,28 +149,29 @@ def attention_backward_op(
 
 @attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, bias, pattern, scale, dropout_p, seed, bias_grad, softcap=0.0,
-      starts=None, documents=None):
+      starts=None, documents=None, alibi=None):
     db = bias.new_empty(bias.shape) if (bias is not None and bias_grad) else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, bias, pattern, scale, dropout_p, seed, *rest = inputs
-    softcap, starts, documents = (list(rest) + [0.0, None, None][len(rest):])[:3]
+    softcap, starts, documents, alibi = (list(rest) + [0.0, None, None, None][len(rest):])[:4]
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, seed, starts, documents)
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed, starts, documents, alibi)
     ctx.pattern, ctx.scale, ctx.dropout_p = pattern, scale, dropout_p
     ctx.softcap = softcap
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, out, lse, seed, starts, documents = ctx.saved_tensors
+    q, k, v, bias, out, lse, seed, starts, documents, alibi = ctx.saved_tensors
     dq, dk, dv, db = attention_backward_op(
         grad_out.contiguous(), q, k, v, out, lse, bias, ctx.pattern, ctx.scale, ctx.dropout_p,
-        seed, ctx.bias_grad, ctx.softcap, starts, documents,
+        seed, ctx.bias_grad, ctx.softcap, starts, documents, alibi,
     )
-    return dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None, None, None, None
+    return (dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None, None, None,
+            None, None)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

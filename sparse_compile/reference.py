@@ -22,6 +22,7 @@ def reference_attention(
     q_start: int | torch.Tensor | None = None,
     k_start: int | torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(scale * q k^T + bias + where(keep, 0, -inf)) v`` in float64.
 
@@ -41,6 +42,8 @@ def reference_attention(
         documents: integer ids ``[B, L]`` or ``[L]`` (Lq = Lk = L): a row keeps only keys of
             its own document (a run of equal non-negative ids), positions count from the
             document's first token, and a negative id (padding) is never kept nor keeps.
+        alibi: ALiBi slopes ``[Hq]``: query head ``h``'s logits get
+            ``alibi[h] * (k_pos - q_pos)`` at the positions above.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` float64. A row with no kept key (pattern and bias together) is zero.
@@ -62,6 +65,10 @@ def reference_attention(
     v64 = v64.repeat_interleave(group, dim=1)
     logits = scale * (q64 @ k64.transpose(-1, -2))  # [B, Hq, Lq, Lk]
     keep = kept_mask(pattern, b, hq, lq, lk, q.device, q_start, k_start, documents)
+    if alibi is not None:
+        q_pos, k_pos = position_grid(b, lq, lk, q.device, q_start, k_start, documents)
+        slopes = alibi.detach().to(device=q.device, dtype=torch.float64).reshape(1, -1, 1, 1)
+        logits = logits + slopes * (k_pos - q_pos)[:, None].to(torch.float64)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias.to(q.device)
@@ -91,6 +98,21 @@ def _document_starts(ids: torch.Tensor) -> torch.Tensor:
         same = ids[:, i] == ids[:, i - 1]
         starts[:, i] = torch.where(same, starts[:, i - 1], i)
     return starts
+
+
+def position_grid(b: int, lq: int, lk: int, device: torch.device,
+                  q_start: int | torch.Tensor | None = None,
+                  k_start: int | torch.Tensor | None = None,
+                  documents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query positions ``[B, Lq, 1]`` and key positions ``[B, Lq or 1, Lk]``."""
+    rows = torch.arange(lq, device=device, dtype=torch.int64)
+    cols = torch.arange(lk, device=device, dtype=torch.int64)
+    if documents is not None:
+        ids = documents.to(device=device, dtype=torch.int64).reshape(-1, lk).expand(b, lk)
+        first = _document_starts(ids)
+        return (rows - first)[:, :, None], cols[None, None, :] - first[:, :, None]
+    q_pos = (rows[None, :] + _starts(q_start, lk - lq, b, device))[:, :, None]
+    return q_pos, (cols[None, :] + _starts(k_start, 0, b, device))[:, None, :]
 
 
 def kept_mask(pattern: Pattern | None, b: int, hq: int, lq: int, lk: int, device: torch.device,

@@ -77,6 +77,16 @@ def _visit_range(lo, hi, row_ok, Lk, BN: tl.constexpr):
 
 
 @triton.jit
+def _alibi_slope(Slopes, h, ALIBI: tl.constexpr):
+    """Query head h's ALiBi slope in log2 units (0.0 without ALiBi)."""
+    if ALIBI:
+        slope = tl.load(Slopes + h) * 1.4426950408889634
+    else:
+        slope = 0.0
+    return slope
+
+
+@triton.jit
 def _kept_entries(q_pos, kb, c_lo, c_hi, k_idx, n_ok, hp, CLIP: tl.constexpr):
     """[BM, BN] entries the predicate keeps: rows' frames (q_pos, kb, c_lo, c_hi: [BM]), keys
     k_idx / n_ok [BN]."""
@@ -88,14 +98,17 @@ def _kept_entries(q_pos, kb, c_lo, c_hi, k_idx, n_ok, hp, CLIP: tl.constexpr):
 
 @triton.jit
 def _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, kb, c_lo, c_hi, lo, hi,
-                   hp, edge, MODE: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BIAS_BOOL: tl.constexpr, CLIP: tl.constexpr):
+                   hp, slope, edge, MODE: tl.constexpr, EVEN_N: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, CLIP: tl.constexpr,
+                   ALIBI: tl.constexpr):
     """Scores s [BM, BN] (log2 units) plus the bias, -inf where the block's visit mode drops
     an entry. MODE 0: FULL block (only keys past Lk); 1: PARTIAL, interval bounds lo/hi [BM];
     2: PARTIAL, the inlined predicate at the rows' frame (q_pos, kb; CLIP: keys outside
     [c_lo, c_hi] dropped too); 3: interval bounds only where the runtime flag ``edge`` says
     PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop over
-    the block tables)."""
+    the block tables). ALIBI: plus ``slope * (k_pos - q_pos)`` (``slope`` in log2 units)."""
+    if ALIBI:
+        s = s + slope * ((k_idx[None, :] - kb[:, None]) - q_pos[:, None]).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sbm
                        + k_idx[None, :].to(tl.int64) * sbn,

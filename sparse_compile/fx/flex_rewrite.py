@@ -48,6 +48,8 @@ def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any,
         if plan is None:  # the mask_mod's pattern is not in ``pattern`` yet
             pattern = combine_patterns(pattern, mask.pattern)
         placed = placed_arguments(graph, mask, pattern, q, k, None)
+        if site.alibi:
+            placed["alibi"] = _alibi_slopes(graph, call, q)
         out = graph.call_function(
             placed_attention, (q, k, v, str(pattern)),
             {"scale": site.scale, **({"softcap": site.softcap} if site.softcap else {}),
@@ -65,6 +67,35 @@ def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any,
         if isinstance(attr, Node) and attr.op == "get_attr" and not attr.users:
             graph.erase_node(attr)
     return out
+
+
+def _alibi_slopes(graph: Graph, call: Any, q: Node) -> Node:
+    """The per-head ALiBi slopes ``[Hq]`` of a ``score_mod`` proven to be ``score +
+    slope(h) · (kv_idx - q_idx)`` (``flex_score.py``): the score_mod itself run on every head
+    at ``kv_idx - q_idx`` = 1 and at 0 (score 0), the difference being the slope."""
+    module = call.node.args[3].target
+    example = ops.tensor_value(q)
+    heads = graph.call_function(torch.arange, (graph.call_method("size", (q, 1)),),
+                                {"device": example.device})
+    zero = graph.call_function(torch.zeros_like, (heads,))
+    one = graph.call_function(torch.ones_like, (heads,))
+    score = graph.call_function(torch.zeros_like, (heads,), {"dtype": torch.float32})
+    buffers = tuple(call.score_mod_buffers)
+    at_one = _returned_value(graph, graph.call_module(module, (score, zero, heads, zero, one,
+                                                                *buffers)))
+    at_zero = _returned_value(graph, graph.call_module(module, (score, zero, heads, zero, zero,
+                                                                 *buffers)))
+    slopes = graph.call_function(operator.sub, (at_one, at_zero))
+    return graph.call_method("float", (slopes,))
+
+
+def _returned_value(graph: Graph, result: Node) -> Node:
+    """A submodule call's value (a graph module may return a one-element tuple)."""
+    return graph.call_function(_first, (result,))
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, tuple | list) else value
 
 
 def _like(graph: Graph, out: Node, example: torch.Tensor | None) -> Node:

@@ -2,11 +2,13 @@
 
 ``score_mod(score, b, h, q_idx, kv_idx, *buffers)`` is a graph of 0-dim tensors; ``score`` is
 already ``scale · q·k``. The op computes two of its forms itself, never as an Lq × Lk tensor:
-the identity, and logit soft-capping ``c · tanh(score / c)`` (the op's ``softcap``, forward
-and backward). Anything else is refused with a reason: a position bias (ALiBi's
-``score + slope[h] · (kv_idx - q_idx)``, a relative-bias table indexed by ``q_idx - kv_idx``)
-would need an additive per-head bias of ``q - k`` computed inside the kernels, which they do
-not have, and materialising it as an Lq × Lk bias would cost what the rewrite saves.
+the identity, logit soft-capping ``c · tanh(score / c)`` (the op's ``softcap``, forward and
+backward), and ALiBi, ``score + slope(h) · (kv_idx - q_idx)`` with the slope any function of
+the head and the buffers (the op's ``alibi``: the kernels add ``slope · (k_pos - q_pos)``; the
+slopes are computed once per call by running the ``score_mod`` itself on every head). Anything
+else is refused with a reason: a relative-bias table indexed by ``q_idx - kv_idx`` would need
+the table read inside the kernels, and materialising any bias as Lq × Lk would cost what the
+rewrite saves.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import sparse_compile.fx.graph_ops as ops
 
 @dataclass(frozen=True)
 class ScoreMod:
-    """A ``score_mod`` the op computes: ``softcap`` (0 for none)."""
+    """A ``score_mod`` the op computes: ``softcap`` (0 for none); ``alibi``: the scores plus a
+    per-head slope times ``kv_idx - q_idx``."""
 
     softcap: float = 0.0
+    alibi: bool = False
 
 
 def read_score_mod(score_mod: GraphModule) -> ScoreMod | str:
@@ -38,7 +42,49 @@ def read_score_mod(score_mod: GraphModule) -> ScoreMod | str:
     cap = _softcap(result, score)
     if cap is not None:
         return ScoreMod(softcap=cap)
+    if _is_alibi(result, placeholders):
+        return ScoreMod(alibi=True)
     return _why_not(score_mod, placeholders)
+
+
+_CASTS = ("to", "float", "type", "contiguous")
+
+
+def _bare(node: Node) -> Node:
+    """``node`` without the casts around it."""
+    while isinstance(node, Node) and (node.target in _CASTS) and node.args:
+        node = node.args[0]
+    return node
+
+
+def _is_alibi(result: Node, placeholders: list[Node]) -> bool:
+    """Whether ``result`` is ``score + A(h) · (kv_idx - q_idx)`` (also written ``score -
+    A(h) · (q_idx - kv_idx)``), ``A`` reading only the head and the buffers."""
+    score, b, _, q_idx, kv_idx, *_ = placeholders
+    term = None
+    if ops.is_add(result) and len(result.args) == 2 and score in result.args:
+        term = result.args[1] if result.args[0] is score else result.args[0]
+    elif ops.is_sub(result) and result.args[0] is score:
+        term = result.args[1]
+    if not isinstance(term, Node) or not ops.is_mul(term) or len(term.args) != 2:
+        return False
+    for slope, distance in (term.args, term.args[::-1]):
+        distance = _bare(distance)
+        if not (isinstance(distance, Node) and ops.is_sub(distance)):
+            continue
+        pair = tuple(_bare(a) for a in distance.args)
+        direction = 1 if pair == (kv_idx, q_idx) else -1 if pair == (q_idx, kv_idx) else 0
+        # Either sign: the slopes are read off the score_mod itself (``flex_rewrite.py``).
+        if direction != 0 and not _reads(slope, {score, b, q_idx, kv_idx}):
+            return True
+    return False
+
+
+def _reads(x: object, forbidden: set[Node]) -> bool:
+    """Whether ``x`` depends on any of ``forbidden``."""
+    if not isinstance(x, Node):
+        return False
+    return x in forbidden or bool(ops.ancestors(x) & forbidden)
 
 
 def _returned(gm: GraphModule) -> Node | None:
@@ -75,9 +121,9 @@ def _why_not(score_mod: GraphModule, placeholders: list[Node]) -> str:
     score, _, _, q_idx, kv_idx, *buffers = placeholders
     reads = {p for p in (q_idx, kv_idx, *buffers) if p.users}
     if q_idx in reads and kv_idx in reads:
-        return ("score_mod adds a bias of query and key positions (ALiBi, a relative-bias "
-                "table): the kernels have no per-head bias of q - k, and an Lq x Lk bias "
-                "would cost what the rewrite saves")
+        return ("score_mod adds a bias of query and key positions other than ALiBi's (a "
+                "relative-bias table, say): the kernels compute only slope * (k - q), and an "
+                "Lq x Lk bias would cost what the rewrite saves")
     if any(b in reads for b in buffers):
         return "score_mod reads tensors (a bias or a mask added to the scores)"
     if _uses_only_affine(score_mod, score):

@@ -2,7 +2,7 @@
 
 The op takes a call over when everything it computes is proven: its ``mask_mod`` is a mask the
 op folds (``flex_mask.py``: pattern, positions, key mask, documents), its ``score_mod`` is the
-identity or soft-capping (``flex_score.py``), q, k and v suit the op (one head dimension; GQA
+identity, soft-capping or ALiBi (``flex_score.py``), q, k and v suit the op (one head dimension; GQA
 when the query heads are a multiple of the key/value heads, as ``enable_gqa`` requires), and
 only the attention output is read: FlexAttention's log-sum-exp (``return_lse``) and row maximum
 are not what the op returns. ``scale`` is FlexAttention's, a number or a graph value.
@@ -45,6 +45,7 @@ def read_flex_site(site: AttentionSite, call: FlexCall) -> str | None:
         return mask
     _set_scale(site, call.scale)
     site.softcap = score.softcap
+    site.alibi = score.alibi
     site.flex = FlexSite(call, mask)
     return None
 

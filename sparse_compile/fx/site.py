@@ -72,6 +72,7 @@ class AttentionSite:
     nodes: list[Node] = field(default_factory=list)
     reason: str | None = None
     flex: Any = None
+    alibi: bool = False
 
     @property
     def has_bias(self) -> bool:

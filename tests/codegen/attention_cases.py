@@ -9,7 +9,7 @@ import torch
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
-from sparse_compile.reference import kept_mask, reference_attention
+from sparse_compile.reference import kept_mask, position_grid, reference_attention
 from tests.conftest import rel_error
 
 # Relative-error bounds per input dtype (DESIGN.md §5).
@@ -50,11 +50,11 @@ def make_qkv(
     return one(hq, lq), one(hkv, lk), one(hkv, lk)
 
 
-def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None):
+def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None, alibi=None):
     """Float64 attention with autograd (same formula as reference_attention, which it matches;
     with ``softcap`` > 0 the logits are first capped as softcap * tanh(s / softcap)).
     ``positions``: keyword arguments ``q_start`` / ``k_start`` / ``documents`` of
-    reference_attention (where queries and keys sit).
+    reference_attention (where queries and keys sit); ``alibi``: ALiBi slopes ``[Hq]``.
 
     Returns the output [B, Hq, Lq, D] float64, differentiable in q, k, v and a float bias.
     """
@@ -75,6 +75,9 @@ def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None)
     else:
         keep = p.mask(lq, lk, heads=hq if p.per_head else None, device=q.device)
         keep = keep.expand(b, hq, lq, lk)
+    if alibi is not None:
+        q_pos, k_pos = position_grid(b, lq, lk, q.device, **positions)
+        s = s + alibi.to(torch.float64).reshape(1, -1, 1, 1) * (k_pos - q_pos)[:, None]
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias
@@ -88,23 +91,24 @@ def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None)
     out = (e / torch.where(den > 0, den, torch.ones_like(den))) @ v64
     if softcap > 0:
         return out
-    ref = reference_attention(q, k, v, p, scale, bias, **positions)
+    ref = reference_attention(q, k, v, p, scale, bias, alibi=alibi, **positions)
     assert rel_error(out, ref) < 1e-12, "test oracle disagrees with reference_attention"
     return out
 
 
 def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True, softcap=0.0,
-                         positions=None):
+                         positions=None, alibi=None):
     """Run ``fn(q, k, v, pattern, scale, bias)`` and compare output and gradients with the oracle
     (``positions``: where queries and keys sit, passed to both; see ``oracle``).
 
     Returns the dict of relative errors (out, dq, dk, dv[, dbias]).
     """
     tol = TOL[q.dtype]
-    out = fn(q, k, v, pattern, scale, bias, **(positions or {}))
+    out = fn(q, k, v, pattern, scale, bias, **(positions or {}),
+             **({"alibi": alibi} if alibi is not None else {}))
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), f"non-finite output for {pattern!r}"
-    ref = oracle(q, k, v, pattern, scale, bias, softcap, positions)
+    ref = oracle(q, k, v, pattern, scale, bias, softcap, positions, alibi)
     errs = {"out": rel_error(out, ref)}
     if grads:
         dout = torch.randn_like(out)

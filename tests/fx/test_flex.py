@@ -61,6 +61,13 @@ def alibi(score, b, h, q_idx, kv_idx):
     return score + (h + 1) * 0.25 * (kv_idx - q_idx)
 
 
+RELATIVE = torch.linspace(-1.0, 1.0, 2 * L)
+
+
+def relative_table(score, b, h, q_idx, kv_idx):
+    return score + RELATIVE[q_idx - kv_idx + L]
+
+
 class FlexModule(torch.nn.Module):
     """Projections, then ``flex_attention`` with GQA, an explicit scale, a ``score_mod`` and a
     block mask built inside the forward (so in the graph) from ``mask_mod`` and, for the
@@ -108,6 +115,7 @@ def _step(model: torch.nn.Module, compiled) -> tuple[torch.Tensor, list[torch.Te
     (same_document, None, "sliding(3)", "documents (checked at run time)"),
     (prefix_lm, softcap, "dense", "causal | prefix(5)"),
     (padded_keys, softcap, "causal & sliding(4)", "key padding"),
+    (causal_window, alibi, "dense", "sliding(6)"),
 ])
 def test_proven_flex_calls_equal_flex_attention(mask_mod, score_mod, pattern, folded):
     """Outputs and gradients of the rewritten call equal FlexAttention's with the pattern
@@ -163,7 +171,7 @@ def test_document_ids_out_of_order_stop_the_program(compiler):
 
 
 @pytest.mark.parametrize(("options", "reason"), [
-    ({"score_mod": alibi}, "bias of query and key positions"),
+    ({"score_mod": relative_table}, "bias of query and key positions"),
     ({"return_lse": True}, "log-sum-exp"),
 ])
 def test_unproven_calls_stay_flex_attention_with_their_reason(options, reason, caplog):
@@ -196,7 +204,7 @@ def test_blocks_without_a_mask_mod_are_not_read():
 
 
 def test_flex_site_raises_with_on_unsupported_error():
-    compiled = torch.compile(FlexModule(causal_window, alibi), backend="sparse",
+    compiled = torch.compile(FlexModule(causal_window, relative_table), backend="sparse",
                              options={"on_unsupported": "error", "compiler": "eager"})
     with pytest.raises(Exception, match="bias of query and key positions"), torch.no_grad():
         compiled(_inputs())
