@@ -18,6 +18,25 @@ SEQ = 8
 LAYERS = 2
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output (a ``ModelOutput`` or a tuple)."""
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def training_step(model: Any, inputs: dict, compiled: Any = None) -> tuple[torch.Tensor, list]:
+    """Logits and parameter gradients of one step of ``compiled`` (default: ``model`` itself).
+
+    The loss weights every logit differently so that no gradient cancels; gradients are
+    cleared afterwards so that steps can be compared one after another.
+    """
+    out = logits_of((model if compiled is None else compiled)(**inputs))
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
 def _ids(vocab: int, n: int = SEQ) -> torch.Tensor:
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(0))
 

@@ -13,6 +13,7 @@ from sparse_compile.report import collecting
 from tests.conftest import rel_error
 from tests.fx.by_hand import pattern_by_hand
 from tests.fx.conftest import assert_grads_close, no_lq_by_lk, recording_op_inputs
+from tests.fx.hf_models import training_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,15 +51,6 @@ def greedy_by_hand(model, ids: torch.Tensor, steps: int, pattern: str) -> list[l
     return seq.tolist()
 
 
-def _step(model, compiled, inputs):
-    out = compiled(**inputs).logits
-    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
-    (out * weights).sum().backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
-
-
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize(("family", "extra", "padded", "folded"), [
     ("llama", {}, False, "causal"),
@@ -81,11 +73,11 @@ def test_position_masks_are_folded_not_read(family, extra, padded, folded, impl)
     compiled = torch.compile(model, backend="sparse",
                              options={"pattern": pattern, "compiler": "eager"})
     with collecting() as report, recording_op_inputs() as calls:
-        out, grads = _step(model, compiled, inputs)
+        out, grads = training_step(model, inputs, compiled)
     assert report and all(folded in row.mask and row.rewritten for row in report), str(report)
     no_lq_by_lk(calls)
     with pattern_by_hand(pattern):
-        ref, ref_grads = _step(model, model, inputs)
+        ref, ref_grads = training_step(model, inputs)
     rows = slice(None) if not padded else (1, slice(3, None))
     assert rel_error(out[rows], ref[rows]) < 1e-4
     if not padded:

@@ -11,22 +11,9 @@ from sparse_compile.report import collecting
 from tests.conftest import rel_error
 from tests.fx.by_hand import pattern_by_hand
 from tests.fx.conftest import assert_grads_close
-from tests.fx.hf_models import MODELS, gemma2
+from tests.fx.hf_models import MODELS, gemma2, logits_of, training_step
 
 PATTERN = "sliding(3) | strided(4)"
-
-
-def _logits(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _step(model, inputs, compiled=None):
-    out = _logits((model if compiled is None else compiled)(**inputs))
-    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
-    (out * weights).sum().backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -37,15 +24,15 @@ def test_model_matches_pattern_by_hand(name, impl):
     compiled = torch.compile(model, backend="sparse",
                              options={"pattern": PATTERN, "compiler": "aot_eager"})
     with collecting() as report:
-        out, grads = _step(model, inputs, compiled)
+        out, grads = training_step(model, inputs, compiled)
     assert len(report) == layers, str(report)
     assert all(row.rewritten for row in report), str(report)
     with pattern_by_hand(PATTERN):
-        ref, ref_grads = _step(model, inputs)
+        ref, ref_grads = training_step(model, inputs)
     assert rel_error(out, ref) < 1e-4
     assert_grads_close(grads, ref_grads)
     with torch.no_grad():
-        dense = _logits(model(**inputs))
+        dense = logits_of(model(**inputs))
     assert rel_error(out, dense) > 1e-3, "the pattern should change this model's logits"
 
 
@@ -56,14 +43,14 @@ def test_gemma2_soft_capped_attention_is_rewritten_with_its_cap():
     compiled = torch.compile(model, backend="sparse",
                              options={"pattern": PATTERN, "compiler": "aot_eager"})
     with collecting() as report:
-        out, grads = _step(model, inputs, compiled)
+        out, grads = training_step(model, inputs, compiled)
     assert len(report) == layers and all(row.rewritten for row in report), str(report)
     with pattern_by_hand(PATTERN):
-        ref, ref_grads = _step(model, inputs)
+        ref, ref_grads = training_step(model, inputs)
     assert rel_error(out, ref) < 1e-4
     assert_grads_close(grads, ref_grads)
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = None
     with pattern_by_hand(PATTERN), torch.no_grad():
-        uncapped = _logits(model(**inputs))
+        uncapped = logits_of(model(**inputs))
     assert rel_error(out, uncapped) > 1e-3, "the cap should change this model's logits"
