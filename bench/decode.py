@@ -81,10 +81,12 @@ def host_ms(fn, calls: int = 50) -> float:
     return host
 
 
-def flex_decode(q, k, v, length: int, window: int | None):
+def flex_decode(q, k, v, length: int, window: int | None, position: int | None = None):
+    """Compiled FlexAttention for one query row at ``position`` (default: the cache's last
+    slot) over a cache of ``length`` keys, causal, with sinks and a window when ``window``."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    position = length - 1
+    position = length - 1 if position is None else position
 
     def mask_mod(b, h, qi, ki):
         keep = ki <= qi + position
