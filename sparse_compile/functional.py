@@ -80,7 +80,9 @@ def attention(
         documents: integer ids ``[B, L]`` or ``[L]`` of packed sequences (Lq = Lk): attention
             stays inside each document, positions count from its first token, negative ids
             are padding (never attended, their rows output zeros). Checked here (one host
-            synchronisation); bad ids raise ``PositionError``.
+            synchronisation); bad ids raise ``PositionError``. Dynamic patterns (``dma``,
+            ``topk``) select within each document: they run each document as its own
+            sequence (one launch per document, the boundaries read on the host).
         alibi: ALiBi slopes, a float tensor ``[Hq]``: the logits of query head ``h`` get
             ``alibi[h] * (k_pos - q_pos)`` (the positions above; computed in the kernels,
             nothing Lq x Lk is built). Not differentiated.
@@ -95,17 +97,22 @@ def attention(
     text = _pattern_text(pattern)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
-    placed = (q_start is not None or k_start is not None or documents is not None
-              or alibi is not None)
     if _is_dynamic(text):
         if softcap is not None:
             raise NotImplementedError(f"softcap with the dynamic pattern {text!r}")
-        if placed:
-            raise NotImplementedError(f"positions, documents or ALiBi with the dynamic "
-                                      f"pattern {text!r}")
+        if q_start is not None or k_start is not None or alibi is not None:
+            raise NotImplementedError(f"positions or ALiBi with the dynamic pattern {text!r}")
         from sparse_compile.dynamic_mask.dispatch import dynamic_attention
 
-        return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
+        def run(q, k, v, delta, bias):
+            return dynamic_attention(q, k, v, text, scale, bias, dropout_p, delta)
+
+        if documents is None:
+            return run(q, k, v, delta, bias)
+        from sparse_compile.dynamic_mask.documents import per_document
+
+        ids = check_documents(documents.to(q.device), q.shape[0], q.shape[2], k.shape[2])
+        return per_document(q, k, v, ids, delta, bias, run)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     if documents is not None:
         if q_start is not None or k_start is not None:
