@@ -11,7 +11,8 @@ H = 16, D = 128, bf16) and runs forward + backward of
   (the default backend: cuDNN or flash), padding and unpadding counted.
 
 It reports the median step time over ``--steps`` splits, our preparation alone (GPU time per
-batch of ``codegen.tl.documents.document_bounds``), and the recompiles of a
+batch of ``codegen.tl.documents.document_bounds``, the only work that depends on the ids,
+replayed from a CUDA graph so that launch gaps drop out), and the recompiles of a
 ``torch.compile``d call over those steps. Every variant is checked against the others on the
 first split. Prints one markdown table and writes it to ``--out``.
 
@@ -27,6 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from decode import graph_ms
 from sparse_compile.codegen.tl.documents import document_bounds
 
 import sparse_compile as sc
@@ -172,7 +174,7 @@ def measure(window: int | None, args: argparse.Namespace, h: int, d: int) -> lis
         times["ours"].append(timed(lambda ids=ids: ours(ids)))
         times["flex"].append(timed(lambda ids=ids: flex(ids)))
         times["sdpa"].append(timed(lambda lengths=lengths: sdpa(lengths)))
-        times["prep"].append(timed(lambda ids=ids: document_bounds(ids), 10))
+        times["prep"].append(graph_ms(lambda ids=ids: document_bounds(ids)))
         times["mask"].append(timed(lambda ids=ids: flex_block_mask(ids, window, args.tokens)))
     from torch._dynamo.utils import counters
 
