@@ -83,9 +83,9 @@ def attention(
             synchronisation); bad ids raise ``PositionError``. Dynamic patterns (``dma``,
             ``topk``) select within each document: they run each document as its own
             sequence (one launch per document, the boundaries read on the host).
-        alibi: ALiBi slopes, a float tensor ``[Hq]``: the logits of query head ``h`` get
-            ``alibi[h] * (k_pos - q_pos)`` (the positions above; computed in the kernels,
-            nothing Lq x Lk is built). Not differentiated.
+        alibi: ALiBi slopes, a float tensor ``[Hq]`` (or one slope for every head): the
+            logits of query head ``h`` get ``alibi[h] * (k_pos - q_pos)`` (the positions
+            above; computed in the kernels, nothing Lq x Lk is built). Not differentiated.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype.
