@@ -41,7 +41,9 @@ class ModelMask:
     None; documents_checked: the ids are not proven in order (read from a tensor the model was
     given): the rewrite checks them at run time, and ``document_positions`` (a tensor indexed
     like the ids, the positions the mask compares) to advance by one inside each document;
-    parts: what ``explain`` shows.
+    q_start_checked: ``q_start`` is ``(positions, 0)``, a cache's write positions ``[Lq]``
+    not proven consecutive: the rewrite takes their first after checking at run time that
+    they are; parts: what ``explain`` shows.
     """
 
     pattern: Any = None
@@ -52,6 +54,7 @@ class ModelMask:
     parts: tuple[str, ...] = field(default_factory=tuple)
     documents_checked: bool = False
     document_positions: Node | None = None
+    q_start_checked: bool = False
 
     @property
     def describe(self) -> str:
