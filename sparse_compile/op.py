@@ -23,6 +23,22 @@ def kernels_available(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless k and v have the same heads and q's heads are a multiple of
+    them (GQA: query head h reads kv head h // (Hq // Hkv)). With symbolic head counts the
+    condition becomes a run-time assertion, not a guard."""
+    hq, hkv = q.shape[1], k.shape[1]
+
+    def message() -> str:
+        return (f"{hq} query heads are not a multiple of {hkv} key/value heads (q "
+                f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}): Hq must be a "
+                "multiple of Hkv, and k and v must have the same heads")
+
+    torch._check_with(ValueError, v.shape[1] == hkv, message)
+    torch._check_with(ValueError, hkv > 0, message)
+    torch._check_with(ValueError, hq % hkv == 0, message)
+
+
 def _seed_int(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())
 
@@ -79,7 +95,9 @@ def attention_op(
     (positions of query row 0 and key 0 per batch row); documents: None or integer ids
     ``[B or 1, L]`` (sparse_compile.positions; trusted here, checked by ``attention``);
     alibi: None or float32 slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)).
+    Raises ``ValueError`` when Hq is not a multiple of Hkv.
     """
+    check_heads(q, k, v)
     if kernels_available(q):
         from sparse_compile.codegen.attention import forward
 
@@ -94,6 +112,7 @@ def attention_op(
 @attention_op.register_fake
 def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, documents=None,
       alibi=None):
+    check_heads(q, k, v)
     b, hq, lq, d = q.shape
     return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
 
