@@ -25,18 +25,13 @@ def kernels_available(t: torch.Tensor) -> bool:
 
 def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise ``ValueError`` unless k and v have the same heads and q's heads are a multiple of
-    them (GQA: query head h reads kv head h // (Hq // Hkv)). With symbolic head counts the
-    condition becomes a run-time assertion, not a guard."""
+    them (GQA: query head h reads kv head h // (Hq // Hkv)). Symbolic head counts are
+    guarded on (another ratio recompiles)."""
     hq, hkv = q.shape[1], k.shape[1]
-
-    def message() -> str:
-        return (f"{hq} query heads are not a multiple of {hkv} key/value heads (q "
-                f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}): Hq must be a "
-                "multiple of Hkv, and k and v must have the same heads")
-
-    torch._check_with(ValueError, v.shape[1] == hkv, message)
-    torch._check_with(ValueError, hkv > 0, message)
-    torch._check_with(ValueError, hq % hkv == 0, message)
+    if v.shape[1] != hkv or hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} key/value heads (q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}): Hq must "
+                         "be a multiple of Hkv, and k and v must have the same heads")
 
 
 def _seed_int(seed: torch.Tensor | None) -> int:
