@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sparse_compile.eager import fast_path_applies, kernel_attention
-from sparse_compile.op import attention_op
+from sparse_compile.op import attention_op, check_heads
 from sparse_compile.positions import check_documents, starts_tensor
 
 
@@ -90,11 +90,15 @@ def attention(
     Returns:
         [B, Hq, Lq, D] in q's dtype.
 
+    Raises:
+        ValueError: Hq is not a multiple of Hkv (or k and v differ in heads).
+
     Example:
         >>> q = torch.randn(1, 4, 128, 64); k = v = torch.randn(1, 2, 128, 64)
         >>> out = attention(q, k, v, "causal & sliding(32)")
     """
     text = _pattern_text(pattern)
+    check_heads(q, k, v)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
     if _is_dynamic(text):
@@ -157,6 +161,7 @@ def placed_attention(
     ``L' >= Lk``, the first ``Lk`` used) and not checked, so nothing synchronises with the host
     and the call traces into graphs and CUDA graphs."""
     text = _pattern_text(pattern)
+    check_heads(q, k, v)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     if documents is not None:
         documents = documents.to(q.device).reshape(-1, documents.shape[-1])[:, :lk]

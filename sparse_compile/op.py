@@ -23,6 +23,17 @@ def kernels_available(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless k and v have the same heads and q's heads are a multiple of
+    them (GQA: query head h reads kv head h // (Hq // Hkv)). Symbolic head counts are
+    guarded on (another ratio recompiles)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if v.shape[1] != hkv or hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} key/value heads (q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}): Hq must "
+                         "be a multiple of Hkv, and k and v must have the same heads")
+
+
 def _seed_int(seed: torch.Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())
 
@@ -79,7 +90,9 @@ def attention_op(
     (positions of query row 0 and key 0 per batch row); documents: None or integer ids
     ``[B or 1, L]`` (sparse_compile.positions; trusted here, checked by ``attention``);
     alibi: None or float32 slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)).
+    Raises ``ValueError`` when Hq is not a multiple of Hkv.
     """
+    check_heads(q, k, v)
     if kernels_available(q):
         from sparse_compile.codegen.attention import forward
 
@@ -94,6 +107,7 @@ def attention_op(
 @attention_op.register_fake
 def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, documents=None,
       alibi=None):
+    check_heads(q, k, v)
     b, hq, lq, d = q.shape
     return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
 

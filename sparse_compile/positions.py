@@ -113,6 +113,25 @@ def documents_from_equal_ids(ids: torch.Tensor, batch: int, length: int,
     return check_documents(ids - ids.amin(), batch, length, length)
 
 
+CONSECUTIVE_MESSAGE = ("the positions a KV cache is written at must be consecutive "
+                       "(arange(n, n + Lq)) for the queries to be placed at them")
+
+
+def consecutive_start(positions: torch.Tensor) -> torch.Tensor:
+    """``positions[:1]`` (``[1]``), the position of query row 0, for queries whose keys were
+    written at ``positions`` (``[Lq]`` integers), after checking that they are consecutive:
+    on the device under ``torch.compile`` (a gap stops the program), else on the host
+    (``PositionError``)."""
+    _integer("positions", positions)
+    positions = positions.reshape(-1)
+    bad = (positions[1:] != positions[:-1] + 1).any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad, CONSECUTIVE_MESSAGE)
+    elif bool(bad):
+        raise PositionError(CONSECUTIVE_MESSAGE)
+    return positions[:1]
+
+
 POSITIONS_MESSAGE = ("positions compared by the mask must advance by one from token to token "
                      "inside each document")
 

@@ -120,3 +120,27 @@ def test_custom_op_passes_opcheck(softcap):
         attention_op, args if softcap is None else (*args, softcap),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
     )
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(3, 2), (4, 3), (2, 4)])
+@pytest.mark.parametrize("entry", ["decoding", "attention", "topk", "op", "compiled"])
+def test_query_heads_not_a_multiple_of_kv_heads_raise(entry, hq, hkv):
+    """GQA needs Hq a multiple of Hkv: otherwise a clear error naming both, at the public
+    entry and at the op, never garbage or NaN from the kernels."""
+    q, k, v = (t.detach() for t in make_qkv(1, hq, hkv, 8, 300, 16, torch.float32))
+    match = rf"{hq} query heads.*{hkv} key/value heads"
+    # Dynamo reports the op's ValueError, raised by its fake implementation, as its own error.
+    error = torch._dynamo.exc.TorchRuntimeError if entry == "compiled" else ValueError
+    torch._dynamo.reset()
+    with pytest.raises(error, match=match):
+        if entry == "decoding":
+            attention(q[:, :, :1], k, v, "causal")
+        elif entry == "attention":
+            attention(q, k[:, :, :8], v[:, :, :8], "causal")
+        elif entry == "topk":
+            attention(q, k, v, "topk(2, block=16)")
+        elif entry == "op":
+            attention_op(q, k, v, None, "causal", 0.25, 0.0, None)
+        else:
+            torch.compile(attention_op, backend="eager", fullgraph=True)(
+                q, k, v, None, "causal", 0.25, 0.0, None)

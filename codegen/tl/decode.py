@@ -179,7 +179,10 @@ def _programs_wanted(device: torch.device) -> int:
 
 def decode_applies(q: torch.Tensor, k: torch.Tensor, dropout_p: float, frame: Frame) -> bool:
     """Whether a forward call is a decoding step this family serves: at most ``MAX_ROWS``
-    rows per head group, keys much longer than queries, no dropout, no documents."""
+    rows per head group, keys much longer than queries, no dropout, no documents, nothing
+    empty (the split over ``B * Hkv`` programs needs a program to split over)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return False
     hq, lq, hkv, lk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     return (dropout_p == 0.0 and frame.mode != 2 and lk >= 4 * BLOCK_N and lq * 8 <= lk
             and (hq // hkv) * lq <= MAX_ROWS)

@@ -12,7 +12,6 @@ A FlexAttention call's mask is its ``mask_mod``, proven when the site was read
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,7 +75,7 @@ def plan_site_mask(site: AttentionSite, lq: Any, lk: Any) -> MaskPlan | None:
     elif isinstance(cache, CacheStart):
         mask = plan.mask or ModelMask()
         if mask.q_start is None and mask.k_start is None:
-            mask = replace(mask, q_start=cache.value,
+            mask = replace(mask, q_start=cache.value, q_start_checked=cache.checked,
                            parts=mask.parts + ("positions from the cache",))
             plan = replace(plan, mask=mask)
     return None if plan == MaskPlan() else plan
@@ -139,7 +138,7 @@ def erase_dead_masks(graph: Any, roots: list[Node]) -> None:
             continue
         if node.op not in ("call_function", "call_method") or node.is_impure():
             continue
-        if _writes_in_place(node):
+        if ops.writes_in_place(node):
             continue
         inputs = set(node.all_input_nodes)
         for write in writes:
@@ -167,24 +166,12 @@ def _unread_writes(node: Node) -> list[Node] | None:
     if node.target not in _ALLOCATIONS:
         return None
     writes = [u for u in users if not u.users and u.args and u.args[0] is node
-              and _writes_in_place(u)]
+              and ops.writes_in_place(u)]
     feeding = [u for u in users if u not in writes and not u.is_impure()
                and u.users and set(u.users) <= set(writes)]
     if len(writes) + len(feeding) != len(users):
         return None
     return writes + feeding
-
-
-_IN_PLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul,
-                       operator.itruediv, operator.iand, operator.ior)
-
-
-def _writes_in_place(node: Node) -> bool:
-    """Whether ``node`` writes into its first argument (``x.masked_fill_(...)``,
-    ``x[i] = v``, ``x += y``)."""
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("__")
-    return node.target in _IN_PLACE_FUNCTIONS
 
 
 def _mask_term(node: Node, index: int) -> tuple[Any, str] | None:

@@ -38,6 +38,20 @@ def tensor_value(node: Any) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+_IN_PLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv, operator.iand, operator.ior)
+
+
+def writes_in_place(node: Any) -> bool:
+    """Whether ``node`` writes into its first argument (``x.index_copy_(...)``,
+    ``x[i] = v``, ``x += y``)."""
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    return node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
+
+
 def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     """Argument ``index`` / keyword ``name`` of a call node (``call_method`` counts self)."""
     if len(node.args) > index:

@@ -41,7 +41,9 @@ class ModelMask:
     None; documents_checked: the ids are not proven in order (read from a tensor the model was
     given): the rewrite checks them at run time, and ``document_positions`` (a tensor indexed
     like the ids, the positions the mask compares) to advance by one inside each document;
-    parts: what ``explain`` shows.
+    q_start_checked: ``q_start`` is ``(positions, 0)``, a cache's write positions ``[Lq]``
+    not proven consecutive: the rewrite takes their first after checking at run time that
+    they are; parts: what ``explain`` shows.
     """
 
     pattern: Any = None
@@ -52,6 +54,7 @@ class ModelMask:
     parts: tuple[str, ...] = field(default_factory=tuple)
     documents_checked: bool = False
     document_positions: Node | None = None
+    q_start_checked: bool = False
 
     @property
     def describe(self) -> str:
@@ -147,7 +150,9 @@ def _fold(reader: IndexReader, value: IndexValue, lq: Any, lk: Any,
     parts = []
     if pattern is not None:
         parts.append(str(pattern))
-    if q_start is not None or k_start is not None:
+    if q_start == 0 and k_start is None:
+        parts.append("queries from position 0")
+    elif q_start is not None or k_start is not None:
         parts.append("positions from the graph")
     if key_mask is not None:
         parts.append("key padding")
@@ -262,7 +267,12 @@ def _positional(reader: IndexReader, relations: list[sympy.Basic], q_axis: sympy
         pattern = difference_pattern(lo, hi)
     except ValueError as e:
         raise Unproven(str(e)) from None
-    return pattern, _graph_value(reader, q_start), _graph_value(reader, k_start)
+    q_value = _graph_value(reader, q_start)
+    if q_value is None and q_start is not None and default != 0:
+        # Query row 0 at position 0, said explicitly: None would mean the default Lk - Lq,
+        # which is not known to be 0 (Lq != Lk, or lengths known only at run time).
+        q_value = 0
+    return pattern, q_value, _graph_value(reader, k_start)
 
 
 def _default_shift(lq: Any, lk: Any) -> int | None:

@@ -2,9 +2,10 @@
 
 ``placed_arguments`` inserts, at the graph's insertion point, what ``placed_attention`` takes
 instead of the model's mask: ``q_start`` / ``k_start`` (ints, or tensors read where the model
-defines them), the key mask as a ``[B or 1, 1, 1, Lk]`` boolean bias, document ids (checked on
-the device when they are not proven in order), and positions counted from each row's first
-attended key for patterns that keep keys by absolute position (left padding).
+defines them; the first of a cache's write positions, checked to be consecutive at run time),
+the key mask as a ``[B or 1, 1, 1, Lk]`` boolean bias, document ids (checked on the device when
+they are not proven in order), and positions counted from each row's first attended key for
+patterns that keep keys by absolute position (left padding).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch.fx import Graph, Node
 
 import sparse_compile.fx.graph_ops as ops
-from sparse_compile.positions import documents_from_equal_ids
+from sparse_compile.positions import consecutive_start, documents_from_equal_ids
 
 
 def placed_arguments(graph: Graph, mask: Any, pattern: Any, q: Node, k: Node,
@@ -27,6 +28,8 @@ def placed_arguments(graph: Graph, mask: Any, pattern: Any, q: Node, k: Node,
     from sparse_compile.patterns.blocks import is_toeplitz
 
     q_start = _offset(graph, mask.q_start)
+    if mask.q_start_checked:
+        q_start = graph.call_function(consecutive_start, (q_start,))
     k_start = _offset(graph, mask.k_start)
     if mask.key_mask is not None:
         keys = key_mask_node(graph, mask.key_mask, k)

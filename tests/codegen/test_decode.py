@@ -3,11 +3,15 @@ log-sum-exp): through the public call, against the float64 oracle."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 from sparse_compile.codegen import attention as kernels
 from sparse_compile.codegen.launch.positions import DEFAULT_FRAME
 from sparse_compile.codegen.tl.decode import decode_applies
+from triton.errors import TritonError
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import check_against_oracle, count_calls, make_qkv
@@ -64,7 +68,15 @@ def test_decoding_is_chosen_only_for_decoding_shapes() -> None:
     assert not decode_applies(q1, torch.empty(1, 8, 128, 128), 0.0, DEFAULT_FRAME)
 
 
-def test_a_failing_decoding_launch_falls_back_and_says_so(monkeypatch, caplog) -> None:
+def _raise_inside_triton(message: str) -> None:
+    """Raise a RuntimeError from a frame of the Triton package (as its compiler pipeline
+    does when a pass fails)."""
+    where = Path(triton.__file__).parent / "compiler" / "compiler.py"
+    exec(compile(f"raise RuntimeError({message!r})", str(where), "exec"))
+
+
+@pytest.mark.parametrize("failure", ["triton error", "raised inside triton"])
+def test_a_failing_decoding_launch_falls_back_and_says_so(monkeypatch, caplog, failure) -> None:
     """If the family fails on a machine (a Triton without an operation it uses), the general
     kernels give the same answer, the failure is logged once and the family not tried again."""
     from sparse_compile.codegen.launch import fallbacks
@@ -74,7 +86,9 @@ def test_a_failing_decoding_launch_falls_back_and_says_so(monkeypatch, caplog) -
 
     def broken(*args, **kwargs):
         calls.append(1)
-        raise RuntimeError("no such operation on this Triton")
+        if failure == "triton error":
+            raise TritonError("no such operation on this Triton")
+        _raise_inside_triton("no such operation on this Triton")
 
     monkeypatch.setattr(kernels, "launch_decode", broken)
     q, k, v = make_qkv(1, 4, 2, 1, 300, 16, torch.float32)
@@ -82,3 +96,40 @@ def test_a_failing_decoding_launch_falls_back_and_says_so(monkeypatch, caplog) -
         check_against_oracle(attention, q, k, v, "causal & sliding(40)", grads=False)
         check_against_oracle(attention, q, k, v, "causal & sliding(40)", grads=False)
     assert len(calls) == 1 and "no such operation" in caplog.text
+
+
+@pytest.mark.parametrize(("b", "hq", "lq", "lk"), [(0, 4, 1, 300), (2, 4, 0, 300),
+                                                   (0, 4, 1, 0)])
+def test_empty_decoding_inputs_give_an_empty_output_and_keep_the_family(
+        monkeypatch, b, hq, lq, lk) -> None:
+    """An empty batch (or no query row) is answered without a launch, and the decoding
+    kernels still serve the next call."""
+    from sparse_compile.codegen.launch import fallbacks
+
+    monkeypatch.setattr(fallbacks, "_failed", {})
+    q, k, v = (t.detach() for t in make_qkv(b, hq, 2, lq, lk, 16, torch.float32))
+    assert not decode_applies(q, k, 0.0, DEFAULT_FRAME)
+    out = attention(q, k, v, "causal & sliding(40)")
+    assert out.shape == (b, hq, lq, 16)
+    assert fallbacks.family_available("decode")
+    calls = count_calls(monkeypatch, kernels, "launch_decode")
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 16, torch.float32)
+    check_against_oracle(attention, q, k, v, "causal & sliding(40)", grads=False)
+    assert calls, "the decoding kernels did not run"
+
+
+def test_an_error_in_the_launch_code_is_raised_not_a_fallback(monkeypatch) -> None:
+    """Only Triton failing to compile or launch a kernel switches the family off: a bug in
+    our launch code surfaces."""
+    from sparse_compile.codegen.launch import fallbacks
+
+    monkeypatch.setattr(fallbacks, "_failed", {})
+
+    def wrong(*args, **kwargs):
+        return 1 // 0
+
+    monkeypatch.setattr(kernels, "launch_decode", wrong)
+    q, k, v = make_qkv(1, 4, 2, 1, 300, 16, torch.float32)
+    with pytest.raises(ZeroDivisionError):
+        attention(q, k, v, "causal & sliding(40)")
+    assert fallbacks.family_available("decode")

@@ -260,3 +260,47 @@ def test_offsets_on_either_side_become_query_and_key_starts(written) -> None:
     assert str(found.pattern) == "causal", found
     (q_node, q_const), (k_node, k_const) = found.q_start, found.k_start
     assert "q_off" in q_node.name and "k_off" in k_node.name and q_const == k_const == 0
+
+
+class _TopLeftMask(torch.nn.Module):
+    """Attention under a mask the module builds itself from ``arange``: query row ``i`` at
+    position ``i`` (top-left), causal, and within ``window`` keys when given."""
+
+    def __init__(self, window: int | None = None) -> None:
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v):
+        rows = torch.arange(q.shape[-2], device=q.device)[:, None]
+        cols = torch.arange(k.shape[-2], device=q.device)[None, :]
+        keep = cols <= rows
+        if self.window is not None:
+            keep = keep & (rows - cols < self.window)
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize(("lq", "lk"), [(5, 9), (9, 5), (6, 6)])
+def test_a_top_left_mask_keeps_queries_from_position_zero(lq, lk, window, dynamic) -> None:
+    """``k_idx <= q_idx`` from ``arange`` with Lq != Lk (or lengths only known at run time)
+    places query row 0 at position 0, not at the default ``Lk - Lq``."""
+    model = _TopLeftMask(window)
+    compiled = torch.compile(model, backend="sparse", dynamic=dynamic,
+                             options={"pattern": "dense", "compiler": "eager"})
+    gen = torch.Generator().manual_seed(lq * 10 + lk)
+    for step in range(2):  # a second shape: dynamic=True reuses the symbolic graph
+        q = torch.randn(2, 2, lq + step, 16, generator=gen)
+        k, v = (torch.randn(2, 2, lk + 2 * step, 16, generator=gen) for _ in range(2))
+        with collecting() as report, recording_op_inputs() as calls, torch.no_grad():
+            out = compiled(q, k, v)
+        if step == 0:
+            assert len(report) == 1 and report[0].rewritten, str(report)
+            assert report[0].mask.startswith("folded"), str(report)
+        no_lq_by_lk(calls)
+        # A row with no kept key (Lq > Lk with a window) is zeros in the op, NaN in the model.
+        expected = model(q.double(), k.double(), v.double()).nan_to_num(0.0)
+        error = rel_error(out, expected)
+        assert error < 1e-5, (step, error)
