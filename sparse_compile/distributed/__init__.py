@@ -12,11 +12,14 @@ the attention to see the keys of other ranks; here only the keys the pattern kee
   (``plan.py``, ``report.py``).
 """
 
+from sparse_compile.distributed.context import ContextParallelModel, context_parallel
 from sparse_compile.distributed.plan import ExchangePlan, UnsupportedPatternError, exchange_plan
+from sparse_compile.distributed.report import CommunicationReport, communication_report
 from sparse_compile.distributed.sharded import register_group, sharded_attention
 from sparse_compile.distributed.sharding import Sharding, ShardingError
 
 __all__ = [
-    "ExchangePlan", "Sharding", "ShardingError", "UnsupportedPatternError", "exchange_plan",
+    "CommunicationReport", "ContextParallelModel", "ExchangePlan", "communication_report",
+    "context_parallel", "Sharding", "ShardingError", "UnsupportedPatternError", "exchange_plan",
     "register_group", "sharded_attention",
 ]

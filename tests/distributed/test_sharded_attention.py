@@ -33,6 +33,7 @@ def oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str) -> t
     """Differentiable float64 attention of the whole sequence (``reference_attention``'s
     mask; rows without a kept key give zeros)."""
     from sparse_compile.patterns import parse
+
     from sparse_compile.reference import kept_mask
 
     b, hq, length, d = q.shape
