@@ -96,13 +96,14 @@ class Sharding:
 
 
 def default_sharding(pattern_text: str, world: int) -> Sharding:
-    """``zigzag`` for patterns whose work grows along the sequence (``causal`` without a
-    window: every rank would otherwise wait for the last), ``contiguous`` otherwise (banded
-    patterns, where contiguous shards need only a neighbour's halo)."""
+    """``contiguous`` for banded patterns (``sliding``, ``window``, ``local``, ``block``:
+    contiguous shards need only a neighbour's halo, and every rank has the same work),
+    ``zigzag`` otherwise: a causal language model's own mask makes even ``dense`` causal,
+    whose work grows along the sequence, so contiguous shards would leave every rank waiting
+    for the last."""
     from sparse_compile.patterns import parse
-    from sparse_compile.patterns.primitives import Causal, Local, Sliding, Window
+    from sparse_compile.patterns.primitives import Block, Local, Sliding, Window
 
-    nodes = list(parse(pattern_text).walk())
-    causal = any(isinstance(n, Causal) for n in nodes)
-    banded = any(isinstance(n, Sliding | Window | Local) for n in nodes)
-    return Sharding("zigzag" if causal and not banded else "contiguous", world)
+    banded = any(isinstance(n, Sliding | Window | Local | Block)
+                 for n in parse(pattern_text).walk())
+    return Sharding("contiguous" if banded else "zigzag", world)
