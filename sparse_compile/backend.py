@@ -15,7 +15,9 @@ dynamic shapes the comparison becomes a guard, so crossing it recompiles), ``com
 ``on_unsupported`` (``"warn"``: log and leave sites that cannot be proven as they are;
 ``"error"``: raise ``UnsupportedAttentionError`` for any such site, and let failures of the
 pass itself propagate instead of falling back to the graph as captured). ``mode`` is passed to
-Inductor as its mode options.
+Inductor as its mode options. ``context_parallel`` (set by
+``sparse_compile.distributed.context_parallel``) makes every site call the sharded attention
+of a sequence split over ranks; a site that cannot be sharded then always raises.
 
 Before detection, in-place updates of fresh score tensors (``w.masked_fill_(...)``) are made
 out-of-place, and Doge-style dynamic-mask attention is handed to the DMA pass.
@@ -66,7 +68,7 @@ def sparse_backend(
     except UnsupportedAttentionError:
         raise
     except Exception as err:
-        if config.on_unsupported == "error":
+        if config.on_unsupported == "error" or config.context_parallel is not None:
             raise
         # The pass must never break a model: fall back to the graph as captured.
         log.warning("sparse pass failed, compiling the graph unchanged: %r", err)
@@ -87,11 +89,11 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     for site in find_sites(new_gm):
         row = _process(new_gm, site, config, order, folded)
         record(row)
-        if not row.rewritten and row.source != "min_length":
+        if not row.rewritten and (row.source != "min_length" or config.context_parallel):
             problems.append(row)
     erase_dead_masks(new_gm.graph, folded)
     _strip_value_tags(new_gm)
-    if problems and config.on_unsupported == "error":
+    if problems and (config.on_unsupported == "error" or config.context_parallel is not None):
         raise UnsupportedAttentionError(
             "attention left dense: " + "; ".join(row.line() for row in problems)
         )
@@ -165,7 +167,11 @@ def _process(gm: GraphModule, site: AttentionSite, config: BackendOptions,
             return row(False, problem)
     if config.min_length and _below(lk, config.min_length):
         return row(False, f"{lk} keys < min_length {config.min_length}", "min_length")
-    rewrite_site(gm, site, pattern, plan)
+    out = rewrite_site(gm, site, pattern, plan)
+    if config.context_parallel is not None:
+        from sparse_compile.distributed.bind import bind_site
+
+        bind_site(gm.graph, out, config.context_parallel, path)
     if plan is not None and plan.drops_mask:
         folded.extend(plan.terms)
     return row(True, None)

@@ -50,13 +50,15 @@ class BackendOptions:
     compiler: str = "inductor"
     on_unsupported: str = "warn"
     mode: str | None = None
+    context_parallel: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> BackendOptions:
         """Check and normalise user options; unknown keys raise ``TypeError``."""
         options = dict(options or {})
-        known = {"pattern", "assign", "min_length", "compiler", "on_unsupported", "mode"}
+        known = {"pattern", "assign", "min_length", "compiler", "on_unsupported", "mode",
+                 "context_parallel"}
         unknown = set(options) - known
         if unknown:
             raise TypeError(
@@ -81,6 +83,7 @@ class BackendOptions:
             compiler=compiler,
             on_unsupported=on_unsupported,
             mode=options.get("mode"),
+            context_parallel=options.get("context_parallel"),
         )
 
 
