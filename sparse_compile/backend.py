@@ -79,9 +79,11 @@ def sparse_backend(
 def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     """A copy of ``gm`` whose provable attention sites call the sparse op."""
     graph = Graph()
-    out = graph.graph_copy(gm.graph, {})
+    copies: dict[Node, Node] = {}
+    out = graph.graph_copy(gm.graph, copies)
     graph.output(out)
     new_gm = GraphModule(gm, graph)
+    _keep_dynamo_metadata(gm, new_gm, copies)
     functionalize_score_updates(new_gm.graph)
     problems = _rewrite_dynamic_mask_sites(new_gm)
     folded: list[Node] = []
@@ -100,6 +102,21 @@ def sparsify_graph(gm: GraphModule, config: BackendOptions) -> GraphModule:
     new_gm.graph.lint()
     new_gm.recompile()
     return new_gm
+
+
+def _keep_dynamo_metadata(gm: GraphModule, new_gm: GraphModule, copies: dict[Node, Node]) -> None:
+    """Carry what Dynamo attached to its graph over to the copy: the module's ``meta`` (its
+    compile id), ``_param_name_to_source`` and each placeholder's ``_dynamo_source``.
+    AOTAutograd reads them to know which inputs are static (parameters, buffers, a static
+    KV cache marked with ``mark_static_address``); without them Inductor's CUDA graphs treat
+    every input as dynamic, copy the weights in on each replay and refuse graphs that update
+    a cache in place ("skipping cudagraphs due to mutated inputs")."""
+    new_gm.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source
+    for old, new in copies.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
 
 
 def _rewrite_dynamic_mask_sites(gm: GraphModule) -> list[SiteReport]:

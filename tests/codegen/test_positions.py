@@ -141,7 +141,8 @@ def test_document_bounds_kernel_matches_pytorch(length: int) -> None:
     from sparse_compile.codegen.tl.documents import document_bounds, document_bounds_reference
 
     gen = torch.Generator().manual_seed(length)
-    ids = torch.sort(torch.randint(0, 6, (3, length), generator=gen)).values
-    ids = torch.where(torch.rand(3, length, generator=gen) < 0.1, -1, ids)
+    ids = torch.sort(torch.randint(0, 6, (3, length), generator=gen, device="cpu")).values
+    ids = torch.where(torch.rand(3, length, generator=gen, device="cpu") < 0.1, -1, ids)
+    ids = ids.to(torch.get_default_device())
     got, want = document_bounds(ids), document_bounds_reference(ids)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -160,6 +160,43 @@ def test_rewritten_graph_has_one_op_call_and_no_softmax():
     assert "softmax" not in code and "matmul(" not in code and "expand" not in code
 
 
+class _CachedAttention(torch.nn.Module):
+    """Attention over a static cache buffer updated in place, the buffer marked static as
+    transformers' StaticCache marks its tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(1, 2, 16, 8))
+        torch._dynamo.mark_static_address(self.keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.keys[:, :, : x.shape[2]].copy_(x)
+        return F.scaled_dot_product_attention(x, self.keys, self.keys)
+
+
+def test_rewritten_graph_keeps_what_dynamo_attached():
+    """AOTAutograd finds static inputs (weights, a static cache) through the compile id, the
+    parameter sources and each placeholder's source that Dynamo attaches to its graph; the
+    rewritten graph must carry them, or Inductor's CUDA graphs copy every weight on each replay
+    and refuse graphs that update a cache in place."""
+    pairs = []
+
+    def capture(gm, example_inputs):
+        pairs.append((gm, sparsify_graph(gm, BackendOptions.from_mapping({"pattern": "causal"}))))
+        return pairs[-1][1].forward
+
+    torch.compile(_CachedAttention(), backend=capture)(torch.randn(1, 2, 16, 8))
+    (captured, rewritten), = pairs
+    assert "functional_attention(" in rewritten.code
+    assert rewritten.meta["dynamo_compile_id"] == captured.meta["dynamo_compile_id"]
+    assert rewritten._param_name_to_source is captured._param_name_to_source
+    before = list(captured.graph.find_nodes(op="placeholder"))
+    after = list(rewritten.graph.find_nodes(op="placeholder"))
+    assert [n._dynamo_source for n in after] == [n._dynamo_source for n in before]
+    static = [n for n in after if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+    assert static, "the static cache buffer lost its static mark"
+
+
 def test_training_dropout_reaches_the_op():
     model = BertSelf()
     model.dropout.p = 0.25
