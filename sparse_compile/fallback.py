@@ -191,9 +191,9 @@ def chunked_attention(
     chunk = max(1, min(lq, max_scores // max(1, b * hq * lk)))
     doc_bounds = None
     if documents is not None:
-        from sparse_compile.codegen.tl.documents import document_bounds
+        from sparse_compile.positions import document_bounds_of
 
-        doc_bounds = document_bounds(documents.to(q.device))
+        doc_bounds = document_bounds_of(documents.to(q.device), b)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias)
     )

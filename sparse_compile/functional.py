@@ -163,7 +163,9 @@ def placed_attention(
     text = _pattern_text(pattern)
     check_heads(q, k, v)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
-    if documents is not None:
+    if documents is not None and documents.dim() == 3:  # bounds prepared once per graph
+        documents = documents[..., :lk]
+    elif documents is not None:
         documents = documents.to(q.device).reshape(-1, documents.shape[-1])[:, :lk]
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
     return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents,

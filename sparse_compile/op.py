@@ -60,10 +60,26 @@ def kernel_frame(q: torch.Tensor, starts: torch.Tensor | None,
     )
 
     if documents is not None:
-        return documents_frame(documents.expand(q.shape[0], documents.shape[-1]))
+        return documents_frame(documents, q.shape[0])
     if starts is not None:
         return starts_frame(starts)
     return DEFAULT_FRAME
+
+
+@torch.library.custom_op(f"{_NS}::prepare_documents", mutates_args=())
+def prepare_documents(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each token's document as key indices, int32 ``[2, batch, L]`` (start, end), from ids
+    ``[B or 1, L]``: the work that depends on the ids, done once per graph by the backend and
+    handed to every attention call as its ``documents`` (see ``positions.document_bounds_of``)
+    instead of once per layer and again in each backward."""
+    from sparse_compile.positions import document_bounds_of
+
+    return torch.stack(document_bounds_of(ids, batch))
+
+
+@prepare_documents.register_fake
+def _(ids, batch):
+    return ids.new_empty((2, batch, ids.shape[-1]), dtype=torch.int32)
 
 
 @torch.library.custom_op(f"{_NS}::attention", mutates_args=())

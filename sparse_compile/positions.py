@@ -166,3 +166,23 @@ def documents_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     first = torch.ones_like(pos[:, :1], dtype=torch.bool)
     restart = torch.cat([first, pos[:, 1:] != pos[:, :-1] + 1], dim=-1)
     return restart.to(torch.int64).cumsum(dim=-1) - 1
+
+
+def document_bounds_of(documents: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, end)``, int32 ``[batch, L]``: each token's document as key indices, from the
+    op's ``documents`` argument, either ids ``[B or 1, L]`` (prepared here, on their device)
+    or bounds ``[2, batch, L]`` already prepared once for every layer by
+    ``torch.ops.sparse_compile.prepare_documents``."""
+    if documents.dim() == 3:
+        return documents[0], documents[1]
+    from sparse_compile.codegen.tl.documents import document_bounds
+
+    return document_bounds(documents.expand(batch, documents.shape[-1]))
+
+
+def prepared_documents(ids: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Bounds ``[2, batch, length]`` of document ids ``[B or 1, L']`` or ``[L']`` (``L' >=
+    length``, the first ``length`` used): what the backend computes once per graph and passes
+    to every attention call of the packed batch."""
+    ids = ids.reshape(-1, ids.shape[-1])[:, :length]
+    return torch.ops.sparse_compile.prepare_documents(ids, batch)

@@ -57,11 +57,12 @@ def starts_frame(starts: torch.Tensor) -> Frame:
     return Frame(PER_BATCH, q_first=0, starts=starts.to(torch.int32).contiguous())
 
 
-def documents_frame(ids: torch.Tensor) -> Frame:
-    """The frame of documents ``ids`` ``[B, L]`` (``codegen/tl/documents.py``)."""
-    from sparse_compile.codegen.tl.documents import document_bounds
+def documents_frame(documents: torch.Tensor, batch: int) -> Frame:
+    """The frame of the op's ``documents``: ids ``[B or 1, L]`` or bounds prepared once per
+    graph ``[2, batch, L]`` (``sparse_compile.positions.document_bounds_of``)."""
+    from sparse_compile.positions import document_bounds_of
 
-    start, end = document_bounds(ids)
+    start, end = document_bounds_of(documents, batch)
     return Frame(DOCUMENTS, doc_start=start, doc_end=end)
 
 

@@ -17,7 +17,11 @@ import torch
 from torch.fx import Graph, Node
 
 import sparse_compile.fx.graph_ops as ops
-from sparse_compile.positions import consecutive_start, documents_from_equal_ids
+from sparse_compile.positions import (
+    consecutive_start,
+    documents_from_equal_ids,
+    prepared_documents,
+)
 
 
 def placed_arguments(graph: Graph, mask: Any, pattern: Any, q: Node, k: Node,
@@ -57,12 +61,25 @@ def placed_arguments(graph: Graph, mask: Any, pattern: Any, q: Node, k: Node,
     if k_start is not None:
         placed["k_start"] = k_start
     if mask.documents is not None:
-        placed["documents"] = mask.documents
-    if mask.documents_checked:
-        batch, length = graph.call_method("size", (q, 0)), graph.call_method("size", (k, -2))
-        placed["documents"] = graph.call_function(
-            documents_from_equal_ids, (mask.documents, batch, length, mask.document_positions))
+        placed["documents"] = _prepared_documents(graph, mask, q, k)
     return placed
+
+
+def _prepared_documents(graph: Graph, mask: Any, q: Node, k: Node) -> Node:
+    """The document bounds of ``mask``'s ids, computed once per graph: the first site that
+    needs them inserts the preparation (and the run-time check of ids not proven in order),
+    later sites of the same packed batch reuse its node (sites are rewritten in graph order),
+    so neither the layers nor the backward prepare the ids again."""
+    prepared = graph.__dict__.setdefault("_sparse_compile_documents", {})
+    key = (mask.documents, mask.documents_checked, mask.document_positions)
+    if key not in prepared:
+        batch, length = graph.call_method("size", (q, 0)), graph.call_method("size", (k, -2))
+        ids = mask.documents
+        if mask.documents_checked:
+            ids = graph.call_function(
+                documents_from_equal_ids, (ids, batch, length, mask.document_positions))
+        prepared[key] = graph.call_function(prepared_documents, (ids, batch, length))
+    return prepared[key]
 
 
 def _offset(graph: Graph, value: Any) -> Any:

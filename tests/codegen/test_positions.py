@@ -74,6 +74,25 @@ def test_a_packed_batch_equals_each_document_alone(text: str) -> None:
         start += n
 
 
+@pytest.mark.parametrize("text", ["causal & sliding(7)", "global(2) | local(6)"])
+def test_bounds_prepared_once_equal_the_ids(text: str) -> None:
+    """The backend prepares a packed batch's bounds once per graph and hands them to every
+    call: forward and gradients equal the call given the ids."""
+    from sparse_compile.functional import placed_attention
+    from sparse_compile.positions import prepared_documents
+
+    q, k, v = make_qkv(2, 2, 1, 37, 37, 16, torch.float32)
+    ids = _documents(2, 37)
+    want = attention(q, k, v, text, documents=ids)
+    grads_want = torch.autograd.grad(want.sum(), (q, k, v))
+    bounds = prepared_documents(ids, 2, 37)
+    assert bounds.shape == (2, 2, 37) and bounds.dtype == torch.int32
+    got = placed_attention(q, k, v, text, documents=bounds)
+    assert torch.equal(got, want)
+    for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), grads_want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_padding_rows_output_zeros() -> None:
     q, k, v = (t.detach() for t in make_qkv(2, 2, 2, 37, 37, 16, torch.float32))
     ids = _documents(2, 37)

@@ -212,8 +212,15 @@ def test_explain_takes_keyword_inputs_and_shows_the_folded_mask() -> None:
     assert "model mask" in str(report)
 
 
-def test_packed_documents_gradients_equal_each_document_alone() -> None:
-    """Backward too: the packed batch's gradients are the sum of each document's alone."""
+def test_packed_documents_gradients_equal_each_document_alone(monkeypatch) -> None:
+    """Backward too: the packed batch's gradients are the sum of each document's alone; the
+    ids are prepared once for the whole step (both layers, forward and backward)."""
+    import sparse_compile.codegen.tl.documents as documents_module
+
+    prepared = []
+    real = documents_module.document_bounds
+    monkeypatch.setattr(documents_module, "document_bounds",
+                        lambda ids: prepared.append(ids.shape) or real(ids))
     model = _model("qwen2")
     model.train()
     lengths = [6, 5]
@@ -224,6 +231,7 @@ def test_packed_documents_gradients_equal_each_document_alone() -> None:
                              options={"pattern": "causal & sink(2)", "compiler": "eager"})
     packed = compiled(ids, position_ids=position_ids, use_cache=False).logits
     (packed * weights).sum().backward()
+    assert len(prepared) == 1, prepared
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     start = 0
