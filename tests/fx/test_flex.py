@@ -64,10 +64,6 @@ def alibi(score, b, h, q_idx, kv_idx):
 RELATIVE = torch.linspace(-1.0, 1.0, 2 * L)
 
 
-def relative_table(score, b, h, q_idx, kv_idx):
-    return score + RELATIVE[q_idx - kv_idx + L]
-
-
 def absolute_positions(score, b, h, q_idx, kv_idx):
     return score + RELATIVE[q_idx] * RELATIVE[kv_idx]
 
@@ -265,7 +261,7 @@ def test_blocks_without_a_mask_mod_are_not_read():
 
 
 def test_flex_site_raises_with_on_unsupported_error():
-    compiled = torch.compile(FlexModule(causal_window, relative_table), backend="sparse",
+    compiled = torch.compile(FlexModule(causal_window, absolute_positions), backend="sparse",
                              options={"on_unsupported": "error", "compiler": "eager"})
     with pytest.raises(Exception, match="bias of query and key positions"), torch.no_grad():
         compiled(_inputs())
