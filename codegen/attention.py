@@ -47,6 +47,7 @@ from sparse_compile.codegen.routes.strided_union import StridedUnion, strided_un
 from sparse_compile.codegen.tl.backward_delta import launch_delta
 from sparse_compile.codegen.tl.backward_dkdv import launch_dkdv
 from sparse_compile.codegen.tl.backward_dq import launch_dq
+from sparse_compile.codegen.tl.backward_table import launch_table_grad, relative_table_grad
 from sparse_compile.codegen.tl.decode import decode_applies, launch_decode
 from sparse_compile.codegen.tl.forward import launch_forward
 from sparse_compile.codegen.tl.merge import add_rows_, merge_parts
@@ -154,6 +155,7 @@ def forward(
     out_dtype: torch.dtype | None = None,
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] (float32,
     log2 units, +inf if empty).
@@ -162,7 +164,9 @@ def forward(
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks;
     ``frame``: where queries and keys sit (codegen/launch/positions.py; the residue and
     strided-union routes serve the default alignment only); ``alibi``: None or float32
-    per-query-head slopes ``[Hq]``, adding ``slope * (k_pos - q_pos)`` to the logits.
+    per-query-head slopes ``[Hq]``, adding ``slope * (k_pos - q_pos)`` to the logits;
+    ``rel_bias``: None or a float32 relative-bias table ``[Hq or 1, Lq + Lk - 1]``, adding
+    ``table[h, clamp(q_pos - k_pos + Lq - 1, 0, Lq + Lk - 2)]``.
     """
     lq, lk = q.shape[2], k.shape[2]
     if decode_applies(q, k, dropout_p, frame) and family_available("decode"):
@@ -172,10 +176,10 @@ def forward(
             with fall_back_on_failure("decode"):
                 return launch_decode(module, q, k, v, kernel_bias(bias), n_heads,
                                      _pieces(pattern_text), scale, precision, softcap,
-                                     out_dtype, frame, alibi)
+                                     out_dtype, frame, alibi, rel_bias)
         except FellBack:
             pass  # the general kernels below compute the same
-    if frame.is_default(lq, lk) and alibi is None:
+    if frame.is_default(lq, lk) and alibi is None and rel_bias is None:
         parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if parts is not None:
             return _union_forward(parts, q, k, v, scale, cfg, softcap, out_dtype)
@@ -187,7 +191,7 @@ def forward(
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device, frame=frame)
     return launch_forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
-        out_dtype, frame, alibi,
+        out_dtype, frame, alibi, rel_bias,
     )
 
 
@@ -217,10 +221,11 @@ def backward(
     softcap: float = 0.0,
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dbias) for the forward above; dbias has bias's shape or None."""
     lq, lk = q.shape[2], k.shape[2]
-    if frame.is_default(lq, lk) and alibi is None:
+    if frame.is_default(lq, lk) and alibi is None and rel_bias is None:
         parts = strided_union_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if parts is not None:
             return _union_backward(parts, dout, q, k, v, out, lse, scale, cfg, softcap)
@@ -240,7 +245,7 @@ def backward(
         dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
         dk, dv = launch_dkdv(
             module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed,
-            cfg, softcap, dq_acc, frame, alibi,
+            cfg, softcap, dq_acc, frame, alibi, rel_bias,
         )
         # One epilogue pass: scale and cast (in place for float32 inputs).
         if q.dtype == torch.float32:
@@ -254,15 +259,42 @@ def backward(
     delta = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     dq = launch_dq(
         module, q, k, v, kb, dout, lse, delta, dbias, dq_visit, n_heads, scale, dropout_p,
-        seed, cfg, softcap, out, frame, alibi,
+        seed, cfg, softcap, out, frame, alibi, rel_bias,
     )
     dk, dv = launch_dkdv(
         module, q, k, v, kb, dout, lse, delta, kv_visit, n_heads, scale, dropout_p, seed, cfg,
-        softcap, None, frame, alibi,
+        softcap, None, frame, alibi, rel_bias,
     )
     if dbias is not None:
         dbias = dbias.reshape(bias.shape).to(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def relative_bias_grad(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern_text: str,
+    scale: float,
+    bias: torch.Tensor | None,
+    dropout_p: float,
+    seed: int,
+    softcap: float,
+    frame: Frame,
+    alibi: torch.Tensor | None,
+    rel_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Gradient of the relative-bias table ``rel_bias`` (float32 ``[Hq or 1, Lq + Lk - 1]``)
+    for the forward above: dS summed per diagonal in the kernels (codegen/tl/backward_table.py,
+    deterministic), then mapped to the table's entries."""
+    module, n_heads = static_kernels(pattern_text)
+    delta = launch_delta(out, dout)
+    diagonals = launch_table_grad(module, q, k, v, kernel_bias(bias), dout, lse, delta, n_heads,
+                                  scale, dropout_p, seed, softcap, frame, alibi, rel_bias)
+    return relative_table_grad(diagonals, frame, q.shape[2], k.shape[2], rel_bias.shape[0])
 
 
 def _class_views(route: ResidueRoute, tensors: list[torch.Tensor], same_heads: bool

@@ -35,27 +35,34 @@ class _KernelAttention(torch.autograd.Function):
     """out = the kernels' forward; backward = the kernels' dQ and dK/dV passes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, pattern, scale, dropout_p, seed, softcap, frame, alibi):
+    def forward(ctx, q, k, v, bias, pattern, scale, dropout_p, seed, softcap, frame, alibi,
+                rel_bias):
         from sparse_compile.codegen.attention import forward
 
         out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                           frame=frame, alibi=alibi)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+                           frame=frame, alibi=alibi, rel_bias=rel_bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse, rel_bias)
         ctx.args = (pattern, scale, dropout_p, seed, softcap, frame, alibi)
         ctx.bias_grad = bias is not None and bias.requires_grad and bias.is_floating_point()
+        ctx.rel_grad = rel_bias is not None and rel_bias.requires_grad
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from sparse_compile.codegen.attention import backward
+        from sparse_compile.codegen.attention import backward, relative_bias_grad
 
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse, rel_bias = ctx.saved_tensors
         pattern, scale, dropout_p, seed, softcap, frame, alibi = ctx.args
+        dout = dout.contiguous()
         dq, dk, dv, db = backward(
-            dout.contiguous(), q, k, v, out, lse, pattern, scale, bias, ctx.bias_grad,
-            dropout_p, seed, softcap=softcap, frame=frame, alibi=alibi,
+            dout, q, k, v, out, lse, pattern, scale, bias, ctx.bias_grad, dropout_p, seed,
+            softcap=softcap, frame=frame, alibi=alibi, rel_bias=rel_bias,
         )
-        return dq, dk, dv, db, None, None, None, None, None, None, None
+        drel = None
+        if ctx.rel_grad:
+            drel = relative_bias_grad(dout, q, k, v, out, lse, pattern, scale, bias, dropout_p,
+                                      seed, softcap, frame, alibi, rel_bias)
+        return dq, dk, dv, db, None, None, None, None, None, None, None, drel
 
 
 def kernel_attention(
@@ -71,16 +78,17 @@ def kernel_attention(
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The kernels' attention ([B, Hq, Lq, D]), differentiable when an input requires grad.
 
     ``pattern`` is canonical DSL text of a static pattern; arguments as the custom op's.
     """
     frame = kernel_frame(q, starts, documents)
-    if _needs_grad(q, k, v, bias):
+    if _needs_grad(q, k, v, bias, rel_bias):
         return _KernelAttention.apply(q, k, v, bias, pattern, scale, dropout_p, seed, softcap,
-                                      frame, alibi)
+                                      frame, alibi, rel_bias)
     from sparse_compile.codegen.attention import forward
 
     return forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                   frame=frame, alibi=alibi)[0]
+                   frame=frame, alibi=alibi, rel_bias=rel_bias)[0]

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sparse_compile.relative_bias import relative_index
+
 logger = logging.getLogger("sparse_compile")
 
 _logged = False
@@ -67,16 +69,28 @@ def _chunk_positions(rows: torch.Tensor, lq: int, lk: int, starts: torch.Tensor 
     return rows[None, :, None] + q0, k_pos, k_pos >= 0
 
 
-def _with_alibi(alibi: torch.Tensor, rows: torch.Tensor, lq: int, lk: int, hkv: int, group: int,
-                starts: torch.Tensor | None,
-                doc_bounds: tuple[torch.Tensor, torch.Tensor] | None, keep: torch.Tensor,
-                bias: torch.Tensor | None, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, float bias) of a query chunk with ALiBi's ``slope * (k_pos - q_pos)`` added (a
-    boolean bias moves into ``keep``)."""
+def _with_position_bias(alibi: torch.Tensor | None, rel_bias: torch.Tensor | None,
+                        rows: torch.Tensor, lq: int, lk: int, hkv: int, group: int,
+                        starts: torch.Tensor | None,
+                        doc_bounds: tuple[torch.Tensor, torch.Tensor] | None, keep: torch.Tensor,
+                        bias: torch.Tensor | None, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, float bias) of a query chunk with ALiBi's ``slope * (k_pos - q_pos)`` and the
+    relative table's entries (sparse_compile.relative_bias) added (a boolean bias moves into
+    ``keep``): ``[B|1, Hkv|1, G|1, c, Lk]``, differentiable in the table."""
     q_pos, k_pos, _ = _chunk_positions(rows, lq, lk, starts, doc_bounds)
-    slopes = alibi.to(dtype).reshape(1, hkv, group, 1, 1)
-    added = slopes * (k_pos - q_pos).to(dtype)[:, None, None]
+    added = torch.zeros((), device=rows.device, dtype=dtype)
+    if alibi is not None:
+        slopes = alibi.to(dtype).reshape(1, hkv, group, 1, 1)
+        added = added + slopes * (k_pos - q_pos).to(dtype)[:, None, None]
+    if rel_bias is not None:
+        idx = relative_index(q_pos, k_pos, lq, lk).expand(-1, rows.shape[0], lk)
+        terms = rel_bias.to(dtype)[:, idx].transpose(0, 1)          # [B|1, Hq|1, c, Lk]
+        if terms.shape[1] == 1:
+            terms = terms[:, :, None]
+        else:
+            terms = terms.reshape(terms.shape[0], hkv, group, *terms.shape[2:])
+        added = added + terms
     if bias is None:
         return keep, added
     if bias.dtype == torch.bool:
@@ -145,6 +159,7 @@ def chunked_attention(
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse attention, chunked over queries.
 
@@ -162,6 +177,8 @@ def chunked_attention(
             (sparse_compile.positions): ``[B or 1, 2]`` (q_start, k_start) or document ids
             ``[B or 1, L]``.
         alibi: None or ALiBi slopes ``[Hq]``: logits + slope * (k_pos - q_pos).
+        rel_bias: None or a relative-bias table ``[Hq or 1, Lq + Lk - 1]``
+            (sparse_compile.relative_bias), differentiable.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype. Differentiable through plain torch ops.
@@ -195,7 +212,7 @@ def chunked_attention(
 
         doc_bounds = document_bounds_of(documents.to(q.device), b)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias)
+        t is not None and t.requires_grad for t in (q, k, v, bias, rel_bias)
     )
     outs = []
     for start in range(0, lq, chunk):
@@ -205,9 +222,9 @@ def chunked_attention(
         bias_c = None
         if bias5 is not None:
             bias_c = bias5 if bias5.shape[3] == 1 else bias5[:, :, :, start:stop]
-        if alibi is not None:
-            keep, bias_c = _with_alibi(alibi, rows, lq, lk, hkv, group, starts, doc_bounds,
-                                       keep, bias_c, compute_dtype)
+        if alibi is not None or rel_bias is not None:
+            keep, bias_c = _with_position_bias(alibi, rel_bias, rows, lq, lk, hkv, group, starts,
+                                               doc_bounds, keep, bias_c, compute_dtype)
         q_c = qg[:, :, :, start:stop]
         if needs_grad and chunk < lq:
             out = checkpoint(

@@ -11,6 +11,7 @@ import torch
 from sparse_compile.eager import fast_path_applies, kernel_attention
 from sparse_compile.op import attention_op, check_heads
 from sparse_compile.positions import check_documents, starts_tensor
+from sparse_compile.relative_bias import check_table
 
 
 @lru_cache(maxsize=512)
@@ -45,6 +46,7 @@ def attention(
     k_start: int | torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pattern-sparse scaled dot-product attention.
 
@@ -86,12 +88,20 @@ def attention(
         alibi: ALiBi slopes, a float tensor ``[Hq]`` (or one slope for every head): the
             logits of query head ``h`` get ``alibi[h] * (k_pos - q_pos)`` (the positions
             above; computed in the kernels, nothing Lq x Lk is built). Not differentiated.
+        rel_bias: a relative-position bias table, float ``[Hq, Lq + Lk - 1]`` (or ``[1, ...]``
+            / ``[Lq + Lk - 1]``: one row for every head): the logits of query head ``h`` get
+            ``rel_bias[h, clamp(q_pos - k_pos + Lq - 1, 0, Lq + Lk - 2)]`` at the positions
+            above, i.e. ``rel_bias[h, i - j + Lk - 1]`` for query row ``i`` and key ``j`` in
+            the default alignment and inside documents (sparse_compile.relative_bias).
+            Computed in the kernels (nothing Lq x Lk is built) and differentiable: its
+            gradient is a deterministic reduction of dS per diagonal.
 
     Returns:
         [B, Hq, Lq, D] in q's dtype.
 
     Raises:
-        ValueError: Hq is not a multiple of Hkv (or k and v differ in heads).
+        ValueError: Hq is not a multiple of Hkv (or k and v differ in heads), or ``alibi`` /
+            ``rel_bias`` do not match the heads and lengths.
 
     Example:
         >>> q = torch.randn(1, 4, 128, 64); k = v = torch.randn(1, 2, 128, 64)
@@ -104,8 +114,10 @@ def attention(
     if _is_dynamic(text):
         if softcap is not None:
             raise NotImplementedError(f"softcap with the dynamic pattern {text!r}")
-        if q_start is not None or k_start is not None or alibi is not None:
-            raise NotImplementedError(f"positions or ALiBi with the dynamic pattern {text!r}")
+        if (q_start is not None or k_start is not None or alibi is not None
+                or rel_bias is not None):
+            raise NotImplementedError(
+                f"positions, ALiBi or a relative-bias table with the dynamic pattern {text!r}")
         from sparse_compile.dynamic_mask.dispatch import dynamic_attention
 
         def run(q, k, v, delta, bias):
@@ -124,7 +136,7 @@ def attention(
         documents = check_documents(documents.to(q.device), b, lq, lk)
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
     return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents,
-                             _alibi_slopes(alibi, q))
+                             _alibi_slopes(alibi, q), _rel_table(rel_bias, q, k))
 
 
 def _alibi_slopes(alibi: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
@@ -141,6 +153,16 @@ def _alibi_slopes(alibi: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor |
     return slopes.contiguous()
 
 
+def _rel_table(rel_bias: torch.Tensor | None, q: torch.Tensor,
+               k: torch.Tensor) -> torch.Tensor | None:
+    """The table as the kernels read it: float32 ``[Hq or 1, Lq + Lk - 1]`` on q's device,
+    unit stride along the table (differentiable)."""
+    if rel_bias is None:
+        return None
+    table = check_table(rel_bias, q.shape[1], q.shape[2], k.shape[2])
+    return table.to(device=q.device, dtype=torch.float32).contiguous()
+
+
 def placed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,6 +176,7 @@ def placed_attention(
     k_start: int | torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``attention`` of a static pattern with positions or documents read from a model's graph
     (sparse_compile.fx.model_mask): the backend's rewrite calls it. The document ids are
@@ -169,23 +192,24 @@ def placed_attention(
         documents = documents.to(q.device).reshape(-1, documents.shape[-1])[:, :lk]
     starts = starts_tensor(q_start, k_start, b, lq, lk, q.device)
     return _static_attention(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents,
-                             _alibi_slopes(alibi, q))
+                             _alibi_slopes(alibi, q), _rel_table(rel_bias, q, k))
 
 
 def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: str,
                       scale: float | None, bias: torch.Tensor | None, dropout_p: float,
                       softcap: float | None, starts: torch.Tensor | None,
                       documents: torch.Tensor | None,
-                      alibi: torch.Tensor | None = None) -> torch.Tensor:
+                      alibi: torch.Tensor | None = None,
+                      rel_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels (eagerly, without the op's dispatch) or the custom op (traced)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    if fast_path_applies(q, k, v, bias, starts, documents, alibi):
+    if fast_path_applies(q, k, v, bias, starts, documents, alibi, rel_bias):
         return kernel_attention(q, k, v, bias, text, scale, float(dropout_p),
                                 0 if seed is None else int(seed), float(softcap or 0.0),
-                                starts, documents, alibi)
+                                starts, documents, alibi, rel_bias)
     out, _ = attention_op(q, k, v, bias, text, scale, float(dropout_p), seed,
-                          float(softcap or 0.0), starts, documents, alibi)
+                          float(softcap or 0.0), starts, documents, alibi, rel_bias)
     return out

@@ -39,7 +39,7 @@ def _seed_int(seed: torch.Tensor | None) -> int:
 
 
 def _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None,
-              documents=None, alibi=None):
+              documents=None, alibi=None, rel_bias=None):
     from sparse_compile.codegen.attention import parse_pattern
 
     with torch.random.fork_rng(devices=[q.device] if q.is_cuda else [], enabled=dropout_p > 0):
@@ -47,7 +47,7 @@ def _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, start
             torch.manual_seed(_seed_int(seed))
         return chunked_attention(q, k, v, parse_pattern(pattern), scale, bias, dropout_p,
                                  softcap=softcap, starts=starts, documents=documents,
-                                 alibi=alibi)
+                                 alibi=alibi, rel_bias=rel_bias)
 
 
 def kernel_frame(q: torch.Tensor, starts: torch.Tensor | None,
@@ -96,6 +96,7 @@ def attention_op(
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Hq, Lq, D] (q's dtype) and lse [B, Hq, Lq] float32 (log2 units; kernel path).
 
@@ -105,7 +106,9 @@ def attention_op(
     bias and the pattern (Gemma-2 style); 0 = off. starts: None or int ``[B or 1, 2]``
     (positions of query row 0 and key 0 per batch row); documents: None or integer ids
     ``[B or 1, L]`` (sparse_compile.positions; trusted here, checked by ``attention``);
-    alibi: None or float32 slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)).
+    alibi: None or float32 slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)); rel_bias: None
+    or a float32 relative-bias table ``[Hq or 1, Lq + Lk - 1]`` (sparse_compile.relative_bias;
+    differentiable).
     Raises ``ValueError`` when Hq is not a multiple of Hkv.
     """
     check_heads(q, k, v)
@@ -113,16 +116,17 @@ def attention_op(
         from sparse_compile.codegen.attention import forward
 
         return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
-                       softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi)
+                       softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi,
+                       rel_bias=rel_bias)
     out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap, starts, documents,
-                    alibi)
+                    alibi, rel_bias)
     lse = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
     return out.contiguous(), lse
 
 
 @attention_op.register_fake
 def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, documents=None,
-      alibi=None):
+      alibi=None, rel_bias=None):
     check_heads(q, k, v)
     b, hq, lq, d = q.shape
     return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
@@ -146,62 +150,81 @@ def attention_backward_op(
     starts: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dbias); dbias has bias's shape when ``bias_grad`` else is empty."""
+    rel_bias: torch.Tensor | None = None,
+    rel_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias, drel); dbias has bias's shape when ``bias_grad`` else is empty,
+    drel the table's when ``rel_grad`` else is empty."""
+    drel = None
     if kernels_available(q):
-        from sparse_compile.codegen.attention import backward
+        from sparse_compile.codegen.attention import backward, relative_bias_grad
 
+        frame = kernel_frame(q, starts, documents)
         dq, dk, dv, db = backward(
             dout, q, k, v, out, lse, pattern, scale, bias, bias_grad, dropout_p, _seed_int(seed),
-            softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi,
+            softcap=softcap, frame=frame, alibi=alibi, rel_bias=rel_bias,
         )
+        if rel_grad:
+            drel = relative_bias_grad(dout, q, k, v, out, lse, pattern, scale, bias, dropout_p,
+                                      _seed_int(seed), softcap, frame, alibi, rel_bias)
     else:
         # The op runs below the autograd dispatch key: differentiate with torch.func instead.
         with_bias = bias is not None and bias_grad and bias.is_floating_point()
+        with_rel = rel_bias is not None and rel_grad
 
-        def fn(q_, k_, v_, b_):
+        def fn(q_, k_, v_, b_, r_):
             return _fallback(q_, k_, v_, b_, pattern, scale, dropout_p, seed, softcap, starts,
-                             documents, alibi)
+                             documents, alibi, r_)
 
-        primals = (q, k, v, bias if with_bias else None)
-        if with_bias:
-            _, vjp = torch.func.vjp(fn, *primals)
-            dq, dk, dv, db = vjp(dout)
-        else:
-            _, vjp = torch.func.vjp(lambda q_, k_, v_: fn(q_, k_, v_, bias), q, k, v)
-            dq, dk, dv = vjp(dout)
-            db = None
+        names = ["q", "k", "v"] + ["bias"] * with_bias + ["rel"] * with_rel
+
+        def wrt(*args):
+            given = dict(zip(names, args, strict=True))
+            return fn(given["q"], given["k"], given["v"], given.get("bias", bias),
+                      given.get("rel", rel_bias))
+
+        primals = [q, k, v] + [bias] * with_bias + [rel_bias] * with_rel
+        _, vjp = torch.func.vjp(wrt, *primals)
+        grads = dict(zip(names, vjp(dout), strict=True))
+        dq, dk, dv, db, drel = (grads["q"], grads["k"], grads["v"], grads.get("bias"),
+                                grads.get("rel"))
     if db is None:
         db = q.new_empty((0,))
+    if drel is None:
+        drel = q.new_empty((0,))
     # The fake implementation promises contiguous results.
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous(), drel.contiguous()
 
 
 @attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, bias, pattern, scale, dropout_p, seed, bias_grad, softcap=0.0,
-      starts=None, documents=None, alibi=None):
+      starts=None, documents=None, alibi=None, rel_bias=None, rel_grad=False):
     db = bias.new_empty(bias.shape) if (bias is not None and bias_grad) else q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+    drel = rel_bias.new_empty(rel_bias.shape) if (rel_bias is not None and rel_grad) \
+        else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db, drel
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, bias, pattern, scale, dropout_p, seed, *rest = inputs
-    softcap, starts, documents, alibi = (list(rest) + [0.0, None, None, None][len(rest):])[:4]
+    softcap, starts, documents, alibi, rel_bias = (
+        list(rest) + [0.0, None, None, None, None][len(rest):])[:5]
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, seed, starts, documents, alibi)
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed, starts, documents, alibi, rel_bias)
     ctx.pattern, ctx.scale, ctx.dropout_p = pattern, scale, dropout_p
     ctx.softcap = softcap
     ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.rel_grad = rel_bias is not None and rel_bias.requires_grad
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, bias, out, lse, seed, starts, documents, alibi = ctx.saved_tensors
-    dq, dk, dv, db = attention_backward_op(
+    q, k, v, bias, out, lse, seed, starts, documents, alibi, rel_bias = ctx.saved_tensors
+    dq, dk, dv, db, drel = attention_backward_op(
         grad_out.contiguous(), q, k, v, out, lse, bias, ctx.pattern, ctx.scale, ctx.dropout_p,
-        seed, ctx.bias_grad, ctx.softcap, starts, documents, alibi,
+        seed, ctx.bias_grad, ctx.softcap, starts, documents, alibi, rel_bias, ctx.rel_grad,
     )
     return (dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None, None, None,
-            None, None)
+            None, None, (drel if ctx.rel_grad else None))
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -10,6 +10,7 @@ import math
 import torch
 
 from sparse_compile.patterns import Pattern, PatternError, parse
+from sparse_compile.relative_bias import check_table, relative_index
 
 
 def reference_attention(
@@ -23,6 +24,7 @@ def reference_attention(
     k_start: int | torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(scale * q k^T + bias + where(keep, 0, -inf)) v`` in float64.
 
@@ -44,6 +46,9 @@ def reference_attention(
             document's first token, and a negative id (padding) is never kept nor keeps.
         alibi: ALiBi slopes ``[Hq]``: query head ``h``'s logits get
             ``alibi[h] * (k_pos - q_pos)`` at the positions above.
+        rel_bias: relative-position bias table ``[Hq or 1, Lq + Lk - 1]``: query head ``h``'s
+            logits get ``rel_bias[h, clamp(q_pos - k_pos + Lq - 1, 0, Lq + Lk - 2)]``
+            (sparse_compile.relative_bias).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` float64. A row with no kept key (pattern and bias together) is zero.
@@ -69,6 +74,9 @@ def reference_attention(
         q_pos, k_pos = position_grid(b, lq, lk, q.device, q_start, k_start, documents)
         slopes = alibi.detach().to(device=q.device, dtype=torch.float64).reshape(1, -1, 1, 1)
         logits = logits + slopes * (k_pos - q_pos)[:, None].to(torch.float64)
+    if rel_bias is not None:
+        logits = logits + relative_logits(rel_bias.detach(), b, hq, lq, lk, q.device, q_start,
+                                          k_start, documents)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias.to(q.device)
@@ -81,6 +89,18 @@ def reference_attention(
     denom = weights.sum(-1, keepdim=True)
     probs = torch.where(empty, 0.0, weights / torch.where(empty, 1.0, denom))
     return probs @ v64
+
+
+def relative_logits(rel_bias: torch.Tensor, b: int, hq: int, lq: int, lk: int,
+                    device: torch.device, q_start: int | torch.Tensor | None = None,
+                    k_start: int | torch.Tensor | None = None,
+                    documents: torch.Tensor | None = None) -> torch.Tensor:
+    """The relative-bias table's logit terms ``[B, Hq, Lq, Lk]`` float64 at the positions
+    ``reference_attention`` takes (differentiable in the table; materialises Lq x Lk)."""
+    table = check_table(rel_bias, hq, lq, lk).to(device=device, dtype=torch.float64)
+    q_pos, k_pos = position_grid(b, lq, lk, device, q_start, k_start, documents)
+    idx = relative_index(q_pos, k_pos, lq, lk).expand(b, lq, lk)
+    return table[:, idx].transpose(0, 1).expand(b, hq, lq, lk)
 
 
 def _starts(start: int | torch.Tensor | None, default: int, b: int,

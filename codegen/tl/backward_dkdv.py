@@ -16,9 +16,13 @@ import torch
 import triton
 from sparse_compile.codegen.launch.config import TileConfig, launch_groups, merged_loop
 from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_args
-from sparse_compile.codegen.launch.tables import Visit, placeholder, visit_args
+from sparse_compile.codegen.launch.tables import Visit, visit_args
 from sparse_compile.codegen.launch.tma import TensorDescriptor, row_descriptors, tma_supported
-from sparse_compile.codegen.tl.forward import bias_args, softcap_args
+from sparse_compile.codegen.tl.forward import (
+    bias_args,
+    position_bias_args,
+    softcap_args,
+)
 
 
 def reduce_descriptor(dq_acc: torch.Tensor, block_rows: int) -> object | None:
@@ -114,12 +118,12 @@ def _kept_entries_t(q_idx, m_ok, b, k_idx, n_ok, hp, Lq, Lk, q_first, k_first, S
 def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                 edge, k_idx, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn, Lq, Lk,
                 qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first, k_first, Starts,
-                s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM: tl.constexpr, BM: tl.constexpr,
+                s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM: tl.constexpr, BM: tl.constexpr,
                 MODE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                 FOLD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr, RANGES: tl.constexpr,
                 TMA: tl.constexpr, SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr,
-                POS_MODE: tl.constexpr, ALIBI: tl.constexpr):
+                POS_MODE: tl.constexpr, PBIAS: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate at the
     rows' frame (visit.py); 3: interval bounds only where the runtime flag ``edge`` says
     PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop over
@@ -147,10 +151,10 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
         s_t = t_cap * cap_out
     elif not FOLD:
         s_t = s_t * qk_scale
-    if ALIBI:
+    if PBIAS != 0:
         q_pos, kb, _, _ = _row_frame(q_idx, m_ok, b, Lq, Lk, q_first, k_first, Starts, s_st, DS,
                                      DE, POS_MODE)
-        s_t = s_t + slope * ((k_idx[:, None] - kb[None, :]) - q_pos[None, :]).to(tl.float32)
+        s_t = _position_bias(s_t, q_pos[None, :], k_idx[:, None] - kb[None, :], pbias, PBIAS)
     if HAS_BIAS:
         bias = tl.load(bias_base + q_idx[None, :].to(tl.int64) * sbm
                        + k_idx[:, None].to(tl.int64) * sbn,
@@ -221,7 +225,7 @@ def _dkdv_block(dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_b
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
-                 PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE, Slopes,
+                 PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE, Slopes, Rel, s_rh,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod,
                  Hq, Hkv, G, NPH, Lq, Lk, q_first, k_first, scale, qk_scale, cap_in, cap_out,
@@ -231,7 +235,7 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                  BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                  RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
                  SOFTCAP: tl.constexpr, FUSED_DQ: tl.constexpr, POS_MODE: tl.constexpr,
-                 ALIBI: tl.constexpr):
+                 PBIAS: tl.constexpr):
     # Groups of HG kv heads (config.launch_groups); heads fastest within a group, key blocks
     # in order (under causal the first key blocks are the longest).
     pid_bkv = tl.program_id(1) * HG + tl.program_id(0) % HG
@@ -256,7 +260,7 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
         hp = h % NPH
         pid_bh = b * Hq + h
         seed_bh = seed + pid_bh
-        slope = _alibi_slope(Slopes, h, ALIBI)
+        pbias = _position_bias_args(Slopes, Rel, s_rh, h, Lq, Lk, PBIAS)
         if TMA:
             q_src = Q
             do_src = DO
@@ -286,9 +290,9 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 2,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 2,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
             elif MERGED:
                 for i in range(i_lo, i_hi):
                     edge = (i < if_lo) | (i >= if_hi)
@@ -296,34 +300,34 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         edge, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 3,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 3,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
             else:
                 for i in range(i_lo, if_lo):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 1,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 1,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
                 for i in range(if_lo, if_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 0,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 0,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
                 for i in range(if_hi, i_hi):
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 1,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 1,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
         else:
             row = hp * t_rows + pid_n
             p_start = tl.load(PO + row)
@@ -340,9 +344,9 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         edge, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 4,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 4,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
             else:
                 for t in range(p_start, p_end):
                     i = tl.load(PI + t)
@@ -350,18 +354,18 @@ def _dkdv_kernel(Q, K, V, Bias, DO, LSE, Delta, DK, DV, DQA,
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 2,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 2,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
                 for t in range(f_start, f_end):
                     i = tl.load(FI + t)
                     dk, dv = _dkdv_block(
                         dk, dv, k, v, q_src, do_src, q_row, lse_base, delta_base, bias_base, i,
                         False, offs_n, n_ok, b, hp, offs_m, offs_d, sqm, sqd, sdom, sdod, sbm, sbn,
                         Lq, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, RLO, RHI, q_first,
-                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, slope, HEAD_DIM, BM, 0,
+                        k_first, Starts, s_st, DS, DE, dq_dst, dq_row, pbias, HEAD_DIM, BM, 0,
                         EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, RANGES, TMA,
-                        SOFTCAP, FUSED_DQ, POS_MODE, ALIBI)
+                        SOFTCAP, FUSED_DQ, POS_MODE, PBIAS)
     dk = dk * scale
     out = pid_bkv.to(tl.int64) * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -388,6 +392,7 @@ def launch_dkdv(
     dq_acc: torch.Tensor | None = None,
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dK, dV [B, Hkv, Lk, D] (k's / v's dtype, contiguous).
 
@@ -402,7 +407,7 @@ def launch_dkdv(
     dk = torch.empty((b, hkv, lk, d), device=k.device, dtype=k.dtype)
     dv = torch.empty((b, hkv, lk, d), device=v.device, dtype=v.dtype)
     bias_t, bias_strides = bias_args(bias, q)
-    slopes = placeholder(q.device) if alibi is None else alibi
+    pb_args, pb_flags = position_bias_args(alibi, rel_bias, q)
     if dk.numel() == 0:
         return dk, dv
     descs = row_descriptors(cfg.kv_tma and lq % cfg.kv_m == 0, cfg.kv_m, q, dout)
@@ -419,18 +424,18 @@ def launch_dkdv(
     pos_ptrs, (q_first, k_first) = frame_args(frame, lq, lk, q)
     module._dkdv_kernel[grid](
         q_arg, k, v, bias_t, do_arg, lse, delta, dk, dv, dq_arg, *visit_args(visit, q),
-        *pos_ptrs, slopes, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
+        *pos_ptrs, *pb_args, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(),
         hq, hkv, hq // hkv, num_pattern_heads, lq, lk, q_first, k_first, scale,
         scale * 1.4426950408889634,
         *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.kv_m, BN=cfg.kv_n,
         EVEN_N=lk % cfg.kv_n == 0,
-        FOLD=bias is None and alibi is None and scale > 0 and not softcap,
+        FOLD=bias is None and pb_flags == 0 and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.kv_merged, (lq, cfg.kv_m), (lk, cfg.kv_n)),
-        SOFTCAP=softcap > 0, FUSED_DQ=fused, POS_MODE=frame.mode, ALIBI=alibi is not None,
+        SOFTCAP=softcap > 0, FUSED_DQ=fused, POS_MODE=frame.mode, PBIAS=pb_flags,
         num_warps=cfg.kv_warps,
         num_stages=cfg.kv_stages,
     )

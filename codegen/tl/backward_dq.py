@@ -17,21 +17,25 @@ import torch
 import triton
 from sparse_compile.codegen.launch.config import TileConfig, launch_groups, merged_loop
 from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_args
-from sparse_compile.codegen.launch.tables import Visit, placeholder, visit_args
+from sparse_compile.codegen.launch.tables import Visit, visit_args
 from sparse_compile.codegen.launch.tma import row_descriptors
-from sparse_compile.codegen.tl.forward import bias_args, softcap_args
+from sparse_compile.codegen.tl.forward import (
+    bias_args,
+    position_bias_args,
+    softcap_args,
+)
 
 DQ_SOURCE = '''
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
-              offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, slope, row_ok, offs_n, offs_d, skn,
+              offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, pbias, row_ok, offs_n, offs_d, skn,
               skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh,
               HEAD_DIM: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FOLD: tl.constexpr,
               HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, BIAS_GRAD: tl.constexpr,
               DB_ROWS: tl.constexpr, DB_COLS: tl.constexpr, DROPOUT: tl.constexpr,
               PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr,
-              CLIP: tl.constexpr, ALIBI: tl.constexpr):
+              CLIP: tl.constexpr, PBIAS: tl.constexpr):
     """MODE 0: FULL; 1: PARTIAL, interval bounds; 2: PARTIAL, predicate at the rows' frame
     (q_pos, kb, c_lo, c_hi; visit.py); 3: interval bounds only where the runtime flag ``edge``
     says PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop
@@ -58,7 +62,7 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
     elif not FOLD:
         s = s * qk_scale
     s = _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, kb, c_lo, c_hi, lo,
-                       hi, hp, slope, edge, MODE, EVEN_N, HAS_BIAS, BIAS_BOOL, CLIP, ALIBI)
+                       hi, hp, pbias, edge, MODE, EVEN_N, HAS_BIAS, BIAS_BOOL, CLIP, PBIAS)
     if FOLD:
         # Scale folded into the exponent: one FMA per entry.
         p = tl.math.exp2(s * qk_scale - lse[:, None])
@@ -91,7 +95,7 @@ def _dq_block(dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base
 
 @triton.jit
 def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
-               PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE, Slopes,
+               PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE, Slopes, Rel, s_rh,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sbb, sbh, sbm, sbn, sdob, sdoh, sdom, sdod, dbb, dbh, dbm, dbn, sob, soh, som, sod,
                Hq, G, NPH, Lq, Lk, q_first, k_first, scale, qk_scale, cap_in, cap_out, drop_p,
@@ -102,7 +106,7 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
                DB_COLS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                RANGES: tl.constexpr, TMA: tl.constexpr, MERGED: tl.constexpr,
                SOFTCAP: tl.constexpr, DELTA_FROM_OUT: tl.constexpr, POS_MODE: tl.constexpr,
-               ALIBI: tl.constexpr):
+               PBIAS: tl.constexpr):
     # Groups of HG heads (config.launch_groups); heads fastest within a group, query tiles
     # last-first (longest rows first under causal-like patterns).
     pid_bh = tl.program_id(1) * HG + tl.program_id(0) % HG
@@ -144,7 +148,7 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
     q_pos, kb, c_lo, c_hi = _row_frame(offs_m, row_ok, b, Lq, Lk, q_first, k_first, Starts,
                                        s_st, DS, DE, POS_MODE)
     seed_bh = seed + pid_bh
-    slope = _alibi_slope(Slopes, h, ALIBI)
+    pbias = _position_bias_args(Slopes, Rel, s_rh, h, Lq, Lk, PBIAS)
     dq = tl.zeros([BM, D_PAD], tl.float32)
     if RANGES != 0:
         if RANGES == 2:
@@ -158,41 +162,41 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
             for j in range(j_lo, j_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, slope, row_ok, offs_n, offs_d, skn,
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, pbias, row_ok, offs_n, offs_d, skn,
                     skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
         elif MERGED:
             for j in range(j_lo, j_hi):
                 edge = (j < jf_lo) | (j >= jf_hi)
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
-                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, slope, row_ok, offs_n, offs_d, skn,
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, pbias, row_ok, offs_n, offs_d, skn,
                     skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
         else:
             for j in range(j_lo, jf_lo):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, slope, row_ok, offs_n, offs_d, skn,
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, pbias, row_ok, offs_n, offs_d, skn,
                     skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
             for j in range(jf_lo, jf_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, slope, row_ok, offs_n, offs_d, skn,
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, pbias, row_ok, offs_n, offs_d, skn,
                     skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
             for j in range(jf_hi, j_hi):
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, slope, row_ok, offs_n, offs_d, skn,
+                    offs_m, q_pos, kb, c_lo, c_hi, lo, hi, hp, pbias, row_ok, offs_n, offs_d, skn,
                     skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
@@ -207,27 +211,27 @@ def _dq_kernel(Q, K, V, Bias, DO, LSE, Delta, DQ, DBias, Out,
                 j = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, edge,
-                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, slope, row_ok, offs_n, offs_d,
+                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, pbias, row_ok, offs_n, offs_d,
                     skn, skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 4, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
         else:
             for t in range(p_start, p_end):
                 j = tl.load(PI + t)
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, slope, row_ok, offs_n, offs_d,
+                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, pbias, row_ok, offs_n, offs_d,
                     skn, skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
             for t in range(f_start, f_end):
                 j = tl.load(FI + t)
                 dq = _dq_block(
                     dq, q, do, lse, delta, k_src, v_src, kv_row, bias_base, dbias_base, j, False,
-                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, slope, row_ok, offs_n, offs_d,
+                    offs_m, q_pos, kb, c_lo, c_hi, q_pos, q_pos, hp, pbias, row_ok, offs_n, offs_d,
                     skn, skd, svn, svd, sbm, sbn, dbm, dbn, Lk, qk_scale, cap_in, cap_out, drop_p,
                     seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, BIAS_GRAD,
-                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    DB_ROWS, DB_COLS, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
     dq = dq * scale
     tl.store(DQ + pid_bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -254,6 +258,7 @@ def launch_dq(
     out: torch.Tensor | None = None,
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dQ [B, Hq, Lq, D] (q's dtype, contiguous); adds the bias gradient into ``dbias``.
 
@@ -267,7 +272,7 @@ def launch_dq(
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     bias_t, bias_strides = bias_args(bias, q)
     dbias_t, db_strides = bias_args(dbias, q)
-    slopes = placeholder(q.device) if alibi is None else alibi
+    pb_args, pb_flags = position_bias_args(alibi, rel_bias, q)
     if dq.numel() == 0:
         return dq
     descs = row_descriptors(cfg.dq_tma and lk % cfg.dq_n == 0, cfg.dq_n, k, v)
@@ -277,7 +282,7 @@ def launch_dq(
     pos_ptrs, (q_first, k_first) = frame_args(frame, lq, lk, q)
     module._dq_kernel[grid](
         q, k_arg, v_arg, bias_t, dout, lse, delta, dq, dbias_t, dout if out is None else out,
-        *visit_args(visit, q), *pos_ptrs, slopes,
+        *visit_args(visit, q), *pos_ptrs, *pb_args,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *db_strides,
         *(dout if out is None else out).stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, q_first, k_first, scale,
@@ -285,7 +290,7 @@ def launch_dq(
         *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.dq_m, BN=cfg.dq_n,
         EVEN_N=lk % cfg.dq_n == 0,
-        FOLD=bias is None and alibi is None and scale > 0 and not softcap,
+        FOLD=bias is None and pb_flags == 0 and scale > 0 and not softcap,
         HAS_BIAS=bias is not None,
         BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         BIAS_GRAD=dbias is not None,
@@ -294,7 +299,7 @@ def launch_dq(
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.dq_merged, (lk, cfg.dq_n)),
         SOFTCAP=softcap > 0,
-        DELTA_FROM_OUT=out is not None, POS_MODE=frame.mode, ALIBI=alibi is not None,
+        DELTA_FROM_OUT=out is not None, POS_MODE=frame.mode, PBIAS=pb_flags,
         num_warps=cfg.dq_warps,
         num_stages=cfg.dq_stages,
     )

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_args
-from sparse_compile.codegen.launch.tables import placeholder
-from sparse_compile.codegen.tl.forward import bias_args, softcap_args
+from sparse_compile.codegen.tl.forward import bias_args, position_bias_args, softcap_args
 
 # Query rows of one program (heads of a group x query rows) and keys per tile.
 MAX_ROWS = 64
@@ -29,14 +28,14 @@ BLOCK_N = 64
 
 DECODE_SOURCE = '''
 @triton.jit
-def _decode_kernel(Q, K, V, Bias, OutPart, LsePart, Starts, s_st, DS, DE, Slopes,
+def _decode_kernel(Q, K, V, Bias, OutPart, LsePart, Starts, s_st, DS, DE, Slopes, Rel,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   sbb, sbh, sbm, sbn, Hq, Hkv, NPH, Lq, Lk, q_first, k_first, qk_scale,
+                   sbb, sbh, sbm, sbn, s_rh, Hq, Hkv, NPH, Lq, Lk, q_first, k_first, qk_scale,
                    cap_in, cap_out, SPLITS,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, PIECES: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BIAS_BOOL: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                   POS_MODE: tl.constexpr, ALIBI: tl.constexpr):
+                   POS_MODE: tl.constexpr, PBIAS: tl.constexpr):
     """Program (split, batch * kv head). Rows r = g * Lq + i: query head hkv * G + g, query
     row i. PIECES 1 or 2: the rows keep exactly the union of ``_pieces``; 0: the hull, with
     the predicate on every visited key."""
@@ -91,10 +90,14 @@ def _decode_kernel(Q, K, V, Bias, OutPart, LsePart, Starts, s_st, DS, DE, Slopes
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     bias_rows = (Bias + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
                  + i.to(tl.int64) * sbm)
-    if ALIBI:
+    if (PBIAS & 1) != 0:
         slope = tl.load(Slopes + h, mask=row_ok, other=0.0) * 1.4426950408889634
     else:
         slope = tl.zeros([BM], tl.float32)
+    # Per-row position-bias terms (visit.py ``_position_bias``); rows past the group read
+    # head 0's table row.
+    pbias = (slope[:, None], (Rel + tl.where(row_ok, h, 0) * s_rh)[:, None], Lq - 1,
+             Lq + Lk - 2)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
@@ -110,9 +113,8 @@ def _decode_kernel(Q, K, V, Bias, OutPart, LsePart, Starts, s_st, DS, DE, Slopes
             s = _tanh(s * cap_in) * cap_out
         else:
             s = s * qk_scale
-        if ALIBI:
-            s = s + slope[:, None] * ((k_idx[None, :] - kb[:, None])
-                                      - q_pos[:, None]).to(tl.float32)
+        if PBIAS != 0:
+            s = _position_bias(s, q_pos[:, None], k_idx[None, :] - kb[:, None], pbias, PBIAS)
         kept = ((k_idx[None, :] >= lo1[:, None]) & (k_idx[None, :] <= hi1[:, None])) | (
             (k_idx[None, :] >= lo2[:, None]) & (k_idx[None, :] <= hi2[:, None]))
         if PIECES == 0:
@@ -202,6 +204,7 @@ def launch_decode(
     out_dtype: torch.dtype | None = None,
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] float32 (log2
     units, +inf for an empty row): the decoding kernels of a generated ``module``.
@@ -209,7 +212,8 @@ def launch_decode(
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (any strides), bias None or a 4-D tensor broadcast to
     [B, Hq, Lq, Lk] (bool as uint8); ``pieces``: 1 or 2 when the pattern's rows are a union of
     that many intervals (``predicate.interval_pieces``), 0 to visit the hull; ``alibi``: None
-    or float32 slopes ``[Hq]``.
+    or float32 slopes ``[Hq]``; ``rel_bias``: None or a float32 relative-bias table
+    ``[Hq or 1, Lq + Lk - 1]`` (codegen/tl/visit.py ``_position_bias``).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -221,16 +225,16 @@ def launch_decode(
     lse_part = torch.empty((b, hq, lq, splits), device=q.device, dtype=torch.float32)
     bias_t, bias_strides = bias_args(bias, q)
     pos_ptrs, (q_first, k_first) = frame_args(frame, lq, lk, q)
-    slopes = placeholder(q.device) if alibi is None else alibi
+    (slopes, rel, s_rh), pb_flags = position_bias_args(alibi, rel_bias, q)
     module._decode_kernel[(splits, b * hkv)](
-        q, k, v, bias_t, out_part, lse_part, *pos_ptrs, slopes,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides,
+        q, k, v, bias_t, out_part, lse_part, *pos_ptrs, slopes, rel,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, s_rh,
         hq, hkv, num_pattern_heads, lq, lk, q_first, k_first, scale * 1.4426950408889634,
         *softcap_args(scale, softcap), splits,
         HEAD_DIM=d, D_PAD=d_pad, BM=rows, BN=BLOCK_N, PIECES=pieces,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         SOFTCAP=softcap > 0, PRECISION=precision, POS_MODE=frame.mode,
-        ALIBI=alibi is not None, num_warps=4,
+        PBIAS=pb_flags, num_warps=4,
         num_stages=3,
     )
     out = torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype)

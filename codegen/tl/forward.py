@@ -23,13 +23,13 @@ from sparse_compile.codegen.launch.tma import row_descriptors
 FORWARD_SOURCE = '''
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, kb,
-               c_lo, c_hi, lo, hi, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
+               c_lo, c_hi, lo, hi, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
                qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM: tl.constexpr,
                BN: tl.constexpr,
                MODE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
                FOLD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr,
                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-               SOFTCAP: tl.constexpr, CLIP: tl.constexpr, ALIBI: tl.constexpr):
+               SOFTCAP: tl.constexpr, CLIP: tl.constexpr, PBIAS: tl.constexpr):
     """MODE 0: FULL block; 1: PARTIAL, interval bounds; 2: PARTIAL, inlined predicate at the
     rows' frame (q_pos, kb, c_lo, c_hi; visit.py); 3: interval bounds applied only when the
     runtime flag ``edge`` says the block is PARTIAL (one loop over all blocks: one software
@@ -59,7 +59,7 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_
     elif not FOLD:
         s = s * qk_scale
     s = _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, kb, c_lo, c_hi, lo,
-                       hi, hp, slope, edge, MODE, EVEN_N, HAS_BIAS, BIAS_BOOL, CLIP, ALIBI)
+                       hi, hp, pbias, edge, MODE, EVEN_N, HAS_BIAS, BIAS_BOOL, CLIP, PBIAS)
     if FOLD:
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     else:
@@ -95,7 +95,7 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_
 
 @triton.jit
 def _fwd_kernel(Q, K, V, Bias, Out, LSE,
-                PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE, Slopes,
+                PO, PI, FO, FI, t_rows, RLO, RHI, Starts, s_st, DS, DE, Slopes, Rel, s_rh,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 sbb, sbh, sbm, sbn, sob, soh, som, sod,
                 Hq, G, NPH, Lq, Lk, q_first, k_first, qk_scale, cap_in, cap_out, drop_p, seed,
@@ -104,7 +104,7 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
                 HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, RANGES: tl.constexpr, TMA: tl.constexpr,
                 MERGED: tl.constexpr, SOFTCAP: tl.constexpr, POS_MODE: tl.constexpr,
-                ALIBI: tl.constexpr):
+                PBIAS: tl.constexpr):
     # Groups of HG heads one after another (config.launch_groups); within a group heads vary
     # fastest and query tiles are issued last-first: under causal-like patterns the longest
     # rows start first, which shortens the tail of the launch.
@@ -136,7 +136,7 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
     q_pos, kb, c_lo, c_hi = _row_frame(offs_m, row_ok, b, Lq, Lk, q_first, k_first, Starts,
                                        s_st, DS, DE, POS_MODE)
     seed_bh = seed + pid_bh
-    slope = _alibi_slope(Slopes, h, ALIBI)
+    pbias = _position_bias_args(Slopes, Rel, s_rh, h, Lq, Lk, PBIAS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
@@ -152,36 +152,36 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
             for j in range(j_lo, j_hi):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, kb,
-                    c_lo, c_hi, lo, hi, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
+                    c_lo, c_hi, lo, hi, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
                     qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N, EVEN_D,
-                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
         elif MERGED:
             for j in range(j_lo, j_hi):
                 edge = (j < jf_lo) | (j >= jf_hi)
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, kb,
-                    c_lo, c_hi, lo, hi, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
+                    c_lo, c_hi, lo, hi, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
                     qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 3, EVEN_N, EVEN_D,
-                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
         else:
             for j in range(j_lo, jf_lo):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, kb,
-                    c_lo, c_hi, lo, hi, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
+                    c_lo, c_hi, lo, hi, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
                     qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D,
-                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
             for j in range(jf_lo, jf_hi):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, kb,
-                    c_lo, c_hi, lo, hi, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
+                    c_lo, c_hi, lo, hi, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
                     qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N, EVEN_D,
-                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
             for j in range(jf_hi, j_hi):
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, kb,
-                    c_lo, c_hi, lo, hi, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
+                    c_lo, c_hi, lo, hi, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm, sbn, Lk,
                     qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 1, EVEN_N, EVEN_D,
-                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, ALIBI)
+                    FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP, PBIAS)
     else:
         row = hp * t_rows + pid_m
         p_start = tl.load(PO + row)
@@ -196,27 +196,27 @@ def _fwd_kernel(Q, K, V, Bias, Out, LSE,
                 j = tl.load(tl.where(edge, PI + p_start + t, FI + f_start + (t - n_p)))
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, kb,
-                    c_lo, c_hi, q_pos, q_pos, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm,
+                    c_lo, c_hi, q_pos, q_pos, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm,
                     sbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 4, EVEN_N,
                     EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP,
-                    ALIBI)
+                    PBIAS)
         else:
             for t in range(p_start, p_end):
                 j = tl.load(PI + t)
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, kb,
-                    c_lo, c_hi, q_pos, q_pos, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm,
+                    c_lo, c_hi, q_pos, q_pos, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm,
                     sbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 2, EVEN_N,
                     EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP,
-                    ALIBI)
+                    PBIAS)
             for t in range(f_start, f_end):
                 j = tl.load(FI + t)
                 acc, l_i, m_i = _fwd_block(
                     acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, False, offs_m, q_pos, kb,
-                    c_lo, c_hi, q_pos, q_pos, hp, slope, offs_n, offs_d, skn, skd, svn, svd, sbm,
+                    c_lo, c_hi, q_pos, q_pos, hp, pbias, offs_n, offs_d, skn, skd, svn, svd, sbm,
                     sbn, Lk, qk_scale, cap_in, cap_out, drop_p, seed_bh, HEAD_DIM, BN, 0, EVEN_N,
                     EVEN_D, FOLD, HAS_BIAS, BIAS_BOOL, DROPOUT, PRECISION, TMA, SOFTCAP, CLIP,
-                    ALIBI)
+                    PBIAS)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -243,6 +243,7 @@ def launch_forward(
     out_dtype: torch.dtype | None = None,
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel of a generated ``module``.
 
@@ -251,7 +252,9 @@ def launch_forward(
     finds its key blocks (kv tables for (cfg.fwd_m, cfg.fwd_n) when it reads tables).
     ``softcap`` > 0 caps the logits as softcap * tanh(scale * s / softcap) before bias / masks.
     ``frame``: where queries and keys sit (codegen/launch/positions.py); ``alibi``: None or
-    float32 per-query-head slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)). Returns out
+    float32 per-query-head slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)); ``rel_bias``:
+    None or a float32 relative-bias table ``[Hq or 1, Lq + Lk - 1]`` (logits +
+    table[h, clamp(q_pos - k_pos + Lq - 1)], visit.py ``_position_bias``). Returns out
     [B, Hq, Lq, D] (``out_dtype``, default q's dtype; contiguous) and lse [B, Hq, Lq] float32
     (log2 units).
     """
@@ -262,24 +265,24 @@ def launch_forward(
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
     bias_t, bias_strides = bias_args(bias, q)
-    slopes = placeholder(q.device) if alibi is None else alibi
+    pb_args, pb_flags = position_bias_args(alibi, rel_bias, q)
     descs = row_descriptors(cfg.fwd_tma and lk % cfg.fwd_n == 0, cfg.fwd_n, k, v)
     k_arg, v_arg = descs or (k, v)
     hg = launch_groups(b * hq, cfg.head_group)
     grid = (hg * triton.cdiv(lq, cfg.fwd_m), b * hq // hg)
     pos_ptrs, (q_first, k_first) = frame_args(frame, lq, lk, q)
     module._fwd_kernel[grid](
-        q, k_arg, v_arg, bias_t, out, lse, *visit_args(visit, q), *pos_ptrs, slopes,
+        q, k_arg, v_arg, bias_t, out, lse, *visit_args(visit, q), *pos_ptrs, *pb_args,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
         hq, hq // hkv, num_pattern_heads, lq, lk, q_first, k_first, scale * 1.4426950408889634,
         *softcap_args(scale, softcap), dropout_p, seed, hg,
         HEAD_DIM=d, D_PAD=cfg.d_pad(d), BM=cfg.fwd_m, BN=cfg.fwd_n,
         EVEN_N=lk % cfg.fwd_n == 0,
-        FOLD=bias is None and alibi is None and scale > 0 and not softcap,
+        FOLD=bias is None and pb_flags == 0 and scale > 0 and not softcap,
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.uint8,
         DROPOUT=dropout_p > 0.0, PRECISION=cfg.precision(q.dtype, d), RANGES=visit.ranges,
         TMA=descs is not None, MERGED=merged_loop(cfg.fwd_merged, (lk, cfg.fwd_n)),
-        SOFTCAP=softcap > 0, POS_MODE=frame.mode, ALIBI=alibi is not None,
+        SOFTCAP=softcap > 0, POS_MODE=frame.mode, PBIAS=pb_flags,
         num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages,
     )
@@ -300,3 +303,18 @@ def bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tens
         return like, [0, 0, 0, 0]
     strides = [0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4)]
     return bias, strides
+
+
+def position_bias_args(alibi: torch.Tensor | None, rel_bias: torch.Tensor | None,
+                       like: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, int], int]:
+    """Kernel arguments ``(Slopes, Rel, s_rh)`` and the ``PBIAS`` flags (bit 1 ALiBi, bit 2
+    the relative table; visit.py ``_position_bias``) of ALiBi slopes (float32 ``[Hq]``) and
+    a relative-bias table (float32 ``[Hq or 1, Lq + Lk - 1]``, unit stride along the
+    table); placeholders for what is None."""
+    dummy = placeholder(like.device)
+    slopes = dummy if alibi is None else alibi
+    rel, s_rh = dummy, 0
+    if rel_bias is not None:
+        rel, s_rh = rel_bias, 0 if rel_bias.shape[0] == 1 else rel_bias.stride(0)
+    flags = (0 if alibi is None else 1) | (0 if rel_bias is None else 2)
+    return (slopes, rel, s_rh), flags

@@ -1,7 +1,7 @@
 """Assemble and key the generated Triton module of one pattern.
 
 The module holds the printed predicate (``_keep``, ``_bounds``), the shared visit-range helper
-and the three kernel families. Its source depends only on the pattern's canonical text (dtype,
+and the kernel families. Its source depends only on the pattern's canonical text (dtype,
 head dim and tiles are constexpr specialisations that Triton caches itself), so it is keyed by a
 hash of that text and the generator version. ``codegen/cache.py`` stores it on disk and runs the
 source generated here, never the file it finds there.
@@ -16,6 +16,7 @@ from typing import Any
 from sparse_compile.codegen.cache import KernelCache, load_module
 from sparse_compile.codegen.tl.backward_dkdv import DKDV_SOURCE
 from sparse_compile.codegen.tl.backward_dq import DQ_SOURCE
+from sparse_compile.codegen.tl.backward_table import TABLE_GRAD_SOURCE
 from sparse_compile.codegen.tl.decode import DECODE_SOURCE
 from sparse_compile.codegen.tl.forward import FORWARD_SOURCE
 from sparse_compile.codegen.tl.predicate import predicate_source
@@ -26,7 +27,7 @@ GENERATOR_VERSION = "2"
 # Any edit of the templates changes the key, so files of other versions keep their own names.
 _TEMPLATES_HASH = hashlib.sha256(
     "".join([HELPERS_SOURCE, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE,
-             DECODE_SOURCE]).encode()
+             TABLE_GRAD_SOURCE, DECODE_SOURCE]).encode()
 ).hexdigest()[:12]
 
 _MODULES: dict[str, ModuleType] = {}
@@ -42,7 +43,7 @@ def module_source(pattern: Any) -> str:
     )
     return "\n".join(
         [header, HELPERS_SOURCE, pred, VISIT_SOURCE, FORWARD_SOURCE, DQ_SOURCE, DKDV_SOURCE,
-         DECODE_SOURCE]
+         TABLE_GRAD_SOURCE, DECODE_SOURCE]
     )
 
 

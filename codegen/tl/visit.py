@@ -77,13 +77,31 @@ def _visit_range(lo, hi, row_ok, Lk, BN: tl.constexpr):
 
 
 @triton.jit
-def _alibi_slope(Slopes, h, ALIBI: tl.constexpr):
-    """Query head h's ALiBi slope in log2 units (0.0 without ALiBi)."""
-    if ALIBI:
+def _position_bias_args(Slopes, Rel, s_rh, h, Lq, Lk, PBIAS: tl.constexpr):
+    """Query head h's position-bias terms as one tuple ``(slope, rel_row, rel_off, rel_last)``
+    for ``_position_bias``: the ALiBi slope in log2 units (0.0 without ALiBi), its row of
+    the relative-bias table (``Rel + h * s_rh``), and the table's index of position
+    difference 0 (``Lq - 1``) and its last index (``Lq + Lk - 2``). PBIAS: bit 1 ALiBi, bit 2
+    the relative table."""
+    if (PBIAS & 1) != 0:
         slope = tl.load(Slopes + h) * 1.4426950408889634
     else:
         slope = 0.0
-    return slope
+    return (slope, Rel + h * s_rh, Lq - 1, Lq + Lk - 2)
+
+
+@triton.jit
+def _position_bias(s, q_pos, k_pos, pbias, PBIAS: tl.constexpr):
+    """Scores s (log2 units) plus the position-bias terms at query / key positions q_pos,
+    k_pos (broadcast to s): ALiBi's ``slope * (k_pos - q_pos)`` and the relative table's
+    ``rel_row[clamp(q_pos - k_pos + rel_off, 0, rel_last)]`` (pbias: _position_bias_args)."""
+    slope, rel_row, rel_off, rel_last = pbias
+    if (PBIAS & 1) != 0:
+        s = s + slope * (k_pos - q_pos).to(tl.float32)
+    if (PBIAS & 2) != 0:
+        t = tl.minimum(tl.maximum(q_pos - k_pos + rel_off, 0), rel_last)
+        s = s + tl.load(rel_row + t) * 1.4426950408889634
+    return s
 
 
 @triton.jit
@@ -98,17 +116,17 @@ def _kept_entries(q_pos, kb, c_lo, c_hi, k_idx, n_ok, hp, CLIP: tl.constexpr):
 
 @triton.jit
 def _bias_and_mask(s, bias_base, offs_m, k_idx, n_ok, sbm, sbn, q_pos, kb, c_lo, c_hi, lo, hi,
-                   hp, slope, edge, MODE: tl.constexpr, EVEN_N: tl.constexpr,
+                   hp, pbias, edge, MODE: tl.constexpr, EVEN_N: tl.constexpr,
                    HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, CLIP: tl.constexpr,
-                   ALIBI: tl.constexpr):
+                   PBIAS: tl.constexpr):
     """Scores s [BM, BN] (log2 units) plus the bias, -inf where the block's visit mode drops
     an entry. MODE 0: FULL block (only keys past Lk); 1: PARTIAL, interval bounds lo/hi [BM];
     2: PARTIAL, the inlined predicate at the rows' frame (q_pos, kb; CLIP: keys outside
     [c_lo, c_hi] dropped too); 3: interval bounds only where the runtime flag ``edge`` says
     PARTIAL (merged loop); 4: the predicate only where ``edge`` says PARTIAL (merged loop over
-    the block tables). ALIBI: plus ``slope * (k_pos - q_pos)`` (``slope`` in log2 units)."""
-    if ALIBI:
-        s = s + slope * ((k_idx[None, :] - kb[:, None]) - q_pos[:, None]).to(tl.float32)
+    the block tables). PBIAS: plus the position-bias terms (``_position_bias``)."""
+    if PBIAS != 0:
+        s = _position_bias(s, q_pos[:, None], k_idx[None, :] - kb[:, None], pbias, PBIAS)
     if HAS_BIAS:
         bias = tl.load(bias_base + offs_m[:, None].to(tl.int64) * sbm
                        + k_idx[None, :].to(tl.int64) * sbn,

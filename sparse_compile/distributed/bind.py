@@ -6,7 +6,7 @@ q, k, v, pattern, scale and soft-capping, positions taken from the sharding (eve
 its place in the whole sequence). The model's mask must have been folded into the pattern
 (causal, sliding window); what the op would otherwise receive from the model's local view
 (positions counted on the shard, document ids the shard's jumps in ``position_ids`` suggest)
-is dropped, and what cannot be sharded (a bias, dropout, ALiBi) is refused.
+is dropped, and what cannot be sharded (a bias, dropout, ALiBi, a relative-bias table) is refused.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def bind_site(graph: Graph, out: Node, spec: ContextParallelSpec, path: str) -> 
                                         "parallelism (set the model's attention dropout to 0)")
     if kwargs.get("alibi") is not None:
         raise UnsupportedAttentionError(f"{where}: ALiBi under context parallelism")
+    if kwargs.get("rel_bias") is not None:
+        raise UnsupportedAttentionError(f"{where}: a relative-bias table under context "
+                                        "parallelism")
     call.target = sharded_attention
     call.kwargs = {"scale": kwargs.get("scale"), "softcap": kwargs.get("softcap"),
                    "sharding": spec.sharding, "group_name": spec.group_name}

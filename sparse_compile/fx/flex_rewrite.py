@@ -50,6 +50,8 @@ def rewrite_flex_site(gm: GraphModule, site: AttentionSite, pattern: Any,
         placed = placed_arguments(graph, mask, pattern, q, k, None)
         if site.alibi:
             placed["alibi"] = _alibi_slopes(graph, call, q)
+        if site.relative:
+            placed["rel_bias"] = _relative_table(graph, call, q, k)
         out = graph.call_function(
             placed_attention, (q, k, v, str(pattern)),
             {"scale": site.scale, **({"softcap": site.softcap} if site.softcap else {}),
@@ -87,6 +89,37 @@ def _alibi_slopes(graph: Graph, call: Any, q: Node) -> Node:
                                                                  *buffers)))
     slopes = graph.call_function(operator.sub, (at_one, at_zero))
     return graph.call_method("float", (slopes,))
+
+
+def _relative_table(graph: Graph, call: Any, q: Node, k: Node) -> Node:
+    """The op's relative-bias table ``[Hq, Lq + Lk - 1]`` of a ``score_mod`` proven to be
+    ``score + table[(h,) q_idx - kv_idx + c]`` (``flex_score.py``): the score_mod itself run
+    on every head at one (q_idx, kv_idx) pair of each difference (score 0), a gather of
+    O(Hq · (Lq + Lk)) that keeps the table's gradient. Entry ``t`` is the difference
+    ``q_idx - kv_idx = t - (Lk - 1)``: the op's index in the default alignment (the site
+    checked it: ``flex_site.py``)."""
+    module = call.node.args[3].target
+    example = ops.tensor_value(q)
+    sizes = (graph.call_method("size", (q, 1)), graph.call_method("size", (q, -2)),
+             graph.call_method("size", (k, -2)))
+    grid = graph.call_function(relative_inputs, sizes, {"device": example.device})
+    inputs = tuple(graph.call_function(operator.getitem, (grid, i)) for i in range(5))
+    table = _returned_value(graph, graph.call_module(
+        module, (*inputs, *tuple(call.score_mod_buffers))))
+    return table
+
+
+def relative_inputs(hq: int, lq: int, lk: int, device: torch.device
+                    ) -> tuple[torch.Tensor, ...]:
+    """``(score, b, h, q_idx, kv_idx)`` for a ``score_mod`` on ``[Hq, Lq + Lk - 1]``: score 0,
+    batch 0, head ``h`` along the rows and, along the columns, the pair of each difference
+    ``q_idx - kv_idx = t - (Lk - 1)`` with both inside ``[0, Lq)`` / ``[0, Lk)``."""
+    t = torch.arange(lq + lk - 1, device=device)
+    kv_idx = (lk - 1 - t).clamp(min=0)
+    q_idx = kv_idx + t - (lk - 1)
+    heads = torch.arange(hq, device=device)[:, None]
+    score = torch.zeros((hq, lq + lk - 1), device=device, dtype=torch.float32)
+    return score, torch.zeros_like(heads), heads, q_idx[None, :], kv_idx[None, :]
 
 
 def _returned_value(graph: Graph, result: Node) -> Node:

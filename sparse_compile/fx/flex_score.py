@@ -5,15 +5,19 @@ already ``scale · q·k``. The op computes two of its forms itself, never as an 
 the identity, logit soft-capping ``c · tanh(score / c)`` (the op's ``softcap``, forward and
 backward), and ALiBi, ``score + slope(h) · (kv_idx - q_idx)`` with the slope any function of
 the head and the buffers (the op's ``alibi``: the kernels add ``slope · (k_pos - q_pos)``; the
-slopes are computed once per call by running the ``score_mod`` itself on every head). Anything
-else is refused with a reason: a relative-bias table indexed by ``q_idx - kv_idx`` would need
-the table read inside the kernels, and materialising any bias as Lq × Lk would cost what the
-rewrite saves.
+slopes are computed once per call by running the ``score_mod`` itself on every head), and a
+relative-bias table, ``score + table[h, q_idx - kv_idx + c]`` or ``score + table[q_idx - kv_idx
++ c]`` (either sign of the difference, ``c`` an integer, ``table`` a tensor the ``score_mod``
+captures: the op's ``rel_bias``, read in the kernels and differentiated; its ``[Hq, Lq + Lk -
+1]`` entries are computed once per call by running the ``score_mod`` on one (q_idx, kv_idx)
+pair of each difference, a gather of O(Hq · (Lq + Lk)), never Lq × Lk). Anything else is refused
+with a reason: materialising a bias as Lq × Lk would cost what the rewrite saves.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 from torch.fx import GraphModule, Node
@@ -24,10 +28,12 @@ import sparse_compile.fx.graph_ops as ops
 @dataclass(frozen=True)
 class ScoreMod:
     """A ``score_mod`` the op computes: ``softcap`` (0 for none); ``alibi``: the scores plus a
-    per-head slope times ``kv_idx - q_idx``."""
+    per-head slope times ``kv_idx - q_idx``; ``relative``: the scores plus a captured table's
+    entry at ``q_idx - kv_idx`` (and the head)."""
 
     softcap: float = 0.0
     alibi: bool = False
+    relative: bool = False
 
 
 def read_score_mod(score_mod: GraphModule) -> ScoreMod | str:
@@ -44,6 +50,8 @@ def read_score_mod(score_mod: GraphModule) -> ScoreMod | str:
         return ScoreMod(softcap=cap)
     if _is_alibi(result, placeholders):
         return ScoreMod(alibi=True)
+    if _is_relative_table(result, placeholders):
+        return ScoreMod(relative=True)
     return _why_not(score_mod, placeholders)
 
 
@@ -78,6 +86,48 @@ def _is_alibi(result: Node, placeholders: list[Node]) -> bool:
         if direction != 0 and not _reads(slope, {score, b, q_idx, kv_idx}):
             return True
     return False
+
+
+def _is_relative_table(result: Node, placeholders: list[Node]) -> bool:
+    """Whether ``result`` is ``score + table[h, D]`` or ``score + table[D]`` (casts allowed),
+    ``table`` a captured tensor and ``D`` the difference of ``q_idx`` and ``kv_idx`` (either
+    order) plus or minus an integer constant."""
+    score, _, h, q_idx, kv_idx, *buffers = placeholders
+    if not (ops.is_add(result) and len(result.args) == 2 and score in result.args):
+        return False
+    term = _bare(result.args[1] if result.args[0] is score else result.args[0])
+    if not (isinstance(term, Node) and term.op == "call_function"
+            and term.target is operator.getitem and len(term.args) == 2
+            and term.args[0] in buffers):
+        return False
+    index = term.args[1]
+    if isinstance(index, tuple | list):
+        if len(index) != 2 or _bare(index[0]) is not h:
+            return False
+        index = index[1]
+    return _is_difference(_bare(index), q_idx, kv_idx)
+
+
+def _is_difference(node: object, q_idx: Node, kv_idx: Node) -> bool:
+    """Whether ``node`` is ``q_idx - kv_idx`` or ``kv_idx - q_idx``, plus or minus integer
+    constants."""
+    while isinstance(node, Node) and (ops.is_add(node) or ops.is_sub(node)) \
+            and len(node.args) == 2:
+        first, second = (_bare(a) for a in node.args)
+        if {first, second} == {q_idx, kv_idx} and ops.is_sub(node):
+            return True
+        if _integer(second):
+            node = first
+        elif ops.is_add(node) and _integer(first):
+            node = second
+        else:
+            return False
+    return False
+
+
+def _integer(x: object) -> bool:
+    c = ops.constant_number(x)
+    return c is not None and float(c).is_integer()
 
 
 def _reads(x: object, forbidden: set[Node]) -> bool:
@@ -121,9 +171,10 @@ def _why_not(score_mod: GraphModule, placeholders: list[Node]) -> str:
     score, _, _, q_idx, kv_idx, *buffers = placeholders
     reads = {p for p in (q_idx, kv_idx, *buffers) if p.users}
     if q_idx in reads and kv_idx in reads:
-        return ("score_mod adds a bias of query and key positions other than ALiBi's (a "
-                "relative-bias table, say): the kernels compute only slope * (k - q), and an "
-                "Lq x Lk bias would cost what the rewrite saves")
+        return ("score_mod adds a bias of query and key positions other than ALiBi's "
+                "slope * (k - q) and a captured table read at (h,) q_idx - kv_idx + c: the "
+                "kernels compute only those, and an Lq x Lk bias would cost what the rewrite "
+                "saves")
     if any(b in reads for b in buffers):
         return "score_mod reads tensors (a bias or a mask added to the scores)"
     if _uses_only_affine(score_mod, score):

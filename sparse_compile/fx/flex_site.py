@@ -2,8 +2,9 @@
 
 The op takes a call over when everything it computes is proven: its ``mask_mod`` is a mask the
 op folds (``flex_mask.py``: pattern, positions, key mask, documents), its ``score_mod`` is the
-identity, soft-capping or ALiBi (``flex_score.py``), q, k and v suit the op (one head dimension; GQA
-when the query heads are a multiple of the key/value heads, as ``enable_gqa`` requires), and
+identity, soft-capping, ALiBi or a relative-bias table (``flex_score.py``; a table only at the
+default alignment), q, k and v suit the op (one head dimension; GQA when the query heads are a
+multiple of the key/value heads, as ``enable_gqa`` requires), and
 only the attention output is read: FlexAttention's log-sum-exp (``return_lse``) and row maximum
 are not what the op returns. ``scale`` is FlexAttention's, a number or a graph value.
 """
@@ -43,11 +44,26 @@ def read_flex_site(site: AttentionSite, call: FlexCall) -> str | None:
     mask = read_mask_mod(call, lq, lk)
     if isinstance(mask, str):
         return mask
+    if score.relative and not _default_alignment(mask, lq, lk):
+        return ("score_mod reads a relative-bias table, and the mask_mod places queries and "
+                "keys other than bottom-right (q_idx - kv_idx is then no difference of the "
+                "op's positions that a table of Lq + Lk - 1 entries covers)")
     _set_scale(site, call.scale)
     site.softcap = score.softcap
     site.alibi = score.alibi
+    site.relative = score.relative
     site.flex = FlexSite(call, mask)
     return None
+
+
+def _default_alignment(mask: ModelMask, lq: Any, lk: Any) -> bool:
+    """Whether the folded mask leaves query row i at ``i + Lk - Lq`` and key j at ``j`` (or
+    counts both from each document's start): then the op's ``q_pos - k_pos`` is FlexAttention's
+    ``q_idx - kv_idx + Lk - Lq`` on every entry."""
+    if mask.q_start is None and mask.k_start is None:
+        return True
+    q0, k0 = mask.q_start, 0 if mask.k_start is None else mask.k_start
+    return all(isinstance(x, int) for x in (q0, k0, lq, lk)) and q0 - k0 == lk - lq
 
 
 def _set_scale(site: AttentionSite, scale: Any) -> None:

@@ -73,6 +73,7 @@ class AttentionSite:
     reason: str | None = None
     flex: Any = None
     alibi: bool = False
+    relative: bool = False
 
     @property
     def has_bias(self) -> bool:

@@ -9,7 +9,12 @@ import torch
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
-from sparse_compile.reference import kept_mask, position_grid, reference_attention
+from sparse_compile.reference import (
+    kept_mask,
+    position_grid,
+    reference_attention,
+    relative_logits,
+)
 from tests.conftest import rel_error
 
 # Relative-error bounds per input dtype (DESIGN.md §5).
@@ -50,11 +55,13 @@ def make_qkv(
     return one(hq, lq), one(hkv, lk), one(hkv, lk)
 
 
-def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None, alibi=None):
+def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None, alibi=None,
+           rel_bias=None):
     """Float64 attention with autograd (same formula as reference_attention, which it matches;
     with ``softcap`` > 0 the logits are first capped as softcap * tanh(s / softcap)).
     ``positions``: keyword arguments ``q_start`` / ``k_start`` / ``documents`` of
-    reference_attention (where queries and keys sit); ``alibi``: ALiBi slopes ``[Hq]``.
+    reference_attention (where queries and keys sit); ``alibi``: ALiBi slopes ``[Hq]``;
+    ``rel_bias``: a relative-bias table ``[Hq or 1, Lq + Lk - 1]`` (differentiable).
 
     Returns the output [B, Hq, Lq, D] float64, differentiable in q, k, v and a float bias.
     """
@@ -78,6 +85,8 @@ def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None,
     if alibi is not None:
         q_pos, k_pos = position_grid(b, lq, lk, q.device, **positions)
         s = s + alibi.to(torch.float64).reshape(1, -1, 1, 1) * (k_pos - q_pos)[:, None]
+    if rel_bias is not None:
+        s = s + relative_logits(rel_bias, b, hq, lq, lk, q.device, **positions)
     if bias is not None:
         if bias.dtype == torch.bool:
             keep = keep & bias
@@ -91,33 +100,38 @@ def oracle(q, k, v, pattern, scale=None, bias=None, softcap=0.0, positions=None,
     out = (e / torch.where(den > 0, den, torch.ones_like(den))) @ v64
     if softcap > 0:
         return out
-    ref = reference_attention(q, k, v, p, scale, bias, alibi=alibi, **positions)
+    ref = reference_attention(q, k, v, p, scale, bias, alibi=alibi, rel_bias=rel_bias,
+                              **positions)
     assert rel_error(out, ref) < 1e-12, "test oracle disagrees with reference_attention"
     return out
 
 
 def check_against_oracle(fn, q, k, v, pattern, scale=None, bias=None, grads=True, softcap=0.0,
-                         positions=None, alibi=None):
+                         positions=None, alibi=None, rel_bias=None):
     """Run ``fn(q, k, v, pattern, scale, bias)`` and compare output and gradients with the oracle
     (``positions``: where queries and keys sit, passed to both; see ``oracle``).
 
-    Returns the dict of relative errors (out, dq, dk, dv[, dbias]).
+    Returns the dict of relative errors (out, dq, dk, dv[, dbias][, drel]).
     """
     tol = TOL[q.dtype]
-    out = fn(q, k, v, pattern, scale, bias, **(positions or {}),
-             **({"alibi": alibi} if alibi is not None else {}))
+    extra = {name: t for name, t in (("alibi", alibi), ("rel_bias", rel_bias)) if t is not None}
+    out = fn(q, k, v, pattern, scale, bias, **(positions or {}), **extra)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all(), f"non-finite output for {pattern!r}"
-    ref = oracle(q, k, v, pattern, scale, bias, softcap, positions, alibi)
+    ref = oracle(q, k, v, pattern, scale, bias, softcap, positions, alibi, rel_bias)
     errs = {"out": rel_error(out, ref)}
     if grads:
         dout = torch.randn_like(out)
-        wrt = [q, k, v]
+        wrt, names = [q, k, v], ["dq", "dk", "dv"]
         if bias is not None and bias.requires_grad:
             wrt.append(bias)
+            names.append("dbias")
+        if rel_bias is not None and rel_bias.requires_grad:
+            wrt.append(rel_bias)
+            names.append("drel")
         got = torch.autograd.grad(out, wrt, dout)
         want = torch.autograd.grad(ref, wrt, dout.to(torch.float64))
-        for name, g, w in zip(["dq", "dk", "dv", "dbias"], got, want, strict=False):
+        for name, g, w in zip(names, got, want, strict=True):
             assert torch.isfinite(g).all(), f"non-finite {name} for {pattern!r}"
             # A bias constant along the keys has an exactly zero gradient (softmax is
             # shift-invariant): compare absolutely there.

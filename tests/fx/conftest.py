@@ -45,11 +45,14 @@ def recording_op_inputs() -> Iterator[list[dict]]:
     calls: list[dict] = []
     real = functional._static_attention
 
-    def spy(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents, alibi=None):
+    def spy(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents, alibi=None,
+            rel_bias=None):
         calls.append({"lq": q.shape[2], "lk": k.shape[2],
                       "bias": None if bias is None else tuple(bias.shape),
-                      "starts": starts, "documents": documents})
-        return real(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents, alibi)
+                      "starts": starts, "documents": documents,
+                      "rel_bias": None if rel_bias is None else tuple(rel_bias.shape)})
+        return real(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents, alibi,
+                    rel_bias)
 
     functional._static_attention = spy
     try:

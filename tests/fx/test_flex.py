@@ -64,8 +64,40 @@ def alibi(score, b, h, q_idx, kv_idx):
 RELATIVE = torch.linspace(-1.0, 1.0, 2 * L)
 
 
-def relative_table(score, b, h, q_idx, kv_idx):
-    return score + RELATIVE[q_idx - kv_idx + L]
+def absolute_positions(score, b, h, q_idx, kv_idx):
+    return score + RELATIVE[q_idx] * RELATIVE[kv_idx]
+
+
+class RelativeBias(torch.nn.Module):
+    """FlexModule's projections and a learned relative-bias table ``[Hq, 2L - 1]`` (T5 /
+    Swin style) read by the score_mod at ``h, q_idx - kv_idx + L - 1``."""
+
+    def __init__(self, mask_mod, by_hand: torch.Tensor | None = None,
+                 per_head: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(32, (HQ + 2 * HKV) * D)
+        self.table = torch.nn.Parameter(0.5 * torch.randn(HQ if per_head else 1, 2 * L - 1))
+        self.mask_mod, self.by_hand, self.per_head = mask_mod, by_hand, per_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).view(B, L, HQ + 2 * HKV, D).transpose(1, 2)
+        q, k, v = qkv.split([HQ, HKV, HKV], dim=1)
+        table = self.table if self.per_head else self.table[0]
+        if self.per_head:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + table[h, q_idx - kv_idx + (L - 1)]
+        else:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + table[(L - 1) + (q_idx - kv_idx)]
+        mask_mod = self.mask_mod
+        if self.by_hand is not None:
+            keep = self.by_hand
+            mask_mod = and_masks(mask_mod, lambda b, h, q_idx, kv_idx: keep[q_idx, kv_idx])
+        block_mask = create_block_mask(mask_mod, B, None, L, L, device=x.device, BLOCK_SIZE=8)
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=0.3,
+                             enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, L, -1)
 
 
 class FlexModule(torch.nn.Module):
@@ -170,8 +202,33 @@ def test_document_ids_out_of_order_stop_the_program(compiler):
             DOCUMENT[-2:] = 2
 
 
+@pytest.mark.usefixtures("flex_grads")
+@pytest.mark.parametrize(("mask_mod", "pattern", "per_head"), [
+    (causal_window, "dense", True),
+    (same_document, "sliding(3)", True),
+    (causal_window, "causal & (sink(2) | sliding(4))", False),
+])
+def test_a_relative_bias_table_is_computed_in_the_op(mask_mod, pattern, per_head):
+    """A learned table read at ``q_idx - kv_idx``: the rewritten call equals FlexAttention in
+    outputs and in every gradient, the table's included; the op receives the table
+    ``[Hq, 2L - 1]``, never an Lq x Lk tensor."""
+    model = RelativeBias(mask_mod, per_head=per_head)
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": pattern, "compiler": "eager"})
+    with collecting() as report, recording_op_inputs() as calls:
+        out, grads = _step(model, compiled)
+    assert [(r.form, r.rewritten) for r in report] == [("flex", True)], str(report)
+    no_lq_by_lk(calls)
+    assert all(c["rel_bias"] == (HQ, 2 * L - 1) for c in calls), calls
+    torch._dynamo.reset()
+    reference = RelativeBias(mask_mod, by_hand=parse(pattern).mask(L, L), per_head=per_head)
+    ref, ref_grads = _step(reference, torch.compile(reference, backend="eager"))
+    assert rel_error(out, ref) < 1e-4
+    assert_grads_close(grads, ref_grads)
+
+
 @pytest.mark.parametrize(("options", "reason"), [
-    ({"score_mod": relative_table}, "bias of query and key positions"),
+    ({"score_mod": absolute_positions}, "bias of query and key positions"),
     ({"return_lse": True}, "log-sum-exp"),
 ])
 def test_unproven_calls_stay_flex_attention_with_their_reason(options, reason, caplog):
@@ -204,7 +261,7 @@ def test_blocks_without_a_mask_mod_are_not_read():
 
 
 def test_flex_site_raises_with_on_unsupported_error():
-    compiled = torch.compile(FlexModule(causal_window, relative_table), backend="sparse",
+    compiled = torch.compile(FlexModule(causal_window, absolute_positions), backend="sparse",
                              options={"on_unsupported": "error", "compiler": "eager"})
     with pytest.raises(Exception, match="bias of query and key positions"), torch.no_grad():
         compiled(_inputs())
