@@ -12,6 +12,9 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from sparse_compile.codegen.gluon.forward import launch_gluon_forward
+from sparse_compile.codegen.gluon.rows import interval_rows
+from sparse_compile.codegen.gluon.support import gluon_device
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
     TileConfig,
@@ -186,13 +189,40 @@ def forward(
         route = residue_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if route is not None:
             return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
-    module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, lk)
+    if (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
+            and rel_bias is None and frame.is_default(lq, lk)):
+        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype)
+        if result is not None:
+            return result
+    module, n_heads = static_kernels(pattern_text)
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device, frame=frame)
     return launch_forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
         out_dtype, frame, alibi, rel_bias,
     )
+
+
+def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
+                   scale: float, out_dtype: torch.dtype | None
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The forward through the Hopper Gluon kernel where it applies (sm90, a supported
+    Triton, 16-bit operands, head dim 64 or 128, rows that are one interval, TMA-walkable
+    layouts), else None; a Gluon failure is logged once and the ``tl`` kernels take over."""
+    if not (gluon_device(q.device) and family_available("gluon_forward")):
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    if q.shape[-1] not in (64, 128) or q.numel() == 0 or k.shape[2] == 0:
+        return None
+    rows = interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
+    if rows is None:
+        return None
+    try:
+        with fall_back_on_failure("gluon_forward"):
+            return launch_gluon_forward(q, k, v, rows, scale, out_dtype)
+    except FellBack:
+        return None
 
 
 def fused_backward(cfg: TileConfig, bias_grad: bool) -> bool:

@@ -53,6 +53,10 @@ class TileConfig:
     # forward at L=4k streamed K/V from DRAM at half the 16k (B=1) rate (bench/NOTES.md,
     # version 8).
     head_group: int = 16
+    # On Hopper (sm90) with a supported Triton, the forward of interval patterns runs the
+    # warp-specialised Gluon kernel (codegen/gluon/); False keeps the ``tl`` kernels (as does
+    # the environment variable SPARSE_COMPILE_KERNELS=tl, codegen/gluon/support.py).
+    gluon: bool = True
 
     @staticmethod
     def d_pad(head_dim: int) -> int:

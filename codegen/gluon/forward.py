@@ -1,0 +1,268 @@
+"""Hopper forward kernel in Gluon: O = softmax(scale·QKᵀ | pattern) V and the log-sum-exp.
+
+One program computes ``BM`` query rows of one (batch, query head) with ``num_warps`` consumer
+warps (two warpgroups at 8 warps, 64 rows each) and one producer warp:
+
+* the producer (``_fwd_load``) copies the Q tile once, then the visited K and V tiles through
+  TMA into a ring of ``STAGES`` shared-memory buffers, each guarded by a *ready* barrier (the
+  copy's bytes arrived) and an *empty* one (the consumers are done with it);
+* the consumers (``_fwd_compute``) run ``S = Q Kᵀ`` and ``O += P V`` as asynchronous
+  ``warpgroup_mma``, software-pipelined within the warpgroup: the scores of tile ``t`` are
+  issued, then the ``P V`` product of tile ``t - 1``, and the online softmax of tile ``t``
+  runs while that product is in flight (FlashAttention-3's intra-warpgroup overlap).
+
+Visited blocks come from the rows' kept intervals (``rows.py``): key blocks
+``[j_lo, j_hi)`` cover every kept key of the tile, and blocks inside every row's interval
+(``[jf_lo, jf_hi)``) are FULL, run without mask arithmetic; the others (at most a few at each
+end) mask keys outside ``[lo, hi]``. Scores stay unscaled; ``scale·log2(e)`` is folded into
+the exp2 argument. The output contract is the ``tl`` forward's: ``lse`` in log2 units, +inf
+and zero output for rows that keep no key, so the ``tl`` backward consumes it unchanged.
+
+Operands are read through 2-D TMA descriptors over the rows of ``[B, H, L, D]`` tensors laid
+out head-major (``[B * H * L, D]``, row ``(b·H + h)·L + l``) or sequence-major (``[B * L,
+H * D]``, as ``[B, L, H, D].transpose(1, 2)``, the layout models hand over: row ``b·L + l``,
+column ``h·D``). A tile that runs past a head's last row reads the next rows (or zeros past
+the tensor's end): those keys are masked and those query rows are not stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from sparse_compile.codegen.gluon.support import (
+    TensorDescriptor,
+    gl,
+    gluon,
+    mbarrier,
+    tma_load,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from sparse_compile.codegen.launch.tables import RowBounds
+
+_LOG2E = 1.4426950408889634
+_BIG = tl.constexpr(1 << 30)
+
+
+def _jit(fn):
+    """``gluon.jit`` where Gluon imported (the module must import without it: CI's CPU)."""
+    return fn if gluon is None else gluon.jit(fn)
+
+
+@_jit
+def _tile_blocks(RLO, RHI, hp, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
+                 layout: gl.constexpr):
+    """Key blocks of the query tile at ``m0``: visited ``[j_lo, j_hi)``, FULL
+    ``[jf_lo, jf_hi)`` (empty when ``jf_lo >= jf_hi``), from the rows' intervals."""
+    offs = m0 + gl.arange(0, BM, layout=layout)
+    ok = offs < Lq
+    lo = gl.load(RLO + hp * Lq + offs, mask=ok, other=0)
+    hi = gl.load(RHI + hp * Lq + offs, mask=ok, other=-1)
+    kept = ok & (lo <= hi)
+    lo_min = gl.min(gl.where(kept, lo, _BIG), 0)
+    hi_max = gl.max(gl.where(kept, hi, -1), 0)
+    lo_max = gl.max(gl.where(ok, lo, 0), 0)
+    hi_min = gl.min(gl.where(ok, hi, _BIG), 0)
+    j_lo = lo_min // BN
+    j_hi = (hi_max + BN) // BN
+    # A block is FULL when it lies inside every row's interval (an empty row has none).
+    jf_lo = gl.maximum((lo_max + BN - 1) // BN, j_lo)
+    jf_hi = gl.minimum((hi_min + 1) // BN, j_hi)
+    return j_lo, jf_lo, jf_hi, j_hi
+
+
+@_jit
+def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+              v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
+              BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
+    """Producer warp: the Q tile, then K and V of every visited block, in order."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hkv = h // G
+    m0 = pid_m * BM
+    rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, h % NPH, Lq, m0, BM, BN, rows)
+    mbarrier.expect(q_bar, desc_q.block_type.nbytes)
+    tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
+    k_row = b * k_rb + hkv * k_rh
+    k_col = hkv * k_ch
+    for t in range(0, j_hi - j_lo):
+        st = t % STAGES
+        ph = (t // STAGES) & 1
+        row = k_row + (j_lo + t) * BN
+        mbarrier.wait(k_empty.index(st), ph ^ 1)
+        mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
+        tma_load(desc_k, [row, k_col], k_ready.index(st), k_smem.index(st))
+        mbarrier.wait(v_empty.index(st), ph ^ 1)
+        mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
+        tma_load(desc_v, [row, k_col], v_ready.index(st), v_smem.index(st))
+
+
+@_jit
+def _softmax_step(s, j, jf_lo, jf_hi, lo, hi, m_i, l_i, qk_scale, BN: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """Online softmax of one score tile (log2 units, scale folded in): masks keys outside the
+    rows' intervals unless the block is FULL; returns (p, m, l, alpha)."""
+    if (j < jf_lo) | (j >= jf_hi):
+        k_idx = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        keep = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - m_safe[:, None])
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@_jit
+def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, LSE,
+                 RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
+                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Consumer warpgroups: scores, online softmax and output of one query tile."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hp = h % NPH
+    m0 = pid_m * BM
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, hp, Lq, m0, BM, BN, row_s)
+    offs_m = m0 + gl.arange(0, BM, layout=row_s)
+    row_ok = offs_m < Lq
+    lo = gl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
+    hi = gl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BM], gl.float32, layout=row_s)
+    acc = gl.zeros([BM, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+    n = j_hi - j_lo
+    mbarrier.wait(q_bar, 0)
+    if n > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, m_i, l_i, alpha = _softmax_step(s, j_lo, jf_lo, jf_hi, lo, hi, m_i, l_i, qk_scale,
+                                           BN, s_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for t in range(1, n):
+            st = t % STAGES
+            prev = (t - 1) % STAGES
+            mbarrier.wait(k_ready.index(st), (t // STAGES) & 1)
+            s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            # Groups retire in order: one outstanding means the scores are done.
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            mbarrier.arrive(k_empty.index(st), count=1)
+            p, m_i, l_i, alpha = _softmax_step(s, j_lo + t, jf_lo, jf_hi, lo, hi, m_i, l_i,
+                                               qk_scale, BN, s_layout)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        last = (n - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(v_empty.index(last), count=1)
+
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    lse = gl.where(l_i == 0.0, float("inf"), m_i + gl.log2(l_safe))
+    gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=row_ok)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    offs_mo = m0 + gl.arange(0, BM, layout=row_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = (Out + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+              + offs_mo[:, None].to(gl.int64) * som + offs_d[None, :])
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_mo < Lq)[:, None])
+
+
+@_jit
+def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
+                k_rb, k_rh, k_ch, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
+                BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                num_warps: gl.constexpr):
+    dtype: gl.constexpr = desc_q.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_v.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    gl.warp_specialize([
+        (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
+                        LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,
+                        STAGES, num_warps)),
+        (_fwd_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
+                     v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh,
+                     k_ch, BM, BN, STAGES)),
+    ], [1], [24])
+
+
+def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
+    """``t`` [B, H, L, D] as a 2-D row matrix and the (row per batch, row per head, column per
+    head) steps that locate a head's first row in it; None for layouts TMA cannot walk."""
+    b, h, length, d = t.shape
+    sb, sh, sl, sd = t.stride()
+    if sd != 1 or t.data_ptr() % 16 or (sl * t.element_size()) % 16:
+        return None
+    if (h == 1 or sh == length * sl) and (b == 1 or sb == h * length * sl) and sl == d:
+        return t.as_strided((b * h * length, d), (d, 1)), h * length, length, 0
+    if sh == d and sl == h * d and (b == 1 or sb == length * sl):
+        return t.as_strided((b * length, h * d), (h * d, 1)), length, 0, d
+    return None
+
+
+def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowBounds,
+                         scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
+                         block_n: int = 128, stages: int = 2, num_warps: int = 8
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
+    (the caller then runs the ``tl`` kernel). q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit,
+    D in {64, 128}); ``rows``: the pattern's row intervals (``rows.py``). Returns out
+    [B, Hq, Lq, D] contiguous and lse [B, Hq, Lq] float32 (log2 units, +inf when empty)."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    views = [row_view(t) for t in (q, k, v)]
+    if any(x is None for x in views) or views[1][1:] != views[2][1:]:
+        return None
+    (q2, q_rb, q_rh, q_ch), (k2, k_rb, k_rh, k_ch), (v2, _, _, _) = views
+    out = torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype)
+    lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdtype)
+    desc_q = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [block_m, d], q_layout)
+    desc_k = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, d], kv_layout)
+    desc_v = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d], kv_layout)
+    grid = (triton.cdiv(lq, block_m), b * hq)
+    _fwd_kernel[grid](
+        desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv, rows.lo.shape[0], lq,
+        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0), out.stride(1), out.stride(2),
+        scale * _LOG2E, HEAD_DIM=d, BM=block_m, BN=block_n, STAGES=stages,
+        num_warps=num_warps)
+    return out, lse

@@ -1,0 +1,74 @@
+"""Where the Gluon kernels run: Hopper GPUs, a Triton whose Gluon API they are written against,
+and no request for the ``tl`` kernels.
+
+Gluon (``triton.experimental.gluon``) is Triton's lower-level language; its API still moves
+between releases (bench/NOTES.md lists what moved from 3.6 to 3.9: the TMA load's name, the
+byte count of ``mbarrier.expect``). The kernels are written against the releases in
+``SUPPORTED_TRITON`` and use one shim per moved call (``tma_load`` here); any other release, a
+missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
+``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import triton
+
+# Releases whose Gluon API the kernels are written against (major, minor).
+SUPPORTED_TRITON: tuple[tuple[int, int], ...] = ((3, 6), (3, 7), (3, 8), (3, 9))
+# Set to "tl" to force the portable ``tl`` kernels everywhere.
+KERNELS_ENV = "SPARSE_COMPILE_KERNELS"
+
+try:  # pragma: no cover - depends on the installed triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # The TMA tile load: ``async_load`` from 3.7 on, ``async_copy_global_to_shared`` in 3.6
+    # (3.9 keeps the old name only to raise an error pointing to the new one).
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    GLUON_IMPORTED = True
+except ImportError:  # pragma: no cover
+    gluon = gl = mbarrier = tma = tma_load = TensorDescriptor = None
+    warpgroup_mma = warpgroup_mma_wait = fence_async_shared = None
+    GLUON_IMPORTED = False
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def gluon_version_supported(version: tuple[int, int] | None = None) -> bool:
+    """Whether the Gluon kernels are written against this Triton release (default: the
+    installed one) and Gluon's Hopper modules imported."""
+    return GLUON_IMPORTED and (version or triton_version()) in SUPPORTED_TRITON
+
+
+def tl_forced() -> bool:
+    """Whether ``SPARSE_COMPILE_KERNELS=tl`` asks for the portable kernels everywhere."""
+    return os.environ.get(KERNELS_ENV, "").strip().lower() == "tl"
+
+
+@lru_cache(maxsize=16)
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def gluon_device(device: torch.device) -> bool:
+    """Whether ``device`` runs the Gluon kernels: a CUDA sm90 GPU, a supported Triton, not the
+    interpreter, not forced to ``tl``. Asked on every launch: the capability query is cached."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or tl_forced():
+        return False
+    return gluon_version_supported() and _is_sm90(device)

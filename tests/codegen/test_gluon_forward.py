@@ -1,0 +1,171 @@
+"""The Hopper Gluon forward (codegen/gluon/): where it is chosen, the row intervals it reads,
+the layouts it walks (tested everywhere), and its results against the float64 oracle (on an
+sm90 GPU only: Gluon kernels do not run in the interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.gluon import forward as gluon_forward
+from sparse_compile.codegen.gluon import support
+from sparse_compile.codegen.gluon.rows import interval_rows
+from sparse_compile.codegen.launch.config import TileConfig
+from sparse_compile.patterns import parse
+
+from sparse_compile.functional import attention
+from tests.codegen.attention_cases import check_against_oracle, count_calls, make_qkv
+from tests.conftest import rel_error
+
+INTERVAL_PATTERNS = [
+    "dense", "causal", "causal & sliding(70)", "local(50)", "block(96)", "sliding(33)",
+    "causal | prefix(40)", "window(30, 5)", "heads(causal, causal & sliding(20))",
+]
+NOT_ONE_INTERVAL = ["strided(4)", "sink(3) | sliding(7)", "axial(6)", "~local(3)"]
+
+ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_device(torch.device("cuda"))
+needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
+                                     reason="Gluon kernels run on an sm90 GPU only")
+
+
+# --- host side: runs everywhere (CI) ---------------------------------------------------------
+
+@pytest.mark.parametrize("text", INTERVAL_PATTERNS)
+@pytest.mark.parametrize("lq, lk", [(37, 37), (20, 45), (45, 20), (1, 9)])
+def test_row_intervals_are_the_patterns_first_and_last_kept_keys(text, lq, lk) -> None:
+    pattern = parse(text)
+    rows = interval_rows(pattern, lq, lk, torch.device("cpu"))
+    assert rows is not None
+    heads = pattern.num_heads if pattern.per_head else 1
+    mask = pattern.mask(lq, lk, heads=heads if pattern.per_head else None).reshape(heads, lq, lk)
+    assert rows.lo.shape == rows.hi.shape == (heads, lq) and rows.lo.dtype == torch.int32
+    keys = torch.arange(lk)
+    for h in range(heads):
+        for i in range(lq):
+            kept = keys[mask[h, i]]
+            lo, hi = int(rows.lo[h, i]), int(rows.hi[h, i])
+            if kept.numel() == 0:
+                assert lo > hi
+            else:
+                assert (lo, hi) == (int(kept[0]), int(kept[-1]))
+                # one interval: every key between is kept
+                assert kept.numel() == hi - lo + 1
+
+
+@pytest.mark.parametrize("text", NOT_ONE_INTERVAL)
+def test_patterns_whose_rows_are_not_one_interval_have_no_row_intervals(text) -> None:
+    assert interval_rows(parse(text), 40, 40, torch.device("cpu")) is None
+
+
+def test_row_view_walks_head_major_and_sequence_major_layouts() -> None:
+    t = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
+    rows, per_batch, per_head, col = gluon_forward.row_view(t)
+    assert rows.shape == (240, 64) and (per_batch, per_head, col) == (120, 40, 0)
+    s = torch.zeros(2, 40, 3, 64, dtype=torch.bfloat16).transpose(1, 2)
+    rows, per_batch, per_head, col = gluon_forward.row_view(s)
+    assert rows.shape == (80, 192) and (per_batch, per_head, col) == (40, 0, 64)
+    # The element (b, h, l, d) sits at row b * per_batch + h * per_head + l, column h * col + d.
+    for x, view, pb, ph, c in ((t, *gluon_forward.row_view(t)), (s, *gluon_forward.row_view(s))):
+        x.zero_()
+        b, h, pos, d = 1, 2, 7, 5
+        x[b, h, pos, d] = 1
+        assert view[b * pb + h * ph + pos, h * c + d] == 1
+
+
+def test_row_view_refuses_layouts_tma_cannot_walk() -> None:
+    t = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
+    assert gluon_forward.row_view(t[..., :32]) is None  # rows strided past the head dim
+    assert gluon_forward.row_view(t.transpose(2, 3).contiguous().transpose(2, 3)) is None
+    assert gluon_forward.row_view(t[:, :, 1:]) is None  # heads 39 rows apart, 40 in memory
+    odd = torch.zeros(2, 3, 40, 3, dtype=torch.bfloat16)  # 6-byte rows
+    assert gluon_forward.row_view(odd) is None
+
+
+def test_supported_versions_and_the_tl_switch(monkeypatch) -> None:
+    assert support.gluon_version_supported((3, 6)) == support.GLUON_IMPORTED
+    assert not support.gluon_version_supported((3, 5))
+    assert not support.gluon_version_supported((4, 0))
+    monkeypatch.setenv(support.KERNELS_ENV, "tl")
+    assert support.tl_forced()
+    assert not support.gluon_device(torch.device("cuda"))
+    monkeypatch.setenv(support.KERNELS_ENV, "")
+    assert not support.tl_forced()
+    assert not support.gluon_device(torch.device("cpu"))
+
+
+def test_the_interpreter_and_cpu_keep_the_tl_kernels(monkeypatch) -> None:
+    if ON_GLUON_GPU:
+        pytest.skip("this machine runs the Gluon kernels")
+    calls = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    q, k, v = make_qkv(1, 2, 2, 33, 33, 16, torch.float32)
+    check_against_oracle(attention, q, k, v, "causal & sliding(9)", grads=False)
+    assert calls == []
+
+
+def test_tile_config_has_a_switch_for_the_gluon_forward() -> None:
+    assert TileConfig().gluon and not TileConfig(gluon=False).gluon
+    assert TileConfig().key() != TileConfig(gluon=False).key()
+
+
+# --- the kernel itself: sm90 GPU only ---------------------------------------------------------
+
+GPU_CASES = [
+    # (pattern, B, Hq, Hkv, Lq, Lk, D)
+    ("dense", 2, 4, 4, 256, 256, 128),
+    ("causal", 1, 4, 2, 300, 300, 128),
+    ("causal", 2, 2, 2, 1000, 1000, 64),
+    ("causal & sliding(70)", 1, 8, 2, 517, 517, 128),
+    ("causal & sliding(300)", 1, 2, 1, 1024, 1024, 64),
+    ("local(50)", 2, 2, 2, 333, 333, 128),
+    ("block(96)", 1, 4, 4, 700, 700, 64),
+    ("causal | prefix(40)", 1, 2, 2, 390, 390, 128),
+    ("sliding(33)", 1, 2, 2, 129, 257, 128),
+    ("causal", 1, 2, 2, 200, 77, 128),  # Lq > Lk: the first rows keep no key
+    ("causal & sliding(64)", 1, 2, 1, 77, 600, 64),  # Lq < Lk (chunked prefill)
+    ("heads(causal, causal & sliding(20))", 1, 4, 2, 260, 260, 128),
+    ("window(30, 5)", 1, 2, 2, 255, 255, 64),
+]
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-{c[4]}x{c[5]}-d{c[6]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_gluon_forward_matches_the_oracle(monkeypatch, case, dtype, noncontiguous) -> None:
+    text, b, hq, hkv, lq, lk, d = case
+    calls = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, noncontiguous)
+    check_against_oracle(attention, q, k, v, text)  # gradients: the tl backward on its lse
+    assert calls, "the Gluon forward did not run"
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("text", ["causal", "causal & sliding(100)", "block(128)", "dense"])
+def test_gluon_and_tl_forwards_agree_on_output_and_log_sum_exp(text) -> None:
+    q, k, v = make_qkv(2, 4, 2, 777, 777, 128, torch.bfloat16)
+    args = (q.detach(), k.detach(), v.detach(), text, 0.1)
+    out_g, lse_g = kernels.forward(*args)
+    out_t, lse_t = kernels.forward(*args, cfg=TileConfig(gluon=False))
+    assert rel_error(out_g, out_t) < 1e-2
+    finite = torch.isfinite(lse_t)
+    assert torch.equal(finite, torch.isfinite(lse_g))
+    assert (lse_g[finite] - lse_t[finite]).abs().max().item() < 1e-2
+
+
+@needs_gluon_gpu
+def test_rows_with_no_key_give_zeros_and_infinite_lse() -> None:
+    q, k, v = make_qkv(1, 2, 2, 300, 100, 128, torch.bfloat16)
+    out, lse = kernels.forward(q.detach(), k.detach(), v.detach(), "causal", 0.1)
+    empty = 200  # bottom-right causal: rows 0..199 sit before every key
+    assert torch.isfinite(out).all()
+    assert out[:, :, :empty].abs().max().item() == 0
+    assert torch.isinf(lse[:, :, :empty]).all() and torch.isfinite(lse[:, :, empty:]).all()
+
+
+@needs_gluon_gpu
+def test_tl_forced_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(support.KERNELS_ENV, "tl")
+    calls = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    q, k, v = make_qkv(1, 2, 2, 256, 256, 128, torch.bfloat16)
+    check_against_oracle(attention, q, k, v, "causal", grads=False)
+    assert calls == []
