@@ -1,4 +1,5 @@
-"""What calibration accepts: static candidate patterns and a recall target in (0, 1]."""
+"""What calibration accepts: static candidate patterns, a recall target in (0, 1], and the
+statistic of per-row recall that must reach it."""
 
 from __future__ import annotations
 
@@ -57,3 +58,44 @@ def check_recall(recall: Any) -> float:
         raise ValueError(f"recall must be in (0, 1] (the share of softmax mass a pattern must "
                          f"keep), got {recall}")
     return float(recall)
+
+
+Criterion = str | float
+"""``"mean"``, ``"min"``, or a quantile level in (0, 1): see :func:`check_criterion`."""
+
+
+def check_criterion(criterion: Any) -> Criterion:
+    """The statistic of per-row recall that the choice compares with the target.
+
+    ``"mean"``: the mean over query rows; ``"min"``: the smallest row (every row must reach the
+    target); a float ``q`` in (0, 1): the ``q``-quantile of rows (``0.01``: at most 1% of rows
+    may keep less than the target). ``TypeError`` for another type, ``ValueError`` for another
+    word or a level outside (0, 1).
+    """
+    if isinstance(criterion, str):
+        if criterion in ("mean", "min"):
+            return criterion
+        raise ValueError(f"criterion must be 'mean', 'min' or a quantile level in (0, 1) such "
+                         f"as 0.01, got {criterion!r}")
+    if isinstance(criterion, bool) or not isinstance(criterion, (int, float)):
+        raise TypeError(f"criterion must be 'mean', 'min' or a quantile level in (0, 1), not "
+                        f"{type(criterion).__name__}")
+    if not (0.0 < criterion < 1.0) or math.isnan(criterion):
+        hint = " (for every row, criterion='min')" if criterion == 0 else ""
+        raise ValueError(f"a quantile criterion must be in (0, 1), the share of rows allowed "
+                         f"below the target, got {criterion}{hint}")
+    return float(criterion)
+
+
+def criterion_label(criterion: Criterion) -> str:
+    """How the table names the statistic: ``mean``, ``min``, ``p1`` for the 0.01-quantile."""
+    return criterion if isinstance(criterion, str) else f"p{100 * criterion:g}"
+
+
+def criterion_words(criterion: Criterion) -> str:
+    """The statistic in words, for the table's last line."""
+    if criterion == "mean":
+        return "mean over rows"
+    if criterion == "min":
+        return "every row"
+    return f"all but {100 * criterion:g}% of rows"

@@ -1,6 +1,7 @@
 """Choosing, per site and head, the sparsest candidate that keeps enough softmax mass.
 
-A candidate qualifies for a head when its mean kept mass reaches the recall target (up to
+A candidate qualifies for a head when a statistic of its per-row kept mass (the criterion: the
+mean over rows, the minimum, or a low quantile) reaches the recall target (up to
 ``TOLERANCE``, so that a candidate keeping everything the model attends to qualifies at
 ``recall=1``); among those the one with the lowest density at the site's calibration length
 wins, the earlier candidate on ties. A head where none qualifies gets ``dense``.
@@ -13,10 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from sparse_compile.calibration.candidates import Criterion
+from sparse_compile.calibration.recall import TOLERANCE, histogram_quantile
 from sparse_compile.patterns import Pattern, dense, heads
-
-# Rounding of float32 softmax sums: a pattern that keeps every allowed key measures 1 − 1e-7.
-TOLERANCE = 1e-6
 
 
 @functools.lru_cache(maxsize=4096)
@@ -40,15 +40,29 @@ def densities(candidates: Sequence[Pattern], head_count: int, pooled: bool, lq: 
                         dtype=torch.float64).reshape(head_count, len(candidates))
 
 
-def choose(mean: torch.Tensor, density: torch.Tensor, recall: float) -> list[int | None]:
+def recall_statistic(criterion: Criterion, mean: torch.Tensor, minimum: torch.Tensor,
+                     histogram: torch.Tensor) -> torch.Tensor:
+    """float64 ``[H, C]``: the figure the choice compares with the target under ``criterion``
+    (``mean``, ``minimum`` ``[H, C]`` as they are; a quantile level read from ``histogram``
+    ``[H, C, RECALL_BINS + 1]``)."""
+    if criterion == "mean":
+        return mean
+    if criterion == "min":
+        return minimum
+    return histogram_quantile(histogram, float(criterion))
+
+
+def choose(statistic: torch.Tensor, density: torch.Tensor,
+           recall: float) -> list[int | None]:
     """Per head, the index of the chosen candidate, or None for ``dense``.
 
-    ``mean``, ``density``: float64 ``[H, C]`` (a NaN mean, from a head with no counted row,
-    never qualifies).
+    ``statistic``, ``density``: float64 ``[H, C]`` (a NaN statistic, from a head with no
+    counted row, never qualifies).
     """
     chosen: list[int | None] = []
-    for h in range(mean.shape[0]):
-        ok = [j for j in range(mean.shape[1]) if mean[h, j] >= recall - TOLERANCE]
+    for h in range(statistic.shape[0]):
+        ok = [j for j in range(statistic.shape[1])
+              if statistic[h, j] >= recall - TOLERANCE]
         chosen.append(min(ok, key=lambda j: (float(density[h, j]), j)) if ok else None)
     return chosen
 

@@ -1,5 +1,6 @@
-"""Heat maps of a calibration: sites down, heads across, one panel per candidate (mean kept
-softmax mass) and one for the choice (density of the chosen pattern, its number written in)."""
+"""Heat maps of a calibration: sites down, heads across, one panel per candidate (the
+criterion's figure of kept softmax mass: the mean over rows, the minimum or a quantile) and one
+for the choice (density of the chosen pattern, its number written in)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+
+from sparse_compile.calibration.candidates import criterion_label
 
 if TYPE_CHECKING:
     from sparse_compile.calibration.result import Calibration
@@ -48,13 +51,14 @@ def draw_calibration(result: Calibration, path: str) -> None:
     for ax in axes[panels:]:
         ax.axis("off")
     labels = [site.key or "<root>" for site in result.sites]
+    label = criterion_label(result.criterion)
     for j, candidate in enumerate(result.candidates):
-        grid = _grid(result, lambda site, h, j=j: float(site.mean[h, j]))
-        image = _panel(axes[j], grid, f"{j + 1}: {candidate}\nmean recall",
+        grid = _grid(result, lambda site, h, j=j: float(site.statistic[h, j]))
+        image = _panel(axes[j], grid, f"{j + 1}: {candidate}\n{label} recall",
                        labels if j % columns == 0 else None)
     choice = _grid(result, lambda site, h: site.chosen_density(h))
     last = axes[panels - 1]
-    _panel(last, choice, f"chosen (recall ≥ {result.recall:g})\ndensity",
+    _panel(last, choice, f"chosen ({label} recall ≥ {result.recall:g})\ndensity",
            labels if (panels - 1) % columns == 0 else None)
     for i, site in enumerate(result.sites):
         for h, j in enumerate(site.chosen):

@@ -8,6 +8,10 @@ in chunks so that no more than ``max_scores`` score entries exist at once: the `
 matrix is never built for long inputs. The same pass returns the attention output, so the
 model runs on exactly what it computes without the instrumentation.
 
+Besides the sum and the minimum over rows, every row's kept mass is counted in a histogram
+(``RECALL_BINS`` bins of width ``1 / RECALL_BINS`` and one for rows that keep everything), from
+which low quantiles of the per-row recall are read without storing the rows.
+
 Rows the model masks entirely (every key dropped, or pushed to the additive mask's
 ``finfo.min``, as padding queries are) carry no information about the heads and are not
 counted.
@@ -26,6 +30,12 @@ from sparse_compile.patterns import Pattern, dense
 
 # Score entries (over batch, heads and one chunk of rows) held at once.
 DEFAULT_MAX_SCORES = 1 << 23
+# Rounding of float32 softmax sums: a pattern that keeps every allowed key measures 1 − 1e-7.
+TOLERANCE = 1e-6
+# Bins of the per-row recall histogram: [i / RECALL_BINS, (i + 1) / RECALL_BINS) for
+# i < RECALL_BINS, then one bin for rows keeping at least 1 − TOLERANCE (8 kB per head and
+# candidate in int64).
+RECALL_BINS = 1000
 
 
 @dataclass
@@ -34,17 +44,21 @@ class KeptMass:
 
     ``total``: float64 ``[H, C]``, the kept mass summed over rows; ``rows``: int64 ``[H]``, how
     many rows were counted (every batch element and every call); ``lowest``: float64
-    ``[H, C]``, the smallest kept mass of any counted row (``inf`` while none was counted).
+    ``[H, C]``, the smallest kept mass of any counted row (``inf`` while none was counted);
+    ``histogram``: int64 ``[H, C, RECALL_BINS + 1]``, how many rows fell in each bin of kept
+    mass (see :func:`recall_bins`).
     """
 
     total: torch.Tensor
     rows: torch.Tensor
     lowest: torch.Tensor
+    histogram: torch.Tensor
 
     @classmethod
     def empty(cls, heads: int, candidates: int) -> KeptMass:
         zeros = torch.zeros(heads, candidates, dtype=torch.float64)
-        return cls(zeros, torch.zeros(heads, dtype=torch.int64), torch.full_like(zeros, math.inf))
+        return cls(zeros, torch.zeros(heads, dtype=torch.int64), torch.full_like(zeros, math.inf),
+                   torch.zeros(heads, candidates, RECALL_BINS + 1, dtype=torch.int64))
 
     @property
     def heads(self) -> int:
@@ -60,16 +74,55 @@ class KeptMass:
         """float64 ``[H, C]``: the smallest kept mass of a row (NaN for a head with none)."""
         return torch.where(self.rows[:, None] > 0, self.lowest, math.nan)
 
+    def quantile(self, q: float) -> torch.Tensor:
+        """float64 ``[H, C]``: the ``q``-quantile of the per-row kept mass, from the histogram
+        (see :func:`histogram_quantile`)."""
+        return histogram_quantile(self.histogram, q)
+
     def add(self, other: KeptMass) -> None:
         """Accumulate ``other`` (same heads and candidates) into this tally."""
         self.total += other.total
         self.rows += other.rows
         torch.minimum(self.lowest, other.lowest, out=self.lowest)
+        self.histogram += other.histogram
 
     def pooled(self) -> KeptMass:
         """All heads counted as one (``H = 1``)."""
         return KeptMass(self.total.sum(0, keepdim=True), self.rows.sum(0, keepdim=True),
-                        self.lowest.amin(0, keepdim=True))
+                        self.lowest.amin(0, keepdim=True), self.histogram.sum(0, keepdim=True))
+
+
+def recall_bins(kept: torch.Tensor) -> torch.Tensor:
+    """int64 bin index of each kept mass: ``floor((kept + TOLERANCE) · RECALL_BINS)`` clamped to
+    ``[0, RECALL_BINS − 1]``, and ``RECALL_BINS`` where ``kept ≥ 1 − TOLERANCE`` (the row keeps
+    everything up to float32 rounding). Bin ``i`` stands for the recall ``i / RECALL_BINS``,
+    at most ``1 / RECALL_BINS`` below the row's own figure and never more than ``TOLERANCE``
+    above it."""
+    scaled = torch.floor((kept.to(torch.float64) + TOLERANCE) * RECALL_BINS)
+    index = scaled.clamp(0, RECALL_BINS - 1).to(torch.int64)
+    return torch.where(kept >= 1.0 - TOLERANCE, RECALL_BINS, index)
+
+
+def histogram_quantile(histogram: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-quantile of per-row recall from ``histogram [..., RECALL_BINS + 1]``: the
+    recall of bin ``i`` holding the row of rank ``floor(q · n) + 1`` (ascending, counting from
+    1, ``n`` rows), so it reaches a target ``t`` exactly when at most ``q · n`` rows keep less
+    than ``t`` (at the histogram's resolution). float64 ``[...]``; NaN where ``n = 0``."""
+    counts = histogram.cumsum(-1)
+    n = counts[..., -1]
+    rank = torch.floor(n.to(torch.float64) * q + 1e-9).to(torch.int64) + 1
+    index = (counts < rank[..., None]).sum(-1).clamp(max=RECALL_BINS)
+    return torch.where(n > 0, index.to(torch.float64) / RECALL_BINS, math.nan)
+
+
+def _row_histogram(kept: torch.Tensor, counted: torch.Tensor, hkv: int,
+                   group: int) -> torch.Tensor:
+    """int64 ``[Hq, RECALL_BINS + 1]``: the counted rows of ``kept [B, Hkv, G, c]`` binned by
+    query head."""
+    heads = torch.arange(hkv * group, device=kept.device).reshape(1, hkv, group, 1)
+    flat = (heads * (RECALL_BINS + 1) + recall_bins(kept))[counted]
+    return torch.bincount(flat.cpu(), minlength=hkv * group * (RECALL_BINS + 1)).reshape(
+        hkv * group, RECALL_BINS + 1)
 
 
 def _keep_rows(pattern: Pattern, q_abs: torch.Tensor, lk: int, hq: int) -> torch.Tensor:
@@ -148,12 +201,14 @@ def attend_and_measure(
         rows = counted.sum((0, 3)).reshape(hq)
         total = torch.empty(hq, len(candidates), dtype=torch.float64)
         lowest = torch.empty_like(total)
+        histogram = torch.empty(hq, len(candidates), RECALL_BINS + 1, dtype=torch.int64)
         for j, candidate in enumerate(candidates):
             keep = _grouped(_keep_rows(candidate, q_abs, lk, hq), hkv, group)
             kept = (probs * keep).sum(-1)  # [B, Hkv, G, c]
             total[:, j] = torch.where(counted, kept, 0.0).sum((0, 3)).reshape(hq).cpu()
             lowest[:, j] = torch.where(counted, kept, math.inf).amin((0, 3)).reshape(hq).cpu()
-        mass.add(KeptMass(total, rows.cpu(), lowest))
+            histogram[:, j] = _row_histogram(kept, counted, hkv, group)
+        mass.add(KeptMass(total, rows.cpu(), lowest, histogram))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
     return out.reshape(b, hq, lq, -1).to(q.dtype), mass
 

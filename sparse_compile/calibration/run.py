@@ -8,7 +8,12 @@ from typing import Any
 
 import torch
 
-from sparse_compile.calibration.candidates import check_candidates, check_recall
+from sparse_compile.calibration.candidates import (
+    Criterion,
+    check_candidates,
+    check_criterion,
+    check_recall,
+)
 from sparse_compile.calibration.instrument import SiteTable, calibration_backend
 from sparse_compile.calibration.recall import DEFAULT_MAX_SCORES
 from sparse_compile.calibration.result import Calibration
@@ -22,6 +27,7 @@ def calibrate(
     *inputs: Any,
     candidates: Iterable[Pattern | str],
     recall: float = 0.95,
+    criterion: Criterion = "mean",
     batches: Iterable[Any] | None = None,
     max_scores: int = DEFAULT_MAX_SCORES,
 ) -> Calibration:
@@ -32,12 +38,14 @@ def calibrate(
     that computes the same attention densely (so the model's outputs are unchanged) and
     records, per query head and query row, the share of the softmax mass each candidate
     keeps, on the model's actual probabilities (its masks and biases included). That share is
-    averaged over rows and batches (the minimum over rows is kept too). Queries are processed
-    in chunks of at most ``max_scores`` score entries: the ``Lq × Lk`` matrix is never built
-    for long inputs. Rows the model masks entirely (padding queries) are not counted.
+    averaged over rows and batches; the minimum over rows is kept too, and a histogram of the
+    rows' shares (bins of 0.001) from which quantiles are read. Queries are processed in chunks
+    of at most ``max_scores`` score entries: the ``Lq × Lk`` matrix is never built for long
+    inputs. Rows the model masks entirely (padding queries) are not counted.
 
     Per site and head the choice is the candidate with the lowest density at the calibration
-    length whose mean recall reaches ``recall``; ``dense`` where none does.
+    length whose recall, summarised over rows by ``criterion``, reaches ``recall``; ``dense``
+    where none does.
 
     Args:
         model: an ``nn.Module`` (or any callable ``torch.compile`` takes). It runs in eval
@@ -48,6 +56,13 @@ def calibrate(
             (``["causal & sliding(64)", "causal & sliding(256)"]``); ``dma`` / ``topk`` are
             refused (what they keep depends on the data).
         recall: target share of softmax mass to keep, in (0, 1].
+        criterion: how the per-row shares are summarised before the comparison: ``"mean"``
+            (the mean over rows), ``"min"`` (every row must reach ``recall``), or a quantile
+            level ``q`` in (0, 1): at most a share ``q`` of rows may keep less than
+            ``recall`` (``0.01``: 99% of rows reach it). The mean lets a head that attends
+            far on a few rows (the ones that retrieve something) and locally on the rest pass
+            under a window that breaks those rows; a low quantile does not. Quantiles come
+            from the histogram: they are rounded down, by at most 0.001.
         batches: instead of ``*inputs``, an iterable of batches (a list, a DataLoader, a
             generator); a batch is a tensor (``model(batch)``), a tuple or list
             (``model(*batch)``) or a mapping (``model(**batch)``, as tokenizers return).
@@ -56,7 +71,8 @@ def calibrate(
 
     Returns:
         A :class:`~sparse_compile.calibration.Calibration`: ``print(result)`` shows the table
-        (site, head, candidate, density, mean recall, min recall, chosen); ``result.assign``
+        (site, head, candidate, density, mean recall, min recall, the quantile when
+        ``criterion`` is one, chosen); ``result.assign``
         plugs into ``torch.compile(model, backend="sparse", options={"assign":
         result.assign})``; ``result.draw(path)`` writes heat maps.
 
@@ -72,6 +88,7 @@ def calibrate(
     """
     patterns = check_candidates(candidates)
     target = check_recall(recall)
+    rule = check_criterion(criterion)
     if not isinstance(max_scores, int) or max_scores < 1:
         raise ValueError(f"max_scores must be a positive int, got {max_scores!r}")
     calls = _calls(inputs, batches)
@@ -93,7 +110,7 @@ def calibrate(
         torch._dynamo.reset()
     if not ran:
         raise ValueError("batches is empty: calibration needs at least one batch")
-    result = Calibration.from_records(table.records.values(), patterns, target)
+    result = Calibration.from_records(table.records.values(), patterns, target, rule)
     if not result.sites:
         log.warning("calibrate: no attention site was measured\n%s", result)
     return result

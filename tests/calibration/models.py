@@ -128,6 +128,28 @@ def oracle_recall(probs: torch.Tensor, pattern: Pattern,
     return mean, torch.where(valid, mass, math.inf).amin(1)
 
 
+def oracle_quantile(probs: torch.Tensor, pattern: Pattern, counted: torch.Tensor,
+                    q: float) -> torch.Tensor:
+    """float64 ``[H]``: per head, the kept mass of the row of rank ``floor(q · n) + 1`` among
+    the ``n`` counted rows sorted ascending (every batch element): the exact figure the
+    histogram's quantile approximates."""
+    mass = kept_mass(probs, pattern, counted).transpose(0, 1).reshape(probs.shape[1], -1)
+    return torch.stack([exact_quantile(row[~row.isnan()], q) for row in mass])
+
+
+def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The value of rank ``floor(q · n) + 1`` (from 1) of ``values`` sorted ascending."""
+    return values.sort().values[math.floor(q * values.numel() + 1e-9)]
+
+
+def oracle_choice(rows: torch.Tensor, density: torch.Tensor, recall: float,
+                  q: float) -> int | None:
+    """Index of the sparsest candidate for which at most ``q · n`` of the ``n`` rows keep
+    less than ``recall`` (``rows`` float64 ``[C, n]``, ``density`` ``[C]``), None if none."""
+    ok = [j for j in range(rows.shape[0]) if (rows[j] < recall).sum() <= q * rows.shape[1]]
+    return min(ok, key=lambda j: (float(density[j]), j)) if ok else None
+
+
 def counted_rows(keep: torch.Tensor) -> torch.Tensor:
     """bool ``[B, L]``: causal rows that see at least one real key (left padding: the query
     rows before the first real token see none)."""

@@ -9,7 +9,12 @@ import pytest
 import torch
 from sparse_compile.patterns import PatternError, dense, parse
 
-from sparse_compile.calibration.candidates import check_candidates, check_recall
+from sparse_compile.calibration.candidates import (
+    check_candidates,
+    check_criterion,
+    check_recall,
+    criterion_label,
+)
 from sparse_compile.calibration.choice import assigned_pattern, choose, densities
 
 SLIDING = [parse(f"causal & sliding({w})") for w in (2, 4, 8)]
@@ -83,3 +88,31 @@ def test_recall_that_is_not_a_number_is_refused(recall) -> None:
 
 def test_recall_targets_accepted() -> None:
     assert check_recall(1) == 1.0 and check_recall(0.5) == 0.5
+
+
+@pytest.mark.parametrize("criterion", ["mean", "min", 0.01, 0.5, 0.999])
+def test_criteria_accepted(criterion) -> None:
+    assert check_criterion(criterion) == criterion
+
+
+@pytest.mark.parametrize("criterion, error, words", [
+    ("median", ValueError, "'mean', 'min' or a quantile level"),
+    ("MEAN", ValueError, "'mean', 'min' or a quantile level"),
+    (0, ValueError, "criterion='min'"),
+    (0.0, ValueError, "criterion='min'"),
+    (1, ValueError, r"must be in \(0, 1\)"),
+    (1.5, ValueError, r"must be in \(0, 1\)"),
+    (-0.01, ValueError, r"must be in \(0, 1\)"),
+    (math.nan, ValueError, r"must be in \(0, 1\)"),
+    (True, TypeError, "not bool"),
+    (None, TypeError, "not NoneType"),
+    ([0.01], TypeError, "not list"),
+])
+def test_bad_criteria_are_refused_clearly(criterion, error, words) -> None:
+    with pytest.raises(error, match=words):
+        check_criterion(criterion)
+
+
+def test_criterion_labels() -> None:
+    assert [criterion_label(c) for c in ("mean", "min", 0.01, 0.005, 0.1)] == [
+        "mean", "min", "p1", "p0.5", "p10"]

@@ -13,7 +13,18 @@ from sparse_compile.patterns import parse
 
 import sparse_compile as sc
 from sparse_compile.calibration.choice import pattern_density
-from tests.calibration.models import B, C, L, Stack, counted_rows, oracle_recall, padding_mask
+from tests.calibration.models import (
+    B,
+    C,
+    L,
+    Stack,
+    counted_rows,
+    kept_mass,
+    oracle_choice,
+    oracle_quantile,
+    oracle_recall,
+    padding_mask,
+)
 from tests.conftest import rel_error
 
 CANDIDATES = ["causal & sliding(2)", "causal & sliding(4)", "causal & sliding(8)"]
@@ -42,6 +53,64 @@ def test_figures_match_the_float64_oracle(setup) -> None:
             torch.testing.assert_close(site.mean[:, j], mean, rtol=0, atol=1e-5)
             torch.testing.assert_close(site.minimum[:, j], minimum, rtol=0, atol=1e-5)
             assert site.density[:, j].tolist() == [pattern_density(parse(text), L, L)] * 4
+
+
+@pytest.mark.parametrize("level", [0.1, 0.3])
+def test_quantiles_and_their_choice_match_the_rows(setup, level: float) -> None:
+    model, x, keep, result = setup
+    with torch.no_grad():
+        oracle = copy.deepcopy(model).double().probabilities(x.double(), keep)
+    counted = counted_rows(keep)
+    rows = {}  # per site: float64 [H, C, n], the kept mass of every counted row
+    for key, probs in oracle.items():
+        mass = torch.stack([kept_mass(probs, parse(text), counted) for text in CANDIDATES])
+        mass = mass.permute(2, 0, 1, 3).reshape(mass.shape[2], len(CANDIDATES), -1)
+        rows[key] = mass[:, :, ~mass[0, 0].isnan()]
+    # On a bin edge the histogram decides as the rows do, up to float32 rounding: take a
+    # target no row lies within 1e-5 of.
+    target = next(t for t in (0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+                  if all(((r - t).abs() > 1e-5).all() for r in rows.values()))
+    chosen = result.at_recall(target, criterion=level)
+    assert chosen.criterion == level and chosen.recall == target
+    for site in chosen.sites:
+        for j, text in enumerate(CANDIDATES):
+            exact = oracle_quantile(oracle[site.key], parse(text), counted, level)
+            assert torch.all(site.statistic[:, j] <= exact + 1e-5)
+            assert torch.all(site.statistic[:, j] >= exact - 1e-3 - 1e-5)
+            torch.testing.assert_close(site.quantile(level)[:, j], site.statistic[:, j])
+        for h in range(site.heads):
+            assert site.chosen[h] == oracle_choice(rows[site.key][h], site.density[h], target,
+                                                   level)
+    assert any(j is not None for site in chosen.sites for j in site.chosen)
+
+
+def test_min_criterion_chooses_on_the_smallest_row(setup) -> None:
+    _, _, _, result = setup
+    strict = result.at_recall(0.9, criterion="min")
+    for site in strict.sites:
+        assert torch.equal(site.statistic, site.minimum)
+        for h in range(site.heads):
+            ok = [j for j in range(len(CANDIDATES)) if site.minimum[h, j] >= 0.9 - 1e-6]
+            assert site.chosen[h] == (ok[0] if ok else None)  # candidates sorted by density
+    assert strict.density >= result.density
+    # Another target keeps the criterion unless told otherwise.
+    assert strict.at_recall(0.8).criterion == "min"
+    assert strict.at_recall(0.8, criterion="mean").assign == result.at_recall(0.8).assign
+
+
+def test_criterion_through_calibrate_and_in_the_table(setup) -> None:
+    model, x, keep, result = setup
+    direct = sc.calibrate(model, x, keep, candidates=CANDIDATES, recall=0.9, criterion=0.1)
+    again = result.at_recall(0.9, criterion=0.1)
+    assert direct.criterion == 0.1 and direct.assign == again.assign
+    for a, b in zip(direct.sites, again.sites, strict=True):
+        assert torch.equal(a.histogram, b.histogram)
+    header = str(direct).splitlines()[0].split()
+    assert header == ["site", "head", "candidate", "density", "mean", "recall", "min",
+                      "recall", "p10", "recall", "chosen"]
+    assert "target recall 0.9 (all but 10% of rows)" in str(direct)
+    assert "(p10)" in repr(direct) and "(mean over rows)" in str(result)
+    assert [r.statistic for r in result.rows] == [r.mean_recall for r in result.rows]
 
 
 def test_choice_table_and_mapping(setup) -> None:
@@ -125,6 +194,10 @@ def test_calibration_leaves_the_model_as_it_was(setup) -> None:
      r"recall must be in \(0, 1\]"),
     (lambda m, x, k: sc.calibrate(m, x, k, candidates=CANDIDATES, recall=95), ValueError,
      r"recall must be in \(0, 1\]"),
+    (lambda m, x, k: sc.calibrate(m, x, k, candidates=CANDIDATES, criterion="p1"),
+     ValueError, "'mean', 'min' or a quantile level"),
+    (lambda m, x, k: sc.calibrate(m, x, k, candidates=CANDIDATES, criterion=1.0), ValueError,
+     r"must be in \(0, 1\)"),
     (lambda m, x, k: sc.calibrate(m, candidates=CANDIDATES), ValueError, "needs inputs"),
     (lambda m, x, k: sc.calibrate(m, x, k, candidates=CANDIDATES, batches=[(x, k)]),
      ValueError, "not both"),
@@ -158,3 +231,5 @@ def test_choosing_again_for_another_target_runs_nothing(setup) -> None:
     assert strict.density >= result.density
     with pytest.raises(ValueError, match=r"recall must be in \(0, 1\]"):
         result.at_recall(1.5)
+    with pytest.raises(ValueError, match="criterion='min'"):
+        result.at_recall(0.9, criterion=0)
