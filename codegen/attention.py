@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 from sparse_compile.codegen.gluon.rows import interval_rows
 from sparse_compile.codegen.gluon.support import gluon_device
@@ -32,6 +33,7 @@ from sparse_compile.codegen.launch.tables import (
     HULL,
     ROW_BOUNDS,
     TABLES,
+    RowBounds,
     Visit,
     block_tables,
     layout_for,
@@ -206,21 +208,47 @@ def forward(
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
                    scale: float, out_dtype: torch.dtype | None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The forward through the Hopper Gluon kernel where it applies (sm90, a supported
-    Triton, 16-bit operands, head dim 64 or 128, rows that are one interval, TMA-walkable
-    layouts), else None; a Gluon failure is logged once and the ``tl`` kernels take over."""
-    if not (gluon_device(q.device) and family_available("gluon_forward")):
+    """The forward through the Hopper Gluon kernel where it applies (``_gluon_rows``, and
+    TMA-walkable layouts), else None; a Gluon failure is logged once and the ``tl`` kernels
+    take over."""
+    if not family_available("gluon_forward"):
         return None
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return None
-    if q.shape[-1] not in (64, 128) or q.numel() == 0 or k.shape[2] == 0:
-        return None
-    rows = interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
+    rows = _gluon_rows(q, k, v, pattern_text)
     if rows is None:
         return None
     try:
         with fall_back_on_failure("gluon_forward"):
             return launch_gluon_forward(q, k, v, rows, scale, out_dtype)
+    except FellBack:
+        return None
+
+
+def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str
+                ) -> RowBounds | None:
+    """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
+    Triton, 16-bit operands, head dim 64 or 128, rows that are one interval), else None."""
+    if not gluon_device(q.device):
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return None
+    if q.shape[-1] not in (64, 128) or q.numel() == 0 or k.shape[2] == 0:
+        return None
+    return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
+
+
+def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(dq, dk, dv) through the Hopper Gluon passes where they apply, else None; a Gluon
+    failure is logged once and the ``tl`` passes take over."""
+    if not family_available("gluon_backward"):
+        return None
+    rows = _gluon_rows(q, k, v, pattern_text)
+    if rows is None:
+        return None
+    try:
+        with fall_back_on_failure("gluon_backward"):
+            return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale)
     except FellBack:
         return None
 
@@ -262,8 +290,13 @@ def backward(
         route = residue_route(pattern_text, lq, lk, bias is not None, dropout_p)
         if route is not None:
             return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
-    module, n_heads = static_kernels(pattern_text)
     cfg = cfg or select_config(pattern_text, q, lk)
+    if (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
+            and rel_bias is None and frame.is_default(lq, lk)):
+        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale)
+        if grads is not None:
+            return (*grads, None)
+    module, n_heads = static_kernels(pattern_text)
     kb = kernel_bias(bias)
     dbias = None
     if bias is not None and bias_requires_grad and bias.is_floating_point():

@@ -1,6 +1,6 @@
-"""The Hopper Gluon forward (codegen/gluon/): where it is chosen, the row intervals it reads,
-the layouts it walks (tested everywhere), and its results against the float64 oracle (on an
-sm90 GPU only: Gluon kernels do not run in the interpreter)."""
+"""The Hopper Gluon kernels (codegen/gluon/): where they are chosen, the row intervals they
+read, the layouts they walk (tested everywhere), and their results against the float64 oracle
+(on an sm90 GPU only: Gluon kernels do not run in the interpreter)."""
 
 from __future__ import annotations
 
@@ -96,13 +96,14 @@ def test_supported_versions_and_the_tl_switch(monkeypatch) -> None:
 def test_the_interpreter_and_cpu_keep_the_tl_kernels(monkeypatch) -> None:
     if ON_GLUON_GPU:
         pytest.skip("this machine runs the Gluon kernels")
-    calls = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
     q, k, v = make_qkv(1, 2, 2, 33, 33, 16, torch.float32)
-    check_against_oracle(attention, q, k, v, "causal & sliding(9)", grads=False)
-    assert calls == []
+    check_against_oracle(attention, q, k, v, "causal & sliding(9)")
+    assert fwd == [] and bwd == []
 
 
-def test_tile_config_has_a_switch_for_the_gluon_forward() -> None:
+def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
     assert TileConfig().gluon and not TileConfig(gluon=False).gluon
     assert TileConfig().key() != TileConfig(gluon=False).key()
 
@@ -131,12 +132,29 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-{c[4]}x{c[5]}-d{c[6]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("noncontiguous", [False, True])
-def test_gluon_forward_matches_the_oracle(monkeypatch, case, dtype, noncontiguous) -> None:
+def test_gluon_kernels_match_the_oracle(monkeypatch, case, dtype, noncontiguous) -> None:
     text, b, hq, hkv, lq, lk, d = case
-    calls = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, noncontiguous)
-    check_against_oracle(attention, q, k, v, text)  # gradients: the tl backward on its lse
-    assert calls, "the Gluon forward did not run"
+    check_against_oracle(attention, q, k, v, text)
+    assert fwd and bwd, "the Gluon kernels did not run"
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("text", ["causal & sliding(100)", "dense", "block(128)"])
+def test_gluon_backward_is_deterministic_and_agrees_with_tl(text) -> None:
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    dout = torch.randn_like(q)
+    out, lse = kernels.forward(q, k, v, text, 0.1)
+    first = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
+    again = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    tl = kernels.backward(dout, q, k, v, out, lse, text, 0.1, cfg=TileConfig(gluon=False))[:3]
+    for a, b in zip(first, tl, strict=True):
+        assert rel_error(a, b) < 2e-2
 
 
 @needs_gluon_gpu

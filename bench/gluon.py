@@ -1,0 +1,197 @@
+"""Benchmark: the Hopper Gluon kernels against our ``tl`` kernels, FlexAttention and cuDNN SDPA.
+
+One process, side by side on the same inputs (bf16, ``B·L = --tokens``, H = 16): per pattern,
+head dim and length, the Gluon output and gradients are checked against the ``tl`` kernels'
+and FlexAttention's, then the forward and forward+backward are timed (median of
+``triton.testing.do_bench``): ours through Gluon (the default on sm90), ours with
+``TileConfig(gluon=False)`` (the ``tl`` kernels), compiled FlexAttention with the same
+mask_mod (block mask built once, outside the timed region) and, for ``dense`` and ``causal``,
+cuDNN SDPA. Effective TFLOP/s count the kept entries only (forward 4·B·H·D·kept, backward
+2.5 times that). Writes the table with device, versions, date and command to ``--out``
+(default ``bench/results/gluon-<gpu>.md``).
+
+    python bench/gluon.py
+    python bench/gluon.py --dims 128 --lengths 16384 --patterns "causal" --no-bwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import triton
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.gluon.support import KERNELS_ENV, gluon_device
+from sparse_compile.codegen.launch.config import default_config
+from sparse_compile.patterns import parse
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from sparse_compile.functional import attention
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attention import check_mask_mod, mask_mod_for  # noqa: E402
+
+PATTERNS = ["causal & sliding(4096)", "local(1024)", "block(512)", "causal & sliding(1024)",
+            "causal", "dense"]
+
+
+def kept_entries(text: str, length: int) -> int:
+    return int(parse(text).mask(length, length).sum())
+
+
+def median_ms(fn, rep: int) -> float:
+    return triton.testing.do_bench(fn, warmup=rep // 4, rep=rep, return_mode="median")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    """Forward and backward of ``fn(q, k, v)`` with ``dout`` (q, k, v require grad)."""
+    out = fn(q, k, v)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
+        flex_compiled, do_bwd: bool) -> dict:
+    b = max(1, tokens // length)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, heads, length, d, device="cuda", dtype=torch.bfloat16,
+                           generator=gen) for _ in range(3))
+    scale = d ** -0.5
+    tl_cfg = replace(default_config(q.device, d, q.dtype), gluon=False)
+    out_g, _ = kernels.forward(q, k, v, text, scale)
+    out_t, _ = kernels.forward(q, k, v, text, scale, cfg=tl_cfg)
+    check_mask_mod(text)
+    mask = create_block_mask(mask_mod_for(text), None, None, length, length, device="cuda")
+    out_f = flex_compiled(q, k, v, block_mask=mask, scale=scale)
+    row = {"pattern": text, "L": length, "B": b, "D": d,
+           "err_tl": rel(out_g, out_t), "err_flex": rel(out_g, out_f)}
+    flops = 4 * b * heads * d * kept_entries(text, length)
+    if do_bwd:
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        dout = torch.randn_like(q)
+        with_gluon = fwd_bwd(lambda a, b_, c: attention(a, b_, c, text, scale), qg, kg, vg,
+                             dout)
+        with_flex = fwd_bwd(lambda a, b_, c: flex_compiled(a, b_, c, block_mask=mask,
+                                                           scale=scale), qg, kg, vg, dout)
+        row["err_grad_flex"] = max(rel(a, b_) for a, b_ in zip(with_gluon, with_flex, strict=True))
+    timings = {
+        "gluon": lambda: kernels.forward(q, k, v, text, scale),
+        "tl": lambda: kernels.forward(q, k, v, text, scale, cfg=tl_cfg),
+        "flex": lambda: flex_compiled(q, k, v, block_mask=mask, scale=scale),
+    }
+    if text in ("dense", "causal"):
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=text == "causal", scale=scale)
+        timings["cudnn"] = cudnn
+    for name, fn in timings.items():
+        ms = median_ms(fn, rep)
+        row[name] = ms
+        row[name + "_tflops"] = flops / ms / 1e9
+    if do_bwd:
+        def ours():
+            return fwd_bwd(lambda a, b_, c: attention(a, b_, c, text, scale), qg, kg, vg, dout)
+
+        def tl_ours():
+            os.environ[KERNELS_ENV] = "tl"
+            try:
+                return ours()
+            finally:
+                os.environ[KERNELS_ENV] = ""
+
+        both = {"gluon": ours, "tl": tl_ours,
+                "flex": lambda: fwd_bwd(lambda a, b_, c: flex_compiled(
+                    a, b_, c, block_mask=mask, scale=scale), qg, kg, vg, dout)}
+        if text in ("dense", "causal"):
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+
+            def cudnn_both():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return fwd_bwd(lambda a, b_, c: sdpa(a, b_, c, is_causal=text == "causal",
+                                                         scale=scale), qg, kg, vg, dout)
+            both["cudnn"] = cudnn_both
+        for name, fn in both.items():
+            ms = median_ms(fn, rep)
+            row[name + "_fb"] = ms
+            row[name + "_fb_tflops"] = 3.5 * flops / ms / 1e9
+    return row
+
+
+def format_row(r: dict, suffix: str = "") -> str:
+    """One table line of a ``run`` result: forward (``suffix=""``) or forward+backward
+    (``"_fb"``)."""
+    cud = r.get("cudnn" + suffix)
+    cud_ms = "-" if cud is None else f"{cud:.3f}"
+    cud_tf = "-" if cud is None else f"{r['cudnn' + suffix + '_tflops']:.0f}"
+    g, t, f = (r[n + suffix] for n in ("gluon", "tl", "flex"))
+    vs_cud = "-" if cud is None else f"{cud / g:.2f}x"
+    err = (f"{r['err_tl']:.1e} | {r['err_flex']:.1e}" if not suffix
+           else f"- | {r.get('err_grad_flex', float('nan')):.1e}")
+    what = "fwd" if not suffix else "fwd+bwd"
+    return (f"| `{r['pattern']}` | {what} | {r['L']} | {r['B']} | {r['D']} | {g:.3f} | "
+            f"{t:.3f} | {f:.3f} | {cud_ms} | {r['gluon' + suffix + '_tflops']:.0f} | "
+            f"{r['tl' + suffix + '_tflops']:.0f} | {r['flex' + suffix + '_tflops']:.0f} | "
+            f"{cud_tf} | {t / g:.2f}x | {f / g:.2f}x | {vs_cud} | {err} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="128,64")
+    ap.add_argument("--lengths", default="16384,4096,65536")
+    ap.add_argument("--patterns", default=";".join(PATTERNS), help="';'-separated DSL texts")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(device)
+    if not gluon_device(device):
+        raise SystemExit(f"{gpu}: the Gluon kernels do not run here (sm90 and a supported "
+                         f"triton needed; triton {triton.__version__})")
+    flex_compiled = torch.compile(flex_attention)
+    rows = []
+    header = ("| pattern | pass | L | B | D | gluon ms | tl ms | flex ms | cudnn ms | "
+              "gluon TFLOP/s | tl TFLOP/s | flex TFLOP/s | cudnn TFLOP/s | gluon vs tl | "
+              "gluon vs flex | gluon vs cudnn | err vs tl | err vs flex |")
+    do_bwd = not args.no_bwd
+    print(header, flush=True)
+    lines = [header, "|" + "---|" * 18]
+    for d in [int(x) for x in args.dims.split(",")]:
+        for length in [int(x) for x in args.lengths.split(",")]:
+            for text in args.patterns.split(";"):
+                r = run(text, length, d, args.heads, args.tokens, args.rep, flex_compiled,
+                        do_bwd)
+                rows.append(r)
+                for suffix in ("", "_fb") if do_bwd else ("",):
+                    line = format_row(r, suffix)
+                    print(line, flush=True)
+                    lines.append(line)
+    head = [f"# Gluon kernels vs tl kernels, FlexAttention and cuDNN ({gpu})", "",
+            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+            f"- torch {torch.__version__}, triton {triton.__version__}, python "
+            f"{platform.python_version()}",
+            f"- command: `python {' '.join(sys.argv)}`",
+            f"- bf16, H = {args.heads}, B·L = {args.tokens}; median of do_bench (rep {args.rep} "
+            f"ms); effective TFLOP/s = 4·B·H·D·kept entries / time (fwd+bwd: 3.5 times that)",
+            "- errors: relative (Frobenius) against the tl kernels' and FlexAttention's output; "
+            "fwd+bwd rows: the largest of dq, dk, dv against FlexAttention's", ""]
+    out = args.out or f"bench/results/gluon-{gpu.replace(' ', '_')}.md"
+    Path(out).write_text("\n".join(head + lines) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

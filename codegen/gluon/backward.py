@@ -1,0 +1,389 @@
+"""Hopper backward kernels in Gluon: the two-pass (deterministic) gradient of ``forward.py``.
+
+Given ``lse`` (log2 units) from the forward and ``Δ = rowsum(dO ∘ O)`` (``tl`` delta kernel):
+
+* the dQ pass: one program per ``BM`` query rows of one (batch, query head) streams the visited
+  K and V tiles: ``S = Q Kᵀ``, ``dP = dO Vᵀ``, ``P = exp2(scale·log2e·S − lse)``,
+  ``dS = P ∘ (dP − Δ)``, ``dQ += dS K``;
+* the dK/dV pass: one program per ``BN`` keys of one (batch, kv head) streams the Q and dO
+  tiles of every query row that keeps one of its keys, over the kv head's query heads (GQA):
+  ``Sᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``, ``dV += Pᵀ dO``, ``dK += dSᵀ Q``.
+
+Each pass has one producer warp (TMA copies into a two-stage ring guarded by ready / empty
+barriers) and two consumer warpgroups running asynchronous ``warpgroup_mma``; every gradient
+is accumulated by one program in a fixed order (no atomics), so identical inputs give
+bit-identical dQ, dK and dV. Visited blocks come from the rows' intervals (``rows.py``): the
+dQ pass derives its key blocks as the forward does, the dK/dV pass binary-searches the
+(non-decreasing) row bounds for the query rows that reach its keys. Blocks inside every
+visited row's interval skip the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from sparse_compile.codegen.gluon.forward import _tile_blocks, row_view
+from sparse_compile.codegen.gluon.support import (
+    TensorDescriptor,
+    gl,
+    gluon,
+    mbarrier,
+    tma_load,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from sparse_compile.codegen.launch.tables import RowBounds
+from sparse_compile.codegen.tl.backward_delta import launch_delta
+
+_LOG2E = 1.4426950408889634
+
+
+def _jit(fn):
+    return fn if gluon is None else gluon.jit(fn)
+
+
+# --- dQ pass -----------------------------------------------------------------------------------
+
+@_jit
+def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
+             k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
+             k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
+             STAGES: gl.constexpr):
+    """Producer warp: Q and dO once, then K and V of every visited key block."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hkv = h // G
+    m0 = pid_m * BM
+    rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, h % NPH, Lq, m0, BM, BN, rows)
+    mbarrier.expect(q_bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes)
+    tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
+    tma_load(desc_do, [b * o_rb + h * o_rh + m0, h * o_ch], q_bar, do_smem)
+    k_row = b * k_rb + hkv * k_rh
+    for t in range(0, j_hi - j_lo):
+        st = t % STAGES
+        ph = (t // STAGES) & 1
+        row = k_row + (j_lo + t) * BN
+        mbarrier.wait(k_empty.index(st), ph ^ 1)
+        mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
+        tma_load(desc_k, [row, hkv * k_ch], k_ready.index(st), k_smem.index(st))
+        mbarrier.wait(v_empty.index(st), ph ^ 1)
+        mbarrier.expect(v_ready.index(st), desc_v.block_type.nbytes)
+        tma_load(desc_v, [row, hkv * k_ch], v_ready.index(st), v_smem.index(st))
+
+
+@_jit
+def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
+                HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                STAGES: gl.constexpr, num_warps: gl.constexpr):
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hp = h % NPH
+    m0 = pid_m * BM
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, hp, Lq, m0, BM, BN, row_s)
+    offs_m = m0 + gl.arange(0, BM, layout=row_s)
+    row_ok = offs_m < Lq
+    lo = gl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
+    hi = gl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
+    lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = gl.load(Delta + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    dq = gl.zeros([BM, HEAD_DIM], gl.float32, layout=dq_layout)
+    s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+    for t in range(0, j_hi - j_lo):
+        st = t % STAGES
+        ph = (t // STAGES) & 1
+        j = j_lo + t
+        mbarrier.wait(k_ready.index(st), ph)
+        s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        mbarrier.wait(v_ready.index(st), ph)
+        dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), s_zero, use_acc=False,
+                           is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        if (j < jf_lo) | (j >= jf_hi):
+            k_idx = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            keep = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+            p = gl.where(keep, p, 0.0)
+        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+        mbarrier.arrive(v_empty.index(st), count=1)
+        ds = p * (dp - delta[:, None])
+        ds_op = gl.convert_layout(ds.to(dtype), ds_layout)
+        dq = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+        mbarrier.arrive(k_empty.index(st), count=1)
+    dq = dq * scale
+    offs_mq = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+    ptrs = (DQ + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh
+            + offs_mq[:, None].to(gl.int64) * sqm + offs_d[None, :])
+    gl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_mq < Lq)[:, None])
+
+
+@_jit
+def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
+               q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, qk_scale,
+               scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+               STAGES: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = desc_q.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_do.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_v.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    gl.warp_specialize([
+        (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                       v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
+                       scale, HEAD_DIM, BM, BN, STAGES, num_warps)),
+        (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
+                    k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
+                    q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES)),
+    ], [1], [24])
+
+
+# --- dK/dV pass --------------------------------------------------------------------------------
+
+@_jit
+def _first_at_least(Arr, n, value, RIGHT: gl.constexpr):
+    """First index ``i`` in ``[0, n]`` with ``Arr[i] >= value`` (``> value`` when RIGHT) in a
+    non-decreasing int32 array: a scalar binary search."""
+    lo = gl.to_tensor(0)
+    hi = gl.to_tensor(0) + n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x = gl.load(Arr + mid)
+        if RIGHT:
+            go_right = x <= value
+        else:
+            go_right = x < value
+        lo = gl.where(go_right, mid + 1, lo)
+        hi = gl.where(go_right, hi, mid)
+    return lo
+
+
+@_jit
+def _key_block_rows(RLO, RHI, hp, Lq, Lk, k0, BM: gl.constexpr, BN: gl.constexpr):
+    """Query blocks that keep a key of the block at ``k0``: visited ``[i_lo, i_hi)``, FULL
+    (every real row keeps every key of the block) ``[if_lo, if_hi)``."""
+    k1 = gl.minimum(k0 + BN, Lk) - 1
+    lo_arr = RLO + hp * Lq
+    hi_arr = RHI + hp * Lq
+    r_lo = _first_at_least(hi_arr, Lq, k0, False)        # first row with hi >= k0
+    r_hi = _first_at_least(lo_arr, Lq, k1, True)         # rows with lo <= k1 end here
+    f_lo = _first_at_least(hi_arr, Lq, k1, False)        # first row with hi >= k1
+    f_hi = _first_at_least(lo_arr, Lq, k0, True)         # rows with lo <= k0 end here
+    i_lo = r_lo // BM
+    i_hi = gl.where(r_hi > r_lo, (r_hi + BM - 1) // BM, i_lo)
+    if_lo = gl.maximum((f_lo + BM - 1) // BM, i_lo)
+    if_hi = gl.where(f_hi == Lq, (f_hi + BM - 1) // BM, f_hi // BM)
+    if_hi = gl.minimum(if_hi, i_hi)
+    return i_lo, if_lo, if_hi, i_hi
+
+
+@_jit
+def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
+               q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh,
+               q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
+               STAGES: gl.constexpr):
+    """Producer warp: K and V once, then Q and dO of every visited query block of every
+    query head of the group."""
+    pid_n = gl.program_id(0)
+    pid_bk = gl.program_id(1)
+    Hkv = Hq // G
+    b = pid_bk // Hkv
+    hkv = pid_bk % Hkv
+    k0 = pid_n * BN
+    mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+    tma_load(desc_k, [b * k_rb + hkv * k_rh + k0, hkv * k_ch], kv_bar, k_smem)
+    tma_load(desc_v, [b * k_rb + hkv * k_rh + k0, hkv * k_ch], kv_bar, v_smem)
+    t = 0
+    for g in range(0, G):
+        h = hkv * G + g
+        i_lo, if_lo, if_hi, i_hi = _key_block_rows(RLO, RHI, h % NPH, Lq, Lk, k0, BM, BN)
+        for i in range(i_lo, i_hi):
+            st = t % STAGES
+            ph = (t // STAGES) & 1
+            mbarrier.wait(q_empty.index(st), ph ^ 1)
+            mbarrier.expect(q_ready.index(st), desc_q.block_type.nbytes)
+            tma_load(desc_q, [b * q_rb + h * q_rh + i * BM, h * q_ch], q_ready.index(st),
+                     q_smem.index(st))
+            mbarrier.wait(o_empty.index(st), ph ^ 1)
+            mbarrier.expect(o_ready.index(st), desc_do.block_type.nbytes)
+            tma_load(desc_do, [b * o_rb + h * o_rh + i * BM, h * o_ch], o_ready.index(st),
+                     do_smem.index(st))
+            t += 1
+
+
+@_jit
+def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready, o_empty,
+                  DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale,
+                  scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  STAGES: gl.constexpr, num_warps: gl.constexpr):
+    pid_n = gl.program_id(0)
+    pid_bk = gl.program_id(1)
+    Hkv = Hq // G
+    b = pid_bk // Hkv
+    hkv = pid_bk % Hkv
+    k0 = pid_n * BN
+    dtype: gl.constexpr = k_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    k_idx = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, st_layout))
+    dk = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
+    dv = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
+    st_zero = gl.zeros([BN, BM], gl.float32, layout=st_layout)
+    mbarrier.wait(kv_bar, 0)
+    t = 0
+    for g in range(0, G):
+        h = hkv * G + g
+        hp = h % NPH
+        bh = (b * Hq + h).to(gl.int64)
+        i_lo, if_lo, if_hi, i_hi = _key_block_rows(RLO, RHI, hp, Lq, Lk, k0, BM, BN)
+        for i in range(i_lo, i_hi):
+            st = t % STAGES
+            ph = (t // STAGES) & 1
+            offs_q = i * BM + gl.arange(0, BM, layout=col_st)
+            q_ok = offs_q < Lq
+            lse = gl.load(LSE + bh * Lq + offs_q, mask=q_ok, other=float("inf"))
+            delta = gl.load(Delta + bh * Lq + offs_q, mask=q_ok, other=0.0)
+            mbarrier.wait(q_ready.index(st), ph)
+            s_t = warpgroup_mma(k_smem, q_smem.index(st).permute((1, 0)), st_zero,
+                                use_acc=False, is_async=True)
+            mbarrier.wait(o_ready.index(st), ph)
+            dp_t = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), st_zero,
+                                 use_acc=False, is_async=True)
+            s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+            p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+            if (i < if_lo) | (i >= if_hi):
+                lo = gl.load(RLO + hp * Lq + offs_q, mask=q_ok, other=1)
+                hi = gl.load(RHI + hp * Lq + offs_q, mask=q_ok, other=0)
+                keep = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
+                p_t = gl.where(keep, p_t, 0.0)
+            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
+                               dv, is_async=True)
+            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_smem.index(st),
+                               dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            mbarrier.arrive(q_empty.index(st), count=1)
+            mbarrier.arrive(o_empty.index(st), count=1)
+            t += 1
+    dk = dk * scale
+    offs_n = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    base = b.to(gl.int64) * skb + hkv.to(gl.int64) * skh
+    offs = base + offs_n[:, None].to(gl.int64) * skn + offs_d[None, :]
+    ok = (offs_n < Lk)[:, None]
+    gl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
+    gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@_jit
+def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
+                 Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
+                 qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 STAGES: gl.constexpr, num_warps: gl.constexpr):
+    dtype: gl.constexpr = desc_k.dtype
+    k_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_v.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, HEAD_DIM], desc_do.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    o_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    o_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+        mbarrier.init(o_ready.index(i), count=1)
+        mbarrier.init(o_empty.index(i), count=1)
+    gl.warp_specialize([
+        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready,
+                         o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh,
+                         skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, num_warps)),
+        (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
+                      q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb,
+                      q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES)),
+    ], [1], [24])
+
+
+# --- host ----------------------------------------------------------------------------------
+
+def _descriptor(view: torch.Tensor, rows: int, d: int, dtype) -> object:
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], dtype)
+    return TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, d], layout)
+
+
+def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          rows: RowBounds, scale: float, dq_tiles: tuple[int, int] = (128, 64),
+                          kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
+                          num_warps: int = 8
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
+    TMA (the caller runs the ``tl`` passes). Shapes and ``lse`` as ``launch_gluon_forward``'s;
+    ``dout`` is copied to a contiguous tensor when its layout is not walkable.
+    ``dq_tiles`` = (query rows, keys) of the dQ pass, ``kv_tiles`` = (query rows per step,
+    keys per program) of the dK/dV pass."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if row_view(dout) is None:
+        dout = dout.contiguous()
+    views = [row_view(t) for t in (q, k, v, dout)]
+    if any(x is None for x in views) or views[1][1:] != views[2][1:]:
+        return None
+    (q2, q_rb, q_rh, q_ch), (k2, k_rb, k_rh, k_ch), (v2, _, _, _), (o2, o_rb, o_rh, o_ch) = views
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    delta = launch_delta(out, dout)
+    dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype)
+    nph = rows.lo.shape[0]
+    qk_scale = scale * _LOG2E
+    bm, bn = dq_tiles
+    _dq_kernel[(triton.cdiv(lq, bm), b * hq)](
+        _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
+        _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dq, lse, delta,
+        rows.lo, rows.hi, hq, hq // hkv, nph, lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb,
+        o_rh, o_ch, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
+        BM=bm, BN=bn, STAGES=stages, num_warps=num_warps)
+    bm, bn = kv_tiles
+    _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
+        _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
+        _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dk, dv, lse, delta,
+        rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
+        o_rb, o_rh, o_ch, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
+        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, num_warps=num_warps)
+    return dq, dk, dv
+
