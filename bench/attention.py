@@ -52,6 +52,7 @@ def mask_mod_for(text: str) -> Callable:
         "dense": lambda b, h, q, k: q >= 0,
         "causal": lambda b, h, q, k: k <= q,
         "causal & sliding(1024)": lambda b, h, q, k: (k <= q) & (q - k < 1024),
+        "causal & sliding(4096)": lambda b, h, q, k: (k <= q) & (q - k < 4096),
         "local(1024)": lambda b, h, q, k: (q - k <= 512) & (k - q <= 512),
         "block(512)": lambda b, h, q, k: q // 512 == k // 512,
         "axial(128)": lambda b, h, q, k: (q // 128 == k // 128) | (q % 128 == k % 128),

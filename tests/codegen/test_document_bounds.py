@@ -34,9 +34,9 @@ def _random_row(length: int, longest: int, gen: torch.Generator) -> list[int]:
     padding."""
     lengths = []
     while sum(lengths) < length:
-        lengths.append(min(int(torch.randint(1, longest + 1, (), generator=gen)),
+        lengths.append(min(int(torch.randint(1, longest + 1, (), generator=gen, device="cpu")),
                            length - sum(lengths)))
-    padding = (torch.rand(len(lengths), generator=gen) < 0.2).tolist()
+    padding = (torch.rand(len(lengths), generator=gen, device="cpu") < 0.2).tolist()
     return _row(lengths, padding)
 
 
