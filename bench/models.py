@@ -46,15 +46,25 @@ SPARSE = ("sparse", "sparse-on-flex")
 
 
 def build(family: str, layers: int, window: int | None, impl: str) -> Any:
+    """The model of ``family`` on attention path ``impl``: ``mistral`` (GQA, its own
+    ``sliding_window``), ``llama`` (MHA, no window setting: a window reaches its flex path as a
+    BlockMask), ``gemma3`` (Gemma-3-like: GQA, five ``sliding_attention`` layers of ``window``
+    keys to one ``full_attention`` layer, transformers' own per-layer windows; ``window=None``
+    makes every layer full)."""
     import transformers
 
-    heads, kv = (16, 4) if family == "mistral" else (16, 16)
+    heads, kv = (16, 16) if family == "llama" else (16, 4)
     common = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                   max_position_embeddings=1 << 17)
     if family == "mistral":
         config = transformers.MistralConfig(**common, sliding_window=window)
         cls = transformers.MistralModel
+    elif family == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            **common, head_dim=128, query_pre_attn_scalar=128, sliding_window=window or 4096,
+            layer_types=gemma3_layer_types(layers, window is not None))
+        cls = transformers.Gemma3TextModel
     else:
         config = transformers.LlamaConfig(**common)
         cls = transformers.LlamaModel
@@ -64,7 +74,23 @@ def build(family: str, layers: int, window: int | None, impl: str) -> Any:
     return model
 
 
-def sink_block_mask(length: int, window: int, sinks: int = 4) -> Any:
+def gemma3_layer_types(layers: int, local: bool) -> list[str]:
+    """Gemma 3's layer pattern: five sliding-window layers, then one global, repeated."""
+    return ["full_attention" if not local or i % 6 == 5 else "sliding_attention"
+            for i in range(layers)]
+
+
+def gemma3_assign(layers: int, window: int) -> dict[str, str]:
+    """The backend's per-layer patterns for the Gemma-3-like model (``assign``)."""
+    return {f"layers.{i}.self_attn": "causal" if kind == "full_attention"
+            else f"causal & sliding({window})"
+            for i, kind in enumerate(gemma3_layer_types(layers, True))}
+
+
+def pattern_block_mask(length: int, window: int, sinks: int = 0) -> Any:
+    """FlexAttention BlockMask of ``causal & sliding(window)`` (``| sink(sinks)`` inside the
+    causal part when ``sinks``): what transformers' flex path gets where its config has no
+    setting for the pattern (sinks; windows on Llama)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q, k):
@@ -116,6 +142,10 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
     from sparse_compile.report import collecting
 
     model_window = None if args.sinks else window
+    block_mask = args.sinks or args.family == "llama"
+    options: dict[str, Any] = {"pattern": pattern}
+    if args.family == "gemma3":
+        options = {"assign": gemma3_assign(args.layers, window)}
     if name == "sdpa":
         model = build(args.family, args.layers, None, "sdpa")
         compiled = torch.compile(model)
@@ -125,10 +155,10 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
     else:
         impl = "flex_attention" if name == "sparse-on-flex" else "sdpa"
         model = build(args.family, args.layers, model_window, impl)
-        compiled = torch.compile(model, backend="sparse", options={"pattern": pattern})
+        compiled = torch.compile(model, backend="sparse", options=options)
     extra = {}
-    if name in ("flex", "sparse-on-flex") and args.sinks:
-        extra["attention_mask"] = sink_block_mask(length, window)
+    if name in ("flex", "sparse-on-flex") and block_mask:
+        extra["attention_mask"] = pattern_block_mask(length, window, 4 if args.sinks else 0)
     result: dict[str, Any] = {}
     for mode in args.modes:
         def step(mode: str = mode) -> Any:
@@ -164,7 +194,7 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--family", choices=["mistral", "llama"], default="mistral")
+    ap.add_argument("--family", choices=["mistral", "llama", "gemma3"], default="mistral")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768])
     ap.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--sinks", action="store_true", help="causal & (sink(4) | sliding(w))")
@@ -183,8 +213,13 @@ def main() -> None:
         f"# {args.family}-shaped model: sparse backend vs transformers FlexAttention vs dense "
         f"SDPA ({torch.cuda.get_device_name()})", "",
         f"{args.layers} layers, hidden 2048, "
-        f"{'16 query / 4 kv' if args.family == 'mistral' else '16'} heads (head dim 128), "
-        f"bf16, batch 1; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{'16' if args.family == 'llama' else '16 query / 4 kv'} heads (head dim 128), "
+        + ("five sliding-window layers to one global (transformers' layer_types; the "
+           "sparse variants get the same per layer through `assign`), "
+           if args.family == "gemma3" else "")
+        + ("the flex variants get a BlockMask of the pattern (no transformers setting), "
+           if args.family == "llama" or args.sinks else "")
+        + f"bf16, batch 1; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{datetime.date.today()}; median of {args.repeats}; train = forward + backward of "
         "mean(h²) of the last hidden state; first = first call (compile included); peak = "
         "max GPU memory allocated; attn = attention kernels' share of one step's GPU time "
@@ -209,6 +244,8 @@ def main() -> None:
         for window in args.windows:
             pattern = (f"causal & (sink(4) | sliding({window}))" if args.sinks
                        else f"causal & sliding({window})")
+            if args.family == "gemma3":
+                pattern = f"5 x causal & sliding({window}), 1 x causal"
             ids = torch.randint(0, 32000, (1, length), device="cuda")
             results = {name: run_variant(name, args, length, window, pattern, ids)
                        for name in args.variants}
