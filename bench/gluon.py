@@ -108,7 +108,7 @@ def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
             try:
                 return ours()
             finally:
-                os.environ[KERNELS_ENV] = ""
+                os.environ[KERNELS_ENV] = "gluon"
 
         both = {"gluon": ours, "tl": tl_ours,
                 "flex": lambda: fwd_bwd(lambda a, b_, c: flex_compiled(
@@ -158,6 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
+    os.environ[KERNELS_ENV] = "gluon"
     if not gluon_device(device):
         raise SystemExit(f"{gpu}: the Gluon kernels do not run here (sm90 and a supported "
                          f"triton needed; triton {triton.__version__})")

@@ -6,7 +6,9 @@ between releases (bench/NOTES.md lists what moved from 3.6 to 3.9: the TMA load'
 byte count of ``mbarrier.expect``). The kernels are written against the releases in
 ``SUPPORTED_TRITON`` and use one shim per moved call (``tma_load`` here); any other release, a
 missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
-``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing.
+``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. Until
+their speed is measured against the ``tl`` kernels, they run only when asked for
+(``SPARSE_COMPILE_KERNELS=gluon``; ``GLUON_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import triton
 
 # Releases whose Gluon API the kernels are written against (major, minor).
 SUPPORTED_TRITON: tuple[tuple[int, int], ...] = ((3, 6), (3, 7), (3, 8), (3, 9))
-# Set to "tl" to force the portable ``tl`` kernels everywhere.
+# "tl" forces the portable ``tl`` kernels everywhere; "gluon" asks for the Gluon kernels where
+# they apply; unset: ``GLUON_BY_DEFAULT``.
 KERNELS_ENV = "SPARSE_COMPILE_KERNELS"
+# Whether sm90 runs the Gluon kernels when nothing asks either way. Off until bench/gluon.py
+# has shown them faster than the ``tl`` kernels they replace on the H100 (their correctness
+# is tested there: tests/codegen/test_gluon.py); a new path is not made the default unmeasured.
+GLUON_BY_DEFAULT = False
 
 try:  # pragma: no cover - depends on the installed triton
     from triton.experimental import gluon
@@ -56,9 +63,25 @@ def gluon_version_supported(version: tuple[int, int] | None = None) -> bool:
     return GLUON_IMPORTED and (version or triton_version()) in SUPPORTED_TRITON
 
 
+def requested_kernels() -> str:
+    """``"tl"``, ``"gluon"`` or ``""`` (no request) from ``SPARSE_COMPILE_KERNELS``; any other
+    value is an error naming the accepted ones."""
+    value = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if value not in ("", "tl", "gluon"):
+        raise ValueError(f"{KERNELS_ENV}={value!r}: expected 'tl', 'gluon' or unset")
+    return value
+
+
 def tl_forced() -> bool:
     """Whether ``SPARSE_COMPILE_KERNELS=tl`` asks for the portable kernels everywhere."""
-    return os.environ.get(KERNELS_ENV, "").strip().lower() == "tl"
+    return requested_kernels() == "tl"
+
+
+def gluon_wanted() -> bool:
+    """Whether the Gluon kernels are asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by
+    default (``GLUON_BY_DEFAULT``) and not forced off."""
+    request = requested_kernels()
+    return request == "gluon" or (request == "" and GLUON_BY_DEFAULT)
 
 
 @lru_cache(maxsize=16)
@@ -66,9 +89,15 @@ def _is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def gluon_device(device: torch.device) -> bool:
-    """Whether ``device`` runs the Gluon kernels: a CUDA sm90 GPU, a supported Triton, not the
-    interpreter, not forced to ``tl``. Asked on every launch: the capability query is cached."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or tl_forced():
+def gluon_capable(device: torch.device) -> bool:
+    """Whether ``device`` can run the Gluon kernels: a CUDA sm90 GPU, a supported Triton, not
+    the interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return gluon_version_supported() and _is_sm90(device)
+
+
+def gluon_device(device: torch.device) -> bool:
+    """Whether ``device`` runs the Gluon kernels: capable (``gluon_capable``) and the kernels
+    wanted (``gluon_wanted``). Asked on every launch: the capability query is cached."""
+    return gluon_wanted() and gluon_capable(device)

@@ -23,9 +23,15 @@ INTERVAL_PATTERNS = [
 ]
 NOT_ONE_INTERVAL = ["strided(4)", "sink(3) | sliding(7)", "axial(6)", "~local(3)"]
 
-ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_device(torch.device("cuda"))
+ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
 needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
                                      reason="Gluon kernels run on an sm90 GPU only")
+
+
+@pytest.fixture(autouse=True)
+def gluon_requested(monkeypatch):
+    """Every test here asks for the Gluon kernels (off by default until measured faster)."""
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
 
 
 # --- host side: runs everywhere (CI) ---------------------------------------------------------
@@ -81,16 +87,28 @@ def test_row_view_refuses_layouts_tma_cannot_walk() -> None:
     assert gluon_forward.row_view(odd) is None
 
 
-def test_supported_versions_and_the_tl_switch(monkeypatch) -> None:
+def test_supported_versions_and_the_kernel_switch(monkeypatch) -> None:
     assert support.gluon_version_supported((3, 6)) == support.GLUON_IMPORTED
     assert not support.gluon_version_supported((3, 5))
     assert not support.gluon_version_supported((4, 0))
     monkeypatch.setenv(support.KERNELS_ENV, "tl")
-    assert support.tl_forced()
+    assert support.tl_forced() and not support.gluon_wanted()
     assert not support.gluon_device(torch.device("cuda"))
-    monkeypatch.setenv(support.KERNELS_ENV, "")
-    assert not support.tl_forced()
+    monkeypatch.setenv(support.KERNELS_ENV, " Gluon ")
+    assert support.gluon_wanted() and not support.tl_forced()
     assert not support.gluon_device(torch.device("cpu"))
+    monkeypatch.setenv(support.KERNELS_ENV, "")
+    for default in (False, True):
+        monkeypatch.setattr(support, "GLUON_BY_DEFAULT", default)
+        assert support.gluon_wanted() == default
+    monkeypatch.setenv(support.KERNELS_ENV, "triton")
+    with pytest.raises(ValueError, match="SPARSE_COMPILE_KERNELS='triton'"):
+        support.gluon_wanted()
+
+
+def test_off_by_default_until_measured(monkeypatch) -> None:
+    monkeypatch.delenv(support.KERNELS_ENV)
+    assert not support.GLUON_BY_DEFAULT and not support.gluon_wanted()
 
 
 def test_the_interpreter_and_cpu_keep_the_tl_kernels(monkeypatch) -> None:
