@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One check-and-time sweep on a GPU machine: the CUDA-only tests first, then the benchmarks,
+# each under a time guard so that one hang or slow step cannot take the others with it.
+#
+#   bash bench/gpu_sweep.sh [DIR] [SECTION ...]
+#
+# DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
+# all, in this order): tests gluon documents in-model flex-sites generate.
+set -u
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+out="${1:-bench/results/sweep-$(date -u +%Y%m%d-%H%M)}"
+shift || true
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(tests gluon documents in-model flex-sites generate)
+mkdir -p "$out"
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+  git rev-parse --short HEAD 2>/dev/null; } > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a guard, log to $out/NAME.log, print the tables
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "== $name rc=$?"
+  grep "^|" "$out/$name.log" | cut -c1-300 | tail -40
+  grep -E "passed|failed" "$out/$name.log" | tail -2
+}
+
+for section in "${sections[@]}"; do
+  case $section in
+    tests)
+      SPARSE_COMPILE_KERNELS=gluon step tests 300 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/codegen/test_gluon.py tests/codegen/test_document_bounds.py \
+        tests/codegen/test_relative_bias.py tests/codegen/test_decode.py ;;
+    gluon)
+      step gluon 560 python3 bench/gluon.py --dims 128,64 --lengths 16384,4096 --rep 40 \
+        --out "$out/gluon.md" ;;
+    documents)
+      step documents 200 python3 bench/documents.py --steps 10 --out "$out/documents.md" ;;
+    in-model)
+      step in-model 300 python3 bench/in_model_kernels.py --length 32768 --window 4096 \
+        --out "$out/in-model-kernels.md" ;;
+    flex-sites)
+      step flex-sites 560 python3 bench/models.py --family mistral --lengths 32768 \
+        --windows 4096 --profile --variants sparse-on-flex flex sparse \
+        --out "$out/models-sparse-on-flex.md" ;;
+    generate)
+      step generate 300 python3 bench/generate.py --context 32768 --batch 1 32 --new 32 \
+        --variants sparse --out "$out/generate.md" ;;
+    *) echo "unknown section $section" ;;
+  esac
+done
