@@ -12,6 +12,7 @@ cuDNN SDPA. Effective TFLOP/s count the kept entries only (forward 4·B·H·D·k
 
     python bench/gluon.py
     python bench/gluon.py --dims 128 --lengths 16384 --patterns "causal" --no-bwd
+    python bench/gluon.py --sweep --dims 128 --lengths 16384   # the kernels' tile options
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import platform
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -145,6 +147,71 @@ def format_row(r: dict, suffix: str = "") -> str:
             f"{cud_tf} | {t / g:.2f}x | {f / g:.2f}x | {vs_cud} | {err} |")
 
 
+# Tile options of the Gluon kernels for --sweep: forward (query rows, keys, stages); dQ pass
+# (query rows, keys); dK/dV pass (query rows per step, keys per program). The first of each is
+# the default.
+FWD_TILES = [(128, 128, 2), (128, 64, 2), (128, 64, 3), (128, 128, 3), (64, 128, 2)]
+DQ_TILES = [(128, 64), (128, 128), (64, 64)]
+KV_TILES = [(64, 128), (64, 64), (128, 128)]
+
+
+def sweep_case(text: str, length: int, d: int, heads: int, tokens: int, rep: int
+               ) -> list[str]:
+    """Table lines of every tile option of the three Gluon kernels on one shape."""
+    from sparse_compile.codegen.gluon.backward import launch_gluon_backward
+    from sparse_compile.codegen.gluon.forward import launch_gluon_forward
+    from sparse_compile.codegen.gluon.rows import interval_rows
+
+    b = max(1, tokens // length)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(b, heads, length, d, device="cuda", dtype=torch.bfloat16,
+                               generator=gen) for _ in range(4))
+    rows = interval_rows(parse(text), length, length, q.device)
+    flops = 4 * b * heads * d * kept_entries(text, length)
+    scale = d ** -0.5
+
+    def forward(m: int, n: int, st: int):
+        return launch_gluon_forward(q, k, v, rows, scale, block_m=m, block_n=n, stages=st)
+
+    ref_out, lse = forward(*FWD_TILES[0])
+
+    def backward(dq_t: tuple[int, int], kv_t: tuple[int, int]):
+        return launch_gluon_backward(do, q, k, v, ref_out, lse, rows, scale, dq_tiles=dq_t,
+                                     kv_tiles=kv_t)
+
+    lines = []
+    for m, n, st in FWD_TILES:
+        if m * d * 2 + 2 * st * n * d * 2 > 227 * 1024:
+            continue  # over the shared memory of an sm90 block
+        err = rel(forward(m, n, st)[0], ref_out)
+        ms = median_ms(partial(forward, m, n, st), rep)
+        lines.append(f"| `{text}` | {length} | {d} | fwd | {m}x{n}, {st} stages | {ms:.3f} | "
+                     f"{flops / ms / 1e9:.0f} | {err:.1e} |")
+        print(lines[-1], flush=True)
+    ref = backward(DQ_TILES[0], KV_TILES[0])
+    options = [(t, KV_TILES[0]) for t in DQ_TILES] + [(DQ_TILES[0], t) for t in KV_TILES[1:]]
+    for dq_t, kv_t in options:  # one kernel's options at a time
+        err = max(rel(a, r) for a, r in zip(backward(dq_t, kv_t), ref, strict=True))
+        ms = median_ms(partial(backward, dq_t, kv_t), rep)
+        lines.append(f"| `{text}` | {length} | {d} | bwd | dQ {dq_t[0]}x{dq_t[1]}, dK/dV "
+                     f"{kv_t[0]}x{kv_t[1]} | {ms:.3f} | {2.5 * flops / ms / 1e9:.0f} | "
+                     f"{err:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def sweep(args) -> list[str]:
+    """Times each Gluon kernel at every tile option on one shape per pattern (errors against
+    the default option's results, which the oracle tests cover), for choosing the defaults."""
+    lines = ["| pattern | L | D | kernel | tiles | ms | TFLOP/s | err vs default |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in [int(x) for x in args.dims.split(",")]:
+        for length in [int(x) for x in args.lengths.split(",")]:
+            for text in args.patterns.split(";"):
+                lines += sweep_case(text, length, d, args.heads, args.tokens, args.rep)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="128,64")
@@ -154,6 +221,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time the Gluon kernels' tile options instead (FWD/DQ/KV_TILES)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -162,6 +231,16 @@ def main() -> None:
     if not gluon_device(device):
         raise SystemExit(f"{gpu}: the Gluon kernels do not run here (sm90 and a supported "
                          f"triton needed; triton {triton.__version__})")
+    if args.sweep:
+        lines = sweep(args)
+        out = args.out or f"bench/results/gluon-tiles-{gpu.replace(' ', '_')}.md"
+        head = [f"# Gluon kernels' tile options ({gpu})", "",
+                f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+                f"- torch {torch.__version__}, triton {triton.__version__}",
+                f"- command: `python {' '.join(sys.argv)}`", ""]
+        Path(out).write_text("\n".join(head + lines) + "\n")
+        print("wrote", out)
+        return
     flex_compiled = torch.compile(flex_attention)
     rows = []
     header = ("| pattern | pass | L | B | D | gluon ms | tl ms | flex ms | cudnn ms | "
