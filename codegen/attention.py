@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
-from sparse_compile.codegen.gluon.rows import interval_rows
+from sparse_compile.codegen.gluon.rows import RowPieces, interval_rows
 from sparse_compile.codegen.gluon.support import gluon_device
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
@@ -33,7 +33,6 @@ from sparse_compile.codegen.launch.tables import (
     HULL,
     ROW_BOUNDS,
     TABLES,
-    RowBounds,
     Visit,
     block_tables,
     layout_for,
@@ -224,9 +223,9 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
 
 
 def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str
-                ) -> RowBounds | None:
+                ) -> RowPieces | None:
     """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
-    Triton, 16-bit operands, head dim 64 or 128, rows that are one interval), else None."""
+    Triton, 16-bit operands, head dim 64 or 128, rows of one or two intervals), else None."""
     if not gluon_device(q.device):
         return None
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:

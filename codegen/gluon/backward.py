@@ -12,17 +12,18 @@ Given ``lse`` (log2 units) from the forward and ``Δ = rowsum(dO ∘ O)`` (``tl`
 Each pass has one producer warp (TMA copies into a two-stage ring guarded by ready / empty
 barriers) and two consumer warpgroups running asynchronous ``warpgroup_mma``; every gradient
 is accumulated by one program in a fixed order (no atomics), so identical inputs give
-bit-identical dQ, dK and dV. Visited blocks come from the rows' intervals (``rows.py``): the
-dQ pass derives its key blocks as the forward does, the dK/dV pass binary-searches the
-(non-decreasing) row bounds for the query rows that reach its keys. Blocks inside every
-visited row's interval skip the mask.
+bit-identical dQ, dK and dV. Visited blocks come from the rows' intervals (``rows.py``,
+``visit.py``): the dQ pass derives its key blocks as the forward does, the dK/dV pass
+binary-searches each interval's (non-decreasing) row bounds for the query rows that reach its
+keys. Blocks inside every visited row's interval skip the mask.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-from sparse_compile.codegen.gluon.forward import _tile_blocks, row_view
+from sparse_compile.codegen.gluon.forward import row_view
+from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
     gl,
@@ -32,7 +33,14 @@ from sparse_compile.codegen.gluon.support import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from sparse_compile.codegen.launch.tables import RowBounds
+from sparse_compile.codegen.gluon.visit import (
+    block_at,
+    is_partial,
+    keeps,
+    key_block_visit,
+    row_bounds,
+    tile_visit,
+)
 from sparse_compile.codegen.tl.backward_delta import launch_delta
 
 _LOG2E = 1.4426950408889634
@@ -48,7 +56,7 @@ def _jit(fn):
 def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
              k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
              k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
-             STAGES: gl.constexpr):
+             STAGES: gl.constexpr, PIECES: gl.constexpr):
     """Producer warp: Q and dO once, then K and V of every visited key block."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -57,15 +65,16 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
     hkv = h // G
     m0 = pid_m * BM
     rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, h % NPH, Lq, m0, BM, BN, rows)
+    x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, h % NPH, NPH, Lq, m0, BM,
+                                                           BN, PIECES, rows)
     mbarrier.expect(q_bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes)
     tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
     tma_load(desc_do, [b * o_rb + h * o_rh + m0, h * o_ch], q_bar, do_smem)
     k_row = b * k_rb + hkv * k_rh
-    for t in range(0, j_hi - j_lo):
+    for t in range(0, n):
         st = t % STAGES
         ph = (t // STAGES) & 1
-        row = k_row + (j_lo + t) * BN
+        row = k_row + block_at(t, x0, n1, y0) * BN
         mbarrier.wait(k_empty.index(st), ph ^ 1)
         mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
         tma_load(desc_k, [row, hkv * k_ch], k_ready.index(st), k_smem.index(st))
@@ -78,7 +87,7 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                 DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                STAGES: gl.constexpr, num_warps: gl.constexpr):
+                STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // Hq
@@ -93,20 +102,20 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, hp, Lq, m0, BM, BN, row_s)
+    x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM, BN,
+                                                           PIECES, row_s)
     offs_m = m0 + gl.arange(0, BM, layout=row_s)
     row_ok = offs_m < Lq
-    lo = gl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
-    hi = gl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
+    lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
     lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
     delta = gl.load(Delta + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
     dq = gl.zeros([BM, HEAD_DIM], gl.float32, layout=dq_layout)
     s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
-    for t in range(0, j_hi - j_lo):
+    for t in range(0, n):
         st = t % STAGES
         ph = (t // STAGES) & 1
-        j = j_lo + t
+        j = block_at(t, x0, n1, y0)
         mbarrier.wait(k_ready.index(st), ph)
         s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
@@ -115,9 +124,9 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
                            is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         p = gl.exp2(s * qk_scale - lse[:, None])
-        if (j < jf_lo) | (j >= jf_hi):
-            k_idx = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-            keep = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+        if is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi):
+            k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
+            keep = keeps(lo0[:, None], hi0[:, None], lo1[:, None], hi1[:, None], k_idx, PIECES)
             p = gl.where(keep, p, 0.0)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
         mbarrier.arrive(v_empty.index(st), count=1)
@@ -138,7 +147,7 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
 def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, qk_scale,
                scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-               STAGES: gl.constexpr, num_warps: gl.constexpr):
+               STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_do.layout)
@@ -158,57 +167,20 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
     gl.warp_specialize([
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
-                       scale, HEAD_DIM, BM, BN, STAGES, num_warps)),
+                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
-                    q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES)),
+                    q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
     ], [1], [24])
 
 
 # --- dK/dV pass --------------------------------------------------------------------------------
 
 @_jit
-def _first_at_least(Arr, n, value, RIGHT: gl.constexpr):
-    """First index ``i`` in ``[0, n]`` with ``Arr[i] >= value`` (``> value`` when RIGHT) in a
-    non-decreasing int32 array: a scalar binary search."""
-    lo = gl.to_tensor(0)
-    hi = gl.to_tensor(0) + n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        x = gl.load(Arr + mid)
-        if RIGHT:
-            go_right = x <= value
-        else:
-            go_right = x < value
-        lo = gl.where(go_right, mid + 1, lo)
-        hi = gl.where(go_right, hi, mid)
-    return lo
-
-
-@_jit
-def _key_block_rows(RLO, RHI, hp, Lq, Lk, k0, BM: gl.constexpr, BN: gl.constexpr):
-    """Query blocks that keep a key of the block at ``k0``: visited ``[i_lo, i_hi)``, FULL
-    (every real row keeps every key of the block) ``[if_lo, if_hi)``."""
-    k1 = gl.minimum(k0 + BN, Lk) - 1
-    lo_arr = RLO + hp * Lq
-    hi_arr = RHI + hp * Lq
-    r_lo = _first_at_least(hi_arr, Lq, k0, False)        # first row with hi >= k0
-    r_hi = _first_at_least(lo_arr, Lq, k1, True)         # rows with lo <= k1 end here
-    f_lo = _first_at_least(hi_arr, Lq, k1, False)        # first row with hi >= k1
-    f_hi = _first_at_least(lo_arr, Lq, k0, True)         # rows with lo <= k0 end here
-    i_lo = r_lo // BM
-    i_hi = gl.where(r_hi > r_lo, (r_hi + BM - 1) // BM, i_lo)
-    if_lo = gl.maximum((f_lo + BM - 1) // BM, i_lo)
-    if_hi = gl.where(f_hi == Lq, (f_hi + BM - 1) // BM, f_hi // BM)
-    if_hi = gl.minimum(if_hi, i_hi)
-    return i_lo, if_lo, if_hi, i_hi
-
-
-@_jit
 def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
                q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh,
                q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
-               STAGES: gl.constexpr):
+               STAGES: gl.constexpr, PIECES: gl.constexpr):
     """Producer warp: K and V once, then Q and dO of every visited query block of every
     query head of the group."""
     pid_n = gl.program_id(0)
@@ -223,8 +195,10 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
     t = 0
     for g in range(0, G):
         h = hkv * G + g
-        i_lo, if_lo, if_hi, i_hi = _key_block_rows(RLO, RHI, h % NPH, Lq, Lk, k0, BM, BN)
-        for i in range(i_lo, i_hi):
+        x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
+            RLO, RHI, h % NPH, NPH, Lq, Lk, k0, BM, BN, PIECES)
+        for u in range(0, n):
+            i = block_at(u, x0, n1, y0)
             st = t % STAGES
             ph = (t // STAGES) & 1
             mbarrier.wait(q_empty.index(st), ph ^ 1)
@@ -242,7 +216,7 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready, o_empty,
                   DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale,
                   scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  STAGES: gl.constexpr, num_warps: gl.constexpr):
+                  STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
     pid_n = gl.program_id(0)
     pid_bk = gl.program_id(1)
     Hkv = Hq // G
@@ -266,8 +240,10 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
         h = hkv * G + g
         hp = h % NPH
         bh = (b * Hq + h).to(gl.int64)
-        i_lo, if_lo, if_hi, i_hi = _key_block_rows(RLO, RHI, hp, Lq, Lk, k0, BM, BN)
-        for i in range(i_lo, i_hi):
+        x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
+            RLO, RHI, hp, NPH, Lq, Lk, k0, BM, BN, PIECES)
+        for u in range(0, n):
+            i = block_at(u, x0, n1, y0)
             st = t % STAGES
             ph = (t // STAGES) & 1
             offs_q = i * BM + gl.arange(0, BM, layout=col_st)
@@ -282,10 +258,10 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
                                  use_acc=False, is_async=True)
             s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
             p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-            if (i < if_lo) | (i >= if_hi):
-                lo = gl.load(RLO + hp * Lq + offs_q, mask=q_ok, other=1)
-                hi = gl.load(RHI + hp * Lq + offs_q, mask=q_ok, other=0)
-                keep = (k_idx[:, None] >= lo[None, :]) & (k_idx[:, None] <= hi[None, :])
+            if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
+                lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_q, q_ok, PIECES)
+                keep = keeps(lo0[None, :], hi0[None, :], lo1[None, :], hi1[None, :],
+                             k_idx[:, None], PIECES)
                 p_t = gl.where(keep, p_t, 0.0)
             dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
                                dv, is_async=True)
@@ -311,7 +287,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                  Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 STAGES: gl.constexpr, num_warps: gl.constexpr):
+                 STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_v.layout)
@@ -331,10 +307,11 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     gl.warp_specialize([
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready,
                          o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh,
-                         skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, num_warps)),
+                         skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
                       q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb,
-                      q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES)),
+                      q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES,
+                      PIECES)),
     ], [1], [24])
 
 
@@ -347,7 +324,7 @@ def _descriptor(view: torch.Tensor, rows: int, d: int, dtype) -> object:
 
 def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          rows: RowBounds, scale: float, dq_tiles: tuple[int, int] = (128, 64),
+                          rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
                           kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
                           num_warps: int = 8
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -369,7 +346,7 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype)
-    nph = rows.lo.shape[0]
+    nph = rows.pattern_heads
     qk_scale = scale * _LOG2E
     bm, bn = dq_tiles
     _dq_kernel[(triton.cdiv(lq, bm), b * hq)](
@@ -377,13 +354,13 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dq, lse, delta,
         rows.lo, rows.hi, hq, hq // hkv, nph, lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb,
         o_rh, o_ch, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
-        BM=bm, BN=bn, STAGES=stages, num_warps=num_warps)
+        BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, num_warps=num_warps)
     bm, bn = kv_tiles
     _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
         _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
         _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dk, dv, lse, delta,
         rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
         o_rb, o_rh, o_ch, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
-        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, num_warps=num_warps)
+        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, num_warps=num_warps)
     return dq, dk, dv
 

@@ -11,12 +11,13 @@ warps (two warpgroups at 8 warps, 64 rows each) and one producer warp:
   issued, then the ``P V`` product of tile ``t - 1``, and the online softmax of tile ``t``
   runs while that product is in flight (FlashAttention-3's intra-warpgroup overlap).
 
-Visited blocks come from the rows' kept intervals (``rows.py``): key blocks
-``[j_lo, j_hi)`` cover every kept key of the tile, and blocks inside every row's interval
-(``[jf_lo, jf_hi)``) are FULL, run without mask arithmetic; the others (at most a few at each
-end) mask keys outside ``[lo, hi]``. Scores stay unscaled; ``scale·log2(e)`` is folded into
-the exp2 argument. The output contract is the ``tl`` forward's: ``lse`` in log2 units, +inf
-and zero output for rows that keep no key, so the ``tl`` backward consumes it unchanged.
+Visited blocks come from the rows' kept intervals (``rows.py``, one or two per row;
+``visit.py``): per interval, the key blocks that cover every kept key of the tile, and the
+blocks inside every row's interval are FULL, run without mask arithmetic; the others (at most
+a few at each end) mask the keys outside the row's intervals. Scores stay unscaled;
+``scale·log2(e)`` is folded into the exp2 argument. The output contract is the ``tl``
+forward's: ``lse`` in log2 units, +inf and zero output for rows that keep no key, so the
+``tl`` backward consumes it unchanged.
 
 Operands are read through 2-D TMA descriptors over the rows of ``[B, H, L, D]`` tensors laid
 out head-major (``[B * H * L, D]``, row ``(b·H + h)·L + l``) or sequence-major (``[B * L,
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
+from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
     gl,
@@ -39,10 +40,15 @@ from sparse_compile.codegen.gluon.support import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from sparse_compile.codegen.launch.tables import RowBounds
+from sparse_compile.codegen.gluon.visit import (
+    block_at,
+    is_partial,
+    keeps,
+    row_bounds,
+    tile_visit,
+)
 
 _LOG2E = 1.4426950408889634
-_BIG = tl.constexpr(1 << 30)
 
 
 def _jit(fn):
@@ -51,31 +57,10 @@ def _jit(fn):
 
 
 @_jit
-def _tile_blocks(RLO, RHI, hp, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
-                 layout: gl.constexpr):
-    """Key blocks of the query tile at ``m0``: visited ``[j_lo, j_hi)``, FULL
-    ``[jf_lo, jf_hi)`` (empty when ``jf_lo >= jf_hi``), from the rows' intervals."""
-    offs = m0 + gl.arange(0, BM, layout=layout)
-    ok = offs < Lq
-    lo = gl.load(RLO + hp * Lq + offs, mask=ok, other=0)
-    hi = gl.load(RHI + hp * Lq + offs, mask=ok, other=-1)
-    kept = ok & (lo <= hi)
-    lo_min = gl.min(gl.where(kept, lo, _BIG), 0)
-    hi_max = gl.max(gl.where(kept, hi, -1), 0)
-    lo_max = gl.max(gl.where(ok, lo, 0), 0)
-    hi_min = gl.min(gl.where(ok, hi, _BIG), 0)
-    j_lo = lo_min // BN
-    j_hi = (hi_max + BN) // BN
-    # A block is FULL when it lies inside every row's interval (an empty row has none).
-    jf_lo = gl.maximum((lo_max + BN - 1) // BN, j_lo)
-    jf_hi = gl.minimum((hi_min + 1) // BN, j_hi)
-    return j_lo, jf_lo, jf_hi, j_hi
-
-
-@_jit
 def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
               v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
-              BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
+              BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+              PIECES: gl.constexpr):
     """Producer warp: the Q tile, then K and V of every visited block, in order."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -84,15 +69,16 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
     hkv = h // G
     m0 = pid_m * BM
     rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, h % NPH, Lq, m0, BM, BN, rows)
+    x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, h % NPH, NPH, Lq, m0, BM,
+                                                           BN, PIECES, rows)
     mbarrier.expect(q_bar, desc_q.block_type.nbytes)
     tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
     k_row = b * k_rb + hkv * k_rh
     k_col = hkv * k_ch
-    for t in range(0, j_hi - j_lo):
+    for t in range(0, n):
         st = t % STAGES
         ph = (t // STAGES) & 1
-        row = k_row + (j_lo + t) * BN
+        row = k_row + block_at(t, x0, n1, y0) * BN
         mbarrier.wait(k_empty.index(st), ph ^ 1)
         mbarrier.expect(k_ready.index(st), desc_k.block_type.nbytes)
         tma_load(desc_k, [row, k_col], k_ready.index(st), k_smem.index(st))
@@ -102,13 +88,13 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
 
 
 @_jit
-def _softmax_step(s, j, jf_lo, jf_hi, lo, hi, m_i, l_i, qk_scale, BN: gl.constexpr,
-                  s_layout: gl.constexpr):
+def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, BN: gl.constexpr,
+                  PIECES: gl.constexpr, s_layout: gl.constexpr):
     """Online softmax of one score tile (log2 units, scale folded in): masks keys outside the
-    rows' intervals unless the block is FULL; returns (p, m, l, alpha)."""
-    if (j < jf_lo) | (j >= jf_hi):
-        k_idx = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-        keep = (k_idx[None, :] >= lo[:, None]) & (k_idx[None, :] <= hi[:, None])
+    rows' intervals when the block is ``partial``; returns (p, m, l, alpha)."""
+    if partial:
+        k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
+        keep = keeps(lo0[:, None], hi0[:, None], lo1[:, None], hi1[:, None], k_idx, PIECES)
         s = gl.where(keep, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -122,7 +108,7 @@ def _softmax_step(s, j, jf_lo, jf_hi, lo, hi, m_i, l_i, qk_scale, BN: gl.constex
 def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, LSE,
                  RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 PIECES: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroups: scores, online softmax and output of one query tile."""
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -139,16 +125,15 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    j_lo, jf_lo, jf_hi, j_hi = _tile_blocks(RLO, RHI, hp, Lq, m0, BM, BN, row_s)
+    x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM, BN,
+                                                           PIECES, row_s)
     offs_m = m0 + gl.arange(0, BM, layout=row_s)
     row_ok = offs_m < Lq
-    lo = gl.load(RLO + hp * Lq + offs_m, mask=row_ok, other=0)
-    hi = gl.load(RHI + hp * Lq + offs_m, mask=row_ok, other=-1)
+    lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
     m_i = gl.full([BM], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BM], gl.float32, layout=row_s)
     acc = gl.zeros([BM, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
-    n = j_hi - j_lo
     mbarrier.wait(q_bar, 0)
     if n > 0:
         mbarrier.wait(k_ready.index(0), 0)
@@ -156,8 +141,10 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                           is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, m_i, l_i, alpha = _softmax_step(s, j_lo, jf_lo, jf_hi, lo, hi, m_i, l_i, qk_scale,
-                                           BN, s_layout)
+        j = block_at(0, x0, n1, y0)
+        p, m_i, l_i, alpha = _softmax_step(
+            s, j, is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi), lo0, hi0, lo1, hi1, m_i, l_i,
+            qk_scale, BN, PIECES, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for t in range(1, n):
             st = t % STAGES
@@ -170,8 +157,10 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
             # Groups retire in order: one outstanding means the scores are done.
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
             mbarrier.arrive(k_empty.index(st), count=1)
-            p, m_i, l_i, alpha = _softmax_step(s, j_lo + t, jf_lo, jf_hi, lo, hi, m_i, l_i,
-                                               qk_scale, BN, s_layout)
+            j = block_at(t, x0, n1, y0)
+            p, m_i, l_i, alpha = _softmax_step(
+                s, j, is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi), lo0, hi0, lo1, hi1, m_i,
+                l_i, qk_scale, BN, PIECES, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(v_empty.index(prev), count=1)
@@ -197,7 +186,7 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
                 k_rb, k_rh, k_ch, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                num_warps: gl.constexpr):
+                PIECES: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
@@ -216,10 +205,10 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb
     gl.warp_specialize([
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                         LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,
-                        STAGES, num_warps)),
+                        STAGES, PIECES, num_warps)),
         (_fwd_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                      v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh,
-                     k_ch, BM, BN, STAGES)),
+                     k_ch, BM, BN, STAGES, PIECES)),
     ], [1], [24])
 
 
@@ -237,7 +226,7 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
     return None
 
 
-def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowBounds,
+def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPieces,
                          scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
                          block_n: int = 128, stages: int = 2, num_warps: int = 8
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -261,8 +250,9 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     desc_v = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d], kv_layout)
     grid = (triton.cdiv(lq, block_m), b * hq)
     _fwd_kernel[grid](
-        desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv, rows.lo.shape[0], lq,
+        desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv, rows.pattern_heads,
+        lq,
         q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E, HEAD_DIM=d, BM=block_m, BN=block_n, STAGES=stages,
-        num_warps=num_warps)
+        PIECES=rows.pieces, num_warps=num_warps)
     return out, lse

@@ -1,44 +1,85 @@
-"""Per-row key intervals ``[lo, hi]`` of an interval pattern, as the Gluon kernels read them.
+"""Per-row kept key intervals of a pattern, as the Gluon kernels read them.
 
 The Gluon kernels are pattern-agnostic: instead of inlining the pattern's closed-form bounds
-(what the ``tl`` kernels generate per pattern), they read each query row's kept keys from two
-int32 arrays ``[pattern heads, Lq]``, O(Lq) data built once per (pattern, Lq, Lk, device) from
-the same interval analysis (``patterns/intervals.py``). From them a program derives the key
-blocks it visits and which of those are FULL (no mask arithmetic) itself. Patterns whose rows
-are not one interval (block tables, residue and strided-union routes) are not served here.
+(what the ``tl`` kernels generate per pattern), they read each query row's kept keys as one or
+two intervals ``[lo, hi]`` from int32 arrays ``[pieces, pattern heads, Lq]``, O(Lq) data built
+once per (pattern, Lq, Lk, device) from the same interval analysis (``patterns/intervals.py``,
+``codegen/tl/predicate.py``'s pieces). From them a program derives the blocks it visits and
+which of those are FULL (``visit.py``). Served: patterns whose rows are one interval, and
+unions of two (``causal & (sink(4) | sliding(w))``) whose pieces have non-decreasing bounds
+(the dK/dV pass binary-searches them). Others (block tables, residue and strided-union
+routes) stay with the ``tl`` kernels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
-from sparse_compile.codegen.launch.tables import RowBounds, row_bounds
-from sparse_compile.codegen.tl.predicate import interval_bounds
+from sparse_compile.codegen.launch.tables import row_bounds as union_row_bounds
+from sparse_compile.codegen.tl.predicate import interval_bounds, interval_pieces
 from sparse_compile.patterns.intervals import row_bounds as interval_row_bounds
 
-_ROWS: dict[tuple, RowBounds | None] = {}
+
+@dataclass(frozen=True)
+class RowPieces:
+    """Kept keys per row: ``lo``, ``hi`` int32 ``[pieces, pattern heads, Lq]`` (contiguous),
+    clamped to ``[0, Lk - 1]``; an empty piece of a row has ``lo > hi``."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def pieces(self) -> int:
+        return self.lo.shape[0]
+
+    @property
+    def pattern_heads(self) -> int:
+        return self.lo.shape[1]
 
 
-def interval_rows(pattern: Any, lq: int, lk: int, device: torch.device) -> RowBounds | None:
-    """Row bounds ``[lo, hi]`` (int32 ``[pattern heads, Lq]``, clamped to ``[0, Lk - 1]``; an
-    empty row has ``lo > hi``) of a pattern whose rows are one interval at these lengths, for
-    the default alignment (query ``i`` at key position ``i + Lk - Lq``); None otherwise.
-    Cached."""
+_ROWS: dict[tuple, RowPieces | None] = {}
+_EMPTY = (sympy.Integer(1), sympy.Integer(0))
+
+
+def interval_rows(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPieces | None:
+    """The rows of ``pattern`` at these lengths for the default alignment (query ``i`` at key
+    position ``i + Lk - Lq``) as one or two intervals each, or None when they are not (see the
+    module docstring). Cached."""
     key = (str(pattern), lq, lk, str(device))
-    if key in _ROWS:
-        return _ROWS[key]
-    result = None
-    if lq > 0 and lk > 0:
-        bounds = interval_bounds(pattern)
+    if key not in _ROWS:
+        _ROWS[key] = _build(pattern, lq, lk, device) if lq > 0 and lk > 0 else None
+    return _ROWS[key]
+
+
+def _build(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPieces | None:
+    q = torch.arange(lk - lq, lk, dtype=torch.int64)
+    bounds = interval_bounds(pattern)
+    with torch.device("cpu"):
         if bounds is not None:
-            q = torch.arange(lk - lq, lk, dtype=torch.int64)
-            with torch.device("cpu"):
-                pairs = [interval_row_bounds(iv, q, lk) for iv in bounds]
-            lo = torch.stack([p[0] for p in pairs]).to(device=device, dtype=torch.int32)
-            hi = torch.stack([p[1] for p in pairs]).to(device=device, dtype=torch.int32)
-            result = RowBounds(lo.contiguous(), hi.contiguous())
+            pieces = [[interval_row_bounds(iv, q, lk)] for iv in bounds]
         else:
-            result = row_bounds(pattern, lq, lk, device)
-    _ROWS[key] = result
-    return result
+            union = union_row_bounds(pattern, lq, lk, torch.device("cpu"))
+            if union is not None:
+                pieces = [[(union.lo[h].long(), union.hi[h].long())]
+                          for h in range(union.lo.shape[0])]
+            else:
+                per_head = interval_pieces(pattern)
+                if per_head is None:
+                    return None
+                pieces = [[interval_row_bounds(iv, q, lk) for iv in head + [_EMPTY] * (
+                    2 - len(head))] for head in per_head]
+                if not all(_monotone(lo, hi) for head in pieces for lo, hi in head):
+                    return None
+    n = max(len(head) for head in pieces)
+    lo = torch.stack([torch.stack([head[p][0] for head in pieces]) for p in range(n)])
+    hi = torch.stack([torch.stack([head[p][1] for head in pieces]) for p in range(n)])
+    return RowPieces(lo.to(device=device, dtype=torch.int32).contiguous(),
+                     hi.to(device=device, dtype=torch.int32).contiguous())
+
+
+def _monotone(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Whether both bounds are non-decreasing along the rows."""
+    return bool((lo[1:] >= lo[:-1]).all()) and bool((hi[1:] >= hi[:-1]).all())

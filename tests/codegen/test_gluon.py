@@ -21,7 +21,11 @@ INTERVAL_PATTERNS = [
     "dense", "causal", "causal & sliding(70)", "local(50)", "block(96)", "sliding(33)",
     "causal | prefix(40)", "window(30, 5)", "heads(causal, causal & sliding(20))",
 ]
-NOT_ONE_INTERVAL = ["strided(4)", "sink(3) | sliding(7)", "axial(6)", "~local(3)"]
+TWO_INTERVALS = [
+    "causal & (sink(4) | sliding(30))", "sink(3) | sliding(7)",
+    "heads(causal, causal & (sink(2) | sliding(9)))",
+]
+NOT_SERVED = ["strided(4)", "axial(6)", "~local(3)"]
 
 ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
 needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
@@ -36,30 +40,32 @@ def gluon_requested(monkeypatch):
 
 # --- host side: runs everywhere (CI) ---------------------------------------------------------
 
-@pytest.mark.parametrize("text", INTERVAL_PATTERNS)
+@pytest.mark.parametrize("text", INTERVAL_PATTERNS + TWO_INTERVALS)
 @pytest.mark.parametrize("lq, lk", [(37, 37), (20, 45), (45, 20), (1, 9)])
-def test_row_intervals_are_the_patterns_first_and_last_kept_keys(text, lq, lk) -> None:
+def test_row_intervals_are_exactly_the_kept_keys(text, lq, lk) -> None:
     pattern = parse(text)
     rows = interval_rows(pattern, lq, lk, torch.device("cpu"))
     assert rows is not None
     heads = pattern.num_heads if pattern.per_head else 1
     mask = pattern.mask(lq, lk, heads=heads if pattern.per_head else None).reshape(heads, lq, lk)
-    assert rows.lo.shape == rows.hi.shape == (heads, lq) and rows.lo.dtype == torch.int32
+    # A union is one interval per row where its pieces touch at these lengths.
+    pieces = rows.pieces
+    assert pieces == 1 or (pieces == 2 and text in TWO_INTERVALS)
+    assert rows.lo.shape == rows.hi.shape == (pieces, heads, lq)
+    assert rows.lo.dtype == torch.int32 and rows.pattern_heads == heads
     keys = torch.arange(lk)
     for h in range(heads):
-        for i in range(lq):
-            kept = keys[mask[h, i]]
-            lo, hi = int(rows.lo[h, i]), int(rows.hi[h, i])
-            if kept.numel() == 0:
-                assert lo > hi
-            else:
-                assert (lo, hi) == (int(kept[0]), int(kept[-1]))
-                # one interval: every key between is kept
-                assert kept.numel() == hi - lo + 1
+        covered = torch.zeros(lq, lk, dtype=torch.bool)
+        for p in range(pieces):
+            lo, hi = rows.lo[p, h].long(), rows.hi[p, h].long()
+            covered |= (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
+            # the dK/dV pass binary-searches each piece's bounds
+            assert bool((lo[1:] >= lo[:-1]).all()) and bool((hi[1:] >= hi[:-1]).all())
+        assert torch.equal(covered, mask[h])
 
 
-@pytest.mark.parametrize("text", NOT_ONE_INTERVAL)
-def test_patterns_whose_rows_are_not_one_interval_have_no_row_intervals(text) -> None:
+@pytest.mark.parametrize("text", NOT_SERVED)
+def test_patterns_beyond_two_intervals_per_row_have_no_row_intervals(text) -> None:
     assert interval_rows(parse(text), 40, 40, torch.device("cpu")) is None
 
 
@@ -143,6 +149,10 @@ GPU_CASES = [
     ("causal & sliding(64)", 1, 2, 1, 77, 600, 64),  # Lq < Lk (chunked prefill)
     ("heads(causal, causal & sliding(20))", 1, 4, 2, 260, 260, 128),
     ("window(30, 5)", 1, 2, 2, 255, 255, 64),
+    ("causal & (sink(4) | sliding(100))", 1, 4, 2, 700, 700, 128),
+    ("causal & (sink(130) | sliding(64))", 2, 2, 1, 517, 517, 64),
+    ("sink(3) | sliding(40)", 1, 2, 2, 333, 333, 128),
+    ("heads(causal, causal & (sink(2) | sliding(90)))", 1, 4, 2, 400, 400, 128),
 ]
 
 
@@ -160,7 +170,8 @@ def test_gluon_kernels_match_the_oracle(monkeypatch, case, dtype, noncontiguous)
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("text", ["causal & sliding(100)", "dense", "block(128)"])
+@pytest.mark.parametrize("text", ["causal & sliding(100)", "dense", "block(128)",
+                                  "causal & (sink(4) | sliding(200))"])
 def test_gluon_backward_is_deterministic_and_agrees_with_tl(text) -> None:
     q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
     q, k, v = q.detach(), k.detach(), v.detach()
@@ -176,7 +187,8 @@ def test_gluon_backward_is_deterministic_and_agrees_with_tl(text) -> None:
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("text", ["causal", "causal & sliding(100)", "block(128)", "dense"])
+@pytest.mark.parametrize("text", ["causal", "causal & sliding(100)", "block(128)", "dense",
+                                  "causal & (sink(4) | sliding(300))"])
 def test_gluon_and_tl_forwards_agree_on_output_and_log_sum_exp(text) -> None:
     q, k, v = make_qkv(2, 4, 2, 777, 777, 128, torch.bfloat16)
     args = (q.detach(), k.detach(), v.detach(), text, 0.1)
