@@ -217,3 +217,28 @@ def test_tl_forced_by_the_environment(monkeypatch) -> None:
     q, k, v = make_qkv(1, 2, 2, 256, 256, 128, torch.bfloat16)
     check_against_oracle(attention, q, k, v, "causal", grads=False)
     assert calls == []
+
+
+def test_a_triton_without_gluon_keeps_the_tl_kernels() -> None:
+    """With ``triton.experimental.gluon`` missing, everything imports and the Gluon kernels are
+    never chosen (a fresh interpreter, the import blocked)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("triton.experimental.gluon"):
+            raise ImportError("no gluon here")
+sys.meta_path.insert(0, Block())
+import torch
+from sparse_compile.codegen import attention
+from sparse_compile.codegen.gluon import support
+assert not support.GLUON_IMPORTED and not support.gluon_version_supported()
+assert not support.gluon_capable(torch.device("cpu"))
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
