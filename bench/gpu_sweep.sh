@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a guard, log to $out/NAME.log
 for section in "${sections[@]}"; do
   case $section in
     tests)
-      SPARSE_COMPILE_KERNELS=gluon step tests 300 python3 -m pytest -q -x -p no:cacheprovider \
+      SPARSE_COMPILE_KERNELS=gluon step tests 300 python3 -m pytest -q -p no:cacheprovider \
         tests/codegen/test_gluon.py tests/codegen/test_document_bounds.py \
         tests/codegen/test_relative_bias.py tests/codegen/test_decode.py ;;
     gluon)
