@@ -41,6 +41,7 @@ from sparse_compile.codegen.gluon.visit import (
     row_bounds,
     tile_visit,
 )
+from sparse_compile.codegen.launch.config import MAX_GRID_Y
 from sparse_compile.codegen.tl.backward_delta import launch_delta
 
 _LOG2E = 1.4426950408889634
@@ -329,12 +330,15 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           num_warps: int = 8
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
-    TMA (the caller runs the ``tl`` passes). Shapes and ``lse`` as ``launch_gluon_forward``'s;
-    ``dout`` is copied to a contiguous tensor when its layout is not walkable.
+    TMA or the (batch, head) count overflows the grid (the caller runs the ``tl`` passes).
+    Shapes and ``lse`` as ``launch_gluon_forward``'s; ``dout`` is copied to a contiguous
+    tensor when its layout is not walkable.
     ``dq_tiles`` = (query rows, keys) of the dQ pass, ``kv_tiles`` = (query rows per step,
     keys per program) of the dK/dV pass."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    if b * hq > MAX_GRID_Y:
+        return None  # the grid's second dimension holds (batch, head)
     if row_view(dout) is None:
         dout = dout.contiguous()
     views = [row_view(t) for t in (q, k, v, dout)]

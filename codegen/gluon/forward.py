@@ -47,6 +47,7 @@ from sparse_compile.codegen.gluon.visit import (
     row_bounds,
     tile_visit,
 )
+from sparse_compile.codegen.launch.config import MAX_GRID_Y
 
 _LOG2E = 1.4426950408889634
 
@@ -231,11 +232,14 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
                          block_n: int = 128, stages: int = 2, num_warps: int = 8
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
-    (the caller then runs the ``tl`` kernel). q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit,
-    D in {64, 128}); ``rows``: the pattern's row intervals (``rows.py``). Returns out
-    [B, Hq, Lq, D] contiguous and lse [B, Hq, Lq] float32 (log2 units, +inf when empty)."""
+    or the (batch, head) count overflows the grid (the caller then runs the ``tl`` kernel).
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit, D in {64, 128}); ``rows``: the pattern's
+    row intervals (``rows.py``). Returns out [B, Hq, Lq, D] contiguous and lse [B, Hq, Lq]
+    float32 (log2 units, +inf when empty)."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
+    if b * hq > MAX_GRID_Y:
+        return None  # the grid's second dimension holds (batch, head)
     views = [row_view(t) for t in (q, k, v)]
     if any(x is None for x in views) or views[1][1:] != views[2][1:]:
         return None
