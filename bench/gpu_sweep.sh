@@ -40,7 +40,9 @@ for section in "${sections[@]}"; do
       step documents 200 python3 bench/documents.py --steps 10 --out "$out/documents.md" ;;
     in-model)
       step in-model 300 python3 bench/in_model_kernels.py --length 32768 --window 4096 \
-        --out "$out/in-model-kernels.md" ;;
+        --out "$out/in-model-kernels.md"
+      step in-model-gluon 300 python3 bench/in_model_kernels.py --length 32768 --window 4096 \
+        --kernels gluon --out "$out/in-model-kernels-gluon.md" ;;
     flex-sites)
       step flex-sites 560 python3 bench/models.py --family mistral --lengths 32768 \
         --windows 4096 --profile --variants sparse-on-flex flex sparse \

@@ -82,8 +82,14 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--kernels", choices=["default", "tl", "gluon"], default="default",
+                    help="our kernel family on Hopper (SPARSE_COMPILE_KERNELS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.kernels != "default":
+        import os
+
+        os.environ["SPARSE_COMPILE_KERNELS"] = args.kernels
     pattern = f"causal & sliding({args.window})"
     model = build("mistral", args.layers, args.window, "sdpa")
     seen = record_first_calls()
@@ -131,7 +137,8 @@ def main() -> None:
             f"{platform.python_version()}",
             f"- command: `python {' '.join(sys.argv)}`",
             f"- MistralModel, {args.layers} layers, hidden 2048, 16 / 4 heads, bf16, B = 1, "
-            f"L = {args.length}, `backend=\"sparse\"`, pattern `{pattern}`",
+            f"L = {args.length}, `backend=\"sparse\"`, pattern `{pattern}`, our kernels: "
+            f"{args.kernels}",
             f"- first recorded call: {shapes}",
             "- GPU time of our kernels from the profiler: in the model per layer (3 steps), "
             "standalone per call (10 calls)", ""]

@@ -204,8 +204,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", choices=["default", "tl", "gluon"], default="default",
+                    help="our kernel family on Hopper (SPARSE_COMPILE_KERNELS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.kernels != "default":
+        import os
+
+        os.environ["SPARSE_COMPILE_KERNELS"] = args.kernels
     torch._dynamo.config.cache_size_limit = 64
     import transformers
 
@@ -219,6 +225,7 @@ def main() -> None:
            if args.family == "gemma3" else "")
         + ("the flex variants get a BlockMask of the pattern (no transformers setting), "
            if args.family == "llama" or args.sinks else "")
+        + f"our kernels: {args.kernels}; "
         + f"bf16, batch 1; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{datetime.date.today()}; median of {args.repeats}; train = forward + backward of "
         "mean(h²) of the last hidden state; first = first call (compile included); peak = "
