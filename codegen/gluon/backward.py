@@ -28,7 +28,7 @@ from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
     gl,
-    gluon,
+    gluon_jit,
     mbarrier,
     tma_load,
     warpgroup_mma,
@@ -48,13 +48,10 @@ from sparse_compile.codegen.tl.backward_delta import launch_delta
 _LOG2E = 1.4426950408889634
 
 
-def _jit(fn):
-    return fn if gluon is None else gluon.jit(fn)
-
 
 # --- dQ pass -----------------------------------------------------------------------------------
 
-@_jit
+@gluon_jit
 def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
              k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
              k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
@@ -85,7 +82,7 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
         tma_load(desc_v, [row, hkv * k_ch], v_ready.index(st), v_smem.index(st))
 
 
-@_jit
+@gluon_jit
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                 DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
@@ -145,7 +142,7 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     gl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_mq < Lq)[:, None])
 
 
-@_jit
+@gluon_jit
 def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, qk_scale,
                scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
@@ -168,7 +165,7 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
 
 # --- dK/dV pass --------------------------------------------------------------------------------
 
-@_jit
+@gluon_jit
 def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
                q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh,
                q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
@@ -204,7 +201,7 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
             t += 1
 
 
-@_jit
+@gluon_jit
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready, o_empty,
                   DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale,
                   scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
@@ -275,7 +272,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
     gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-@_jit
+@gluon_jit
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                  Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,

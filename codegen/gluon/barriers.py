@@ -11,14 +11,10 @@ a partition-wide barrier).
 
 from __future__ import annotations
 
-from sparse_compile.codegen.gluon.support import gl, gluon, mbarrier
+from sparse_compile.codegen.gluon.support import gl, gluon_jit, mbarrier
 
 
-def _jit(fn):
-    return fn if gluon is None else gluon.jit(fn)
-
-
-@_jit
+@gluon_jit
 def _ring(STAGES: gl.constexpr):
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -28,7 +24,7 @@ def _ring(STAGES: gl.constexpr):
     return ready, empty
 
 
-@_jit
+@gluon_jit
 def pipeline_barriers(STAGES: gl.constexpr):
     """``(once, a_ready, a_empty, b_ready, b_empty)``, all with one expected arrival."""
     once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())

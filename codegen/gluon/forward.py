@@ -35,7 +35,7 @@ from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
     gl,
-    gluon,
+    gluon_jit,
     mbarrier,
     tma_load,
     warpgroup_mma,
@@ -53,12 +53,8 @@ from sparse_compile.codegen.launch.config import MAX_GRID_Y
 _LOG2E = 1.4426950408889634
 
 
-def _jit(fn):
-    """``gluon.jit`` where Gluon imported (the module must import without it: CI's CPU)."""
-    return fn if gluon is None else gluon.jit(fn)
 
-
-@_jit
+@gluon_jit
 def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
               v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
               BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
@@ -89,7 +85,7 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
         tma_load(desc_v, [row, k_col], v_ready.index(st), v_smem.index(st))
 
 
-@_jit
+@gluon_jit
 def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, BN: gl.constexpr,
                   PIECES: gl.constexpr, s_layout: gl.constexpr):
     """Online softmax of one score tile (log2 units, scale folded in): masks keys outside the
@@ -106,7 +102,7 @@ def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, BN: gl.
     return p, m_new, l_i, alpha
 
 
-@_jit
+@gluon_jit
 def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, LSE,
                  RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
@@ -184,7 +180,7 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_mo < Lq)[:, None])
 
 
-@_jit
+@gluon_jit
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
                 k_rb, k_rh, k_ch, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,

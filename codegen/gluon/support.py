@@ -51,6 +51,12 @@ except ImportError:  # pragma: no cover
     GLUON_IMPORTED = False
 
 
+def gluon_jit(fn):
+    """``gluon.jit(fn)`` where Gluon imported; ``fn`` unchanged otherwise, so that the kernel
+    modules import on any Triton (they are then never launched: ``gluon_capable``)."""
+    return fn if gluon is None else gluon.jit(fn)
+
+
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the installed Triton."""
     major, minor = triton.__version__.split(".")[:2]

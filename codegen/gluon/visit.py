@@ -15,16 +15,13 @@ non-decreasing bounds.
 from __future__ import annotations
 
 import triton.language as tl
-from sparse_compile.codegen.gluon.support import gl, gluon
+from sparse_compile.codegen.gluon.support import gl, gluon_jit
 
 _BIG = tl.constexpr(1 << 30)
 
 
-def _jit(fn):
-    return fn if gluon is None else gluon.jit(fn)
 
-
-@_jit
+@gluon_jit
 def _piece_blocks(RLO, RHI, base, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
                   layout: gl.constexpr):
     """One piece's key blocks for the query tile at ``m0``: visited ``[j_lo, j_hi)`` (empty
@@ -46,7 +43,7 @@ def _piece_blocks(RLO, RHI, base, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
     return j_lo, jf_lo, jf_hi, j_hi
 
 
-@_jit
+@gluon_jit
 def _merge_ranges(a0, a1, b0, b1):
     """Two block ranges as ``(x0, n1, y0, n)``: visit ``x0 .. x0 + n1 - 1``, then
     ``y0 .. y0 + (n - n1) - 1``; the earlier-starting range first, the other from where the
@@ -69,7 +66,7 @@ def _merge_ranges(a0, a1, b0, b1):
     return x0, n1, y0, n1 + n2
 
 
-@_jit
+@gluon_jit
 def tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
                PIECES: gl.constexpr, layout: gl.constexpr):
     """Key blocks of the query tile at ``m0``: ``(x0, n1, y0, n, f0_lo, f0_hi, f1_lo,
@@ -86,19 +83,19 @@ def tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
     return x0, n1, y0, n, af0, af1, bf0, bf1
 
 
-@_jit
+@gluon_jit
 def block_at(t, x0, n1, y0):
     """The t-th visited block."""
     return gl.where(t < n1, x0 + t, y0 + (t - n1))
 
 
-@_jit
+@gluon_jit
 def is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi):
     """Whether block ``j`` needs the mask: not kept whole by every row through one piece."""
     return ((j < f0_lo) | (j >= f0_hi)) & ((j < f1_lo) | (j >= f1_hi))
 
 
-@_jit
+@gluon_jit
 def row_bounds(RLO, RHI, hp, NPH, Lq, offs, ok, PIECES: gl.constexpr):
     """Each row's intervals ``(lo0, hi0, lo1, hi1)`` (the second empty when one piece);
     rows past ``Lq`` keep nothing."""
@@ -113,7 +110,7 @@ def row_bounds(RLO, RHI, hp, NPH, Lq, offs, ok, PIECES: gl.constexpr):
     return lo0, hi0, lo1, hi1
 
 
-@_jit
+@gluon_jit
 def keeps(rows_lo0, rows_hi0, rows_lo1, rows_hi1, keys, PIECES: gl.constexpr):
     """Whether each (row, key) pair is kept: ``rows_*`` and ``keys`` already broadcast to the
     tile's shape."""
@@ -123,7 +120,7 @@ def keeps(rows_lo0, rows_hi0, rows_lo1, rows_hi1, keys, PIECES: gl.constexpr):
     return keep
 
 
-@_jit
+@gluon_jit
 def _first_at_least(Arr, n, value, RIGHT: gl.constexpr):
     """First index ``i`` in ``[0, n]`` with ``Arr[i] >= value`` (``> value`` when RIGHT) in a
     non-decreasing int32 array: a scalar binary search."""
@@ -141,7 +138,7 @@ def _first_at_least(Arr, n, value, RIGHT: gl.constexpr):
     return lo
 
 
-@_jit
+@gluon_jit
 def _piece_query_blocks(RLO, RHI, base, Lq, k0, k1, BM: gl.constexpr):
     """One piece's query blocks that keep a key of ``[k0, k1]``: visited ``[i_lo, i_hi)``,
     FULL (every real row keeps every key of the block) ``[if_lo, if_hi)``."""
@@ -159,7 +156,7 @@ def _piece_query_blocks(RLO, RHI, base, Lq, k0, k1, BM: gl.constexpr):
     return i_lo, if_lo, if_hi, i_hi
 
 
-@_jit
+@gluon_jit
 def key_block_visit(RLO, RHI, hp, NPH, Lq, Lk, k0, BM: gl.constexpr, BN: gl.constexpr,
                     PIECES: gl.constexpr):
     """Query blocks that keep a key of the key block at ``k0``, as ``tile_visit``'s
