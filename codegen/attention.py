@@ -191,8 +191,7 @@ def forward(
         if route is not None:
             return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
     cfg = cfg or select_config(pattern_text, q, lk)
-    if (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
-            and rel_bias is None and frame.is_default(lq, lk)):
+    if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
         result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype)
         if result is not None:
             return result
@@ -202,6 +201,15 @@ def forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
         out_dtype, frame, alibi, rel_bias,
     )
+
+
+def _plain_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, softcap: float,
+                alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, frame: Frame, lq: int,
+                lk: int) -> bool:
+    """Whether a call is one the Gluon kernels serve (no bias, dropout, soft-capping, position
+    bias or positions) and ``cfg`` allows them."""
+    return (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
+            and rel_bias is None and frame.is_default(lq, lk))
 
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
@@ -290,8 +298,7 @@ def backward(
         if route is not None:
             return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
     cfg = cfg or select_config(pattern_text, q, lk)
-    if (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
-            and rel_bias is None and frame.is_default(lq, lk)):
+    if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
         grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale)
         if grads is not None:
             return (*grads, None)
