@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from attention import check_mask_mod, mask_mod_for  # noqa: E402
 
 PATTERNS = ["causal & sliding(4096)", "local(1024)", "block(512)", "causal & sliding(1024)",
-            "causal", "dense"]
+            "causal & (sink(4) | sliding(1024))", "causal", "dense"]
 
 
 def kept_entries(text: str, length: int) -> float:
