@@ -39,6 +39,8 @@ from sparse_compile.codegen.gluon.visit import (
     is_partial,
     keeps,
     key_block_visit,
+    key_program,
+    query_program,
     row_bounds,
     tile_visit,
 )
@@ -57,12 +59,8 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
              k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
              STAGES: gl.constexpr, PIECES: gl.constexpr):
     """Producer warp: Q and dO once, then K and V of every visited key block."""
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    _, b, h, m0 = query_program(Hq, BM)
     hkv = h // G
-    m0 = pid_m * BM
     rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, h % NPH, NPH, Lq, m0, BM,
                                                            BN, PIECES, rows)
@@ -87,12 +85,8 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
                 DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_bh, b, h, m0 = query_program(Hq, BM)
     hp = h % NPH
-    m0 = pid_m * BM
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
@@ -172,12 +166,7 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
                STAGES: gl.constexpr, PIECES: gl.constexpr):
     """Producer warp: K and V once, then Q and dO of every visited query block of every
     query head of the group."""
-    pid_n = gl.program_id(0)
-    pid_bk = gl.program_id(1)
-    Hkv = Hq // G
-    b = pid_bk // Hkv
-    hkv = pid_bk % Hkv
-    k0 = pid_n * BN
+    b, hkv, k0 = key_program(Hq, G, BN)
     mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
     tma_load(desc_k, [b * k_rb + hkv * k_rh + k0, hkv * k_ch], kv_bar, k_smem)
     tma_load(desc_v, [b * k_rb + hkv * k_rh + k0, hkv * k_ch], kv_bar, v_smem)
@@ -206,12 +195,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
                   DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale,
                   scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
-    pid_n = gl.program_id(0)
-    pid_bk = gl.program_id(1)
-    Hkv = Hq // G
-    b = pid_bk // Hkv
-    hkv = pid_bk % Hkv
-    k0 = pid_n * BN
+    b, hkv, k0 = key_program(Hq, G, BN)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 16])

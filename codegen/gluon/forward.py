@@ -45,6 +45,7 @@ from sparse_compile.codegen.gluon.visit import (
     block_at,
     is_partial,
     keeps,
+    query_program,
     row_bounds,
     tile_visit,
 )
@@ -60,12 +61,8 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
               BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
               PIECES: gl.constexpr):
     """Producer warp: the Q tile, then K and V of every visited block, in order."""
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    _, b, h, m0 = query_program(Hq, BM)
     hkv = h // G
-    m0 = pid_m * BM
     rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, h % NPH, NPH, Lq, m0, BM,
                                                            BN, PIECES, rows)
@@ -108,12 +105,8 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                  PIECES: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroups: scores, online softmax and output of one query tile."""
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    pid_bh, b, h, m0 = query_program(Hq, BM)
     hp = h % NPH
-    m0 = pid_m * BM
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])

@@ -22,6 +22,23 @@ _BIG = tl.constexpr(1 << 30)
 
 
 @gluon_jit
+def query_program(Hq, BM: gl.constexpr):
+    """``(pid_bh, b, h, m0)`` of a program over query tiles: grid (tiles, batch x heads), the
+    last tile issued first (under causal-like patterns the longest rows start first)."""
+    pid_bh = gl.program_id(1)
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BM
+    return pid_bh, pid_bh // Hq, pid_bh % Hq, m0
+
+
+@gluon_jit
+def key_program(Hq, G, BN: gl.constexpr):
+    """``(b, hkv, k0)`` of a program over key blocks: grid (blocks, batch x kv heads)."""
+    Hkv = Hq // G
+    pid_bk = gl.program_id(1)
+    return pid_bk // Hkv, pid_bk % Hkv, gl.program_id(0) * BN
+
+
+@gluon_jit
 def _piece_blocks(RLO, RHI, base, Lq, m0, BM: gl.constexpr, BN: gl.constexpr,
                   layout: gl.constexpr):
     """One piece's key blocks for the query tile at ``m0``: visited ``[j_lo, j_hi)`` (empty
