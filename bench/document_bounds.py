@@ -21,6 +21,7 @@ import argparse
 import datetime
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -29,6 +30,9 @@ from sparse_compile.codegen.tl.documents import (
     document_bounds_reference,
     tile_size,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from documents import kernel_ms, timed  # noqa: E402 - the same timers as bench/documents.py
 
 
 def packed_ids(batch: int, length: int, low: int, high: int, gen: torch.Generator) -> torch.Tensor:
@@ -40,30 +44,6 @@ def packed_ids(batch: int, length: int, low: int, high: int, gen: torch.Generato
         padding = torch.rand(len(lengths), generator=gen) < 0.1
         rows.append(torch.where(padding[ids], -1, ids))
     return torch.stack(rows).cuda()
-
-
-def kernel_ms(fn, calls: int) -> float:
-    """GPU time per call of ``fn``: the CUDA kernels' device time under the profiler, so that
-    launch gaps drop out."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    device_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return device_us / calls / 1e3
-
-
-def event_ms(fn, calls: int) -> float:
-    """Time per call of ``fn`` between CUDA events around ``calls`` back-to-back calls."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def median_us(measure, fn, args: argparse.Namespace) -> float:
@@ -99,8 +79,8 @@ def main() -> None:
                 raise SystemExit(f"document_bounds differs from the reference at B={batch}, "
                                  f"L={length}")
             ours = median_us(kernel_ms, lambda ids=ids: document_bounds(ids), args)
-            ours_events = median_us(event_ms, lambda ids=ids: document_bounds(ids), args)
-            ref = median_us(event_ms, lambda ids=ids: document_bounds_reference(ids), args)
+            ours_events = median_us(timed, lambda ids=ids: document_bounds(ids), args)
+            ref = median_us(timed, lambda ids=ids: document_bounds_reference(ids), args)
             lines.append(f"| {batch} | {length} | {tile_size(length)} | {ours:.1f} | "
                          f"{ours_events:.1f} | {ref:.1f} | {ref / ours:.0f}x |")
             print(lines[-1], flush=True)
