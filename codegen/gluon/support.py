@@ -78,11 +78,6 @@ def requested_kernels() -> str:
     return value
 
 
-def tl_forced() -> bool:
-    """Whether ``SPARSE_COMPILE_KERNELS=tl`` asks for the portable kernels everywhere."""
-    return requested_kernels() == "tl"
-
-
 def gluon_wanted() -> bool:
     """Whether the Gluon kernels are asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by
     default (``GLUON_BY_DEFAULT``) and not forced off."""

@@ -98,10 +98,10 @@ def test_supported_versions_and_the_kernel_switch(monkeypatch) -> None:
     assert not support.gluon_version_supported((3, 5))
     assert not support.gluon_version_supported((4, 0))
     monkeypatch.setenv(support.KERNELS_ENV, "tl")
-    assert support.tl_forced() and not support.gluon_wanted()
+    assert support.requested_kernels() == "tl" and not support.gluon_wanted()
     assert not support.gluon_device(torch.device("cuda"))
     monkeypatch.setenv(support.KERNELS_ENV, " Gluon ")
-    assert support.gluon_wanted() and not support.tl_forced()
+    assert support.gluon_wanted() and support.requested_kernels() == "gluon"
     assert not support.gluon_device(torch.device("cpu"))
     monkeypatch.setenv(support.KERNELS_ENV, "")
     for default in (False, True):
