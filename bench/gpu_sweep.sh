@@ -5,14 +5,14 @@
 #   bash bench/gpu_sweep.sh [DIR] [SECTION ...]
 #
 # DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
-# all, in this order): tests gluon documents in-model flex-sites generate.
+# all, in this order): tests gluon documents in-model flex-sites doge generate.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${1:-bench/results/sweep-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests gluon documents in-model flex-sites generate)
+[ ${#sections[@]} -eq 0 ] && sections=(tests gluon documents in-model flex-sites doge generate)
 mkdir -p "$out"
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
@@ -47,6 +47,8 @@ for section in "${sections[@]}"; do
       step flex-sites 560 python3 bench/models.py --family mistral --lengths 32768 \
         --windows 4096 --profile --variants sparse-on-flex flex sparse \
         --out "$out/models-sparse-on-flex.md" ;;
+    doge)
+      step doge 300 python3 bench/doge_step.py --length 32768 --out "$out/doge-step.md" ;;
     generate)
       step generate 300 python3 bench/generate.py --context 32768 --batch 1 32 --new 32 \
         --variants sparse --out "$out/generate.md" ;;
