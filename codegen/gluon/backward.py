@@ -84,7 +84,8 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                 DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
+                STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
+                num_warps: gl.constexpr):
     pid_bh, b, h, m0 = query_program(Hq, BM)
     hp = h % NPH
     dtype: gl.constexpr = q_smem.dtype
@@ -115,7 +116,12 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
         mbarrier.wait(v_ready.index(st), ph)
         dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), s_zero, use_acc=False,
                            is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+        if OVERLAP:  # dQ of the previous tile was left in flight: it completes before S
+            s, dq = warpgroup_mma_wait(num_outstanding=1, deps=(s, dq))
+            if t > 0:
+                mbarrier.arrive(k_empty.index((t - 1) % STAGES), count=1)
+        else:
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
         p = gl.exp2(s * qk_scale - lse[:, None])
         if is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi):
             k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
@@ -126,8 +132,13 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
         ds = p * (dp - delta[:, None])
         ds_op = gl.convert_layout(ds.to(dtype), ds_layout)
         dq = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
+        if OVERLAP:  # no wait: dQ is the only group in flight (a loop-carried tensor again)
+            dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq,))
+        else:
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+            mbarrier.arrive(k_empty.index(st), count=1)
+    if OVERLAP:
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
-        mbarrier.arrive(k_empty.index(st), count=1)
     dq = dq * scale
     offs_mq = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
@@ -140,7 +151,8 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
 def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, qk_scale,
                scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-               STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
+               STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
+                num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_do.layout)
@@ -150,7 +162,7 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
     gl.warp_specialize([
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
-                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, num_warps)),
+                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
                     q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
@@ -194,7 +206,8 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready, o_empty,
                   DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale,
                   scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
+                  STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
+                num_warps: gl.constexpr):
     b, hkv, k0 = key_program(Hq, G, BN)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -229,7 +242,13 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
             mbarrier.wait(o_ready.index(st), ph)
             dp_t = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), st_zero,
                                  use_acc=False, is_async=True)
-            s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+            if OVERLAP:  # dV and dK of the previous step were left in flight
+                s_t, dv, dk = warpgroup_mma_wait(num_outstanding=1, deps=(s_t, dv, dk))
+                if t > 0:
+                    mbarrier.arrive(q_empty.index((t - 1) % STAGES), count=1)
+                    mbarrier.arrive(o_empty.index((t - 1) % STAGES), count=1)
+            else:
+                s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
             p_t = gl.exp2(s_t * qk_scale - lse[None, :])
             if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
                 lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_q, q_ok, PIECES)
@@ -242,10 +261,15 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
             ds_t = p_t * (dp_t - delta[None, :])
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_smem.index(st),
                                dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-            mbarrier.arrive(q_empty.index(st), count=1)
-            mbarrier.arrive(o_empty.index(st), count=1)
+            if OVERLAP:  # no wait: dV and dK are the only groups in flight
+                dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv, dk))
+            else:
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+                mbarrier.arrive(q_empty.index(st), count=1)
+                mbarrier.arrive(o_empty.index(st), count=1)
             t += 1
+    if OVERLAP:
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
     dk = dk * scale
     offs_n = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
@@ -260,7 +284,8 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                  Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
+                 STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
+                num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_v.layout)
@@ -270,7 +295,8 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     gl.warp_specialize([
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready,
                          o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh,
-                         skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES, num_warps)),
+                         skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP,
+                         num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
                       q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb,
                       q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES,
@@ -289,14 +315,16 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
                           kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
-                          num_warps: int = 8
+                          num_warps: int = 8, overlap: bool = True
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
     TMA or the (batch, head) count overflows the grid (the caller runs the ``tl`` passes).
     Shapes and ``lse`` as ``launch_gluon_forward``'s; ``dout`` is copied to a contiguous
     tensor when its layout is not walkable.
     ``dq_tiles`` = (query rows, keys) of the dQ pass, ``kv_tiles`` = (query rows per step,
-    keys per program) of the dK/dV pass."""
+    keys per program) of the dK/dV pass. ``overlap`` leaves each step's gradient products
+    (dQ; dV and dK) in flight while the next step's scores are issued, and releases the
+    step's tiles once they complete; without it every step waits for its products."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if b * hq > MAX_GRID_Y:
@@ -320,13 +348,15 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dq, lse, delta,
         rows.lo, rows.hi, hq, hq // hkv, nph, lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb,
         o_rh, o_ch, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
-        BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, num_warps=num_warps)
+        BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
+        num_warps=num_warps)
     bm, bn = kv_tiles
     _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
         _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
         _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dk, dv, lse, delta,
         rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
         o_rb, o_rh, o_ch, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
-        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, num_warps=num_warps)
+        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
+        num_warps=num_warps)
     return dq, dk, dv
 
