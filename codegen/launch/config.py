@@ -57,6 +57,11 @@ class TileConfig:
     # warp-specialised Gluon kernel (codegen/gluon/); False keeps the ``tl`` kernels (as does
     # the environment variable SPARSE_COMPILE_KERNELS=tl, codegen/gluon/support.py).
     gluon: bool = True
+    # The Gluon backward's form: one pass per key block adding dQ by float32 atomics (five
+    # block products per visited pair, codegen/gluon/backward_fused.py) or the two
+    # deterministic passes (seven). Deterministic algorithms always get the two passes
+    # (codegen/attention.py ``gluon_backward_form``).
+    gluon_one_pass: bool = True
 
     @staticmethod
     def d_pad(head_dim: int) -> int:

@@ -132,6 +132,22 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
     assert TileConfig().key() != TileConfig(gluon=False).key()
 
 
+def test_the_backward_form_is_two_passes_when_determinism_is_asked(monkeypatch) -> None:
+    assert kernels.gluon_backward_form(TileConfig()) == "one-pass"
+    assert kernels.gluon_backward_form(TileConfig(gluon_one_pass=False)) == "two-pass"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert kernels.gluon_backward_form(TileConfig()) == "two-pass"
+
+
+@pytest.fixture(params=["one-pass", "two-pass"])
+def backward_form(request, monkeypatch):
+    """Runs a test with each form of the Gluon backward; the two passes through
+    ``torch.use_deterministic_algorithms`` (what chooses them for users)."""
+    if request.param == "two-pass":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    return request.param
+
+
 # --- the kernel itself: sm90 GPU only ---------------------------------------------------------
 
 GPU_CASES = [
@@ -160,19 +176,23 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-{c[4]}x{c[5]}-d{c[6]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("noncontiguous", [False, True])
-def test_gluon_kernels_match_the_oracle(monkeypatch, case, dtype, noncontiguous) -> None:
+def test_gluon_kernels_match_the_oracle(monkeypatch, backward_form, case, dtype,
+                                        noncontiguous) -> None:
     text, b, hq, hkv, lq, lk, d = case
     fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
-    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
+    one = count_calls(monkeypatch, kernels, "launch_gluon_backward_fused")
+    two = count_calls(monkeypatch, kernels, "launch_gluon_backward")
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, noncontiguous)
     check_against_oracle(attention, q, k, v, text)
-    assert fwd and bwd, "the Gluon kernels did not run"
+    ran, other = (one, two) if backward_form == "one-pass" else (two, one)
+    assert fwd and ran and not other, "the Gluon kernels did not run"
 
 
 @needs_gluon_gpu
 @pytest.mark.parametrize("text", ["causal & sliding(100)", "dense", "block(128)",
                                   "causal & (sink(4) | sliding(200))"])
-def test_gluon_backward_is_deterministic_and_agrees_with_tl(text) -> None:
+def test_gluon_backward_is_deterministic_and_agrees_with_tl(monkeypatch, text) -> None:
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
     q, k, v = q.detach(), k.detach(), v.detach()
     dout = torch.randn_like(q)
@@ -184,6 +204,23 @@ def test_gluon_backward_is_deterministic_and_agrees_with_tl(text) -> None:
     tl = kernels.backward(dout, q, k, v, out, lse, text, 0.1, cfg=TileConfig(gluon=False))[:3]
     for a, b in zip(first, tl, strict=True):
         assert rel_error(a, b) < 2e-2
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("text", ["causal & sliding(100)", "dense", "block(128)",
+                                  "causal & (sink(4) | sliding(200))"])
+def test_one_pass_and_two_pass_backwards_agree(monkeypatch, text) -> None:
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    dout = torch.randn_like(q)
+    out, lse = kernels.forward(q, k, v, text, 0.1)
+    one = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
+    two = kernels.backward(dout, q, k, v, out, lse, text, 0.1,
+                           cfg=TileConfig(gluon_one_pass=False))[:3]
+    for a, b in zip(one, two, strict=True):
+        assert rel_error(a, b) < 1e-2
+    # dK and dV are summed in one program's fixed order in both forms
+    assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
 
 
 @needs_gluon_gpu
