@@ -14,6 +14,7 @@ shift || true
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(tests gluon documents in-model flex-sites doge generate)
 mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
   git rev-parse --short HEAD 2>/dev/null; } > "$out/env.txt" 2>&1
