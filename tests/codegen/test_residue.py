@@ -41,12 +41,19 @@ def test_route_is_not_taken_where_it_does_not_hold(text, lq, lk, bias, dropout):
     assert residue_route(text, lq, lk, bias, dropout) is None
 
 
-@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contiguous", "model-layout"])
+# Each case in one input layout (not every case in both): the residue classes are then viewed
+# by batch (contiguous, Hq == Hkv), by head (model layout, with and without GQA) or from a copy
+# (contiguous with GQA; the backward's contiguous dout beside model-layout inputs).
+C, M = False, True  # contiguous, model layout ([B, L, H, D] storage)
+
+
 @pytest.mark.parametrize(
-    "text, lq, lk, hq, hkv",
-    [("causal & strided(4)", 64, 64, 2, 2), ("strided(4)", 32, 48, 2, 1),
-     ("sliding(9) & strided(4)", 48, 48, 4, 2), ("local(9) & strided(2)", 40, 40, 2, 2),
-     ("causal & strided(8)", 48, 32, 2, 2)],
+    "text, lq, lk, hq, hkv, noncontiguous",
+    [("causal & strided(4)", 64, 64, 2, 2, C), ("strided(4)", 32, 48, 2, 1, C),
+     ("sliding(9) & strided(4)", 48, 48, 4, 2, M), ("local(9) & strided(2)", 40, 40, 2, 2, M),
+     ("causal & strided(8)", 48, 32, 2, 2, C), ("causal & strided(8)", 48, 32, 2, 2, M)],
+    ids=lambda x: {False: "contiguous", True: "model-layout"}.get(x) if isinstance(x, bool)
+    else None,
 )
 def test_routed_kernels_match_the_oracle(text, lq, lk, hq, hkv, noncontiguous):
     # Lq > Lk under causal leaves the first rows without keys: zeros, never NaN.

@@ -52,13 +52,22 @@ def test_route_is_not_taken_where_it_does_not_hold(text, lq, lk, bias, dropout):
     assert strided_union_route(text, lq, lk, bias, dropout) is None
 
 
-@pytest.mark.parametrize("noncontiguous", [False, True], ids=["contiguous", "model-layout"])
+# Each case in one input layout (not every case in both): the residue classes are then viewed
+# by batch (contiguous, Hq == Hkv), by head (model layout, with and without GQA) or from a copy
+# (contiguous with GQA; the backward's contiguous dout beside model-layout inputs), and the
+# batch and head views each meet an axial pattern and a union with a window.
+C, M = False, True  # contiguous, model layout ([B, L, H, D] storage)
+
+
 @pytest.mark.parametrize(
-    "text, lq, lk, hq, hkv",
-    [("axial(8)", 64, 64, 2, 2), ("causal & axial(8)", 64, 64, 2, 1), ("axial(4)", 32, 48, 4, 2),
-     ("causal & axial(8)", 48, 32, 2, 2), ("causal & (sliding(6) | strided(4))", 64, 64, 2, 1),
-     ("local(10) | strided(8)", 48, 64, 2, 2), ("axial(8) & sliding(20)", 64, 64, 2, 2),
-     ("causal & (strided(4) | sliding(12))", 48, 32, 2, 2)],
+    "text, lq, lk, hq, hkv, noncontiguous",
+    [("axial(8)", 64, 64, 2, 2, C), ("causal & axial(8)", 64, 64, 2, 1, C),
+     ("axial(4)", 32, 48, 4, 2, M), ("causal & axial(8)", 48, 32, 2, 2, M),
+     ("causal & (sliding(6) | strided(4))", 64, 64, 2, 1, M),
+     ("local(10) | strided(8)", 48, 64, 2, 2, C), ("axial(8) & sliding(20)", 64, 64, 2, 2, M),
+     ("causal & (strided(4) | sliding(12))", 48, 32, 2, 2, M)],
+    ids=lambda x: {False: "contiguous", True: "model-layout"}.get(x) if isinstance(x, bool)
+    else None,
 )
 def test_two_part_route_matches_the_oracle(text, lq, lk, hq, hkv, noncontiguous):
     # Lq > Lk under causal leaves the first rows without keys: zeros, never NaN.
