@@ -29,6 +29,7 @@ from sparse_compile.codegen.gluon.support import (
     gl,
     gluon_jit,
     mbarrier,
+    thread_barrier,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -47,10 +48,19 @@ _LOG2E = 1.4426950408889634
 
 
 @gluon_jit
+def _add_dq(DQA, first_row, dq_part, dq_rows, dq_cols, valid, HEAD_DIM: gl.constexpr):
+    """Adds one step's ``dS K`` ([BM, D], float32) into the dQ buffer at flat row
+    ``first_row`` (rows ``>= valid`` lie past Lq)."""
+    ptrs = DQA + (first_row + dq_rows)[:, None] * HEAD_DIM + dq_cols[None, :]
+    gl.atomic_add(ptrs, dq_part, mask=(dq_rows < valid)[:, None], sem="relaxed")
+
+
+@gluon_jit
 def _fused_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_empty, o_ready,
                    o_empty, DK, DV, DQA, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn,
                    qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                   STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
+                   STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
+                   num_warps: gl.constexpr):
     b, hkv, k0 = key_program(Hq, G, BN)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -70,6 +80,9 @@ def _fused_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_
     dv = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
     st_zero = gl.zeros([BN, BM], gl.float32, layout=st_layout)
     dq_zero = gl.zeros([BM, HEAD_DIM], gl.float32, layout=dq_layout)
+    dq_part = dq_zero
+    prev_rows = (b * Hq).to(gl.int64) * Lq  # first row of the previous step's dQ tile
+    prev_valid = Lq  # and how many of its rows exist
     mbarrier.wait(kv_bar, 0)
     t = 0
     for g in range(0, G):
@@ -92,7 +105,16 @@ def _fused_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_
             mbarrier.wait(o_ready.index(st), ph)
             dp_t = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), st_zero,
                                  use_acc=False, is_async=True)
-            s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+            if OVERLAP:  # the previous step's dV, dK, dQ were left in flight
+                s_t, dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=1,
+                                                          deps=(s_t, dv, dk, dq_part))
+                if t > 0:
+                    mbarrier.arrive(q_empty.index((t - 1) % STAGES), count=1)
+                    mbarrier.arrive(o_empty.index((t - 1) % STAGES), count=1)
+                    _add_dq(DQA, prev_rows, dq_part, dq_rows, dq_cols, prev_valid, HEAD_DIM)
+                    thread_barrier()  # every warpgroup's dQ product has read dSᵀ
+            else:
+                s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
             p_t = gl.exp2(s_t * qk_scale - lse[None, :])
             if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
                 lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_q, q_ok, PIECES)
@@ -107,17 +129,25 @@ def _fused_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_
                                is_async=True)
             ds_smem.store(ds_t)
             fence_async_shared()
-            gl.thread_barrier()  # both warpgroups' halves of dSᵀ are in shared memory
+            thread_barrier()  # both warpgroups' halves of dSᵀ are in shared memory
             dq_part = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero, use_acc=False,
                                     is_async=True)
-            dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq_part))
-            mbarrier.arrive(q_empty.index(st), count=1)
-            mbarrier.arrive(o_empty.index(st), count=1)
-            rows = i * BM + dq_rows
-            ptrs = DQA + (bh * Lq + rows)[:, None] * HEAD_DIM + dq_cols[None, :]
-            gl.atomic_add(ptrs, dq_part, mask=(rows < Lq)[:, None], sem="relaxed")
-            gl.thread_barrier()  # dSᵀ read by every warpgroup before the next step writes it
+            if OVERLAP:  # no wait: these three are the only groups in flight
+                dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=3, deps=(dv, dk, dq_part))
+            else:
+                dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq_part))
+                mbarrier.arrive(q_empty.index(st), count=1)
+                mbarrier.arrive(o_empty.index(st), count=1)
+                _add_dq(DQA, bh * Lq + i * BM, dq_part, dq_rows, dq_cols, Lq - i * BM,
+                        HEAD_DIM)
+                thread_barrier()  # dSᵀ read by every warpgroup before the next step
+            prev_rows = bh * Lq + i * BM
+            prev_valid = Lq - i * BM
             t += 1
+    if OVERLAP:
+        dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq_part))
+        if t > 0:
+            _add_dq(DQA, prev_rows, dq_part, dq_rows, dq_cols, prev_valid, HEAD_DIM)
     dk = dk * scale
     offs_n = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
@@ -133,7 +163,7 @@ def _fused_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, DQA, LSE, Delta, RLO,
                   NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh,
                   skn, qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
                   BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
     k_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_v.layout)
@@ -146,7 +176,7 @@ def _fused_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, DQA, LSE, Delta, RLO,
         (_fused_compute, (k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_empty,
                           o_ready, o_empty, DK, DV, DQA, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                           Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
-                          num_warps)),
+                          OVERLAP, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
                       q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb,
                       q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES,
@@ -158,11 +188,13 @@ def launch_gluon_backward_fused(dout: torch.Tensor, q: torch.Tensor, k: torch.Te
                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 rows: RowPieces, scale: float,
                                 tiles: tuple[int, int] = (64, 128), stages: int = 2,
-                                num_warps: int = 8
+                                num_warps: int = 8, overlap: bool = True
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the one-pass kernel, or None where ``launch_gluon_backward``
     would return None (no TMA layout, grid overflow). Arguments as there; ``tiles`` = (query
-    rows per step, keys per program)."""
+    rows per step, keys per program); ``overlap`` leaves each step's three gradient products
+    in flight while the next step's scores are issued (the dQ tile is added once they
+    complete)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if b * hq > MAX_GRID_Y:
@@ -185,7 +217,7 @@ def launch_gluon_backward_fused(dout: torch.Tensor, q: torch.Tensor, k: torch.Te
         delta, rows.lo, rows.hi, hq, hq // hkv, rows.pattern_heads, lq, lk, q_rb, q_rh, q_ch,
         k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, dk.stride(0), dk.stride(1), dk.stride(2),
         scale * _LOG2E, scale, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
-        num_warps=num_warps)
+        OVERLAP=overlap, num_warps=num_warps)
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     torch.mul(dq_acc, scale, out=dq)
     return dq, dk, dv

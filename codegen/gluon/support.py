@@ -44,9 +44,12 @@ try:  # pragma: no cover - depends on the installed triton
     # The TMA tile load: ``async_load`` from 3.7 on, ``async_copy_global_to_shared`` in 3.6
     # (3.9 keeps the old name only to raise an error pointing to the new one).
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # a barrier among the threads of the calling partition: thread_barrier in 3.6, barrier
+    # from 3.9 on
+    thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     GLUON_IMPORTED = True
 except ImportError:  # pragma: no cover
-    gluon = gl = mbarrier = tma = tma_load = TensorDescriptor = None
+    gluon = gl = mbarrier = tma = tma_load = thread_barrier = TensorDescriptor = None
     warpgroup_mma = warpgroup_mma_wait = fence_async_shared = None
     GLUON_IMPORTED = False
 
