@@ -48,35 +48,35 @@ def _finish(model: Any, impl: str) -> Any:
 
 def llama(impl: str):
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
+                                   num_hidden_layers=LAYERS, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64)
     return _finish(transformers.LlamaForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
 def mistral(impl: str):
     cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=LAYERS, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=64,
+                                     num_hidden_layers=LAYERS, num_attention_heads=2,
+                                     num_key_value_heads=1, max_position_embeddings=64,
                                      sliding_window=None)
     return _finish(transformers.MistralForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
 def qwen2(impl: str):
     cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=LAYERS, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
+                                   num_hidden_layers=LAYERS, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64)
     return _finish(transformers.Qwen2ForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
 def gpt2(impl: str):
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=LAYERS, n_head=4,
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=LAYERS, n_head=2,
                                   n_positions=64)
     return _finish(transformers.GPT2LMHeadModel(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
 def bert(impl: str):
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=LAYERS,
-                                  num_attention_heads=4, intermediate_size=64,
+                                  num_attention_heads=2, intermediate_size=64,
                                   max_position_embeddings=64)
     mask = torch.ones(2, SEQ, dtype=torch.long)
     mask[1, -1] = 0
@@ -86,7 +86,7 @@ def bert(impl: str):
 
 def vit(impl: str):
     cfg = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
-                                 num_hidden_layers=LAYERS, num_attention_heads=4,
+                                 num_hidden_layers=LAYERS, num_attention_heads=2,
                                  intermediate_size=64, num_labels=3)
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     model = transformers.ViTForImageClassification(cfg)
@@ -95,7 +95,7 @@ def vit(impl: str):
 
 def t5(impl: str):
     cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS,
-                                num_decoder_layers=LAYERS, num_heads=4,
+                                num_decoder_layers=LAYERS, num_heads=2,
                                 relative_attention_num_buckets=8, decoder_start_token_id=0)
     inputs = {"input_ids": _ids(64), "decoder_input_ids": _ids(64, SEQ // 2)}
     # encoder self, decoder self, decoder cross
@@ -105,7 +105,7 @@ def t5(impl: str):
 def whisper(impl: str):
     cfg = transformers.WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32,
                                      encoder_layers=LAYERS, decoder_layers=LAYERS,
-                                     encoder_attention_heads=4, decoder_attention_heads=4,
+                                     encoder_attention_heads=2, decoder_attention_heads=2,
                                      encoder_ffn_dim=64, decoder_ffn_dim=64,
                                      max_source_positions=8, max_target_positions=16,
                                      decoder_start_token_id=0, pad_token_id=0)
@@ -117,21 +117,21 @@ def whisper(impl: str):
 
 def gpt_neox(impl: str):
     cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=LAYERS,
-                                     num_attention_heads=4, intermediate_size=64,
+                                     num_attention_heads=2, intermediate_size=64,
                                      max_position_embeddings=64)
     return _finish(transformers.GPTNeoXForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
 def bloom(impl: str):
-    cfg = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=LAYERS, n_head=4)
+    cfg = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=LAYERS, n_head=2)
     return _finish(transformers.BloomForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
 
 
 def gemma2(impl: str):
     """Gemma 2, logit soft-capping strong enough (cap 0.5, large weights) to matter here."""
     cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=LAYERS, num_attention_heads=4,
-                                    num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                    num_hidden_layers=LAYERS, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
                                     attn_logit_softcapping=0.5, sliding_window=4,
                                     initializer_range=0.5)
     return _finish(transformers.Gemma2ForCausalLM(cfg), impl), {"input_ids": _ids(64)}, LAYERS
