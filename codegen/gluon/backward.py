@@ -27,9 +27,11 @@ from sparse_compile.codegen.gluon.forward import row_view
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
+    fence_async_shared,
     gl,
     gluon_jit,
     mbarrier,
+    thread_barrier,
     tma_load,
     warpgroup_mma,
     warpgroup_mma_wait,
@@ -203,11 +205,23 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
 
 
 @gluon_jit
-def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready, o_empty,
-                  DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale,
-                  scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+def _add_dq(DQA, first_row, dq_part, dq_rows, dq_cols, valid, HEAD_DIM: gl.constexpr):
+    """Adds one step's ``dS K`` ([BM, D], float32) into the dQ buffer at flat row
+    ``first_row`` (rows ``>= valid`` lie past Lq): the one-pass form (``backward_fused.py``)."""
+    ptrs = DQA + (first_row + dq_rows)[:, None] * HEAD_DIM + dq_cols[None, :]
+    gl.atomic_add(ptrs, dq_part, mask=(dq_rows < valid)[:, None], sem="relaxed")
+
+
+@gluon_jit
+def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_empty, o_ready,
+                  o_empty, DK, DV, DQA, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn,
+                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                num_warps: gl.constexpr):
+                  ADD_DQ: gl.constexpr, num_warps: gl.constexpr):
+    """The consumer warpgroups of a key-block program: dK and dV, and with ``ADD_DQ`` (the
+    one-pass form) each step's ``dS K`` too, dSᵀ going through ``ds_smem`` as the transposed
+    A operand, added into ``DQA`` by ``_add_dq``. Without ``ADD_DQ``, ``ds_smem`` and ``DQA``
+    are not touched."""
     b, hkv, k0 = key_program(Hq, G, BN)
     dtype: gl.constexpr = k_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -220,6 +234,18 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
     dk = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
     dv = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
     st_zero = gl.zeros([BN, BM], gl.float32, layout=st_layout)
+    if ADD_DQ:
+        # dQ_partial [BM, D]: the two warpgroups split the head dim (BM = 64 rows is one
+        # warpgroup's M)
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, num_warps // 4],
+            instr_shape=[16, HEAD_DIM // 2, 16])
+        dq_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
+        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
+        dq_zero = gl.zeros([BM, HEAD_DIM], gl.float32, layout=dq_layout)
+        dq_part = dq_zero
+        prev_rows = (b * Hq).to(gl.int64) * Lq  # first flat row of the previous step's tile
+        prev_valid = Lq  # and how many of its rows exist
     mbarrier.wait(kv_bar, 0)
     t = 0
     for g in range(0, G):
@@ -242,11 +268,19 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
             mbarrier.wait(o_ready.index(st), ph)
             dp_t = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), st_zero,
                                  use_acc=False, is_async=True)
-            if OVERLAP:  # dV and dK of the previous step were left in flight
-                s_t, dv, dk = warpgroup_mma_wait(num_outstanding=1, deps=(s_t, dv, dk))
+            if OVERLAP:  # the previous step's products were left in flight
+                if ADD_DQ:
+                    s_t, dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=1,
+                                                              deps=(s_t, dv, dk, dq_part))
+                else:
+                    s_t, dv, dk = warpgroup_mma_wait(num_outstanding=1, deps=(s_t, dv, dk))
                 if t > 0:
                     mbarrier.arrive(q_empty.index((t - 1) % STAGES), count=1)
                     mbarrier.arrive(o_empty.index((t - 1) % STAGES), count=1)
+                    if ADD_DQ:
+                        _add_dq(DQA, prev_rows, dq_part, dq_rows, dq_cols, prev_valid,
+                                HEAD_DIM)
+                        thread_barrier()  # every warpgroup's dQ product has read dSᵀ
             else:
                 s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
             p_t = gl.exp2(s_t * qk_scale - lse[None, :])
@@ -261,15 +295,40 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_r
             ds_t = p_t * (dp_t - delta[None, :])
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_smem.index(st),
                                dk, is_async=True)
-            if OVERLAP:  # no wait: dV and dK are the only groups in flight
-                dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv, dk))
+            if ADD_DQ:
+                ds_smem.store(ds_t.to(dtype))
+                fence_async_shared()
+                thread_barrier()  # both warpgroups' halves of dSᵀ are in shared memory
+                dq_part = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero,
+                                        use_acc=False, is_async=True)
+                if OVERLAP:  # no wait: these three are the only groups in flight
+                    dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=3,
+                                                         deps=(dv, dk, dq_part))
+                else:
+                    dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0,
+                                                         deps=(dv, dk, dq_part))
+                    mbarrier.arrive(q_empty.index(st), count=1)
+                    mbarrier.arrive(o_empty.index(st), count=1)
+                    _add_dq(DQA, bh * Lq + i * BM, dq_part, dq_rows, dq_cols, Lq - i * BM,
+                            HEAD_DIM)
+                    thread_barrier()  # dSᵀ read by every warpgroup before the next step
+                prev_rows = bh * Lq + i * BM
+                prev_valid = Lq - i * BM
             else:
-                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-                mbarrier.arrive(q_empty.index(st), count=1)
-                mbarrier.arrive(o_empty.index(st), count=1)
+                if OVERLAP:  # no wait: dV and dK are the only groups in flight
+                    dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv, dk))
+                else:
+                    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+                    mbarrier.arrive(q_empty.index(st), count=1)
+                    mbarrier.arrive(o_empty.index(st), count=1)
             t += 1
     if OVERLAP:
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        if ADD_DQ:
+            dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq_part))
+            if t > 0:
+                _add_dq(DQA, prev_rows, dq_part, dq_rows, dq_cols, prev_valid, HEAD_DIM)
+        else:
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
     dk = dk * scale
     offs_n = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
@@ -293,10 +352,10 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, HEAD_DIM], desc_do.layout)
     kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES)
     gl.warp_specialize([
-        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, kv_bar, q_ready, q_empty, o_ready,
-                         o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh,
-                         skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP,
-                         num_warps)),
+        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, k_smem, kv_bar, q_ready, q_empty,
+                         o_ready, o_empty, DK, DV, DK, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk,
+                         skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
+                         OVERLAP, False, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
                       q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb,
                       q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES,
