@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import cuda_ms  # noqa: E402
 
 
 def build(layers: int, keep: int) -> Any:
@@ -48,18 +50,6 @@ def build(layers: int, keep: int) -> Any:
         for layer in model.layers:
             layer.self_attn.A.normal_(0.0, 1.0)
     return model
-
-
-def cuda_ms(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_variant(name: str, model: Any, ids: torch.Tensor, mask: torch.Tensor,
