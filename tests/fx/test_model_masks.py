@@ -22,7 +22,7 @@ SINKS = "causal & (sink(2) | sliding(4))"
 
 def _config(family: str, **extra):
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
     if family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
     if family == "qwen2":
@@ -92,11 +92,11 @@ def test_generate_with_a_cache_equals_the_pattern_by_hand(family, cache) -> None
     fill level, not at its capacity)."""
     model = _model(family)
     ids = torch.randint(0, 64, (1, 11), generator=torch.Generator().manual_seed(2))
-    ref = greedy_by_hand(model, ids, 7, SINKS)
+    ref = greedy_by_hand(model, ids, 4, SINKS)
     model.forward = torch.compile(model.forward, backend="sparse",
                                   options={"pattern": SINKS, "compiler": "eager"})
     with collecting() as report, recording_op_inputs() as calls, torch.no_grad():
-        out = model.generate(ids, max_new_tokens=7, do_sample=False, cache_implementation=cache)
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation=cache)
     assert out.tolist() == ref, str(report)
     assert all(row.rewritten for row in report), str(report)
     no_lq_by_lk(calls)
@@ -108,7 +108,7 @@ def test_left_padding_counts_positions_from_each_rows_first_token() -> None:
     model = _model("llama")
     prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n))
                for n in (12, 8)]
-    alone = [greedy_by_hand(model, p[None], 6, SINKS)[0][-6:] for p in prompts]
+    alone = [greedy_by_hand(model, p[None], 4, SINKS)[0][-4:] for p in prompts]
     ids = torch.zeros(2, 12, dtype=torch.long)
     mask = torch.zeros(2, 12, dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -117,9 +117,9 @@ def test_left_padding_counts_positions_from_each_rows_first_token() -> None:
     model.forward = torch.compile(model.forward, backend="sparse",
                                   options={"pattern": SINKS, "compiler": "eager"})
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                              cache_implementation="static", pad_token_id=0)
-    assert [row[-6:].tolist() for row in out] == alone
+    assert [row[-4:].tolist() for row in out] == alone
 
 
 def test_chunked_prefill_into_a_static_cache() -> None:
@@ -148,17 +148,17 @@ def test_a_sliding_window_cache_refuses_absolute_positions() -> None:
     model.forward = torch.compile(model.forward, backend="sparse",
                                   options={"pattern": SINKS, "compiler": "eager"})
     with pytest.raises(Exception, match="absolute position") as raised, torch.no_grad():
-        model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+        model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     # Dynamo reports the backend's error as the cause of its own.
     error = raised.value
     assert isinstance(getattr(error, "inner_exception", error), UnsupportedAttentionError)
     relative = "causal & sliding(3)"
     model = _model("mistral", sliding_window=6)
-    ref = greedy_by_hand(model, ids, 12, relative)
+    ref = greedy_by_hand(model, ids, 6, relative)
     model.forward = torch.compile(model.forward, backend="sparse",
                                   options={"pattern": relative, "compiler": "eager"})
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False,
+        out = model.generate(ids, max_new_tokens=6, do_sample=False,
                              cache_implementation="static")
     assert out.tolist() == ref
 
