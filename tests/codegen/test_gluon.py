@@ -4,6 +4,8 @@ read, the layouts they walk (tested everywhere), and their results against the f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
@@ -53,15 +55,15 @@ def test_row_intervals_are_exactly_the_kept_keys(text, lq, lk) -> None:
     assert pieces == 1 or (pieces == 2 and text in TWO_INTERVALS)
     assert rows.lo.shape == rows.hi.shape == (pieces, heads, lq)
     assert rows.lo.dtype == torch.int32 and rows.pattern_heads == heads
-    keys = torch.arange(lk)
+    keys = torch.arange(lk, device=rows.lo.device)
     for h in range(heads):
-        covered = torch.zeros(lq, lk, dtype=torch.bool)
+        covered = torch.zeros(lq, lk, dtype=torch.bool, device=keys.device)
         for p in range(pieces):
             lo, hi = rows.lo[p, h].long(), rows.hi[p, h].long()
             covered |= (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
             # the dK/dV pass binary-searches each piece's bounds
             assert bool((lo[1:] >= lo[:-1]).all()) and bool((hi[1:] >= hi[:-1]).all())
-        assert torch.equal(covered, mask[h])
+        assert torch.equal(covered, mask[h].to(keys.device))
 
 
 @pytest.mark.parametrize("text", NOT_SERVED)
@@ -133,18 +135,20 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
 
 
 def test_the_backward_form_is_two_passes_when_determinism_is_asked(monkeypatch) -> None:
-    assert kernels.gluon_backward_form(TileConfig()) == "one-pass"
-    assert kernels.gluon_backward_form(TileConfig(gluon_one_pass=False)) == "two-pass"
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert kernels.gluon_backward_form(TileConfig()) == "two-pass"
+    assert kernels.gluon_backward_form(TileConfig(gluon_one_pass=True)) == "one-pass"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert kernels.gluon_backward_form(TileConfig(gluon_one_pass=True)) == "two-pass"
 
 
 @pytest.fixture(params=["one-pass", "two-pass"])
 def backward_form(request, monkeypatch):
-    """Runs a test with each form of the Gluon backward; the two passes through
-    ``torch.use_deterministic_algorithms`` (what chooses them for users)."""
-    if request.param == "two-pass":
-        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    """Runs a test with each form of the Gluon backward (the chosen config's field set to
+    it)."""
+    real = kernels.select_config
+    one_pass = request.param == "one-pass"
+    monkeypatch.setattr(kernels, "select_config", lambda *a, **kw: replace(
+        real(*a, **kw), gluon_one_pass=one_pass))
     return request.param
 
 
@@ -214,9 +218,9 @@ def test_one_pass_and_two_pass_backwards_agree(monkeypatch, text) -> None:
     q, k, v = q.detach(), k.detach(), v.detach()
     dout = torch.randn_like(q)
     out, lse = kernels.forward(q, k, v, text, 0.1)
-    one = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
-    two = kernels.backward(dout, q, k, v, out, lse, text, 0.1,
-                           cfg=TileConfig(gluon_one_pass=False))[:3]
+    one = kernels.backward(dout, q, k, v, out, lse, text, 0.1,
+                           cfg=TileConfig(gluon_one_pass=True))[:3]
+    two = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
     for a, b in zip(one, two, strict=True):
         assert rel_error(a, b) < 1e-2
     # dK and dV are summed in one program's fixed order in both forms
