@@ -374,7 +374,7 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
                           kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
-                          num_warps: int = 8, overlap: bool = True
+                          num_warps: int = 8, overlap: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
     TMA or the (batch, head) count overflows the grid (the caller runs the ``tl`` passes).
@@ -383,7 +383,8 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     ``dq_tiles`` = (query rows, keys) of the dQ pass, ``kv_tiles`` = (query rows per step,
     keys per program) of the dK/dV pass. ``overlap`` leaves each step's gradient products
     (dQ; dV and dK) in flight while the next step's scores are issued, and releases the
-    step's tiles once they complete; without it every step waits for its products."""
+    step's tiles once they complete; without it (default: 13.14 against 13.46 ms on the H100,
+    bench/NOTES.md version 13) every step waits for its products."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if b * hq > MAX_GRID_Y:

@@ -61,7 +61,7 @@ def launch_gluon_backward_fused(dout: torch.Tensor, q: torch.Tensor, k: torch.Te
                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                 rows: RowPieces, scale: float,
                                 tiles: tuple[int, int] = (64, 128), stages: int = 2,
-                                num_warps: int = 8, overlap: bool = True
+                                num_warps: int = 8, overlap: bool = False
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the one-pass kernel, or None where ``launch_gluon_backward``
     would return None (no TMA layout, grid overflow). Arguments as there; ``tiles`` = (query
