@@ -23,8 +23,8 @@ def _slopes(heads: int) -> torch.Tensor:
                                        {"documents": torch.tensor([0] * 13 + [1] * 11)}])
 def test_alibi_matches_the_oracle(text, positions) -> None:
     lq, lk = (24, 24) if positions and "documents" in positions else (19, 37)
-    q, k, v = make_qkv(2, 2, 1, lq, lk, 16, torch.float32)
-    check_against_oracle(attention, q, k, v, text, positions=positions, alibi=_slopes(2))
+    q, k, v = make_qkv(2, 4, 2, lq, lk, 16, torch.float32)
+    check_against_oracle(attention, q, k, v, text, positions=positions, alibi=_slopes(4))
 
 
 def test_alibi_while_decoding() -> None:

@@ -81,12 +81,12 @@ def test_noncontiguous_inputs(text):
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 2, 30, 30), (1, 2, 1, 30), (2, 1, 30, 1), (30, 30), (1, 1, 1, 1)],
+    "shape", [(2, 4, 30, 30), (1, 4, 1, 30), (2, 1, 30, 1), (30, 30), (1, 1, 1, 1)],
     ids=str,
 )
 @pytest.mark.parametrize("text", ["causal & sliding(8)", "strided(4) | global(2)"])
 def test_additive_bias_and_its_gradient(shape, text):
-    q, k, v = make_qkv(2, 2, 1, 30, 30, 16, torch.float32)
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 16, torch.float32)
     bias = torch.randn(shape, dtype=torch.float32, requires_grad=True)
     errs = check_against_oracle(run, q, k, v, text, bias=bias)
     assert "dbias" in errs

@@ -20,7 +20,7 @@ from tests.conftest import rel_error
 
 PATTERNS = ["causal", "causal & sliding(9)", "block(8)", "sink(3) | sliding(7)"]
 # (Lq, Lk, Hq, Hkv, D): odd lengths, Lq != Lk both ways, GQA, head dims 16 and 32.
-SHAPES = [(19, 37, 2, 1, 16), (23, 23, 2, 2, 32), (29, 13, 4, 1, 16)]
+SHAPES = [(19, 37, 4, 2, 16), (23, 23, 2, 2, 32), (29, 13, 4, 1, 16)]
 
 
 def _table(heads: int, lq: int, lk: int) -> torch.Tensor:
@@ -53,11 +53,12 @@ def test_one_table_row_for_every_head(table_shape) -> None:
 
 
 def test_relative_bias_with_left_padding_and_alibi() -> None:
-    q, k, v = make_qkv(2, 2, 1, 17, 17, 16, torch.float32)
+    q, k, v = make_qkv(2, 4, 2, 17, 17, 16, torch.float32)
     pad = torch.tensor([0, 5])
     check_against_oracle(attention, q, k, v, "causal", positions={"q_start": -pad,
                                                                   "k_start": -pad},
-                         alibi=torch.tensor([0.5, 0.125]), rel_bias=_table(2, 17, 17))
+                         alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+                         rel_bias=_table(4, 17, 17))
 
 
 def test_relative_bias_inside_documents() -> None:

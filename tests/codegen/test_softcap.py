@@ -33,8 +33,8 @@ def large_logits(*shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("text", ["causal & sliding(9)", "strided(3) | sink(2)"])
 def test_kernels_cap_the_logits_before_the_bias(text):
-    q, k, v = large_logits(2, 2, 1, 37, 41, 16)
-    bias = torch.randn(1, 2, 37, 41, requires_grad=True)
+    q, k, v = large_logits(2, 4, 2, 37, 41, 16)
+    bias = torch.randn(1, 4, 37, 41, requires_grad=True)
     check_against_oracle(capped(CAP), q, k, v, text, bias=bias, softcap=CAP)
 
 

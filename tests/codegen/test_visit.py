@@ -108,7 +108,7 @@ def test_tma_descriptor_loads(text, cfg):
     # Lengths multiples of every tile and 16-bit inputs: the inner-loop tiles come through row
     # descriptors spanning all batches and heads (GQA: the kv rows of head h // G).
     cfg = replace(cfg, fwd_tma=True, dq_tma=True, kv_tma=True)
-    check(text, 96, 64, cfg, b=2, hq=2, hkv=1, dtype=torch.float16)
+    check(text, 96, 64, cfg, b=2, hq=4, hkv=2, dtype=torch.float16)
 
 
 def test_row_descriptors_only_where_exact():

@@ -31,7 +31,7 @@ from sparse_compile.report import collecting
 from tests.conftest import rel_error
 from tests.fx.conftest import assert_grads_close, no_lq_by_lk, recording_op_inputs
 
-B, HQ, HKV, L, D = 2, 2, 1, 16, 8
+B, HQ, HKV, L, D = 2, 4, 2, 16, 8
 DOCUMENT = torch.tensor([0] * 5 + [1] * 6 + [2] * 5)
 PADDING = torch.ones(B, L, dtype=torch.bool)
 PADDING[1, :3] = False

@@ -22,7 +22,7 @@ SINKS = "causal & (sink(2) | sliding(4))"
 
 def _config(family: str, **extra):
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if family == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
     if family == "qwen2":
