@@ -1,5 +1,4 @@
-"""A tiny transformers Llama (2 layers, hidden 64, GQA: 2 query heads, 1 KV head) and its
-batch, the same on every rank."""
+"""A tiny transformers Llama (2 layers, hidden 64, GQA) and its batch, the same on every rank."""
 
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     """``LlamaForCausalLM`` from a config (nothing downloaded), in eval mode (no dropout)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, max_position_embeddings=1024)
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=1024)
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
