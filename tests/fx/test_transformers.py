@@ -13,7 +13,7 @@ from tests.fx.by_hand import pattern_by_hand
 from tests.fx.conftest import assert_grads_close
 from tests.fx.hf_models import MODELS, gemma2, logits_of, training_step
 
-PATTERN = "sliding(3) | strided(4)"
+PATTERN = "sliding(3) | strided(2)"
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
