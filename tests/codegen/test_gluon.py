@@ -152,6 +152,28 @@ def backward_form(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_the_kernels_compile_for_sm90_without_serialised_products(pieces) -> None:
+    """Forward, both backward passes and the one-pass backward compile for sm_90a here (no
+    GPU: a stand-in driver in a separate process), and ptxas keeps their asynchronous
+    ``wgmma`` products asynchronous (its C7514 warning would mean each waits for the last)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gluon_sm90_compile.py")
+    run = subprocess.run([sys.executable, str(script), "128", str(pieces)], capture_output=True,
+                         text=True, timeout=600, cwd=Path(__file__).parents[2] / "tests")
+    assert run.returncode == 0, run.stderr[-3000:]
+    reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [r["kernel"] for r in reports] == ["forward", "dq pass", "dk/dv pass",
+                                               "one-pass backward"]
+    for r in reports:
+        assert r["serialized"] is False, r
+
+
 # --- the kernel itself: sm90 GPU only ---------------------------------------------------------
 
 GPU_CASES = [

@@ -1,0 +1,127 @@
+"""Compile the Hopper Gluon kernels for sm_90a on a machine without a GPU; print what ptxas says.
+
+Run as a script (``python tests/codegen/gluon_sm90_compile.py``) in its own process: it makes
+Triton's active driver a stand-in that reports an sm_90 target, which nothing else in a process
+should see. For each kernel in its default configuration (forward; dQ and dK/dV passes; the
+one-pass backward) it compiles through Triton to PTX and runs the ptxas bundled with Triton with
+``-v``, then prints one JSON line per kernel: ``{"kernel", "spill_bytes", "serialized"}``.
+``serialized`` is ptxas's C7514 warning ("wgmma.mma_async instructions are serialized"): the
+asynchronous products then wait for each other, which undoes the kernels' pipelining.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+class _Sm90Driver:
+    """Just enough of Triton's driver interface for ``JITFunction.warmup`` to compile."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def is_active(self) -> bool:
+        return True
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return "void*"
+
+
+def _ptxas() -> str | None:
+    """The ptxas Triton itself uses for sm_90 (its bundled one; the release varies)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except Exception:  # an older layout: the bundled binary
+        base = os.path.dirname(triton.__file__)
+        found = glob.glob(os.path.join(base, "backends", "nvidia", "bin", "ptxas"))
+        return found[0] if found else None
+
+
+def ptxas_report(name: str, ptx: str) -> dict:
+    """Spill bytes and wgmma serialisation from ``ptxas -v`` on ``ptx``."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return {"kernel": name, "spill_bytes": None, "serialized": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"],
+                             capture_output=True, text=True, check=True).stderr
+    spills = [int(a) + int(b) for a, b in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return {"kernel": name, "spill_bytes": sum(spills), "serialized": "serialized" in log}
+
+
+def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
+    triton.runtime.driver.set_active(_Sm90Driver())
+    from sparse_compile.codegen.gluon import backward, backward_fused, forward
+    from sparse_compile.codegen.gluon.support import gl
+
+    lq = lk = 1000
+    hq, hkv = 4, 2
+    q = torch.empty(2, hq, lq, d, dtype=torch.bfloat16)
+    k = torch.empty(2, hkv, lk, d, dtype=torch.bfloat16)
+    q2, k2 = q.view(-1, d), k.view(-1, d)
+    lse = torch.empty(2, hq, lq)
+    bounds = torch.zeros(1, lq, dtype=torch.int32)
+    strides = (hq * lq, lq, 0, hkv * lk, lk, 0)  # q_rb, q_rh, q_ch, k_rb, k_rh, k_ch
+
+    def desc(view, rows):
+        return backward._descriptor(view, rows, d, gl.bfloat16)
+
+    common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, num_warps=8, grid=(1,))
+    reports = []
+    fwd = forward._fwd_kernel.warmup(
+        desc(q2, 128), desc(k2, 128), desc(k2, 128), q, lse, bounds, bounds, hq, hq // hkv, 1,
+        lq, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, BM=128, BN=128, **common)
+    reports.append(ptxas_report("forward", fwd.asm["ptx"]))
+    dq = backward._dq_kernel.warmup(
+        desc(q2, 128), desc(k2, 64), desc(k2, 64), desc(q2, 128), q, lse, lse, bounds, bounds,
+        hq, hq // hkv, 1, lq, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1), q.stride(2),
+        0.1, 0.1, BM=128, BN=64, OVERLAP=False, **common)
+    reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
+    kv_args = (desc(q2, 64), desc(k2, 128), desc(k2, 128), desc(q2, 64), k, k)
+    tail = (lse, lse, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides, hq * lq, lq, 0,
+            k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
+    dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, OVERLAP=False,
+                                        **common)
+    reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))
+    fused = backward_fused._fused_kernel.warmup(*kv_args, torch.empty(2, hq, lq, d), *tail,
+                                                BM=64, BN=128, OVERLAP=False, **common)
+    reports.append(ptxas_report("one-pass backward", fused.asm["ptx"]))
+    return reports
+
+
+if __name__ == "__main__":
+    head_dim = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+    pieces = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    for report in compile_all(head_dim, pieces):
+        print(json.dumps(report))
