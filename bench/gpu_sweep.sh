@@ -5,14 +5,14 @@
 #   bash bench/gpu_sweep.sh [DIR] [SECTION ...]
 #
 # DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
-# all, in this order): tests gluon documents in-model flex-sites doge generate.
+# all, in this order): tests gluon sweep documents in-model flex-sites doge generate.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${1:-bench/results/sweep-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests gluon documents in-model flex-sites doge generate)
+[ ${#sections[@]} -eq 0 ] && sections=(tests gluon sweep documents in-model flex-sites doge generate)
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -37,6 +37,9 @@ for section in "${sections[@]}"; do
     gluon)
       step gluon 560 python3 bench/gluon.py --dims 128,64 --lengths 16384,4096 --rep 40 \
         --out "$out/gluon.md" ;;
+    sweep)
+      step sweep 200 python3 bench/gluon.py --sweep --dims 128 --lengths 16384 \
+        --patterns "causal & sliding(4096);local(1024)" --rep 20 --out "$out/gluon-sweep.md" ;;
     documents)
       step documents 200 python3 bench/documents.py --steps 10 --out "$out/documents.md" ;;
     in-model)
