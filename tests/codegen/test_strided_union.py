@@ -61,10 +61,10 @@ C, M = False, True  # contiguous, model layout ([B, L, H, D] storage)
 
 @pytest.mark.parametrize(
     "text, lq, lk, hq, hkv, noncontiguous",
-    [("axial(8)", 64, 64, 2, 2, C), ("causal & axial(8)", 64, 64, 2, 1, C),
+    [("axial(8)", 32, 32, 2, 2, C), ("causal & axial(8)", 32, 32, 2, 1, C),
      ("axial(4)", 32, 48, 4, 2, M), ("causal & axial(8)", 48, 32, 2, 2, M),
-     ("causal & (sliding(6) | strided(4))", 64, 64, 2, 1, M),
-     ("local(10) | strided(8)", 48, 64, 2, 2, C), ("axial(8) & sliding(20)", 64, 64, 2, 2, M),
+     ("causal & (sliding(6) | strided(4))", 32, 32, 2, 1, M),
+     ("local(10) | strided(8)", 48, 64, 2, 2, C), ("axial(8) & sliding(20)", 32, 32, 2, 2, M),
      ("causal & (strided(4) | sliding(12))", 48, 32, 2, 2, M)],
     ids=lambda x: {False: "contiguous", True: "model-layout"}.get(x) if isinstance(x, bool)
     else None,
