@@ -1,6 +1,7 @@
 """``context_parallel`` around a transformers Llama (2 gloo processes): loss, gathered logits
-and averaged gradients equal the single-process model's, for a sliding window (folded with the
-model's causal mask) on contiguous and on zigzag shards; bad input gets a clear error."""
+and averaged gradients equal the single-process model's with the pattern applied by hand
+(tests/fx/by_hand.py), for a sliding window (folded with the model's causal mask) on contiguous
+and on zigzag shards; bad input gets a clear error."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ CASES = [(None, "contiguous"), ("zigzag", "zigzag")]  # sharding asked for, shar
 
 
 def _single_process(ids):
+    """The reference: one process, the model uncompiled, the pattern applied by hand (the
+    compiled single-process model equals it: tests/fx/test_transformers.py)."""
+    from tests.fx.by_hand import pattern_by_hand
+
     model = tiny_llama()
-    options = {"compiler": "aot_eager", "pattern": PATTERN}
-    out = torch.compile(model, backend="sparse", options=options)(input_ids=ids, labels=ids)
-    out.loss.backward()
+    with pattern_by_hand(PATTERN):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
     return out.loss.detach(), out.logits.detach(), gradients(model)
 
 

@@ -1,8 +1,8 @@
 """DDP and FSDP2 around a Llama compiled with ``backend="sparse"`` (2 gloo processes, one
 spawned run for both wrappers): each rank's half of the batch, gradients averaged by the
-wrapper, equal the single-process gradients of the whole batch. The pattern is narrower than
-the sequence, so a site left unrewritten (dense causal attention) would change the
-gradients."""
+wrapper, equal the single-process gradients of the whole batch (the model uncompiled, the
+pattern applied by hand: tests/fx/by_hand.py). The pattern is narrower than the sequence, so a
+site left unrewritten (dense causal attention) would change the gradients."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ OPTIONS = {"pattern": PATTERN, "compiler": "aot_eager", "on_unsupported": "error
 
 
 def _single_process(ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reference: one process, the model uncompiled, the pattern applied by hand (the
+    compiled single-process model equals it: tests/fx/test_transformers.py)."""
+    from tests.fx.by_hand import pattern_by_hand
+
     model = tiny_llama()
-    compiled = torch.compile(model, backend="sparse", options=OPTIONS)
-    loss = compiled(input_ids=ids, labels=ids).loss
-    loss.backward()
+    with pattern_by_hand(PATTERN):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
     return loss.detach(), gradients(model)
 
 
