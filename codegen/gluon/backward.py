@@ -20,6 +20,8 @@ keys. Blocks inside every visited row's interval skip the mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
@@ -370,6 +372,50 @@ def _descriptor(view: torch.Tensor, rows: int, d: int, dtype) -> object:
     return TensorDescriptor(view, list(view.shape), list(view.stride()), [rows, d], layout)
 
 
+@dataclass(frozen=True)
+class BackwardOperands:
+    """What both backward forms launch from: the 2-D TMA views of q, k, v and dout with
+    their (batch, head, column) row offsets (``forward.row_view``), the tile dtype, ``Δ``,
+    and the empty dK and dV."""
+
+    views: tuple  # (q2, k2, v2, o2)
+    offsets: tuple  # q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch
+    head_dim: int  # a tile's width (a view's width is H x D in sequence-major layouts)
+    dtype: object
+    delta: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+    def descriptors(self, q_rows: int, k_rows: int) -> tuple:
+        """TMA descriptors of q, k, v, dout for tiles of ``q_rows`` / ``k_rows`` rows."""
+        q2, k2, v2, o2 = self.views
+        d = self.head_dim
+        return (_descriptor(q2, q_rows, d, self.dtype), _descriptor(k2, k_rows, d, self.dtype),
+                _descriptor(v2, k_rows, d, self.dtype), _descriptor(o2, q_rows, d, self.dtype))
+
+
+def backward_operands(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor) -> BackwardOperands | None:
+    """The operands of either backward form, or None when an operand's layout does not allow
+    TMA or the (batch, head) count overflows the grid. ``dout`` is copied to a contiguous
+    tensor when its layout is not walkable."""
+    b, hq, _, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if b * hq > MAX_GRID_Y:
+        return None  # the grid's second dimension holds (batch, head)
+    if row_view(dout) is None:
+        dout = dout.contiguous()
+    views = [row_view(t) for t in (q, k, v, dout)]
+    if any(x is None for x in views) or views[1][1:] != views[2][1:]:
+        return None
+    (q2, *q_off), (k2, *k_off), (v2, *_), (o2, *o_off) = views
+    return BackwardOperands(
+        (q2, k2, v2, o2), (*q_off, *k_off, *o_off), d,
+        gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16, launch_delta(out, dout),
+        torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype),
+        torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype))
+
+
 def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
@@ -387,35 +433,23 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     bench/NOTES.md version 13) every step waits for its products."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if b * hq > MAX_GRID_Y:
-        return None  # the grid's second dimension holds (batch, head)
-    if row_view(dout) is None:
-        dout = dout.contiguous()
-    views = [row_view(t) for t in (q, k, v, dout)]
-    if any(x is None for x in views) or views[1][1:] != views[2][1:]:
+    ops = backward_operands(dout, q, k, v, out)
+    if ops is None:
         return None
-    (q2, q_rb, q_rh, q_ch), (k2, k_rb, k_rh, k_ch), (v2, _, _, _), (o2, o_rb, o_rh, o_ch) = views
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    delta = launch_delta(out, dout)
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype)
-    dv = torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype)
+    dk, dv = ops.dk, ops.dv
     nph = rows.pattern_heads
     qk_scale = scale * _LOG2E
     bm, bn = dq_tiles
     _dq_kernel[(triton.cdiv(lq, bm), b * hq)](
-        _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
-        _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dq, lse, delta,
-        rows.lo, rows.hi, hq, hq // hkv, nph, lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb,
-        o_rh, o_ch, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
+        *ops.descriptors(bm, bn), dq, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph, lq,
+        *ops.offsets, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
         BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
         num_warps=num_warps)
     bm, bn = kv_tiles
     _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
-        _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
-        _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dk, dv, lse, delta,
-        rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
-        o_rb, o_rh, o_ch, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
+        *ops.descriptors(bm, bn), dk, dv, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph,
+        lq, lk, *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
         HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
         num_warps=num_warps)
     return dq, dk, dv

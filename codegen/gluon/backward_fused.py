@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import torch
 import triton
-from sparse_compile.codegen.gluon.backward import _descriptor, _dkdv_compute, _dkdv_load
+from sparse_compile.codegen.gluon.backward import _dkdv_compute, _dkdv_load, backward_operands
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
-from sparse_compile.codegen.gluon.forward import row_view
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import gl, gluon_jit
-from sparse_compile.codegen.launch.config import MAX_GRID_Y
-from sparse_compile.codegen.tl.backward_delta import launch_delta
 
 _LOG2E = 1.4426950408889634
 
@@ -70,27 +67,17 @@ def launch_gluon_backward_fused(dout: torch.Tensor, q: torch.Tensor, k: torch.Te
     complete)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if b * hq > MAX_GRID_Y:
+    ops = backward_operands(dout, q, k, v, out)
+    if ops is None:
         return None
-    if row_view(dout) is None:
-        dout = dout.contiguous()
-    views = [row_view(t) for t in (q, k, v, dout)]
-    if any(x is None for x in views) or views[1][1:] != views[2][1:]:
-        return None
-    (q2, q_rb, q_rh, q_ch), (k2, k_rb, k_rh, k_ch), (v2, _, _, _), (o2, o_rb, o_rh, o_ch) = views
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    delta = launch_delta(out, dout)
     dq_acc = torch.zeros((b, hq, lq, d), device=q.device, dtype=torch.float32)
-    dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype)
-    dv = torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype)
+    dk, dv = ops.dk, ops.dv
     bm, bn = tiles
     _fused_kernel[(triton.cdiv(lk, bn), b * hkv)](
-        _descriptor(q2, bm, d, gdtype), _descriptor(k2, bn, d, gdtype),
-        _descriptor(v2, bn, d, gdtype), _descriptor(o2, bm, d, gdtype), dk, dv, dq_acc, lse,
-        delta, rows.lo, rows.hi, hq, hq // hkv, rows.pattern_heads, lq, lk, q_rb, q_rh, q_ch,
-        k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, dk.stride(0), dk.stride(1), dk.stride(2),
-        scale * _LOG2E, scale, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
-        OVERLAP=overlap, num_warps=num_warps)
+        *ops.descriptors(bm, bn), dk, dv, dq_acc, lse, ops.delta, rows.lo, rows.hi, hq,
+        hq // hkv, rows.pattern_heads, lq, lk, *ops.offsets, dk.stride(0), dk.stride(1),
+        dk.stride(2), scale * _LOG2E, scale, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages,
+        PIECES=rows.pieces, OVERLAP=overlap, num_warps=num_warps)
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     torch.mul(dq_acc, scale, out=dq)
     return dq, dk, dv

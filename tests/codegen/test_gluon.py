@@ -86,6 +86,31 @@ def test_row_view_walks_head_major_and_sequence_major_layouts() -> None:
         assert view[b * pb + h * ph + pos, h * c + d] == 1
 
 
+@pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("sequence_major", [False, True])
+def test_backward_operands_give_head_dim_tiles_in_both_layouts(sequence_major) -> None:
+    """Both backward forms launch from ``backward_operands``: tiles one head wide (a
+    sequence-major view is H x D wide), the views' row offsets, Δ = rowsum(dO ∘ O)."""
+    from sparse_compile.codegen.gluon.backward import backward_operands
+
+    def layout(b, h, length, d):
+        if sequence_major:
+            return torch.randn(b, length, h, d, dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(b, h, length, d, dtype=torch.bfloat16)
+
+    q, out, dout = (layout(2, 4, 48, 64) for _ in range(3))
+    k, v = layout(2, 2, 40, 64), layout(2, 2, 40, 64)
+    ops = backward_operands(dout, q, k, v, out)
+    assert ops is not None and ops.head_dim == 64
+    expected = sum((gluon_forward.row_view(t)[1:] for t in (q, k, dout)), ())
+    assert ops.offsets == expected
+    for desc, rows in zip(ops.descriptors(32, 16), (32, 16, 16, 32), strict=True):
+        assert list(desc.block_shape) == [rows, 64]
+    delta = (dout.float() * out.float()).sum(-1)
+    assert rel_error(ops.delta, delta) < 1e-2
+    assert ops.dk.shape == ops.dv.shape == (2, 2, 40, 64)
+
+
 def test_row_view_refuses_layouts_tma_cannot_walk() -> None:
     t = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
     assert gluon_forward.row_view(t[..., :32]) is None  # rows strided past the head dim
