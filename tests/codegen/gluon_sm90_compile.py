@@ -123,5 +123,13 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
 if __name__ == "__main__":
     head_dim = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     pieces = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    for report in compile_all(head_dim, pieces):
+    try:
+        reports = compile_all(head_dim, pieces)
+    except Exception as error:  # the innermost cause first: Triton chains long tracebacks
+        root = error
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        print(f"innermost error: {root!r}", file=sys.stderr)
+        raise
+    for report in reports:
         print(json.dumps(report))

@@ -179,19 +179,23 @@ def backward_form(request, monkeypatch):
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("pieces", [1, 2])
-def test_the_kernels_compile_for_sm90_without_serialised_products(pieces) -> None:
+def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, tmp_path) -> None:
     """Forward, both backward passes and the one-pass backward compile for sm_90a here (no
     GPU: a stand-in driver in a separate process), and ptxas keeps their asynchronous
     ``wgmma`` products asynchronous (its C7514 warning would mean each waits for the last)."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).with_name("gluon_sm90_compile.py")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}  # no cache shared with others
     run = subprocess.run([sys.executable, str(script), "128", str(pieces)], capture_output=True,
-                         text=True, timeout=600, cwd=Path(__file__).parents[2] / "tests")
-    assert run.returncode == 0, run.stderr[-3000:]
+                         text=True, timeout=600, cwd=Path(__file__).parents[2] / "tests",
+                         env=env)
+    innermost = [line for line in run.stderr.splitlines() if line.startswith("innermost")]
+    assert run.returncode == 0, (innermost, run.stderr[-3000:])
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [r["kernel"] for r in reports] == ["forward", "dq pass", "dk/dv pass",
                                                "one-pass backward"]
