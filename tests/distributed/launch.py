@@ -32,6 +32,9 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # Every rank done before any tears its connections down (a rank leaving early can
+        # abort another's gloo threads mid-exit).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

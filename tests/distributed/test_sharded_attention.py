@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 from launch import spawn
 
-LENGTH = 128
+LENGTH = 64
 CASES = {  # world size: (pattern, sharding), ...
-    2: [("causal", "zigzag"), ("causal & sliding(24)", "contiguous"),
-        ("sink(4) | sliding(16)", "contiguous"), ("block(32)", "zigzag"),
+    2: [("causal", "zigzag"), ("causal & sliding(12)", "contiguous"),
+        ("sink(2) | sliding(8)", "contiguous"), ("block(16)", "zigzag"),
         ("dense", "contiguous")],
-    4: [("causal", "zigzag"), ("causal & sliding(24)", "contiguous"),
-        ("sink(4) | sliding(16)", "zigzag"), ("heads(causal, local(16))", "contiguous")],
+    4: [("causal", "zigzag"), ("causal & sliding(12)", "contiguous"),
+        ("sink(2) | sliding(8)", "zigzag"), ("heads(causal, local(8))", "contiguous")],
 }
 
 
