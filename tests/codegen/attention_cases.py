@@ -181,8 +181,8 @@ def check_route_matches_general(monkeypatch, route: str, text: str):
     equal (1e-5) to the same with it switched off (the layout's general route)."""
     from sparse_compile.codegen import attention as kernels
 
-    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, torch.float32)
-    dout = torch.randn(1, 2, 64, 16)
+    q, k, v = make_qkv(1, 2, 2, 32, 32, 16, torch.float32)
+    dout = torch.randn(1, 2, 32, 16)
     routed = kernel_outputs(q, k, v, text, 0.3, dout)
     monkeypatch.setattr(kernels, route, lambda *args: None)
     general = kernel_outputs(q, k, v, text, 0.3, dout)

@@ -116,7 +116,7 @@ def test_changing_sequence_lengths(entry):
     model = entry()
     compiled = torch.compile(model, backend="sparse",
                              options={"pattern": "sliding(3)", "compiler": "aot_eager"})
-    for n in (8, 12, 16, 12):
+    for n in (8, 12, 16):  # a static graph, then a dynamic one, then that one reused
         x = torch.randn(2, n, 16, requires_grad=True)
         out = compiled(x)
         out.sum().backward()
