@@ -18,9 +18,16 @@ def _slopes(heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-(i + 1)) for i in range(heads)])
 
 
-@pytest.mark.parametrize("text", ["causal & sliding(9)", "global(2) | local(6)", "dense"])
-@pytest.mark.parametrize("positions", [None, {"q_start": torch.tensor([30, 5])},
-                                       {"documents": torch.tensor([0] * 13 + [1] * 11)}])
+TEXTS = ["causal & sliding(9)", "global(2) | local(6)", "dense"]
+POSITIONS = [None, {"q_start": torch.tensor([30, 5])},
+             {"documents": torch.tensor([0] * 13 + [1] * 11)}]
+# Every pattern at two kinds of positions, every kind under two patterns (not the product).
+CASES = [(text, POSITIONS[(i + j) % len(POSITIONS)]) for i, text in enumerate(TEXTS)
+         for j in range(2)]
+
+
+@pytest.mark.parametrize(("text", "positions"), CASES, ids=lambda x: None if isinstance(x, str)
+                         else "-".join(x or ["default positions"]))
 def test_alibi_matches_the_oracle(text, positions) -> None:
     lq, lk = (24, 24) if positions and "documents" in positions else (19, 37)
     q, k, v = make_qkv(2, 4, 2, lq, lk, 16, torch.float32)

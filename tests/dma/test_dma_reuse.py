@@ -13,8 +13,7 @@ from tests.conftest import rel_error
 from tests.dma.test_dma_attention import make_inputs, padding
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("causal", "tied"), [(True, False), (False, True)])
 def test_saved_selection_equals_reselection(causal, tied, kernel_device):
     q, k, v, delta = (t.detach() for t in make_inputs(2, 4, 2, 37, 37, 16, tied, seed=21,
                                                       device=kernel_device))
