@@ -10,7 +10,12 @@ Given ``lse`` (log2 units) from the forward and ``Δ = rowsum(dO ∘ O)`` (``tl`
   ``Sᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``, ``dV += Pᵀ dO``, ``dK += dSᵀ Q``.
 
 Each pass has one producer warp (TMA copies into a two-stage ring guarded by ready / empty
-barriers) and two consumer warpgroups running asynchronous ``warpgroup_mma``; every gradient
+barriers) and two consumer warpgroups running asynchronous ``warpgroup_mma``, each its own
+partition owning half of the program's rows (dQ pass) or keys (dK/dV pass), so that they
+synchronise only through the ring they share and one's softmax overlaps the other's
+products. In the dK/dV pass the producer also copies each query tile's ``lse`` and ``Δ`` into
+the ring: held as the transposed tile's columns they would take 32 registers per thread (16
+values each) for the whole loop, and the consumers spilled. Every gradient
 is accumulated by one program in a fixed order (no atomics), so identical inputs give
 bit-identical dQ, dK and dV. Visited blocks come from the rows' intervals (``rows.py``,
 ``visit.py``): the dQ pass derives its key blocks as the forward does, the dK/dV pass
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
-from sparse_compile.codegen.gluon.forward import row_view
+from sparse_compile.codegen.gluon.forward import CONSUMER_REGS, CONSUMER_WARPS, row_view
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
@@ -68,9 +73,12 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
     rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, h % NPH, NPH, Lq, m0, BM,
                                                            BN, PIECES, rows)
-    mbarrier.expect(q_bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes)
-    tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
-    tma_load(desc_do, [b * o_rb + h * o_rh + m0, h * o_ch], q_bar, do_smem)
+    WM: gl.constexpr = BM // 2
+    mbarrier.expect(q_bar, 2 * (desc_q.block_type.nbytes + desc_do.block_type.nbytes))
+    for w in gl.static_range(2):
+        tma_load(desc_q, [b * q_rb + h * q_rh + m0 + w * WM, h * q_ch], q_bar, q_smem.index(w))
+        tma_load(desc_do, [b * o_rb + h * o_rh + m0 + w * WM, h * o_ch], q_bar,
+                 do_smem.index(w))
     k_row = b * k_rb + hkv * k_rh
     for t in range(0, n):
         st = t % STAGES
@@ -89,9 +97,10 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
                 DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                num_warps: gl.constexpr):
+                WG: gl.constexpr, num_warps: gl.constexpr):
     pid_bh, b, h, m0 = query_program(Hq, BM)
     hp = h % NPH
+    WM: gl.constexpr = BM // 2
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
@@ -99,16 +108,20 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
     ds_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_rows: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
 
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM, BN,
-                                                           PIECES, row_s)
-    offs_m = m0 + gl.arange(0, BM, layout=row_s)
+                                                           PIECES, tile_rows)
+    m0 = m0 + WG * WM
+    q_smem = q_smem.index(WG)
+    do_smem = do_smem.index(WG)
+    offs_m = m0 + gl.arange(0, WM, layout=row_s)
     row_ok = offs_m < Lq
     lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
     lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
     delta = gl.load(Delta + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
-    dq = gl.zeros([BM, HEAD_DIM], gl.float32, layout=dq_layout)
-    s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+    dq = gl.zeros([WM, HEAD_DIM], gl.float32, layout=dq_layout)
+    s_zero = gl.zeros([WM, BN], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
     for t in range(0, n):
         st = t % STAGES
@@ -144,7 +157,7 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     if OVERLAP:
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
     dq = dq * scale
-    offs_mq = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
+    offs_mq = m0 + gl.arange(0, WM, layout=gl.SliceLayout(1, dq_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
     ptrs = (DQ + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh
             + offs_mq[:, None].to(gl.int64) * sqm + offs_d[None, :])
@@ -158,19 +171,22 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
                STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
                 num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_do.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_do.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_v.layout)
-    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES)
+    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, 2)
     gl.warp_specialize([
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
-                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, num_warps)),
+                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, 0, num_warps)),
+        (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                       v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
+                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, 1, num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
                     q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
-    ], [1], [24])
+    ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
 # --- dK/dV pass --------------------------------------------------------------------------------
@@ -196,6 +212,52 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
             st = t % STAGES
             ph = (t // STAGES) & 1
             mbarrier.wait(q_empty.index(st), ph ^ 1)
+            mbarrier.expect(q_ready.index(st), desc_q.block_type.nbytes)
+            tma_load(desc_q, [b * q_rb + h * q_rh + i * BM, h * q_ch], q_ready.index(st),
+                     q_smem.index(st))
+            mbarrier.wait(o_empty.index(st), ph ^ 1)
+            mbarrier.expect(o_ready.index(st), desc_do.block_type.nbytes)
+            tma_load(desc_do, [b * o_rb + h * o_rh + i * BM, h * o_ch], o_ready.index(st),
+                     do_smem.index(st))
+            t += 1
+
+
+@gluon_jit
+def _dkdv_wg_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                  delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready, o_empty, RLO, RHI,
+                  Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch,
+                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                  PIECES: gl.constexpr):
+    """Producer warp of the dK/dV pass: K and V once (one half per consumer warpgroup), then
+    for every visited query block of every query head of the group its ``lse`` and ``Δ``
+    (plain loads into the ring's vectors) and its Q and dO tiles (TMA)."""
+    b, hkv, k0 = key_program(Hq, G, BN)
+    WN: gl.constexpr = BN // 2
+    mbarrier.expect(kv_bar, 2 * (desc_k.block_type.nbytes + desc_v.block_type.nbytes))
+    for w in gl.static_range(2):
+        tma_load(desc_k, [b * k_rb + hkv * k_rh + k0 + w * WN, hkv * k_ch], kv_bar,
+                 k_smem.index(w))
+        tma_load(desc_v, [b * k_rb + hkv * k_rh + k0 + w * WN, hkv * k_ch], kv_bar,
+                 v_smem.index(w))
+    t = 0
+    vec: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
+    for g in range(0, G):
+        h = hkv * G + g
+        bh = (b * Hq + h).to(gl.int64)
+        x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
+            RLO, RHI, h % NPH, NPH, Lq, Lk, k0, BM, BN, PIECES)
+        for u in range(0, n):
+            i = block_at(u, x0, n1, y0)
+            st = t % STAGES
+            ph = (t // STAGES) & 1
+            offs_q = i * BM + gl.arange(0, BM, layout=vec)
+            q_ok = offs_q < Lq
+            lse = gl.load(LSE + bh * Lq + offs_q, mask=q_ok, other=float("inf"))
+            delta = gl.load(Delta + bh * Lq + offs_q, mask=q_ok, other=0.0)
+            mbarrier.wait(q_empty.index(st), ph ^ 1)
+            lse_smem.index(st).store(lse)
+            delta_smem.index(st).store(delta)
+            thread_barrier()  # the warp's stores precede the arrival that publishes them
             mbarrier.expect(q_ready.index(st), desc_q.block_type.nbytes)
             tma_load(desc_q, [b * q_rb + h * q_rh + i * BM, h * q_ch], q_ready.index(st),
                      q_smem.index(st))
@@ -342,27 +404,105 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_e
 
 
 @gluon_jit
+def _dkdv_wg_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
+                     q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk,
+                     skb, skh, skn,
+                     qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
+                     BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
+                     WG: gl.constexpr, num_warps: gl.constexpr):
+    """One consumer warpgroup of a key-block program: dK and dV of keys ``WG * BN / 2`` ..
+    (its own half of K and V), streaming the Q and dO ring both warpgroups share."""
+    b, hkv, k0 = key_program(Hq, G, BN)
+    WN: gl.constexpr = BN // 2
+    dtype: gl.constexpr = k_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    kw = k_smem.index(WG)
+    vw = v_smem.index(WG)
+    k_idx = k0 + WG * WN + gl.arange(0, WN, layout=gl.SliceLayout(1, st_layout))
+    dk = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
+    dv = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
+    st_zero = gl.zeros([WN, BM], gl.float32, layout=st_layout)
+    mbarrier.wait(kv_bar, 0)
+    t = 0
+    for g in range(0, G):
+        h = hkv * G + g
+        hp = h % NPH
+        x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
+            RLO, RHI, hp, NPH, Lq, Lk, k0, BM, BN, PIECES)
+        for u in range(0, n):
+            i = block_at(u, x0, n1, y0)
+            st = t % STAGES
+            ph = (t // STAGES) & 1
+            mbarrier.wait(q_ready.index(st), ph)
+            s_t = warpgroup_mma(kw, q_smem.index(st).permute((1, 0)), st_zero,
+                                use_acc=False, is_async=True)
+            mbarrier.wait(o_ready.index(st), ph)
+            dp_t = warpgroup_mma(vw, do_smem.index(st).permute((1, 0)), st_zero,
+                                 use_acc=False, is_async=True)
+            s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+            lse = lse_smem.index(st).load(col_st)
+            p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+            if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
+                offs_q = i * BM + gl.arange(0, BM, layout=col_st)
+                q_ok = offs_q < Lq
+                lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_q, q_ok, PIECES)
+                keep = keeps(lo0[None, :], hi0[None, :], lo1[None, :], hi1[None, :],
+                             k_idx[:, None], PIECES)
+                p_t = gl.where(keep, p_t, 0.0)
+            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
+                               dv, is_async=True)
+            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
+            delta = delta_smem.index(st).load(col_st)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_smem.index(st),
+                               dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            mbarrier.arrive(q_empty.index(st), count=1)
+            mbarrier.arrive(o_empty.index(st), count=1)
+            t += 1
+    dk = dk * scale
+    offs_n = k0 + WG * WN + gl.arange(0, WN, layout=gl.SliceLayout(1, kv_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+    base = b.to(gl.int64) * skb + hkv.to(gl.int64) * skh
+    offs = base + offs_n[:, None].to(gl.int64) * skn + offs_d[None, :]
+    ok = (offs_n < Lk)[:, None]
+    gl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
+    gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@gluon_jit
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
                  Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                num_warps: gl.constexpr):
+                 STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [BN, HEAD_DIM], desc_v.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, BN // 2, HEAD_DIM], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, BN // 2, HEAD_DIM], desc_v.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, HEAD_DIM], desc_do.layout)
-    kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES)
+    vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_layout)
+    kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES, 2)
     gl.warp_specialize([
-        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, k_smem, kv_bar, q_ready, q_empty,
-                         o_ready, o_empty, DK, DV, DK, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk,
-                         skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
-                         OVERLAP, False, num_warps)),
-        (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                      q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb,
-                      q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES,
-                      PIECES)),
-    ], [1], [24])
+        (_dkdv_wg_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
+                            q_ready, q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI,
+                            Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM,
+                            BN, STAGES, PIECES, 0, num_warps)),
+        (_dkdv_wg_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
+                            q_ready, q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI,
+                            Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM,
+                            BN, STAGES, PIECES, 1, num_warps)),
+        (_dkdv_wg_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
+                         lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
+                         o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,
+                         k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
+    ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
 # --- host ----------------------------------------------------------------------------------
@@ -420,17 +560,17 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
                           kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
-                          num_warps: int = 8, overlap: bool = False
+                          overlap: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
     TMA or the (batch, head) count overflows the grid (the caller runs the ``tl`` passes).
     Shapes and ``lse`` as ``launch_gluon_forward``'s; ``dout`` is copied to a contiguous
     tensor when its layout is not walkable.
     ``dq_tiles`` = (query rows, keys) of the dQ pass, ``kv_tiles`` = (query rows per step,
-    keys per program) of the dK/dV pass. ``overlap`` leaves each step's gradient products
-    (dQ; dV and dK) in flight while the next step's scores are issued, and releases the
-    step's tiles once they complete; without it (default: 13.14 against 13.46 ms on the H100,
-    bench/NOTES.md version 13) every step waits for its products."""
+    keys per program) of the dK/dV pass; the programs' rows (dQ) and keys (dK/dV) are split
+    between two warpgroups, so both are at least 128. ``overlap`` leaves the dQ pass's
+    product in flight while the next step's scores are issued (off by default: ptxas then
+    serialises the products, bench/NOTES.md version 13)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     ops = backward_operands(dout, q, k, v, out)
@@ -442,15 +582,15 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     qk_scale = scale * _LOG2E
     bm, bn = dq_tiles
     _dq_kernel[(triton.cdiv(lq, bm), b * hq)](
-        *ops.descriptors(bm, bn), dq, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph, lq,
+        *ops.descriptors(bm // 2, bn), dq, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph, lq,
         *ops.offsets, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
         BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
-        num_warps=num_warps)
+        num_warps=CONSUMER_WARPS)
     bm, bn = kv_tiles
     _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
-        *ops.descriptors(bm, bn), dk, dv, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph,
+        *ops.descriptors(bm, bn // 2), dk, dv, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph,
         lq, lk, *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
-        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
-        num_warps=num_warps)
+        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
+        num_warps=CONSUMER_WARPS)
     return dq, dk, dv
 

@@ -1,7 +1,7 @@
 """Hopper forward kernel in Gluon: O = softmax(scale·QKᵀ | pattern) V and the log-sum-exp.
 
-One program computes ``BM`` query rows of one (batch, query head) with ``num_warps`` consumer
-warps (two warpgroups at 8 warps, 64 rows each) and one producer warp:
+One program computes ``BM`` query rows of one (batch, query head) with two consumer
+warpgroups, each its own partition owning ``BM / 2`` rows, and one producer warp:
 
 * the producer (``_fwd_load``) copies the Q tile once, then the visited K and V tiles through
   TMA into a ring of ``STAGES`` shared-memory buffers, each guarded by a *ready* barrier (the
@@ -9,7 +9,10 @@ warps (two warpgroups at 8 warps, 64 rows each) and one producer warp:
 * the consumers (``_fwd_compute``) run ``S = Q Kᵀ`` and ``O += P V`` as asynchronous
   ``warpgroup_mma``, software-pipelined within the warpgroup: the scores of tile ``t`` are
   issued, then the ``P V`` product of tile ``t - 1``, and the online softmax of tile ``t``
-  runs while that product is in flight (FlashAttention-3's intra-warpgroup overlap).
+  runs while that product is in flight (FlashAttention-3's intra-warpgroup overlap). The two
+  warpgroups share the K/V ring (each *empty* barrier waits for both) but synchronise with
+  nothing else, so one's softmax runs while the other's products occupy the tensor cores
+  (in one 8-warp partition every barrier arrival held them in lockstep).
 
 Visited blocks come from the rows' kept intervals (``rows.py``, one or two per row;
 ``visit.py``): per interval, the key blocks that cover every kept key of the tile, and the
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
@@ -52,6 +56,11 @@ from sparse_compile.codegen.gluon.visit import (
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
 
 _LOG2E = 1.4426950408889634
+# Registers per thread of the second consumer warpgroup (a worker partition); the first, the
+# default partition, gets what the producer and this leave (setmaxnreg).
+CONSUMER_REGS = tl.constexpr(240)
+# Warps per consumer partition: one warpgroup, the unit of ``warpgroup_mma``.
+CONSUMER_WARPS = 4
 
 
 
@@ -60,14 +69,17 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
               v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch,
               BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
               PIECES: gl.constexpr):
-    """Producer warp: the Q tile, then K and V of every visited block, in order."""
+    """Producer warp: the Q tile (one half per consumer warpgroup), then K and V of every
+    visited block, in order."""
     _, b, h, m0 = query_program(Hq, BM)
     hkv = h // G
     rows: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, h % NPH, NPH, Lq, m0, BM,
                                                            BN, PIECES, rows)
-    mbarrier.expect(q_bar, desc_q.block_type.nbytes)
-    tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem)
+    WM: gl.constexpr = BM // 2
+    mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+    tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem.index(0))
+    tma_load(desc_q, [b * q_rb + h * q_rh + m0 + WM, h * q_ch], q_bar, q_smem.index(1))
     k_row = b * k_rb + hkv * k_rh
     k_col = hkv * k_ch
     for t in range(0, n):
@@ -103,10 +115,13 @@ def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, BN: gl.
 def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, LSE,
                  RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                 PIECES: gl.constexpr, num_warps: gl.constexpr):
-    """Consumer warpgroups: scores, online softmax and output of one query tile."""
+                 PIECES: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
+    """Consumer warpgroup ``WG``: scores, online softmax and output of its ``BM / 2`` rows of
+    the program's query tile. The visited and FULL blocks are the whole tile's (the producer
+    streams those), so both warpgroups walk the same ring."""
     pid_bh, b, h, m0 = query_program(Hq, BM)
     hp = h % NPH
+    WM: gl.constexpr = BM // 2
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
@@ -115,16 +130,19 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    tile_rows: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
 
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM, BN,
-                                                           PIECES, row_s)
-    offs_m = m0 + gl.arange(0, BM, layout=row_s)
+                                                           PIECES, tile_rows)
+    m0 = m0 + WG * WM
+    q_smem = q_smem.index(WG)
+    offs_m = m0 + gl.arange(0, WM, layout=row_s)
     row_ok = offs_m < Lq
     lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
-    m_i = gl.full([BM], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BM], gl.float32, layout=row_s)
-    acc = gl.zeros([BM, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+    m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([WM], gl.float32, layout=row_s)
+    acc = gl.zeros([WM, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([WM, BN], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
     if n > 0:
         mbarrier.wait(k_ready.index(0), 0)
@@ -166,7 +184,7 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     lse = gl.where(l_i == 0.0, float("inf"), m_i + gl.log2(l_safe))
     gl.store(LSE + pid_bh.to(gl.int64) * Lq + offs_m, lse, mask=row_ok)
     out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-    offs_mo = m0 + gl.arange(0, BM, layout=row_o)
+    offs_mo = m0 + gl.arange(0, WM, layout=row_o)
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     o_ptrs = (Out + b.to(gl.int64) * sob + h.to(gl.int64) * soh
               + offs_mo[:, None].to(gl.int64) * som + offs_d[None, :])
@@ -179,18 +197,21 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb
                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
                 PIECES: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], desc_q.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_v.layout)
-    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES)
+    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, 2)
     gl.warp_specialize([
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                         LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,
-                        STAGES, PIECES, num_warps)),
+                        STAGES, PIECES, 0, num_warps)),
+        (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
+                        LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,
+                        STAGES, PIECES, 1, num_warps)),
         (_fwd_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                      v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh,
                      k_ch, BM, BN, STAGES, PIECES)),
-    ], [1], [24])
+    ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
 def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
@@ -209,13 +230,14 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
 
 def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPieces,
                          scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
-                         block_n: int = 128, stages: int = 2, num_warps: int = 8
+                         block_n: int = 128, stages: int = 2
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
     or the (batch, head) count overflows the grid (the caller then runs the ``tl`` kernel).
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit, D in {64, 128}); ``rows``: the pattern's
     row intervals (``rows.py``). Returns out [B, Hq, Lq, D] contiguous and lse [B, Hq, Lq]
-    float32 (log2 units, +inf when empty)."""
+    float32 (log2 units, +inf when empty). ``block_m`` query rows per program (half per
+    consumer warpgroup, so at least 128), ``block_n`` keys per ring stage."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     if b * hq > MAX_GRID_Y:
@@ -227,9 +249,10 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     out = torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdtype)
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gdtype)
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdtype)
-    desc_q = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [block_m, d], q_layout)
+    desc_q = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [block_m // 2, d],
+                              q_layout)
     desc_k = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, d], kv_layout)
     desc_v = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d], kv_layout)
     grid = (triton.cdiv(lq, block_m), b * hq)
@@ -238,5 +261,5 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
         lq,
         q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0), out.stride(1), out.stride(2),
         scale * _LOG2E, HEAD_DIM=d, BM=block_m, BN=block_n, STAGES=stages,
-        PIECES=rows.pieces, num_warps=num_warps)
+        PIECES=rows.pieces, num_warps=CONSUMER_WARPS)
     return out, lse

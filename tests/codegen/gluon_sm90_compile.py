@@ -97,25 +97,27 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
     def desc(view, rows):
         return backward._descriptor(view, rows, d, gl.bfloat16)
 
-    common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, num_warps=8, grid=(1,))
+    common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, grid=(1,))
+    split = dict(common, num_warps=forward.CONSUMER_WARPS)  # one warpgroup per consumer
     reports = []
     fwd = forward._fwd_kernel.warmup(
-        desc(q2, 128), desc(k2, 128), desc(k2, 128), q, lse, bounds, bounds, hq, hq // hkv, 1,
-        lq, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, BM=128, BN=128, **common)
+        desc(q2, 64), desc(k2, 128), desc(k2, 128), q, lse, bounds, bounds, hq, hq // hkv, 1,
+        lq, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, BM=128, BN=128, **split)
     reports.append(ptxas_report("forward", fwd.asm["ptx"]))
     dq = backward._dq_kernel.warmup(
-        desc(q2, 128), desc(k2, 64), desc(k2, 64), desc(q2, 128), q, lse, lse, bounds, bounds,
+        desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), q, lse, lse, bounds, bounds,
         hq, hq // hkv, 1, lq, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1), q.stride(2),
-        0.1, 0.1, BM=128, BN=64, OVERLAP=False, **common)
+        0.1, 0.1, BM=128, BN=64, OVERLAP=False, **split)
     reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
-    kv_args = (desc(q2, 64), desc(k2, 128), desc(k2, 128), desc(q2, 64), k, k)
+    kv_args = (desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), k, k)
     tail = (lse, lse, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides, hq * lq, lq, 0,
             k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
-    dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, OVERLAP=False,
-                                        **common)
+    dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, **split)
     reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))
-    fused = backward_fused._fused_kernel.warmup(*kv_args, torch.empty(2, hq, lq, d), *tail,
-                                                BM=64, BN=128, OVERLAP=False, **common)
+    fused_args = (desc(q2, 64), desc(k2, 128), desc(k2, 128), desc(q2, 64), k, k)
+    fused = backward_fused._fused_kernel.warmup(*fused_args, torch.empty(2, hq, lq, d), *tail,
+                                                BM=64, BN=128, OVERLAP=False, num_warps=8,
+                                                **common)
     reports.append(ptxas_report("one-pass backward", fused.asm["ptx"]))
     return reports
 
