@@ -194,19 +194,6 @@ def sweep_case(text: str, length: int, d: int, heads: int, tokens: int, rep: int
     options = ([(t, KV_TILES[0], False) for t in DQ_TILES]
                + [(DQ_TILES[0], t, False) for t in KV_TILES[1:]]
                + [(DQ_TILES[0], KV_TILES[0], True)])
-    from sparse_compile.codegen.gluon.backward_fused import launch_gluon_backward_fused
-
-    def one_pass(overlap: bool):
-        return launch_gluon_backward_fused(do, q, k, v, ref_out, lse, rows, scale,
-                                           overlap=overlap)
-
-    for overlap in (True, False):
-        err = max(rel(a, r) for a, r in zip(one_pass(overlap), ref, strict=True))
-        ms = median_ms(partial(one_pass, overlap), rep)
-        waits = "" if overlap else ", no overlap"
-        lines.append(f"| `{text}` | {length} | {d} | bwd | one pass, 64x128{waits} | "
-                     f"{ms:.3f} | {2.5 * flops / ms / 1e9:.0f} | {err:.1e} |")
-        print(lines[-1], flush=True)
     for dq_t, kv_t, overlap in options:  # one kernel's options at a time
         err = max(rel(a, r) for a, r in zip(backward(dq_t, kv_t, overlap), ref, strict=True))
         ms = median_ms(partial(backward, dq_t, kv_t, overlap), rep)

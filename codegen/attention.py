@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
-from sparse_compile.codegen.gluon.backward_fused import launch_gluon_backward_fused
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 from sparse_compile.codegen.gluon.rows import RowPieces, interval_rows
 from sparse_compile.codegen.gluon.support import gluon_device
@@ -244,18 +243,8 @@ def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text:
     return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
 
 
-def gluon_backward_form(cfg: TileConfig) -> str:
-    """``"one-pass"`` (dQ added by float32 atomics: five block products per visited pair) or
-    ``"two-pass"`` (deterministic: seven). Two passes whenever deterministic algorithms are
-    requested, since float atomics add in a run-dependent order."""
-    if cfg.gluon_one_pass and not torch.are_deterministic_algorithms_enabled():
-        return "one-pass"
-    return "two-pass"
-
-
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float,
-                    cfg: TileConfig
+                    out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Hopper Gluon backward where it applies, else None; a Gluon
     failure is logged once and the ``tl`` passes take over."""
@@ -264,11 +253,9 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     rows = _gluon_rows(q, k, v, pattern_text)
     if rows is None:
         return None
-    launch = (launch_gluon_backward_fused if gluon_backward_form(cfg) == "one-pass"
-              else launch_gluon_backward)
     try:
         with fall_back_on_failure("gluon_backward"):
-            return launch(dout, q, k, v, out, lse, rows, scale)
+            return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale)
     except FellBack:
         return None
 
@@ -312,7 +299,7 @@ def backward(
             return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
     cfg = cfg or select_config(pattern_text, q, lk)
     if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
-        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale, cfg)
+        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale)
         if grads is not None:
             return (*grads, None)
     module, n_heads = static_kernels(pattern_text)

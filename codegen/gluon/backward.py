@@ -34,7 +34,6 @@ from sparse_compile.codegen.gluon.forward import CONSUMER_REGS, CONSUMER_WARPS, 
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
     TensorDescriptor,
-    fence_async_shared,
     gl,
     gluon_jit,
     mbarrier,
@@ -192,38 +191,7 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
 # --- dK/dV pass --------------------------------------------------------------------------------
 
 @gluon_jit
-def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar,
-               q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh,
-               q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM: gl.constexpr, BN: gl.constexpr,
-               STAGES: gl.constexpr, PIECES: gl.constexpr):
-    """Producer warp: K and V once, then Q and dO of every visited query block of every
-    query head of the group."""
-    b, hkv, k0 = key_program(Hq, G, BN)
-    mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-    tma_load(desc_k, [b * k_rb + hkv * k_rh + k0, hkv * k_ch], kv_bar, k_smem)
-    tma_load(desc_v, [b * k_rb + hkv * k_rh + k0, hkv * k_ch], kv_bar, v_smem)
-    t = 0
-    for g in range(0, G):
-        h = hkv * G + g
-        x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
-            RLO, RHI, h % NPH, NPH, Lq, Lk, k0, BM, BN, PIECES)
-        for u in range(0, n):
-            i = block_at(u, x0, n1, y0)
-            st = t % STAGES
-            ph = (t // STAGES) & 1
-            mbarrier.wait(q_empty.index(st), ph ^ 1)
-            mbarrier.expect(q_ready.index(st), desc_q.block_type.nbytes)
-            tma_load(desc_q, [b * q_rb + h * q_rh + i * BM, h * q_ch], q_ready.index(st),
-                     q_smem.index(st))
-            mbarrier.wait(o_empty.index(st), ph ^ 1)
-            mbarrier.expect(o_ready.index(st), desc_do.block_type.nbytes)
-            tma_load(desc_do, [b * o_rb + h * o_rh + i * BM, h * o_ch], o_ready.index(st),
-                     do_smem.index(st))
-            t += 1
-
-
-@gluon_jit
-def _dkdv_wg_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, lse_smem,
+def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, lse_smem,
                   delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready, o_empty, RLO, RHI,
                   Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch,
                   BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
@@ -268,143 +236,9 @@ def _dkdv_wg_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_sm
             t += 1
 
 
-@gluon_jit
-def _add_dq(DQA, first_row, dq_part, dq_rows, dq_cols, valid, HEAD_DIM: gl.constexpr):
-    """Adds one step's ``dS K`` ([BM, D], float32) into the dQ buffer at flat row
-    ``first_row`` (rows ``>= valid`` lie past Lq): the one-pass form (``backward_fused.py``)."""
-    ptrs = DQA + (first_row + dq_rows)[:, None] * HEAD_DIM + dq_cols[None, :]
-    gl.atomic_add(ptrs, dq_part, mask=(dq_rows < valid)[:, None], sem="relaxed")
-
 
 @gluon_jit
-def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, ds_smem, kv_bar, q_ready, q_empty, o_ready,
-                  o_empty, DK, DV, DQA, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk, skb, skh, skn,
-                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                  ADD_DQ: gl.constexpr, num_warps: gl.constexpr):
-    """The consumer warpgroups of a key-block program: dK and dV, and with ``ADD_DQ`` (the
-    one-pass form) each step's ``dS K`` too, dSᵀ going through ``ds_smem`` as the transposed
-    A operand, added into ``DQA`` by ``_add_dq``. Without ``ADD_DQ``, ``ds_smem`` and ``DQA``
-    are not touched."""
-    b, hkv, k0 = key_program(Hq, G, BN)
-    dtype: gl.constexpr = k_smem.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 16])
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    col_st: gl.constexpr = gl.SliceLayout(0, st_layout)
-    k_idx = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, st_layout))
-    dk = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
-    dv = gl.zeros([BN, HEAD_DIM], gl.float32, layout=kv_layout)
-    st_zero = gl.zeros([BN, BM], gl.float32, layout=st_layout)
-    if ADD_DQ:
-        # dQ_partial [BM, D]: the two warpgroups split the head dim (BM = 64 rows is one
-        # warpgroup's M)
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, num_warps // 4],
-            instr_shape=[16, HEAD_DIM // 2, 16])
-        dq_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
-        dq_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout))
-        dq_zero = gl.zeros([BM, HEAD_DIM], gl.float32, layout=dq_layout)
-        dq_part = dq_zero
-        prev_rows = (b * Hq).to(gl.int64) * Lq  # first flat row of the previous step's tile
-        prev_valid = Lq  # and how many of its rows exist
-    mbarrier.wait(kv_bar, 0)
-    t = 0
-    for g in range(0, G):
-        h = hkv * G + g
-        hp = h % NPH
-        bh = (b * Hq + h).to(gl.int64)
-        x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
-            RLO, RHI, hp, NPH, Lq, Lk, k0, BM, BN, PIECES)
-        for u in range(0, n):
-            i = block_at(u, x0, n1, y0)
-            st = t % STAGES
-            ph = (t // STAGES) & 1
-            offs_q = i * BM + gl.arange(0, BM, layout=col_st)
-            q_ok = offs_q < Lq
-            lse = gl.load(LSE + bh * Lq + offs_q, mask=q_ok, other=float("inf"))
-            delta = gl.load(Delta + bh * Lq + offs_q, mask=q_ok, other=0.0)
-            mbarrier.wait(q_ready.index(st), ph)
-            s_t = warpgroup_mma(k_smem, q_smem.index(st).permute((1, 0)), st_zero,
-                                use_acc=False, is_async=True)
-            mbarrier.wait(o_ready.index(st), ph)
-            dp_t = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), st_zero,
-                                 use_acc=False, is_async=True)
-            if OVERLAP:  # the previous step's products were left in flight
-                if ADD_DQ:
-                    s_t, dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=1,
-                                                              deps=(s_t, dv, dk, dq_part))
-                else:
-                    s_t, dv, dk = warpgroup_mma_wait(num_outstanding=1, deps=(s_t, dv, dk))
-                if t > 0:
-                    mbarrier.arrive(q_empty.index((t - 1) % STAGES), count=1)
-                    mbarrier.arrive(o_empty.index((t - 1) % STAGES), count=1)
-                    if ADD_DQ:
-                        _add_dq(DQA, prev_rows, dq_part, dq_rows, dq_cols, prev_valid,
-                                HEAD_DIM)
-                        thread_barrier()  # every warpgroup's dQ product has read dSᵀ
-            else:
-                s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
-            p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-            if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
-                lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_q, q_ok, PIECES)
-                keep = keeps(lo0[None, :], hi0[None, :], lo1[None, :], hi1[None, :],
-                             k_idx[:, None], PIECES)
-                p_t = gl.where(keep, p_t, 0.0)
-            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
-                               dv, is_async=True)
-            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_smem.index(st),
-                               dk, is_async=True)
-            if ADD_DQ:
-                ds_smem.store(ds_t.to(dtype))
-                fence_async_shared()
-                thread_barrier()  # both warpgroups' halves of dSᵀ are in shared memory
-                dq_part = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, dq_zero,
-                                        use_acc=False, is_async=True)
-                if OVERLAP:  # no wait: these three are the only groups in flight
-                    dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=3,
-                                                         deps=(dv, dk, dq_part))
-                else:
-                    dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0,
-                                                         deps=(dv, dk, dq_part))
-                    mbarrier.arrive(q_empty.index(st), count=1)
-                    mbarrier.arrive(o_empty.index(st), count=1)
-                    _add_dq(DQA, bh * Lq + i * BM, dq_part, dq_rows, dq_cols, Lq - i * BM,
-                            HEAD_DIM)
-                    thread_barrier()  # dSᵀ read by every warpgroup before the next step
-                prev_rows = bh * Lq + i * BM
-                prev_valid = Lq - i * BM
-            else:
-                if OVERLAP:  # no wait: dV and dK are the only groups in flight
-                    dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv, dk))
-                else:
-                    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-                    mbarrier.arrive(q_empty.index(st), count=1)
-                    mbarrier.arrive(o_empty.index(st), count=1)
-            t += 1
-    if OVERLAP:
-        if ADD_DQ:
-            dv, dk, dq_part = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq_part))
-            if t > 0:
-                _add_dq(DQA, prev_rows, dq_part, dq_rows, dq_cols, prev_valid, HEAD_DIM)
-        else:
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-    dk = dk * scale
-    offs_n = k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, kv_layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-    base = b.to(gl.int64) * skb + hkv.to(gl.int64) * skh
-    offs = base + offs_n[:, None].to(gl.int64) * skn + offs_d[None, :]
-    ok = (offs_n < Lk)[:, None]
-    gl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
-    gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
-
-
-@gluon_jit
-def _dkdv_wg_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
+def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                      q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk,
                      skb, skh, skn,
                      qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
@@ -490,15 +324,15 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_layout)
     kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES, 2)
     gl.warp_specialize([
-        (_dkdv_wg_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
+        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
                             q_ready, q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI,
                             Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM,
                             BN, STAGES, PIECES, 0, num_warps)),
-        (_dkdv_wg_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
+        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
                             q_ready, q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI,
                             Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM,
                             BN, STAGES, PIECES, 1, num_warps)),
-        (_dkdv_wg_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
+        (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
                          lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
                          o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,
                          k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
@@ -514,7 +348,7 @@ def _descriptor(view: torch.Tensor, rows: int, d: int, dtype) -> object:
 
 @dataclass(frozen=True)
 class BackwardOperands:
-    """What both backward forms launch from: the 2-D TMA views of q, k, v and dout with
+    """What the backward launches from: the 2-D TMA views of q, k, v and dout with
     their (batch, head, column) row offsets (``forward.row_view``), the tile dtype, ``Δ``,
     and the empty dK and dV."""
 
@@ -536,7 +370,7 @@ class BackwardOperands:
 
 def backward_operands(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor) -> BackwardOperands | None:
-    """The operands of either backward form, or None when an operand's layout does not allow
+    """The backward's operands, or None when an operand's layout does not allow
     TMA or the (batch, head) count overflows the grid. ``dout`` is copied to a contiguous
     tensor when its layout is not walkable."""
     b, hq, _, d = q.shape

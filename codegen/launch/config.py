@@ -57,13 +57,6 @@ class TileConfig:
     # warp-specialised Gluon kernel (codegen/gluon/); False keeps the ``tl`` kernels (as does
     # the environment variable SPARSE_COMPILE_KERNELS=tl, codegen/gluon/support.py).
     gluon: bool = True
-    # The Gluon backward's form: one pass per key block adding dQ by float32 atomics (five
-    # block products per visited pair, codegen/gluon/backward_fused.py) or the two
-    # deterministic passes (seven). Deterministic algorithms always get the two passes
-    # (codegen/attention.py ``gluon_backward_form``). Default two passes: on the H100
-    # (bench/NOTES.md, version 13) the one-pass form ran 24.0 ms against 13.1-13.5 for the two
-    # passes (causal & sliding(4096), 16k, B=4, H=16, D=128), 84.6 ms with its overlap option.
-    gluon_one_pass: bool = False
 
     @staticmethod
     def d_pad(head_dim: int) -> int:

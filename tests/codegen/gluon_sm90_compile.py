@@ -2,8 +2,8 @@
 
 Run as a script (``python tests/codegen/gluon_sm90_compile.py``) in its own process: it makes
 Triton's active driver a stand-in that reports an sm_90 target, which nothing else in a process
-should see. For each kernel in its default configuration (forward; dQ and dK/dV passes; the
-one-pass backward) it compiles through Triton to PTX and runs the ptxas bundled with Triton with
+should see. For each kernel in its default configuration (forward; dQ and dK/dV passes) it
+compiles through Triton to PTX and runs the ptxas bundled with Triton with
 ``-v``, then prints one JSON line per kernel: ``{"kernel", "spill_bytes", "serialized"}``.
 ``serialized`` is ptxas's C7514 warning ("wgmma.mma_async instructions are serialized"): the
 asynchronous products then wait for each other, which undoes the kernels' pipelining.
@@ -82,7 +82,7 @@ def ptxas_report(name: str, ptx: str) -> dict:
 
 def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
     triton.runtime.driver.set_active(_Sm90Driver())
-    from sparse_compile.codegen.gluon import backward, backward_fused, forward
+    from sparse_compile.codegen.gluon import backward, forward
     from sparse_compile.codegen.gluon.support import gl
 
     lq = lk = 1000
@@ -114,11 +114,6 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
             k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
     dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, **split)
     reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))
-    fused_args = (desc(q2, 64), desc(k2, 128), desc(k2, 128), desc(q2, 64), k, k)
-    fused = backward_fused._fused_kernel.warmup(*fused_args, torch.empty(2, hq, lq, d), *tail,
-                                                BM=64, BN=128, OVERLAP=False, num_warps=8,
-                                                **common)
-    reports.append(ptxas_report("one-pass backward", fused.asm["ptx"]))
     return reports
 
 

@@ -4,8 +4,6 @@ read, the layouts they walk (tested everywhere), and their results against the f
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from sparse_compile.codegen import attention as kernels
@@ -89,7 +87,7 @@ def test_row_view_walks_head_major_and_sequence_major_layouts() -> None:
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("sequence_major", [False, True])
 def test_backward_operands_give_head_dim_tiles_in_both_layouts(sequence_major) -> None:
-    """Both backward forms launch from ``backward_operands``: tiles one head wide (a
+    """The backward launches from ``backward_operands``: tiles one head wide (a
     sequence-major view is H x D wide), the views' row offsets, Δ = rowsum(dO ∘ O)."""
     from sparse_compile.codegen.gluon.backward import backward_operands
 
@@ -159,28 +157,10 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
     assert TileConfig().key() != TileConfig(gluon=False).key()
 
 
-def test_the_backward_form_is_two_passes_when_determinism_is_asked(monkeypatch) -> None:
-    assert kernels.gluon_backward_form(TileConfig()) == "two-pass"
-    assert kernels.gluon_backward_form(TileConfig(gluon_one_pass=True)) == "one-pass"
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert kernels.gluon_backward_form(TileConfig(gluon_one_pass=True)) == "two-pass"
-
-
-@pytest.fixture(params=["one-pass", "two-pass"])
-def backward_form(request, monkeypatch):
-    """Runs a test with each form of the Gluon backward (the chosen config's field set to
-    it)."""
-    real = kernels.select_config
-    one_pass = request.param == "one-pass"
-    monkeypatch.setattr(kernels, "select_config", lambda *a, **kw: replace(
-        real(*a, **kw), gluon_one_pass=one_pass))
-    return request.param
-
-
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("pieces", [1, 2])
 def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, tmp_path) -> None:
-    """Forward, both backward passes and the one-pass backward compile for sm_90a here (no
+    """Forward and both backward passes compile for sm_90a here (no
     GPU: a stand-in driver in a separate process), and ptxas keeps their asynchronous
     ``wgmma`` products asynchronous (its C7514 warning would mean each waits for the last)."""
     import json
@@ -199,8 +179,7 @@ def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, tmp_pa
     innermost = [line for line in run.stderr.splitlines() if line.startswith("innermost")]
     assert run.returncode == 0, (innermost, run.stderr[-3000:])
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [r["kernel"] for r in reports] == ["forward", "dq pass", "dk/dv pass",
-                                               "one-pass backward"]
+    assert [r["kernel"] for r in reports] == ["forward", "dq pass", "dk/dv pass"]
     for r in reports:
         assert r["serialized"] is False, r
 
@@ -233,16 +212,13 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-{c[4]}x{c[5]}-d{c[6]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("noncontiguous", [False, True])
-def test_gluon_kernels_match_the_oracle(monkeypatch, backward_form, case, dtype,
-                                        noncontiguous) -> None:
+def test_gluon_kernels_match_the_oracle(monkeypatch, case, dtype, noncontiguous) -> None:
     text, b, hq, hkv, lq, lk, d = case
     fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
-    one = count_calls(monkeypatch, kernels, "launch_gluon_backward_fused")
-    two = count_calls(monkeypatch, kernels, "launch_gluon_backward")
+    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, noncontiguous)
     check_against_oracle(attention, q, k, v, text)
-    ran, other = (one, two) if backward_form == "one-pass" else (two, one)
-    assert fwd and ran and not other, "the Gluon kernels did not run"
+    assert fwd and bwd, "the Gluon kernels did not run"
 
 
 @needs_gluon_gpu
@@ -261,23 +237,6 @@ def test_gluon_backward_is_deterministic_and_agrees_with_tl(monkeypatch, text) -
     tl = kernels.backward(dout, q, k, v, out, lse, text, 0.1, cfg=TileConfig(gluon=False))[:3]
     for a, b in zip(first, tl, strict=True):
         assert rel_error(a, b) < 2e-2
-
-
-@needs_gluon_gpu
-@pytest.mark.parametrize("text", ["causal & sliding(100)", "dense", "block(128)",
-                                  "causal & (sink(4) | sliding(200))"])
-def test_one_pass_and_two_pass_backwards_agree(monkeypatch, text) -> None:
-    q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
-    q, k, v = q.detach(), k.detach(), v.detach()
-    dout = torch.randn_like(q)
-    out, lse = kernels.forward(q, k, v, text, 0.1)
-    one = kernels.backward(dout, q, k, v, out, lse, text, 0.1,
-                           cfg=TileConfig(gluon_one_pass=True))[:3]
-    two = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
-    for a, b in zip(one, two, strict=True):
-        assert rel_error(a, b) < 1e-2
-    # dK and dV are summed in one program's fixed order in both forms
-    assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
 
 
 @needs_gluon_gpu
