@@ -239,13 +239,14 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
 
 @gluon_jit
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
-                     q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq, Lk,
-                     skb, skh, skn,
-                     qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
-                     BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
-                     WG: gl.constexpr, num_warps: gl.constexpr):
+                  q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G, NPH,
+                  Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                  PIECES: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
     """One consumer warpgroup of a key-block program: dK and dV of keys ``WG * BN / 2`` ..
-    (its own half of K and V), streaming the Q and dO ring both warpgroups share."""
+    (its own half of K and V), streaming the Q and dO ring both warpgroups share. PARTIAL
+    blocks are masked with each key's kept query rows (``KLO``/``KHI``: two values per key
+    row of the transposed tile, where the rows' intervals would take two per query column)."""
     b, hkv, k0 = key_program(Hq, G, BN)
     WN: gl.constexpr = BN // 2
     dtype: gl.constexpr = k_smem.dtype
@@ -258,6 +259,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
     kw = k_smem.index(WG)
     vw = v_smem.index(WG)
     k_idx = k0 + WG * WN + gl.arange(0, WN, layout=gl.SliceLayout(1, st_layout))
+    k_ok = k_idx < Lk
     dk = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
     dv = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
     st_zero = gl.zeros([WN, BM], gl.float32, layout=st_layout)
@@ -268,6 +270,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
         hp = h % NPH
         x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
             RLO, RHI, hp, NPH, Lq, Lk, k0, BM, BN, PIECES)
+        qa0, qb0, qa1, qb1 = row_bounds(KLO, KHI, hp, NPH, Lk, k_idx, k_ok, PIECES)
         for u in range(0, n):
             i = block_at(u, x0, n1, y0)
             st = t % STAGES
@@ -283,10 +286,8 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
             p_t = gl.exp2(s_t * qk_scale - lse[None, :])
             if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
                 offs_q = i * BM + gl.arange(0, BM, layout=col_st)
-                q_ok = offs_q < Lq
-                lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_q, q_ok, PIECES)
-                keep = keeps(lo0[None, :], hi0[None, :], lo1[None, :], hi1[None, :],
-                             k_idx[:, None], PIECES)
+                keep = keeps(qa0[:, None], qb0[:, None], qa1[:, None], qb1[:, None],
+                             offs_q[None, :], PIECES)
                 p_t = gl.where(keep, p_t, 0.0)
             dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
                                dv, is_async=True)
@@ -310,8 +311,8 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
 
 
 @gluon_jit
-def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
-                 Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
+def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G,
+                 NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
                  qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                  STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
@@ -324,18 +325,18 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_layout)
     kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES, 2)
     gl.warp_specialize([
-        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
-                            q_ready, q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI,
-                            Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM,
-                            BN, STAGES, PIECES, 0, num_warps)),
-        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
-                            q_ready, q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI,
-                            Hq, G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM,
-                            BN, STAGES, PIECES, 1, num_warps)),
+        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
+                         q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
+                         G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN,
+                         STAGES, PIECES, 0, num_warps)),
+        (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
+                         q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
+                         G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN,
+                         STAGES, PIECES, 1, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
-                         lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
-                         o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,
-                         k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
+                      lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
+                      o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,
+                      k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
     ], [num_warps, 1], [CONSUMER_REGS, 24])
 
 
@@ -422,9 +423,9 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         num_warps=CONSUMER_WARPS)
     bm, bn = kv_tiles
     _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
-        *ops.descriptors(bm, bn // 2), dk, dv, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph,
-        lq, lk, *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
-        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
+        *ops.descriptors(bm, bn // 2), dk, dv, lse, ops.delta, rows.lo, rows.hi, rows.key_lo,
+        rows.key_hi, hq, hq // hkv, nph, lq, lk, *ops.offsets, dk.stride(0), dk.stride(1),
+        dk.stride(2), qk_scale, scale, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
         num_warps=CONSUMER_WARPS)
     return dq, dk, dv
 

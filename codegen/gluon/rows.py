@@ -26,10 +26,16 @@ from sparse_compile.patterns.intervals import row_bounds as interval_row_bounds
 @dataclass(frozen=True)
 class RowPieces:
     """Kept keys per row: ``lo``, ``hi`` int32 ``[pieces, pattern heads, Lq]`` (contiguous),
-    clamped to ``[0, Lk - 1]``; an empty piece of a row has ``lo > hi``."""
+    clamped to ``[0, Lk - 1]``; an empty piece of a row has ``lo > hi``. The same pieces seen
+    from the keys: ``key_lo``, ``key_hi`` int32 ``[pieces, pattern heads, Lk]``, the query rows
+    whose piece keeps each key (one interval, since both bounds are non-decreasing: the
+    dK/dV pass masks its PARTIAL blocks with them, two values per key instead of two per
+    query column of the transposed tile)."""
 
     lo: torch.Tensor
     hi: torch.Tensor
+    key_lo: torch.Tensor
+    key_hi: torch.Tensor
 
     @property
     def pieces(self) -> int:
@@ -76,8 +82,21 @@ def _build(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPieces | 
     n = max(len(head) for head in pieces)
     lo = torch.stack([torch.stack([head[p][0] for head in pieces]) for p in range(n)])
     hi = torch.stack([torch.stack([head[p][1] for head in pieces]) for p in range(n)])
-    return RowPieces(lo.to(device=device, dtype=torch.int32).contiguous(),
-                     hi.to(device=device, dtype=torch.int32).contiguous())
+    key_lo, key_hi = _key_intervals(lo, hi, lk)
+    return RowPieces(*(t.to(device=device, dtype=torch.int32).contiguous()
+                       for t in (lo, hi, key_lo, key_hi)))
+
+
+def _key_intervals(lo: torch.Tensor, hi: torch.Tensor, lk: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each piece, head and key ``k``: the query rows ``[first, last]`` whose piece keeps
+    ``k``. With ``lo`` and ``hi`` non-decreasing over the rows, ``hi(q) >= k`` holds from
+    ``first`` on and ``lo(q) <= k`` up to ``last``, so every row between keeps ``k`` (an empty
+    row, ``lo > hi``, cannot satisfy both) and no other does."""
+    keys = torch.arange(lk, dtype=lo.dtype).expand(*lo.shape[:-1], lk).contiguous()
+    first = torch.searchsorted(hi.contiguous(), keys)
+    last = torch.searchsorted(lo.contiguous(), keys, right=True) - 1
+    return first, last
 
 
 def _monotone(lo: torch.Tensor, hi: torch.Tensor) -> bool:

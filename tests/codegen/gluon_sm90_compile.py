@@ -110,7 +110,8 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
         0.1, 0.1, BM=128, BN=64, OVERLAP=False, **split)
     reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
     kv_args = (desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), k, k)
-    tail = (lse, lse, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides, hq * lq, lq, 0,
+    tail = (lse, lse, bounds, bounds, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides,
+            hq * lq, lq, 0,
             k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
     dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, **split)
     reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))

@@ -64,6 +64,31 @@ def test_row_intervals_are_exactly_the_kept_keys(text, lq, lk) -> None:
         assert torch.equal(covered, mask[h].to(keys.device))
 
 
+@pytest.mark.parametrize("text", INTERVAL_PATTERNS + TWO_INTERVALS)
+@pytest.mark.parametrize("lq, lk", [(37, 37), (20, 45), (45, 20), (1, 9)])
+def test_key_intervals_are_exactly_the_rows_keeping_each_key(text, lq, lk) -> None:
+    """Piece by piece, the query rows ``[key_lo, key_hi]`` of each key are the rows whose
+    piece keeps it (what the dK/dV pass masks PARTIAL blocks with), checked against the
+    rows' own intervals, and together they give the pattern's mask column by column."""
+    pattern = parse(text)
+    rows = interval_rows(pattern, lq, lk, torch.device("cpu"))
+    heads = rows.pattern_heads
+    mask = pattern.mask(lq, lk, heads=heads if pattern.per_head else None).reshape(heads, lq, lk)
+    assert rows.key_lo.shape == rows.key_hi.shape == (rows.pieces, heads, lk)
+    assert rows.key_lo.dtype == torch.int32
+    queries, keys = torch.arange(lq), torch.arange(lk)
+    for h in range(heads):
+        covered = torch.zeros(lq, lk, dtype=torch.bool)
+        for p in range(rows.pieces):
+            lo, hi = rows.lo[p, h].long(), rows.hi[p, h].long()
+            piece = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
+            first, last = rows.key_lo[p, h].long(), rows.key_hi[p, h].long()
+            by_key = (queries[:, None] >= first[None, :]) & (queries[:, None] <= last[None, :])
+            assert torch.equal(by_key, piece)
+            covered |= by_key
+        assert torch.equal(covered, mask[h])
+
+
 @pytest.mark.parametrize("text", NOT_SERVED)
 def test_patterns_beyond_two_intervals_per_row_have_no_row_intervals(text) -> None:
     assert interval_rows(parse(text), 40, 40, torch.device("cpu")) is None
