@@ -93,7 +93,8 @@ def _key_intervals(lo: torch.Tensor, hi: torch.Tensor, lk: int
     ``k``. With ``lo`` and ``hi`` non-decreasing over the rows, ``hi(q) >= k`` holds from
     ``first`` on and ``lo(q) <= k`` up to ``last``, so every row between keeps ``k`` (an empty
     row, ``lo > hi``, cannot satisfy both) and no other does."""
-    keys = torch.arange(lk, dtype=lo.dtype).expand(*lo.shape[:-1], lk).contiguous()
+    keys = torch.arange(lk, dtype=lo.dtype, device=lo.device)
+    keys = keys.expand(*lo.shape[:-1], lk).contiguous()
     first = torch.searchsorted(hi.contiguous(), keys)
     last = torch.searchsorted(lo.contiguous(), keys, right=True) - 1
     return first, last
