@@ -15,7 +15,7 @@ import torch
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 from sparse_compile.codegen.gluon.rows import RowPieces, interval_rows
-from sparse_compile.codegen.gluon.support import gluon_device
+from sparse_compile.codegen.gluon.support import gluon_device, gluon_head_dims
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
     TileConfig,
@@ -233,12 +233,13 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
 def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str
                 ) -> RowPieces | None:
     """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
-    Triton, 16-bit operands, head dim 64 or 128, rows of one or two intervals), else None."""
+    Triton, 16-bit operands, a head dim of ``gluon_head_dims()``, rows of one or two
+    intervals), else None."""
     if not gluon_device(q.device):
         return None
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return None
-    if q.shape[-1] not in (64, 128) or q.numel() == 0 or k.shape[2] == 0:
+    if q.shape[-1] not in gluon_head_dims() or q.numel() == 0 or k.shape[2] == 0:
         return None
     return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
 

@@ -6,9 +6,9 @@ between releases (bench/NOTES.md lists what moved from 3.6 to 3.9: the TMA load'
 byte count of ``mbarrier.expect``). The kernels are written against the releases in
 ``SUPPORTED_TRITON`` and use one shim per moved call (``tma_load`` here); any other release, a
 missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
-``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. Until
-their speed is measured against the ``tl`` kernels, they run only when asked for
-(``SPARSE_COMPILE_KERNELS=gluon``; ``GLUON_BY_DEFAULT``).
+``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. By
+default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
+``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dim 64.
 """
 
 from __future__ import annotations
@@ -24,10 +24,17 @@ SUPPORTED_TRITON: tuple[tuple[int, int], ...] = ((3, 6), (3, 7), (3, 8), (3, 9))
 # "tl" forces the portable ``tl`` kernels everywhere; "gluon" asks for the Gluon kernels where
 # they apply; unset: ``GLUON_BY_DEFAULT``.
 KERNELS_ENV = "SPARSE_COMPILE_KERNELS"
-# Whether sm90 runs the Gluon kernels when nothing asks either way. Off until bench/gluon.py
-# has shown them faster than the ``tl`` kernels they replace on the H100 (their correctness
-# is tested there: tests/codegen/test_gluon.py); a new path is not made the default unmeasured.
-GLUON_BY_DEFAULT = False
+# Whether sm90 runs the Gluon kernels when nothing asks either way, and for which head dims.
+# On: at D = 128 the split-consumer kernels (bench/NOTES.md, version 14) ran the forward at
+# 639 TFLOP/s and the backward at 475 effective on `causal & sliding(4096)` at 16k (H200;
+# the ``tl`` kernels on an H100: 480 and about 347), and inside an 8-layer Mistral-shaped
+# model at 32k the attention took 64.1 ms of a training step against FlexAttention's 85.4
+# in the same H100 run (the ``tl`` kernels: 80.9 against 85.8 in an earlier H100 run).
+# Head dim 64 has not been timed since the split: it runs them only when asked for.
+GLUON_BY_DEFAULT = True
+GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
+# Head dims the kernels are written and tested for.
+GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
 
 try:  # pragma: no cover - depends on the installed triton
     from triton.experimental import gluon
@@ -99,6 +106,12 @@ def gluon_capable(device: torch.device) -> bool:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return gluon_version_supported() and _is_sm90(device)
+
+
+def gluon_head_dims() -> tuple[int, ...]:
+    """Head dims the Gluon kernels take now: all they serve when asked for
+    (``SPARSE_COMPILE_KERNELS=gluon``), the measured ones by default."""
+    return GLUON_HEAD_DIMS if requested_kernels() == "gluon" else GLUON_DEFAULT_HEAD_DIMS
 
 
 def gluon_device(device: torch.device) -> bool:

@@ -162,9 +162,30 @@ def test_supported_versions_and_the_kernel_switch(monkeypatch) -> None:
         support.gluon_wanted()
 
 
-def test_off_by_default_until_measured(monkeypatch) -> None:
+def test_on_by_default_for_the_measured_head_dims_only(monkeypatch) -> None:
+    """Unasked, the Gluon kernels take head dim 128 (timed ahead of the ``tl`` kernels);
+    asked for, 64 too; forced off, none."""
     monkeypatch.delenv(support.KERNELS_ENV)
-    assert not support.GLUON_BY_DEFAULT and not support.gluon_wanted()
+    assert support.GLUON_BY_DEFAULT and support.gluon_wanted()
+    assert support.gluon_head_dims() == (128,)
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    assert support.gluon_head_dims() == (64, 128)
+    monkeypatch.setenv(support.KERNELS_ENV, "tl")
+    assert not support.gluon_wanted()
+
+
+def test_a_head_dim_outside_the_default_keeps_the_tl_kernels(monkeypatch) -> None:
+    """The head-dim choice reaches the dispatcher: with the device taken as Gluon-capable,
+    head dim 64 gets no row intervals (the ``tl`` kernels) unless asked for."""
+    monkeypatch.delenv(support.KERNELS_ENV)
+    monkeypatch.setattr(kernels, "gluon_device", lambda device: True)
+    q, k, v = (torch.zeros(1, 2, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+    assert kernels._gluon_rows(q, k, v, "causal") is None
+    q, k, v = (torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16) for _ in range(3))
+    assert kernels._gluon_rows(q, k, v, "causal") is not None
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    q, k, v = (torch.zeros(1, 2, 40, 64, dtype=torch.bfloat16) for _ in range(3))
+    assert kernels._gluon_rows(q, k, v, "causal") is not None
 
 
 def test_the_interpreter_and_cpu_keep_the_tl_kernels(monkeypatch) -> None:
