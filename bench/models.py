@@ -119,21 +119,31 @@ def first_call_s(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def attention_share(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(attention kernels' GPU ms, all kernels' GPU ms) of one call, from the profiler."""
+def attention_share(fn: Callable[[], Any], label: str = "", top: int = 12
+                    ) -> tuple[float, float]:
+    """(attention kernels' GPU ms, all kernels' GPU ms) of one call, from the profiler. With a
+    ``label``, also prints the ``top`` kernels by GPU time (``*`` = counted as attention), so
+    that what differs between variants outside the attention can be read off the log."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     total = attention = 0.0
+    kernels = []
     for event in prof.key_averages():
         ms = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0)) / 1e3
         if event.device_type.name != "CUDA" and "CUDA" not in str(event.device_type):
             continue
         total += ms
-        if any(name in event.key for name in ATTENTION_KERNELS):
+        counted = any(name in event.key for name in ATTENTION_KERNELS)
+        if counted:
             attention += ms
+        kernels.append((ms, event.count, counted, event.key))
+    if label:
+        for ms, count, counted, key in sorted(kernels, reverse=True)[:top]:
+            print(f"  {label}: {ms:8.2f} ms x{count:<4} {'*' if counted else ' '} {key[:90]}",
+                  flush=True)
     return attention, total
 
 
@@ -179,7 +189,8 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
             result[mode, "ms"] = cuda_ms(step, args.repeats)
             result[mode, "peak"] = torch.cuda.max_memory_allocated() / 2**30
             if args.profile:
-                result[mode, "attn"], result[mode, "total"] = attention_share(step)
+                result[mode, "attn"], result[mode, "total"] = attention_share(
+                    step, f"{name} {mode} kernels")
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
             result[mode, "error"] = f"{type(e).__name__}: {str(e)[:120]}"
             print(f"  {name} {mode}: {result[mode, 'error']}", flush=True)
