@@ -192,10 +192,9 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
 
 @gluon_jit
 def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                  delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready, o_empty, RLO, RHI,
-                  Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch,
-                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                  PIECES: gl.constexpr):
+               delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready, o_empty, RLO, RHI, Hq,
+               G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch,
+               BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr):
     """Producer warp of the dK/dV pass: K and V once (one half per consumer warpgroup), then
     for every visited query block of every query head of the group its ``lse`` and ``Δ``
     (plain loads into the ring's vectors) and its Q and dO tiles (TMA)."""
@@ -234,7 +233,6 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
             tma_load(desc_do, [b * o_rb + h * o_rh + i * BM, h * o_ch], o_ready.index(st),
                      do_smem.index(st))
             t += 1
-
 
 
 @gluon_jit

@@ -114,8 +114,9 @@ def is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi):
 
 @gluon_jit
 def row_bounds(RLO, RHI, hp, NPH, Lq, offs, ok, PIECES: gl.constexpr):
-    """Each row's intervals ``(lo0, hi0, lo1, hi1)`` (the second empty when one piece);
-    rows past ``Lq`` keep nothing."""
+    """Each row's intervals ``(lo0, hi0, lo1, hi1)`` (the second empty when one piece); rows
+    not ``ok`` (past ``Lq``) keep nothing. The dK/dV pass reads the key intervals
+    (``rows.py``) through it too: keys for rows, ``Lk`` for ``Lq``."""
     lo0 = gl.load(RLO + hp * Lq + offs, mask=ok, other=1)
     hi0 = gl.load(RHI + hp * Lq + offs, mask=ok, other=0)
     if PIECES == 2:
@@ -130,7 +131,8 @@ def row_bounds(RLO, RHI, hp, NPH, Lq, offs, ok, PIECES: gl.constexpr):
 @gluon_jit
 def keeps(rows_lo0, rows_hi0, rows_lo1, rows_hi1, keys, PIECES: gl.constexpr):
     """Whether each (row, key) pair is kept: ``rows_*`` and ``keys`` already broadcast to the
-    tile's shape."""
+    tile's shape. Symmetric in its roles: with a key's query intervals for ``rows_*`` and
+    query indices for ``keys`` it answers the same question from the keys' side."""
     keep = (keys >= rows_lo0) & (keys <= rows_hi0)
     if PIECES == 2:
         keep = keep | ((keys >= rows_lo1) & (keys <= rows_hi1))
