@@ -39,6 +39,7 @@ from sparse_compile.codegen.gluon.support import (
     mbarrier,
     thread_barrier,
     tma_load,
+    tma_load_halves,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -74,10 +75,8 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
                                                            BN, PIECES, rows)
     WM: gl.constexpr = BM // 2
     mbarrier.expect(q_bar, 2 * (desc_q.block_type.nbytes + desc_do.block_type.nbytes))
-    for w in gl.static_range(2):
-        tma_load(desc_q, [b * q_rb + h * q_rh + m0 + w * WM, h * q_ch], q_bar, q_smem.index(w))
-        tma_load(desc_do, [b * o_rb + h * o_rh + m0 + w * WM, h * o_ch], q_bar,
-                 do_smem.index(w))
+    tma_load_halves(desc_q, b * q_rb + h * q_rh + m0, h * q_ch, WM, q_bar, q_smem)
+    tma_load_halves(desc_do, b * o_rb + h * o_rh + m0, h * o_ch, WM, q_bar, do_smem)
     k_row = b * k_rb + hkv * k_rh
     for t in range(0, n):
         st = t % STAGES
@@ -201,11 +200,8 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
     b, hkv, k0 = key_program(Hq, G, BN)
     WN: gl.constexpr = BN // 2
     mbarrier.expect(kv_bar, 2 * (desc_k.block_type.nbytes + desc_v.block_type.nbytes))
-    for w in gl.static_range(2):
-        tma_load(desc_k, [b * k_rb + hkv * k_rh + k0 + w * WN, hkv * k_ch], kv_bar,
-                 k_smem.index(w))
-        tma_load(desc_v, [b * k_rb + hkv * k_rh + k0 + w * WN, hkv * k_ch], kv_bar,
-                 v_smem.index(w))
+    tma_load_halves(desc_k, b * k_rb + hkv * k_rh + k0, hkv * k_ch, WN, kv_bar, k_smem)
+    tma_load_halves(desc_v, b * k_rb + hkv * k_rh + k0, hkv * k_ch, WN, kv_bar, v_smem)
     t = 0
     vec: gl.constexpr = gl.BlockedLayout([BM // 32], [32], [1], [0])
     for g in range(0, G):

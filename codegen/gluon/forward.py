@@ -42,6 +42,7 @@ from sparse_compile.codegen.gluon.support import (
     gluon_jit,
     mbarrier,
     tma_load,
+    tma_load_halves,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -78,8 +79,7 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
                                                            BN, PIECES, rows)
     WM: gl.constexpr = BM // 2
     mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-    tma_load(desc_q, [b * q_rb + h * q_rh + m0, h * q_ch], q_bar, q_smem.index(0))
-    tma_load(desc_q, [b * q_rb + h * q_rh + m0 + WM, h * q_ch], q_bar, q_smem.index(1))
+    tma_load_halves(desc_q, b * q_rb + h * q_rh + m0, h * q_ch, WM, q_bar, q_smem)
     k_row = b * k_rb + hkv * k_rh
     k_col = hkv * k_ch
     for t in range(0, n):

@@ -67,6 +67,15 @@ def gluon_jit(fn):
     return fn if gluon is None else gluon.jit(fn)
 
 
+@gluon_jit
+def tma_load_halves(desc, row, col, HALF: gl.constexpr, bar, smem):
+    """Two TMA tiles of ``HALF`` rows from ``(row, col)`` into ``smem.index(0)`` and
+    ``.index(1)``, one per consumer warpgroup, completing ``bar`` (the caller expects twice
+    the descriptor's bytes)."""
+    for w in gl.static_range(2):
+        tma_load(desc, [row + w * HALF, col], bar, smem.index(w))
+
+
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the installed Triton."""
     major, minor = triton.__version__.split(".")[:2]
