@@ -30,9 +30,12 @@ from dataclasses import dataclass
 import torch
 import triton
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
-from sparse_compile.codegen.gluon.forward import CONSUMER_REGS, CONSUMER_WARPS, row_view
+from sparse_compile.codegen.gluon.forward import row_view
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
+    CONSUMER_REGS,
+    CONSUMER_WARPS,
+    CONSUMERS,
     TensorDescriptor,
     gl,
     gluon_jit,
@@ -173,7 +176,7 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
     do_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_do.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_v.layout)
-    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, 2)
+    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, CONSUMERS)
     gl.warp_specialize([
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
@@ -317,7 +320,7 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], vec_layout)
-    kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES, 2)
+    kv_bar, q_ready, q_empty, o_ready, o_empty = pipeline_barriers(STAGES, CONSUMERS)
     gl.warp_specialize([
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,

@@ -25,7 +25,7 @@ def _ring(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
 
 
 @gluon_jit
-def pipeline_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 1):
+def pipeline_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     """``(once, a_ready, a_empty, b_ready, b_empty)``: the *ready* barriers and ``once`` expect
     one arrival (the producer's), the *empty* ones one per consumer partition."""
     once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.support import (
+    CONSUMER_REGS,
+    CONSUMER_WARPS,
+    CONSUMERS,
     TensorDescriptor,
     gl,
     gluon_jit,
@@ -57,11 +59,6 @@ from sparse_compile.codegen.gluon.visit import (
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
 
 _LOG2E = 1.4426950408889634
-# Registers per thread of the second consumer warpgroup (a worker partition); the first, the
-# default partition, gets what the producer and this leave (setmaxnreg).
-CONSUMER_REGS = tl.constexpr(240)
-# Warps per consumer partition: one warpgroup, the unit of ``warpgroup_mma``.
-CONSUMER_WARPS = 4
 
 
 
@@ -200,7 +197,7 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_v.layout)
-    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, 2)
+    q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, CONSUMERS)
     gl.warp_specialize([
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                         LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,

@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import torch
 import triton
+import triton.language as tl
 
 # Releases whose Gluon API the kernels are written against (major, minor).
 SUPPORTED_TRITON: tuple[tuple[int, int], ...] = ((3, 6), (3, 7), (3, 8), (3, 9))
@@ -35,6 +36,13 @@ GLUON_BY_DEFAULT = True
 GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
 # Head dims the kernels are written and tested for.
 GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
+# Every kernel forks CONSUMERS (two) consumer partitions of CONSUMER_WARPS warps (one
+# warpgroup, the unit of ``warpgroup_mma``) and a producer warp; the second consumer (a worker
+# partition) gets CONSUMER_REGS registers per thread, the first (the default partition) what
+# the producer and it leave (setmaxnreg).
+CONSUMERS = tl.constexpr(2)
+CONSUMER_WARPS = 4
+CONSUMER_REGS = tl.constexpr(240)
 
 try:  # pragma: no cover - depends on the installed triton
     from triton.experimental import gluon

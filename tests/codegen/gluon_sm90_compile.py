@@ -82,7 +82,7 @@ def ptxas_report(name: str, ptx: str) -> dict:
 
 def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
     triton.runtime.driver.set_active(_Sm90Driver())
-    from sparse_compile.codegen.gluon import backward, forward
+    from sparse_compile.codegen.gluon import backward, forward, support
     from sparse_compile.codegen.gluon.support import gl
 
     lq = lk = 1000
@@ -98,7 +98,7 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
         return backward._descriptor(view, rows, d, gl.bfloat16)
 
     common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, grid=(1,))
-    split = dict(common, num_warps=forward.CONSUMER_WARPS)  # one warpgroup per consumer
+    split = dict(common, num_warps=support.CONSUMER_WARPS)  # one warpgroup per consumer
     reports = []
     fwd = forward._fwd_kernel.warmup(
         desc(q2, 64), desc(k2, 128), desc(k2, 128), q, lse, bounds, bounds, hq, hq // hkv, 1,
@@ -111,8 +111,7 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
     reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
     kv_args = (desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), k, k)
     tail = (lse, lse, bounds, bounds, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides,
-            hq * lq, lq, 0,
-            k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
+            hq * lq, lq, 0, k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
     dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, **split)
     reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))
     return reports
