@@ -99,6 +99,24 @@ def pattern_block_mask(length: int, window: int, sinks: int = 0) -> Any:
     return create_block_mask(mask_mod, None, None, length, length, device="cuda")
 
 
+def fresh_caches(warm: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator running its function inside fresh, empty Inductor and Triton cache
+    directories (unless ``warm``): the variant that runs second must not find the first one's
+    compiled kernels, or its first-call time would not compare."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if warm:
+            return fn
+
+        def fresh(*a: Any, **kw: Any) -> Any:
+            from torch._inductor import utils
+
+            fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+            with fresh_cache():
+                return fn(*a, **kw)
+        return fresh
+    return wrap
+
+
 def cuda_ms(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -152,6 +170,8 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
     from sparse_compile.report import collecting
 
     model_window = None if args.sinks else window
+    if args.model_window and name in SPARSE:
+        model_window = args.model_window
     block_mask = args.sinks or args.family == "llama"
     options: dict[str, Any] = {"pattern": pattern}
     if args.family == "gemma3":
@@ -217,6 +237,14 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", choices=["default", "tl", "gluon"], default="default",
                     help="our kernel family on Hopper (SPARSE_COMPILE_KERNELS)")
+    ap.add_argument("--model-window", type=int, default=None,
+                    help="the sparse variants' model has this sliding_window of its own and "
+                    "the pattern narrows it (a user pattern on top of the model's mask); flex "
+                    "gets the pattern's window, i.e. the pattern applied by hand")
+    ap.add_argument("--warm-caches", action="store_true",
+                    help="share Inductor's and Triton's caches between variants (default: "
+                    "each variant compiles into fresh, empty caches, so first-call times "
+                    "compare)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.kernels != "default":
@@ -236,7 +264,12 @@ def main() -> None:
            if args.family == "gemma3" else "")
         + ("the flex variants get a BlockMask of the pattern (no transformers setting), "
            if args.family == "llama" or args.sinks else "")
+        + (f"the sparse variants' model has its own sliding_window={args.model_window}, which "
+           "the pattern narrows, flex gets the pattern's window (the pattern applied by hand), "
+           if args.model_window else "")
         + f"our kernels: {args.kernels}; "
+        + ("caches shared between variants; " if args.warm_caches
+           else "each variant compiles into fresh Inductor/Triton caches; ")
         + f"bf16, batch 1; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{datetime.date.today()}; median of {args.repeats}; train = forward + backward of "
         "mean(h²) of the last hidden state; first = first call (compile included); peak = "
@@ -265,8 +298,8 @@ def main() -> None:
             if args.family == "gemma3":
                 pattern = f"5 x causal & sliding({window}), 1 x causal"
             ids = torch.randint(0, 32000, (1, length), device="cuda")
-            results = {name: run_variant(name, args, length, window, pattern, ids)
-                       for name in args.variants}
+            results = {name: fresh_caches(args.warm_caches)(run_variant)(
+                name, args, length, window, pattern, ids) for name in args.variants}
             torch.cuda.empty_cache()
             for mode in args.modes:
                 lines.append(_row(length, pattern, mode, results, args.variants))

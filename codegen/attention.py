@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
-from sparse_compile.codegen.gluon.rows import RowPieces, interval_rows
+from sparse_compile.codegen.gluon.rows import RowPieces, document_rows, interval_rows
 from sparse_compile.codegen.gluon.support import gluon_device, gluon_head_dims
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
@@ -27,7 +27,7 @@ from sparse_compile.codegen.launch.fallbacks import (
     fall_back_on_failure,
     family_available,
 )
-from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame
+from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, DOCUMENTS, Frame
 from sparse_compile.codegen.launch.tables import (
     CLOSED_FORM,
     HULL,
@@ -192,7 +192,7 @@ def forward(
             return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
     cfg = cfg or select_config(pattern_text, q, lk)
     if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
-        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype)
+        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame)
         if result is not None:
             return result
     module, n_heads = static_kernels(pattern_text)
@@ -207,20 +207,27 @@ def _plain_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, so
                 alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, frame: Frame, lq: int,
                 lk: int) -> bool:
     """Whether a call is one the Gluon kernels serve (no bias, dropout, soft-capping, position
-    bias or positions) and ``cfg`` allows them."""
+    bias or positions; packed documents of one batch row) and ``cfg`` allows them."""
     return (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
-            and rel_bias is None and frame.is_default(lq, lk))
+            and rel_bias is None and (frame.is_default(lq, lk) or _one_row_of_documents(frame)))
+
+
+def _one_row_of_documents(frame: Frame) -> bool:
+    """Whether ``frame`` places packed documents of a single batch row (the Gluon kernels read
+    one set of row intervals for every program)."""
+    return frame.mode == DOCUMENTS and frame.doc_start is not None and (
+        frame.doc_start.shape[0] == 1)
 
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-                   scale: float, out_dtype: torch.dtype | None
+                   scale: float, out_dtype: torch.dtype | None, frame: Frame = DEFAULT_FRAME
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The forward through the Hopper Gluon kernel where it applies (``_gluon_rows``, and
     TMA-walkable layouts), else None; a Gluon failure is logged once and the ``tl`` kernels
     take over."""
     if not family_available("gluon_forward"):
         return None
-    rows = _gluon_rows(q, k, v, pattern_text)
+    rows = _gluon_rows(q, k, v, pattern_text, frame)
     if rows is None:
         return None
     try:
@@ -230,28 +237,31 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
         return None
 
 
-def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str
-                ) -> RowPieces | None:
+def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
+                frame: Frame = DEFAULT_FRAME) -> RowPieces | None:
     """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
     Triton, 16-bit operands, a head dim of ``gluon_head_dims()``, rows of one or two
-    intervals), else None."""
+    intervals, inside the documents of ``frame`` when it places some), else None."""
     if not gluon_device(q.device):
         return None
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return None
     if q.shape[-1] not in gluon_head_dims() or q.numel() == 0 or k.shape[2] == 0:
         return None
+    if frame.mode == DOCUMENTS:
+        return document_rows(parse_pattern(pattern_text), frame.doc_start[0], frame.doc_end[0])
     return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
 
 
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float
+                    out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float,
+                    frame: Frame = DEFAULT_FRAME
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Hopper Gluon backward where it applies, else None; a Gluon
     failure is logged once and the ``tl`` passes take over."""
     if not family_available("gluon_backward"):
         return None
-    rows = _gluon_rows(q, k, v, pattern_text)
+    rows = _gluon_rows(q, k, v, pattern_text, frame)
     if rows is None:
         return None
     try:
@@ -300,7 +310,7 @@ def backward(
             return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
     cfg = cfg or select_config(pattern_text, q, lk)
     if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
-        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale)
+        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale, frame)
         if grads is not None:
             return (*grads, None)
     module, n_heads = static_kernels(pattern_text)

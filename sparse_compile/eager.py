@@ -9,19 +9,15 @@ instead: same forward, same backward, same results.
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparse_compile.op import kernel_frame, kernels_available
+from sparse_compile.tracing import is_tracing
 
 
 def fast_path_applies(*tensors: torch.Tensor | None) -> bool:
     """Whether an eager call may skip the custom op: plain tensors the kernels can run on, no
     compilation, tracing mode or functorch transform watching (they need the op's node)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    if any(t is not None and type(t) is not torch.Tensor for t in tensors):
+    if is_tracing(*tensors) or torch._C._are_functorch_transforms_active():
         return False
     return kernels_available(tensors[0])
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_compile.tracing import is_tracing
+
 
 class PositionError(ValueError):
     """Positions or document ids that do not describe a valid layout of the inputs."""
@@ -73,7 +75,7 @@ def check_documents(documents: torch.Tensor, batch: int, lq: int, lk: int) -> to
                             f"shape {tuple(documents.shape)}")
     if ids.shape[1] > 1:
         bad = _out_of_order(ids).any()
-        if torch.compiler.is_compiling():
+        if is_tracing(ids):
             # Inside a graph the check runs on the device, without a host synchronisation: a
             # bad layout stops the program instead of giving a wrong answer.
             torch._assert_async(~bad, ORDER_MESSAGE)
@@ -125,7 +127,7 @@ def consecutive_start(positions: torch.Tensor) -> torch.Tensor:
     _integer("positions", positions)
     positions = positions.reshape(-1)
     bad = (positions[1:] != positions[:-1] + 1).any()
-    if torch.compiler.is_compiling():
+    if is_tracing(positions):
         torch._assert_async(~bad, CONSECUTIVE_MESSAGE)
     elif bool(bad):
         raise PositionError(CONSECUTIVE_MESSAGE)
@@ -139,7 +141,7 @@ POSITIONS_MESSAGE = ("positions compared by the mask must advance by one from to
 def _check_positions(ids: torch.Tensor, positions: torch.Tensor) -> None:
     same = ids[:, 1:] == ids[:, :-1]
     bad = (same & (positions[:, 1:] != positions[:, :-1] + 1)).any()
-    if torch.compiler.is_compiling():
+    if is_tracing(ids, positions):
         torch._assert_async(~bad, POSITIONS_MESSAGE)
     elif bool(bad):
         raise PositionError(POSITIONS_MESSAGE)

@@ -9,6 +9,11 @@ which of those are FULL (``visit.py``). Served: patterns whose rows are one inte
 unions of two (``causal & (sink(4) | sliding(w))``) whose pieces have non-decreasing bounds
 (the dK/dV pass binary-searches them). Others (block tables, residue and strided-union
 routes) stay with the ``tl`` kernels.
+
+Packed documents keep the same kernels: where the pattern's bounds are closed forms of the
+query position alone, a row's intervals inside its document are the pattern's at the row's
+position in the document, shifted by the document's first key and cut at its last
+(``document_rows``), built on the device per call from the document bounds.
 """
 
 from __future__ import annotations
@@ -85,6 +90,43 @@ def _build(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPieces | 
     key_lo, key_hi = _key_intervals(lo, hi, lk)
     return RowPieces(*(t.to(device=device, dtype=torch.int32).contiguous()
                        for t in (lo, hi, key_lo, key_hi)))
+
+
+def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPieces | None:
+    """The rows of ``pattern`` inside packed documents, or None where the pattern's bounds
+    depend on more than the query position (tables, lengths). ``start``, ``end``: each token's
+    document as key indices ``[L]`` (``codegen/tl/documents.py``; padding tokens have the
+    empty ``[i, i - 1]``), one batch row: positions count from each document's first token
+    (the semantics of ``documents``), so row ``q`` of a document starting at ``s`` keeps the
+    pattern's interval of row ``q - s``, shifted by ``s`` and cut at the document's end. Both
+    bounds stay non-decreasing across documents (a later document starts after an earlier
+    one ends), so the keys' intervals follow by binary search as for the plain rows."""
+    if not _position_only(pattern):
+        return None
+    length = start.shape[-1]
+    base = interval_rows(pattern, length, length, start.device)
+    if base is None:
+        return None
+    start, end = start.long(), end.long()
+    within = (torch.arange(length, device=start.device) - start).clamp_(0, length - 1)
+    within = within.expand(*base.lo.shape[:-1], length)
+    lo = start + base.lo.long().gather(-1, within)
+    hi = torch.minimum(start + base.hi.long().gather(-1, within), end)
+    key_lo, key_hi = _key_intervals(lo, hi, length)
+    return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
+
+
+def _position_only(pattern: Any) -> bool:
+    """Whether every interval bound of ``pattern`` is a closed form of the query position
+    ``Q`` alone."""
+    bounds = interval_bounds(pattern)
+    if bounds is None:
+        per_head = interval_pieces(pattern)
+        if per_head is None:
+            return False
+        bounds = [iv for head in per_head for iv in head]
+    return all(isinstance(e, sympy.Expr) and {str(s) for s in e.free_symbols} <= {"Q"}
+               for iv in bounds for e in iv)
 
 
 def _key_intervals(lo: torch.Tensor, hi: torch.Tensor, lk: int

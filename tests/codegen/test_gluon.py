@@ -9,7 +9,7 @@ import torch
 from sparse_compile.codegen import attention as kernels
 from sparse_compile.codegen.gluon import forward as gluon_forward
 from sparse_compile.codegen.gluon import support
-from sparse_compile.codegen.gluon.rows import interval_rows
+from sparse_compile.codegen.gluon.rows import document_rows, interval_rows
 from sparse_compile.codegen.launch.config import TileConfig
 from sparse_compile.patterns import parse
 
@@ -87,6 +87,52 @@ def test_key_intervals_are_exactly_the_rows_keeping_each_key(text, lq, lk) -> No
             assert torch.equal(by_key, piece)
             covered |= by_key
         assert torch.equal(covered, mask[h])
+
+
+PACKED_IDS = [
+    [0] * 37,
+    [0] * 10 + [1] * 3 + [2] * 24,
+    [0] * 5 + [-1] * 4 + [1] * 20 + [2] + [-1] * 7,
+    [-1] * 3 + [4] * 30 + [7] * 4,
+]
+
+
+@pytest.mark.parametrize("text", INTERVAL_PATTERNS + TWO_INTERVALS)
+@pytest.mark.parametrize("ids", PACKED_IDS, ids=lambda ids: f"{len(set(ids))}docs")
+def test_rows_inside_packed_documents_are_exactly_the_kept_keys(text, ids) -> None:
+    """Inside documents (positions counted from each document's first token, padding keeping
+    nothing), the shifted rows and their keys' intervals give the oracle's mask, and both
+    bounds stay non-decreasing for the dK/dV pass's binary search."""
+    from sparse_compile.codegen.tl.documents import document_bounds_reference
+
+    from sparse_compile.reference import kept_mask
+
+    pattern = parse(text)
+    ids_t = torch.tensor([ids])
+    start, end = document_bounds_reference(ids_t)
+    rows = document_rows(pattern, start[0], end[0])
+    assert rows is not None
+    heads = rows.pattern_heads
+    mask = kept_mask(pattern, 1, heads, len(ids), len(ids), torch.device("cpu"),
+                     documents=ids_t)[0]
+    keys = queries = torch.arange(len(ids))
+    for h in range(heads):
+        covered = torch.zeros_like(mask[h])
+        by_keys = torch.zeros_like(mask[h])
+        for p in range(rows.pieces):
+            lo, hi = rows.lo[p, h].long(), rows.hi[p, h].long()
+            assert bool((lo[1:] >= lo[:-1]).all()) and bool((hi[1:] >= hi[:-1]).all())
+            covered |= (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
+            first, last = rows.key_lo[p, h].long(), rows.key_hi[p, h].long()
+            by_keys |= (queries[:, None] >= first[None, :]) & (queries[:, None] <= last[None, :])
+        assert torch.equal(covered, mask[h])
+        assert torch.equal(by_keys, mask[h])
+
+
+@pytest.mark.parametrize("text", NOT_SERVED + ["global(2)"])
+def test_patterns_without_closed_form_rows_stay_off_the_documents_path(text) -> None:
+    start, end = torch.zeros(1, 40, dtype=torch.int32), torch.full((1, 40), 39)
+    assert document_rows(parse(text), start[0], end[0]) is None
 
 
 @pytest.mark.parametrize("text", NOT_SERVED)
@@ -264,6 +310,28 @@ def test_gluon_kernels_match_the_oracle(monkeypatch, case, dtype, noncontiguous)
     bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, noncontiguous)
     check_against_oracle(attention, q, k, v, text)
+    assert fwd and bwd, "the Gluon kernels did not run"
+
+
+def _packed_ids(length: int, device) -> torch.Tensor:
+    """One batch row of five documents of uneven lengths with a padding gap (id -1)."""
+    cuts = [0, 130, 131, 400, 420, length - 60, length]
+    ids = torch.empty(length, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
+        ids[a:b] = i if i != 4 else -1
+    return ids.reshape(1, length).to(device)
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("text", ["causal", "causal & sliding(100)", "block(128)",
+                                  "causal & (sink(4) | sliding(60))"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gluon_kernels_serve_packed_documents(monkeypatch, text, d) -> None:
+    fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
+    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
+    q, k, v = make_qkv(1, 4, 2, 777, 777, d, torch.bfloat16)
+    ids = _packed_ids(777, q.device)
+    check_against_oracle(attention, q, k, v, text, positions={"documents": ids})
     assert fwd and bwd, "the Gluon kernels did not run"
 
 

@@ -11,7 +11,9 @@ from sparse_compile import fallback
 from sparse_compile.functional import attention
 from sparse_compile.positions import (
     PositionError,
+    consecutive_start,
     documents_from_cu_seqlens,
+    documents_from_equal_ids,
     documents_from_position_ids,
 )
 from sparse_compile.reference import reference_attention
@@ -158,6 +160,23 @@ def test_documents_from_flash_and_transformers_forms() -> None:
     assert documents_from_cu_seqlens(cu, 11).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1]
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     assert documents_from_position_ids(position_ids).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("check", [
+    lambda ids: documents_from_equal_ids(ids, 1, 8),
+    lambda ids: documents_from_equal_ids(ids, 1, 8, positions=ids),
+    lambda ids: consecutive_start(ids[0]),
+])
+def test_layout_checks_trace_into_device_asserts(check) -> None:
+    """A backend traces the captured graph again over fake tensors (make_fx), where
+    ``torch.compiler.is_compiling()`` may be false: the checks must still assert on the device
+    instead of reading the ids on the host, which would fail the whole compilation."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ids = torch.arange(8).reshape(1, 8)
+    graph = make_fx(check, tracing_mode="fake")(ids)
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten._assert_async.msg in targets
 
 
 @pytest.mark.parametrize("length", [1, 7, 16, 1500])
