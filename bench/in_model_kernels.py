@@ -10,8 +10,11 @@ backward kernel calls the model makes (``codegen/attention.py``'s ``forward`` an
 - standalone: the same kernel calls on the recorded tensors, per call.
 
 A ratio near 1 means the model hands the kernels what they run best on (no mask to read, no
-copies); the in-model issue asks for within 5%. Writes a table with device, versions, date and
-command to ``--out``.
+copies); the in-model issue asks for within 5%. The standalone calls are timed twice: right
+away, and after ``--warm`` seconds of the same calls (the GPU then runs at the clock a busy
+model step leaves it at); during each measurement a sampler reads the SM clock and power
+from ``nvidia-smi``, so a difference of clocks can be told from one of the kernels' inputs.
+Writes a table with device, versions, date and command to ``--out``.
 
     python bench/in_model_kernels.py --length 32768 --window 4096
 """
@@ -21,7 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,61 @@ def kernel_ms(fn, calls: int = 1) -> dict[str, float]:
         ms = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0)) / 1e3
         out[name] = out.get(name, 0.0) + ms / calls
     return out
+
+
+class ClockSampler:
+    """Samples the GPU's SM clock (MHz) and power (W) from ``nvidia-smi`` in a thread while
+    a measurement runs; ``summary()`` gives the medians (empty when nvidia-smi is absent)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self.period_s, self.samples = period_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 "--id=0"]
+        while not self._stop.is_set():
+            try:
+                line = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
+                clock, power = (float(x) for x in line.strip().split(",")[:2])
+                self.samples.append((clock, power))
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> ClockSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "-"
+        clock = statistics.median(c for c, _ in self.samples)
+        power = statistics.median(p for _, p in self.samples)
+        return f"{clock:.0f} MHz, {power:.0f} W"
+
+
+def measured(fn: Callable[[], Any], calls: int, repeat: int = 1) -> tuple[dict[str, float], str]:
+    """``kernel_ms`` of ``calls`` runs (the profiled window repeated ``repeat`` times under the
+    clock sampler, the last window's times kept) and the clock and power during them."""
+    with ClockSampler() as clocks:
+        for _ in range(repeat):
+            times = kernel_ms(fn, calls)
+    return times, clocks.summary()
+
+
+def warm_up(fn: Callable[[], Any], seconds: float) -> None:
+    """Run ``fn`` for about ``seconds`` of wall time (synchronising), to bring the GPU to the
+    clock and temperature of sustained work."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        torch.cuda.synchronize()
 
 
 def clone_like(t: Any) -> Any:
@@ -84,6 +147,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--kernels", choices=["default", "tl", "gluon"], default="default",
                     help="our kernel family on Hopper (SPARSE_COMPILE_KERNELS)")
+    ap.add_argument("--warm", type=float, default=3.0,
+                    help="seconds of standalone calls before the second standalone timing")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.kernels != "default":
@@ -107,29 +172,40 @@ def main() -> None:
     for _ in range(2):
         train()
         infer()
-    in_train = {k: v / args.layers for k, v in kernel_ms(train, 3).items()}
+    in_train_ms, train_clock = measured(train, 3, repeat=2)
+    in_train = {k: v / args.layers for k, v in in_train_ms.items()}
     in_infer = {k: v / args.layers for k, v in kernel_ms(infer, 3).items()}
     f_args, f_kw = seen["forward"]
     b_args, b_kw = seen["backward"]
-    alone_f = kernel_ms(lambda: kernels.forward(*f_args, **f_kw), 10)
-    alone_b = kernel_ms(lambda: kernels.backward(*b_args, **b_kw), 10)
+
+    def alone() -> None:
+        kernels.forward(*f_args, **f_kw)
+        kernels.backward(*b_args, **b_kw)
+
+    cold, cold_clock = measured(alone, 10)
+    warm_up(alone, args.warm)
+    warm, warm_clock = measured(alone, 10, repeat=2)
     q, k = f_args[0], f_args[1]
     bias = f_kw.get("bias", f_args[5] if len(f_args) > 5 else None)
     shapes = (f"q {tuple(q.shape)} strides {q.stride()}, k {tuple(k.shape)} strides "
               f"{k.stride()}, pattern `{f_args[3]}`, bias {'none' if bias is None else 'yes'}")
     rows = ["| kernel | in model, training (ms per layer) | in model, inference | standalone, "
-            "same tensors (ms per call) | training / standalone |", "|---|---|---|---|---|"]
+            "same tensors (ms per call) | after warm-up | training / standalone | training / "
+            "warmed standalone |", "|---|---|---|---|---|---|---|"]
     for name in OUR_KERNELS:
-        alone = alone_f.get(name, 0.0) + alone_b.get(name, 0.0)
-        if not alone and name not in in_train:
+        if not cold.get(name) and name not in in_train:
             continue
-        ratio = in_train.get(name, 0.0) / alone if alone else float("nan")
         rows.append(f"| `{name}` | {in_train.get(name, 0.0):.3f} | "
-                    f"{in_infer.get(name, 0.0):.3f} | {alone:.3f} | {ratio:.3f} |")
-    total_model = sum(in_train.values())
-    total_alone = sum(alone_f.values()) + sum(alone_b.values())
-    rows.append(f"| all | {total_model:.3f} | {sum(in_infer.values()):.3f} | "
-                f"{total_alone:.3f} | {total_model / total_alone:.3f} |")
+                    f"{in_infer.get(name, 0.0):.3f} | {cold.get(name, 0.0):.3f} | "
+                    f"{warm.get(name, 0.0):.3f} | {_ratio(in_train, cold, name)} | "
+                    f"{_ratio(in_train, warm, name)} |")
+    total = {"all": sum(in_train.values())}
+    rows.append(f"| all | {total['all']:.3f} | {sum(in_infer.values()):.3f} | "
+                f"{sum(cold.values()):.3f} | {sum(warm.values()):.3f} | "
+                f"{_ratio(total, {'all': sum(cold.values())}, 'all')} | "
+                f"{_ratio(total, {'all': sum(warm.values())}, 'all')} |")
+    rows.append(f"| SM clock, power (median) | {train_clock} | | {cold_clock} | {warm_clock} "
+                "| | |")
     gpu = torch.cuda.get_device_name()
     head = [f"# Attention kernels in the model vs standalone ({gpu})", "",
             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
@@ -141,11 +217,16 @@ def main() -> None:
             f"{args.kernels}",
             f"- first recorded call: {shapes}",
             "- GPU time of our kernels from the profiler: in the model per layer (3 steps), "
-            "standalone per call (10 calls)", ""]
+            f"standalone per call (10 calls), again after {args.warm:g} s of the same calls; "
+            "clock and power sampled from nvidia-smi during each", ""]
     text = "\n".join(head + rows) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def _ratio(a: dict[str, float], b: dict[str, float], name: str) -> str:
+    return f"{a.get(name, 0.0) / b[name]:.3f}" if b.get(name) else "-"
 
 
 if __name__ == "__main__":

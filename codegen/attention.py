@@ -160,9 +160,12 @@ def forward(
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
     rel_bias: torch.Tensor | None = None,
+    query_layout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] (float32,
-    log2 units, +inf if empty).
+    log2 units, +inf if empty). out is contiguous, or with ``query_layout`` laid out like q
+    where the kernel that runs writes any layout (sparse_compile/heads_layout.py; other
+    routes stay contiguous).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks;
@@ -192,14 +195,14 @@ def forward(
             return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
     cfg = cfg or select_config(pattern_text, q, lk)
     if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
-        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame)
+        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame, query_layout)
         if result is not None:
             return result
     module, n_heads = static_kernels(pattern_text)
     visit = visit_plan(pattern_text, lq, lk, cfg.fwd_m, cfg.fwd_n, q.device, frame=frame)
     return launch_forward(
         module, q, k, v, kernel_bias(bias), visit, n_heads, scale, dropout_p, seed, cfg, softcap,
-        out_dtype, frame, alibi, rel_bias,
+        out_dtype, frame, alibi, rel_bias, query_layout,
     )
 
 
@@ -220,8 +223,8 @@ def _one_row_of_documents(frame: Frame) -> bool:
 
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-                   scale: float, out_dtype: torch.dtype | None, frame: Frame = DEFAULT_FRAME
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   scale: float, out_dtype: torch.dtype | None, frame: Frame = DEFAULT_FRAME,
+                   query_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The forward through the Hopper Gluon kernel where it applies (``_gluon_rows``, and
     TMA-walkable layouts), else None; a Gluon failure is logged once and the ``tl`` kernels
     take over."""
@@ -232,7 +235,8 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
         return None
     try:
         with fall_back_on_failure("gluon_forward"):
-            return launch_gluon_forward(q, k, v, rows, scale, out_dtype)
+            return launch_gluon_forward(q, k, v, rows, scale, out_dtype,
+                                        query_layout=query_layout)
     except FellBack:
         return None
 

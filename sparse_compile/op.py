@@ -14,6 +14,7 @@ import os
 import torch
 
 from sparse_compile.fallback import chunked_attention
+from sparse_compile.heads_layout import empty_heads, laid_out_like
 
 _NS = "sparse_compile"
 
@@ -98,7 +99,8 @@ def attention_op(
     alibi: torch.Tensor | None = None,
     rel_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Hq, Lq, D] (q's dtype) and lse [B, Hq, Lq] float32 (log2 units; kernel path).
+    """out [B, Hq, Lq, D] (q's dtype, in q's layout: sparse_compile/heads_layout.py) and lse
+    [B, Hq, Lq] float32 (log2 units; kernel path).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk],
     pattern: canonical DSL text, seed: int64 scalar tensor on the CPU (dropout only),
@@ -115,13 +117,14 @@ def attention_op(
     if kernels_available(q):
         from sparse_compile.codegen.attention import forward
 
-        return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
-                       softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi,
-                       rel_bias=rel_bias)
+        out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
+                           softcap=softcap, frame=kernel_frame(q, starts, documents),
+                           alibi=alibi, rel_bias=rel_bias, query_layout=True)
+        return laid_out_like(out, q), lse
     out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap, starts, documents,
                     alibi, rel_bias)
     lse = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)
-    return out.contiguous(), lse
+    return laid_out_like(out, q), lse
 
 
 @attention_op.register_fake
@@ -129,7 +132,7 @@ def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, 
       alibi=None, rel_bias=None):
     check_heads(q, k, v)
     b, hq, lq, d = q.shape
-    return q.new_empty((b, hq, lq, d)), q.new_empty((b, hq, lq), dtype=torch.float32)
+    return empty_heads(q, (b, hq, lq, d), q.dtype), q.new_empty((b, hq, lq), dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_NS}::attention_backward", mutates_args=())
@@ -219,8 +222,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, bias, out, lse, seed, starts, documents, alibi, rel_bias = ctx.saved_tensors
+    # The kernels read dout with any strides; a model's gradient arrives in the output's
+    # (sequence-major) layout, which a copy to head-major order would only slow down.
     dq, dk, dv, db, drel = attention_backward_op(
-        grad_out.contiguous(), q, k, v, out, lse, bias, ctx.pattern, ctx.scale, ctx.dropout_p,
+        grad_out, q, k, v, out, lse, bias, ctx.pattern, ctx.scale, ctx.dropout_p,
         seed, ctx.bias_grad, ctx.softcap, starts, documents, alibi, rel_bias, ctx.rel_grad,
     )
     return (dq, dk, dv, (db if ctx.bias_grad else None), None, None, None, None, None, None,

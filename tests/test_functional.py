@@ -122,6 +122,41 @@ def test_custom_op_passes_opcheck(softcap):
     )
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("layout", ["head-major", "sequence-major"])
+def test_the_op_returns_its_output_in_the_query_layout(monkeypatch, kernels, layout):
+    """SDPA's and FlexAttention's outputs follow the query's layout, so that a model's
+    transposition back to ``[B, L, H, D]`` costs nothing; the op does the same on the kernel
+    and the fallback paths, and its fake implementation says so (opcheck compares them)."""
+    from sparse_compile.heads_layout import sequence_major
+
+    if not kernels:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 20, 20, 16, torch.float32,
+                                              noncontiguous=layout == "sequence-major"))
+    args = (q, k, v, None, "causal & sliding(5)", 0.25, 0.0, None)
+    out, _ = attention_op(*args)
+    assert sequence_major(out) == (layout == "sequence-major")
+    assert out.is_contiguous() == (layout == "head-major")
+    assert out.transpose(1, 2).is_contiguous() == (layout == "sequence-major")
+    torch.library.opcheck(attention_op, args, test_utils=(
+        "test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_a_compiled_model_step_in_sequence_major_layout_matches_the_oracle():
+    """The model's own layout end to end: transposed projections in, the output transposed
+    back and flattened, the gradient arriving sequence-major (read as is by the backward)."""
+    def step(q, k, v, pattern, scale, bias):
+        out = attention(q, k, v, pattern, scale)
+        b, h, length, d = out.shape
+        flat = out.transpose(1, 2).reshape(b, length, h * d)
+        return flat.reshape(b, length, h, d).transpose(1, 2)
+
+    fn = torch.compile(step, backend="aot_eager", fullgraph=True)
+    q, k, v = make_qkv(1, 4, 2, 33, 33, 16, torch.float32, noncontiguous=True)
+    check_against_oracle(fn, q, k, v, "causal & sliding(7)")
+
+
 @pytest.mark.parametrize(("hq", "hkv"), [(3, 2), (4, 3), (2, 4)])
 @pytest.mark.parametrize("entry", ["decoding", "attention", "topk", "op", "compiled"])
 def test_query_heads_not_a_multiple_of_kv_heads_raise(entry, hq, hkv):

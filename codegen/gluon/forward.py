@@ -58,6 +58,8 @@ from sparse_compile.codegen.gluon.visit import (
 )
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
 
+from sparse_compile.heads_layout import empty_heads
+
 _LOG2E = 1.4426950408889634
 
 
@@ -227,14 +229,15 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
 
 def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPieces,
                          scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
-                         block_n: int = 128, stages: int = 2
+                         block_n: int = 128, stages: int = 2, query_layout: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
     or the (batch, head) count overflows the grid (the caller then runs the ``tl`` kernel).
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit, D in {64, 128}); ``rows``: the pattern's
-    row intervals (``rows.py``). Returns out [B, Hq, Lq, D] contiguous and lse [B, Hq, Lq]
-    float32 (log2 units, +inf when empty). ``block_m`` query rows per program (half per
-    consumer warpgroup, so at least 128), ``block_n`` keys per ring stage."""
+    row intervals (``rows.py``). Returns out [B, Hq, Lq, D] (contiguous, or laid out like q
+    with ``query_layout``) and lse [B, Hq, Lq] float32 (log2 units, +inf when empty).
+    ``block_m`` query rows per program (half per consumer warpgroup, so at least 128),
+    ``block_n`` keys per ring stage."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     if b * hq > MAX_GRID_Y:
@@ -243,7 +246,8 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     if any(x is None for x in views) or views[1][1:] != views[2][1:]:
         return None
     (q2, q_rb, q_rh, q_ch), (k2, k_rb, k_rh, k_ch), (v2, _, _, _) = views
-    out = torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype)
+    out = (empty_heads(q, (b, hq, lq, d), out_dtype or q.dtype) if query_layout
+           else torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype))
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gdtype)

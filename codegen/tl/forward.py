@@ -20,6 +20,8 @@ from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_
 from sparse_compile.codegen.launch.tables import Visit, placeholder, visit_args
 from sparse_compile.codegen.launch.tma import row_descriptors
 
+from sparse_compile.heads_layout import empty_heads
+
 FORWARD_SOURCE = '''
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_src, v_src, kv_row, bias_base, j, edge, offs_m, q_pos, kb,
@@ -244,6 +246,7 @@ def launch_forward(
     frame: Frame = DEFAULT_FRAME,
     alibi: torch.Tensor | None = None,
     rel_bias: torch.Tensor | None = None,
+    query_layout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel of a generated ``module``.
 
@@ -255,12 +258,13 @@ def launch_forward(
     float32 per-query-head slopes ``[Hq]`` (logits + slope * (k_pos - q_pos)); ``rel_bias``:
     None or a float32 relative-bias table ``[Hq or 1, Lq + Lk - 1]`` (logits +
     table[h, clamp(q_pos - k_pos + Lq - 1)], visit.py ``_position_bias``). Returns out
-    [B, Hq, Lq, D] (``out_dtype``, default q's dtype; contiguous) and lse [B, Hq, Lq] float32
-    (log2 units).
+    [B, Hq, Lq, D] (``out_dtype``, default q's dtype; contiguous, or laid out like q with
+    ``query_layout``) and lse [B, Hq, Lq] float32 (log2 units).
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype)
+    out = (empty_heads(q, (b, hq, lq, d), out_dtype or q.dtype) if query_layout
+           else torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype))
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
