@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from sparse_compile.heads_layout import laid_out_like
 from sparse_compile.op import kernel_frame, kernels_available
 from sparse_compile.tracing import is_tracing
 
@@ -36,7 +37,8 @@ class _KernelAttention(torch.autograd.Function):
         from sparse_compile.codegen.attention import forward
 
         out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                           frame=frame, alibi=alibi, rel_bias=rel_bias)
+                           frame=frame, alibi=alibi, rel_bias=rel_bias, query_layout=True)
+        out = laid_out_like(out, q)  # the op's layout (sparse_compile/heads_layout.py)
         ctx.save_for_backward(q, k, v, bias, out, lse, rel_bias)
         ctx.args = (pattern, scale, dropout_p, seed, softcap, frame, alibi)
         ctx.bias_grad = bias is not None and bias.requires_grad and bias.is_floating_point()
@@ -49,7 +51,6 @@ class _KernelAttention(torch.autograd.Function):
 
         q, k, v, bias, out, lse, rel_bias = ctx.saved_tensors
         pattern, scale, dropout_p, seed, softcap, frame, alibi = ctx.args
-        dout = dout.contiguous()
         dq, dk, dv, db = backward(
             dout, q, k, v, out, lse, pattern, scale, bias, ctx.bias_grad, dropout_p, seed,
             softcap=softcap, frame=frame, alibi=alibi, rel_bias=rel_bias,

@@ -31,8 +31,11 @@ def _grads(out, tensors):
      ("causal | prefix(6)", 26, 26, 0.3, 0.0, False),
      ("local(4)", 19, 19, 0.0, 5.0, True)],
 )
-def test_fast_path_equals_the_custom_op(text, lq, lk, dropout_p, softcap, with_bias):
-    q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, lq, lk, 16, torch.float32))
+@pytest.mark.parametrize("sequence_major", [False, True])
+def test_fast_path_equals_the_custom_op(text, lq, lk, dropout_p, softcap, with_bias,
+                                        sequence_major):
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 4, 2, lq, lk, 16, torch.float32,
+                                                    noncontiguous=sequence_major))
     bias = torch.randn(1, 4, lq, lk, requires_grad=True) if with_bias else None
     tensors = (q, k, v, bias)
     torch.manual_seed(7)
@@ -45,6 +48,7 @@ def test_fast_path_equals_the_custom_op(text, lq, lk, dropout_p, softcap, with_b
     torch.manual_seed(11)
     slow_grads = _grads(slow, tensors)
     assert torch.equal(fast, slow)
+    assert fast.stride() == slow.stride()  # the same layout (the query's) either way
     for a, b in zip(fast_grads, slow_grads, strict=True):
         assert torch.equal(a, b)
 
