@@ -39,8 +39,12 @@ from typing import Any
 
 import torch
 
-ATTENTION_KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_delta", "flex_attention",
-                     "flash", "fmha", "cudnn", "attention")
+ATTENTION_KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_delta", "_document_bounds",
+                     "_tile_bounds_kernel",
+                     "flex_attention", "flash", "fmha", "cudnn")
+# Inductor's pointwise and reduction fusions are named after every op they touch: a RoPE kernel
+# feeding the attention op is called ``triton_poi_fused_..._attention_...`` but is no attention.
+NOT_ATTENTION_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_")
 VARIANTS = ("sparse", "sparse-on-flex", "flex", "sdpa")
 SPARSE = ("sparse", "sparse-on-flex")
 
@@ -154,7 +158,8 @@ def attention_share(fn: Callable[[], Any], label: str = "", top: int = 12
         if event.device_type.name != "CUDA" and "CUDA" not in str(event.device_type):
             continue
         total += ms
-        counted = any(name in event.key for name in ATTENTION_KERNELS)
+        counted = (any(name in event.key for name in ATTENTION_KERNELS)
+                   and not event.key.startswith(NOT_ATTENTION_PREFIXES))
         if counted:
             attention += ms
         kernels.append((ms, event.count, counted, event.key))

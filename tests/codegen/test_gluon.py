@@ -108,14 +108,13 @@ def test_rows_inside_packed_documents_are_exactly_the_kept_keys(text, ids) -> No
     from sparse_compile.reference import kept_mask
 
     pattern = parse(text)
-    ids_t = torch.tensor([ids])
+    ids_t = torch.tensor([ids])  # on the tests' default device (the GPU where there is one)
     start, end = document_bounds_reference(ids_t)
     rows = document_rows(pattern, start[0], end[0])
     assert rows is not None
     heads = rows.pattern_heads
-    mask = kept_mask(pattern, 1, heads, len(ids), len(ids), torch.device("cpu"),
-                     documents=ids_t)[0]
-    keys = queries = torch.arange(len(ids))
+    mask = kept_mask(pattern, 1, heads, len(ids), len(ids), ids_t.device, documents=ids_t)[0]
+    keys = queries = torch.arange(len(ids), device=ids_t.device)
     for h in range(heads):
         covered = torch.zeros_like(mask[h])
         by_keys = torch.zeros_like(mask[h])
