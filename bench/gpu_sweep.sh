@@ -48,9 +48,13 @@ for section in "${sections[@]}"; do
       step in-model-gluon 300 python3 bench/in_model_kernels.py --length 32768 --window 4096 \
         --kernels gluon --out "$out/in-model-kernels-gluon.md" ;;
     flex-sites)
-      step flex-sites 560 python3 bench/models.py --family mistral --lengths 32768 \
+      step flex-sites 400 python3 bench/models.py --family mistral --lengths 32768 \
         --windows 4096 --profile --variants sparse-on-flex flex sparse \
-        --out "$out/models-sparse-on-flex.md" ;;
+        --out "$out/models-sparse-on-flex.md"
+      # a user pattern on top of the model's own window; flex gets the pattern by hand
+      step flex-sites-on-top 240 python3 bench/models.py --family mistral --lengths 32768 \
+        --windows 1024 --model-window 4096 --modes train --profile \
+        --variants sparse-on-flex flex --out "$out/models-sparse-on-flex-on-top.md" ;;
     doge)
       step doge 300 python3 bench/doge_step.py --length 32768 --out "$out/doge-step.md" ;;
     generate)
