@@ -172,6 +172,10 @@ def attention_share(fn: Callable[[], Any], label: str = "", top: int = 12
 
 def run_variant(name: str, args: Any, length: int, window: int | None, pattern: str,
                 ids: torch.Tensor) -> dict[str, Any]:
+    """Build and compile one variant and make its first call per mode (first-call time, sites,
+    peak memory of its own: weights, gradients, activations); returns its results with its step
+    functions under ``"steps"`` for the timing, which runs later, interleaved with the other
+    variants' (``time_interleaved``)."""
     from sparse_compile.report import collecting
 
     model_window = None if args.sinks else window
@@ -181,6 +185,7 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
     options: dict[str, Any] = {"pattern": pattern}
     if args.family == "gemma3":
         options = {"assign": gemma3_assign(args.layers, window)}
+    baseline = torch.cuda.memory_allocated()
     if name == "sdpa":
         model = build(args.family, args.layers, None, "sdpa")
         compiled = torch.compile(model)
@@ -194,7 +199,7 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
     extra = {}
     if name in ("flex", "sparse-on-flex") and block_mask:
         extra["attention_mask"] = pattern_block_mask(length, window, 4 if args.sinks else 0)
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"steps": {}}
     for mode in args.modes:
         def step(mode: str = mode) -> Any:
             if mode == "infer":
@@ -202,6 +207,7 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
                     return compiled(input_ids=ids, use_cache=False, **extra).last_hidden_state
             out = compiled(input_ids=ids, use_cache=False, **extra).last_hidden_state
             out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
             return None
 
         try:
@@ -211,21 +217,38 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
             if name in SPARSE:
                 result[mode, "sites"] = f"{len(report.rewritten)}/{len(report)}"
                 print("\n".join(f"  {name} {mode}: {row.line()}" for row in report), flush=True)
-            result[mode, "ms"] = cuda_ms(step, args.repeats)
-            result[mode, "peak"] = torch.cuda.max_memory_allocated() / 2**30
-            if args.profile:
-                result[mode, "attn"], result[mode, "total"] = attention_share(
-                    step, f"{name} {mode} kernels")
+            step()
+            result[mode, "peak"] = (torch.cuda.max_memory_allocated() - baseline) / 2**30
+            result["steps"][mode] = step
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
             result[mode, "error"] = f"{type(e).__name__}: {str(e)[:120]}"
             print(f"  {name} {mode}: {result[mode, 'error']}", flush=True)
         model.zero_grad(set_to_none=True)
-    if name in (*SPARSE, "flex") and "error" not in str(result):
+    failed = any(isinstance(key, tuple) and key[1] == "error" for key in result)
+    if name in (*SPARSE, "flex") and not failed:
         with torch.no_grad():
             result["output"] = compiled(input_ids=ids, use_cache=False,
                                         **extra).last_hidden_state.float().cpu()
-    torch._dynamo.reset()
     return result
+
+
+def time_interleaved(results: dict[str, dict[str, Any]], args: Any) -> None:
+    """Median step time of every variant and mode, the variants' calls interleaved round by
+    round (a GPU slows as a run goes on: timed one after the other, a later variant would pay
+    for it), then with ``--profile`` one profiled step each; fills ``"ms"`` (and ``"attn"``,
+    ``"total"``) in ``results``."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for name, result in results.items():
+            for mode, step in result["steps"].items():
+                times.setdefault((name, mode), []).append(cuda_ms(step, 1))
+    for (name, mode), ms in times.items():
+        results[name][mode, "ms"] = statistics.median(ms)
+    if args.profile:
+        for name, result in results.items():
+            for mode, step in result["steps"].items():
+                result[mode, "attn"], result[mode, "total"] = attention_share(
+                    step, f"{name} {mode} kernels")
 
 
 def main() -> None:
@@ -238,7 +261,7 @@ def main() -> None:
                     default=["sparse", "sparse-on-flex", "flex", "sdpa"])
     ap.add_argument("--modes", nargs="+", default=["train", "infer"])
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", choices=["default", "tl", "gluon"], default="default",
                     help="our kernel family on Hopper (SPARSE_COMPILE_KERNELS)")
@@ -276,9 +299,11 @@ def main() -> None:
         + ("caches shared between variants; " if args.warm_caches
            else "each variant compiles into fresh Inductor/Triton caches; ")
         + f"bf16, batch 1; torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"{datetime.date.today()}; median of {args.repeats}; train = forward + backward of "
+        f"{datetime.date.today()}; median of {args.repeats}, the variants' steps interleaved "
+        "round by round; train = forward + backward of "
         "mean(h²) of the last hidden state; first = first call (compile included); peak = "
-        "max GPU memory allocated; attn = attention kernels' share of one step's GPU time "
+        "max GPU memory allocated by the variant (its weights, gradients, activations); "
+        "attn = attention kernels' share of one step's GPU time "
         "(profiler). first s and peak GiB list " + " / ".join(args.variants) + ", attn ms "
         "the same but sdpa; vs flex (flex's time over the variant's: >1 is faster than flex), "
         "attn vs flex (the attention kernels' in-model time over flex's) and sites (attention "
@@ -305,6 +330,10 @@ def main() -> None:
             ids = torch.randint(0, 32000, (1, length), device="cuda")
             results = {name: fresh_caches(args.warm_caches)(run_variant)(
                 name, args, length, window, pattern, ids) for name in args.variants}
+            time_interleaved(results, args)
+            results = {name: {k: v for k, v in r.items() if k != "steps"}
+                       for name, r in results.items()}
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
             for mode in args.modes:
                 lines.append(_row(length, pattern, mode, results, args.variants))
