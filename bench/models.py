@@ -105,8 +105,9 @@ def pattern_block_mask(length: int, window: int, sinks: int = 0) -> Any:
 
 def fresh_caches(warm: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A decorator running its function inside fresh, empty Inductor and Triton cache
-    directories (unless ``warm``): the variant that runs second must not find the first one's
-    compiled kernels, or its first-call time would not compare."""
+    directories, after our kernels compiled in this process are forgotten (unless ``warm``):
+    the variant that runs second must not find the first one's compiled kernels, or its
+    first-call time would not compare."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if warm:
             return fn
@@ -114,11 +115,33 @@ def fresh_caches(warm: bool) -> Callable[[Callable[..., Any]], Callable[..., Any
         def fresh(*a: Any, **kw: Any) -> Any:
             from torch._inductor import utils
 
+            forget_our_compiled_kernels()
             fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
             with fresh_cache():
                 return fn(*a, **kw)
         return fresh
     return wrap
+
+
+def forget_our_compiled_kernels() -> int:
+    """Drop the in-process compiled binaries of every Triton kernel of ours (the package's
+    modules and the generated kernel modules, ``sparse_compile_kernels_*``) and the cached row
+    intervals, so that the next call compiles them again (from the Triton cache directory in
+    effect then); returns how many kernels were reset."""
+    from triton.runtime.jit import JITFunction
+
+    reset = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("sparse_compile"):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, JITFunction) and hasattr(value, "device_caches"):
+                value.device_caches.clear()
+                reset += 1
+    from sparse_compile.codegen.gluon import rows
+
+    rows._ROWS.clear()
+    return reset
 
 
 def cuda_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -240,10 +263,16 @@ def time_interleaved(results: dict[str, dict[str, Any]], args: Any) -> None:
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeats):
         for name, result in results.items():
-            for mode, step in result["steps"].items():
-                times.setdefault((name, mode), []).append(cuda_ms(step, 1))
+            for mode, step in list(result["steps"].items()):
+                try:
+                    times.setdefault((name, mode), []).append(cuda_ms(step, 1))
+                except Exception as e:  # noqa: BLE001 - one variant failing must not lose all
+                    result[mode, "error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    print(f"  {name} {mode}: {result[mode, 'error']}", flush=True)
+                    del result["steps"][mode]
     for (name, mode), ms in times.items():
-        results[name][mode, "ms"] = statistics.median(ms)
+        if (mode, "error") not in results[name]:
+            results[name][mode, "ms"] = statistics.median(ms)
     if args.profile:
         for name, result in results.items():
             for mode, step in result["steps"].items():
@@ -279,7 +308,11 @@ def main() -> None:
         import os
 
         os.environ["SPARSE_COMPILE_KERNELS"] = args.kernels
+    # Every variant compiles the same forward code objects: past the limit Dynamo would run
+    # the last ones eagerly, without a word.
     torch._dynamo.config.cache_size_limit = 64
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 64
     import transformers
 
     lines = [
@@ -297,7 +330,8 @@ def main() -> None:
            if args.model_window else "")
         + f"our kernels: {args.kernels}; "
         + ("caches shared between variants; " if args.warm_caches
-           else "each variant compiles into fresh Inductor/Triton caches; ")
+           else "each variant compiles into fresh Inductor/Triton caches, our kernels "
+           "compiled anew; ")
         + f"bf16, batch 1; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{datetime.date.today()}; median of {args.repeats}, the variants' steps interleaved "
         "round by round; train = forward + backward of "

@@ -87,5 +87,6 @@ def kernel_attention(
                                       frame, alibi, rel_bias)
     from sparse_compile.codegen.attention import forward
 
-    return forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                   frame=frame, alibi=alibi, rel_bias=rel_bias)[0]
+    out = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
+                  frame=frame, alibi=alibi, rel_bias=rel_bias, query_layout=True)[0]
+    return laid_out_like(out, q)

@@ -53,6 +53,14 @@ def test_fast_path_equals_the_custom_op(text, lq, lk, dropout_p, softcap, with_b
         assert torch.equal(a, b)
 
 
+def test_inference_calls_return_the_query_layout_too():
+    """Without gradients the fast path returns the same layout as with them (the op's)."""
+    q, k, v = (t.detach() for t in make_qkv(1, 4, 2, 20, 20, 16, torch.float32,
+                                              noncontiguous=True))
+    out = attention(q, k, v, "causal & sliding(5)")
+    assert out.transpose(1, 2).is_contiguous() and not out.is_contiguous()
+
+
 def test_eager_calls_skip_the_custom_op(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("eager call went through the custom op")

@@ -87,6 +87,9 @@ def _build(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPieces | 
     n = max(len(head) for head in pieces)
     lo = torch.stack([torch.stack([head[p][0] for head in pieces]) for p in range(n)])
     hi = torch.stack([torch.stack([head[p][1] for head in pieces]) for p in range(n)])
+    # An empty row's lower bound can be a large closed form (``prefix(n)``'s grows n keys a
+    # row): capped at Lk it stays empty, non-decreasing and within int32.
+    lo = lo.clamp(max=lk)
     key_lo, key_hi = _key_intervals(lo, hi, lk)
     return RowPieces(*(t.to(device=device, dtype=torch.int32).contiguous()
                        for t in (lo, hi, key_lo, key_hi)))
@@ -98,9 +101,12 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
     document as key indices ``[L]`` (``codegen/tl/documents.py``; padding tokens have the
     empty ``[i, i - 1]``), one batch row: positions count from each document's first token
     (the semantics of ``documents``), so row ``q`` of a document starting at ``s`` keeps the
-    pattern's interval of row ``q - s``, shifted by ``s`` and cut at the document's end. Both
-    bounds stay non-decreasing across documents (a later document starts after an earlier
-    one ends), so the keys' intervals follow by binary search as for the plain rows."""
+    pattern's interval of row ``q - s``, shifted by ``s`` and cut at the document's end.
+    Empty rows are then written in one form, ``hi >= s - 1`` and ``lo = hi + 1`` (a shifted
+    empty row could otherwise keep a lower bound past the next document's first rows': a
+    ``prefix(n)`` row's grows n keys a row). Kept rows lie inside their document and a later
+    document starts after an earlier one ends, so both bounds are non-decreasing over the
+    whole row, and the keys' intervals follow by binary search as for the plain rows."""
     if not _position_only(pattern):
         return None
     length = start.shape[-1]
@@ -112,6 +118,8 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
     within = within.expand(*base.lo.shape[:-1], length)
     lo = start + base.lo.long().gather(-1, within)
     hi = torch.minimum(start + base.hi.long().gather(-1, within), end)
+    hi = torch.maximum(hi, start - 1)  # keys before the document: none kept either way
+    lo = torch.minimum(lo, hi + 1)  # changes empty rows only (lo > hi + 1 before)
     key_lo, key_hi = _key_intervals(lo, hi, length)
     return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
 

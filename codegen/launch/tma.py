@@ -39,8 +39,8 @@ def row_descriptor(t: torch.Tensor, block_rows: int) -> object | None:
     s = t.stride()
     if t.dtype not in (torch.float16, torch.bfloat16) or d < 16 or d & (d - 1) or d > 256:
         return None
-    if s[3] != 1 or length % block_rows or t.numel() == 0:
-        return None
+    if s[3] != 1 or s[2] < 1 or length % block_rows or t.numel() == 0:
+        return None  # (an expanded gradient can have zero strides: not a TMA layout)
     if (h > 1 and s[1] != length * s[2]) or (b > 1 and s[0] != h * length * s[2]):
         return None
     if (s[2] * t.element_size()) % 16 or t.data_ptr() % 16:

@@ -94,10 +94,14 @@ PACKED_IDS = [
     [0] * 10 + [1] * 3 + [2] * 24,
     [0] * 5 + [-1] * 4 + [1] * 20 + [2] + [-1] * 7,
     [-1] * 3 + [4] * 30 + [7] * 4,
+    [0] + [1] * 5 + [2] + [3] * 20 + [4] * 10,
 ]
+# Empty rows whose lower bound grows faster than a key a row (a prefix's) end documents here.
+PACKED_PATTERNS = ["prefix(2)", "causal & prefix(3)", "causal | prefix(3)",
+                   "heads(prefix(2), causal & sliding(3))"]
 
 
-@pytest.mark.parametrize("text", INTERVAL_PATTERNS + TWO_INTERVALS)
+@pytest.mark.parametrize("text", INTERVAL_PATTERNS + TWO_INTERVALS + PACKED_PATTERNS)
 @pytest.mark.parametrize("ids", PACKED_IDS, ids=lambda ids: f"{len(set(ids))}docs")
 def test_rows_inside_packed_documents_are_exactly_the_kept_keys(text, ids) -> None:
     """Inside documents (positions counted from each document's first token, padding keeping
@@ -132,6 +136,15 @@ def test_rows_inside_packed_documents_are_exactly_the_kept_keys(text, ids) -> No
 def test_patterns_without_closed_form_rows_stay_off_the_documents_path(text) -> None:
     start, end = torch.zeros(1, 40, dtype=torch.int32), torch.full((1, 40), 39)
     assert document_rows(parse(text), start[0], end[0]) is None
+
+
+def test_large_empty_row_bounds_stay_empty_in_int32() -> None:
+    """``prefix(n)``'s empty rows have lower bounds growing n keys a row; past 2**31 they
+    must not wrap to keys they do not keep."""
+    rows = interval_rows(parse("prefix(65536)"), 100000, 100000, torch.device("cpu"))
+    lo, hi = rows.lo[0, 0].long(), rows.hi[0, 0].long()
+    assert bool((lo[65536:] > hi[65536:]).all()) and bool((lo[:65536] == 0).all())
+    assert bool((lo[1:] >= lo[:-1]).all())
 
 
 @pytest.mark.parametrize("text", NOT_SERVED)

@@ -121,6 +121,9 @@ def test_row_descriptors_only_where_exact():
     assert row_descriptor(x.float(), 32) is None
     assert row_descriptor(x.transpose(1, 2).contiguous().transpose(1, 2), 32) is None
     assert row_descriptor(torch.randn(2, 3, 64, 24, dtype=torch.float16), 32) is None
+    # an expanded gradient (out.sum().backward()) reads one row everywhere: no TMA rows
+    assert row_descriptor(torch.ones((), dtype=torch.float16).expand(2, 3, 64, 16), 32) is None
+    assert row_descriptor(torch.ones(16, dtype=torch.float16).expand(1, 1, 64, 16), 32) is None
 
 
 def test_long_rows_measure_only_interval_patterns():
