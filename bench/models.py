@@ -44,6 +44,7 @@ ATTENTION_KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_delta", "_do
                      "flex_attention", "flash", "fmha", "cudnn")
 # Inductor's pointwise and reduction fusions are named after every op they touch: a RoPE kernel
 # feeding the attention op is called ``triton_poi_fused_..._attention_...`` but is no attention.
+# FlexAttention's backward reduction (its rowsum(dO * O), our ``_delta``) is one, and counts.
 NOT_ATTENTION_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_")
 VARIANTS = ("sparse", "sparse-on-flex", "flex", "sdpa")
 SPARSE = ("sparse", "sparse-on-flex")
@@ -182,7 +183,8 @@ def attention_share(fn: Callable[[], Any], label: str = "", top: int = 12
             continue
         total += ms
         counted = (any(name in event.key for name in ATTENTION_KERNELS)
-                   and not event.key.startswith(NOT_ATTENTION_PREFIXES))
+                   and (not event.key.startswith(NOT_ATTENTION_PREFIXES)
+                        or "flex_attention_backward" in event.key))
         if counted:
             attention += ms
         kernels.append((ms, event.count, counted, event.key))
