@@ -124,9 +124,19 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
     return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
 
 
+_POSITION_ONLY: dict[str, bool] = {}
+
+
 def _position_only(pattern: Any) -> bool:
     """Whether every interval bound of ``pattern`` is a closed form of the query position
-    ``Q`` alone."""
+    ``Q`` alone (cached: the symbolic analysis takes about a millisecond, every call asks)."""
+    key = str(pattern)
+    if key not in _POSITION_ONLY:
+        _POSITION_ONLY[key] = _bounds_of_position_only(pattern)
+    return _POSITION_ONLY[key]
+
+
+def _bounds_of_position_only(pattern: Any) -> bool:
     bounds = interval_bounds(pattern)
     if bounds is None:
         per_head = interval_pieces(pattern)
