@@ -58,6 +58,8 @@ from sparse_compile.codegen.tl.merge import add_rows_, merge_parts
 from sparse_compile.codegen.tl.module import kernel_module
 from sparse_compile.codegen.tl.predicate import interval_bounds, interval_pieces, pattern_heads
 
+from sparse_compile.heads_layout import laid_out_like
+
 
 @lru_cache(maxsize=256)
 def parse_pattern(text: str) -> Any:
@@ -164,8 +166,8 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Hq, Lq, D] (``out_dtype``, default q's) and lse [B, Hq, Lq] (float32,
     log2 units, +inf if empty). out is contiguous, or with ``query_layout`` laid out like q
-    where the kernel that runs writes any layout (sparse_compile/heads_layout.py; other
-    routes stay contiguous).
+    (sparse_compile/heads_layout.py: the op's layout; the kernels that write any layout write
+    it directly, the other routes' outputs are copied into it).
 
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], bias None or broadcastable to [B, Hq, Lq, Lk];
     softcap > 0 caps the logits as softcap * tanh(scale * q.k / softcap) before bias / masks;
@@ -175,6 +177,18 @@ def forward(
     ``rel_bias``: None or a float32 relative-bias table ``[Hq or 1, Lq + Lk - 1]``, adding
     ``table[h, clamp(q_pos - k_pos + Lq - 1, 0, Lq + Lk - 2)]``.
     """
+    out, lse = _forward(q, k, v, pattern_text, scale, bias, dropout_p, seed, cfg, softcap,
+                        out_dtype, frame, alibi, rel_bias, query_layout)
+    return (laid_out_like(out, q) if query_layout else out), lse
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str, scale: float,
+             bias: torch.Tensor | None, dropout_p: float, seed: int, cfg: TileConfig | None,
+             softcap: float, out_dtype: torch.dtype | None, frame: Frame,
+             alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, query_layout: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward`` through the first route that serves the call; with ``query_layout`` the
+    Gluon and ``tl`` kernels write out in q's layout, the other routes contiguously."""
     lq, lk = q.shape[2], k.shape[2]
     if decode_applies(q, k, dropout_p, frame) and family_available("decode"):
         module, n_heads = static_kernels(pattern_text)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from sparse_compile.heads_layout import laid_out_like
 from sparse_compile.op import kernel_frame, kernels_available
 from sparse_compile.tracing import is_tracing
 
@@ -38,7 +37,6 @@ class _KernelAttention(torch.autograd.Function):
 
         out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
                            frame=frame, alibi=alibi, rel_bias=rel_bias, query_layout=True)
-        out = laid_out_like(out, q)  # the op's layout (sparse_compile/heads_layout.py)
         ctx.save_for_backward(q, k, v, bias, out, lse, rel_bias)
         ctx.args = (pattern, scale, dropout_p, seed, softcap, frame, alibi)
         ctx.bias_grad = bias is not None and bias.requires_grad and bias.is_floating_point()
@@ -87,6 +85,5 @@ def kernel_attention(
                                       frame, alibi, rel_bias)
     from sparse_compile.codegen.attention import forward
 
-    out = forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
-                  frame=frame, alibi=alibi, rel_bias=rel_bias, query_layout=True)[0]
-    return laid_out_like(out, q)
+    return forward(q, k, v, pattern, scale, bias, dropout_p, seed, softcap=softcap,
+                   frame=frame, alibi=alibi, rel_bias=rel_bias, query_layout=True)[0]

@@ -33,6 +33,14 @@ def empty_heads(like: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) 
                                device=like.device)
 
 
+def empty_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                 query_layout: bool) -> torch.Tensor:
+    """A kernel's output buffer: in q's layout when ``query_layout``, else contiguous."""
+    if query_layout:
+        return empty_heads(q, shape, dtype)
+    return torch.empty(tuple(shape), device=q.device, dtype=dtype)
+
+
 def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` itself when it already has ``like``'s layout, else a copy in that layout."""
     if t.stride() == heads_strides(like, tuple(t.shape)):

@@ -117,10 +117,9 @@ def attention_op(
     if kernels_available(q):
         from sparse_compile.codegen.attention import forward
 
-        out, lse = forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
-                           softcap=softcap, frame=kernel_frame(q, starts, documents),
-                           alibi=alibi, rel_bias=rel_bias, query_layout=True)
-        return laid_out_like(out, q), lse
+        return forward(q, k, v, pattern, scale, bias, dropout_p, _seed_int(seed),
+                       softcap=softcap, frame=kernel_frame(q, starts, documents), alibi=alibi,
+                       rel_bias=rel_bias, query_layout=True)
     out = _fallback(q, k, v, bias, pattern, scale, dropout_p, seed, softcap, starts, documents,
                     alibi, rel_bias)
     lse = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32)

@@ -74,14 +74,19 @@ def check_documents(documents: torch.Tensor, batch: int, lq: int, lk: int) -> to
         raise PositionError(f"documents must be [B, L] or [L] with B = {batch}, L = {lk}; got "
                             f"shape {tuple(documents.shape)}")
     if ids.shape[1] > 1:
-        bad = _out_of_order(ids).any()
-        if is_tracing(ids):
-            # Inside a graph the check runs on the device, without a host synchronisation: a
-            # bad layout stops the program instead of giving a wrong answer.
-            torch._assert_async(~bad, ORDER_MESSAGE)
-        elif bool(bad):
-            raise PositionError(ORDER_MESSAGE)
+        _refuse(_out_of_order(ids).any(), ORDER_MESSAGE, ids)
     return ids
+
+
+def _refuse(bad: torch.Tensor, message: str, *inputs: torch.Tensor) -> None:
+    """Stop on ``bad`` (a boolean scalar tensor computed from ``inputs``): ``PositionError`` on
+    real tensors (one host synchronisation), a device assert under a tracer, so that inside a
+    graph a bad layout stops the program without a host synchronisation instead of giving a
+    wrong answer."""
+    if is_tracing(*inputs):
+        torch._assert_async(~bad, message)
+    elif bool(bad):
+        raise PositionError(message)
 
 
 ORDER_MESSAGE = ("documents must be runs of non-decreasing ids, padding (negative ids) only "
@@ -126,11 +131,7 @@ def consecutive_start(positions: torch.Tensor) -> torch.Tensor:
     (``PositionError``)."""
     _integer("positions", positions)
     positions = positions.reshape(-1)
-    bad = (positions[1:] != positions[:-1] + 1).any()
-    if is_tracing(positions):
-        torch._assert_async(~bad, CONSECUTIVE_MESSAGE)
-    elif bool(bad):
-        raise PositionError(CONSECUTIVE_MESSAGE)
+    _refuse((positions[1:] != positions[:-1] + 1).any(), CONSECUTIVE_MESSAGE, positions)
     return positions[:1]
 
 
@@ -140,11 +141,8 @@ POSITIONS_MESSAGE = ("positions compared by the mask must advance by one from to
 
 def _check_positions(ids: torch.Tensor, positions: torch.Tensor) -> None:
     same = ids[:, 1:] == ids[:, :-1]
-    bad = (same & (positions[:, 1:] != positions[:, :-1] + 1)).any()
-    if is_tracing(ids, positions):
-        torch._assert_async(~bad, POSITIONS_MESSAGE)
-    elif bool(bad):
-        raise PositionError(POSITIONS_MESSAGE)
+    _refuse((same & (positions[:, 1:] != positions[:, :-1] + 1)).any(), POSITIONS_MESSAGE, ids,
+            positions)
 
 
 def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int | None = None

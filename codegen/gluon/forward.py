@@ -58,7 +58,7 @@ from sparse_compile.codegen.gluon.visit import (
 )
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
 
-from sparse_compile.heads_layout import empty_heads
+from sparse_compile.heads_layout import empty_output
 
 _LOG2E = 1.4426950408889634
 
@@ -246,8 +246,7 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     if any(x is None for x in views) or views[1][1:] != views[2][1:]:
         return None
     (q2, q_rb, q_rh, q_ch), (k2, k_rb, k_rh, k_ch), (v2, _, _, _) = views
-    out = (empty_heads(q, (b, hq, lq, d), out_dtype or q.dtype) if query_layout
-           else torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype))
+    out = empty_output(q, (b, hq, lq, d), out_dtype or q.dtype, query_layout)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gdtype)

@@ -20,7 +20,7 @@ from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, Frame, frame_
 from sparse_compile.codegen.launch.tables import Visit, placeholder, visit_args
 from sparse_compile.codegen.launch.tma import row_descriptors
 
-from sparse_compile.heads_layout import empty_heads
+from sparse_compile.heads_layout import empty_output
 
 FORWARD_SOURCE = '''
 @triton.jit
@@ -263,8 +263,7 @@ def launch_forward(
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = (empty_heads(q, (b, hq, lq, d), out_dtype or q.dtype) if query_layout
-           else torch.empty((b, hq, lq, d), device=q.device, dtype=out_dtype or q.dtype))
+    out = empty_output(q, (b, hq, lq, d), out_dtype or q.dtype, query_layout)
     lse = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("inf"))
