@@ -13,7 +13,9 @@ A ratio near 1 means the model hands the kernels what they run best on (no mask 
 copies); the in-model issue asks for within 5%. The standalone calls are timed twice: right
 away, and after ``--warm`` seconds of the same calls (the GPU then runs at the clock a busy
 model step leaves it at); during each measurement a sampler reads the SM clock and power
-from ``nvidia-smi``, so a difference of clocks can be told from one of the kernels' inputs.
+from ``nvidia-smi``, so a difference of clocks can be told from one of the kernels' inputs;
+a third timing overwrites the L2 before each forward and backward, as the model's own kernels
+do, so a difference of cache state can be told too.
 Writes a table with device, versions, date and command to ``--out``.
 
     python bench/in_model_kernels.py --length 32768 --window 4096
@@ -182,30 +184,46 @@ def main() -> None:
         kernels.forward(*f_args, **f_kw)
         kernels.backward(*b_args, **b_kw)
 
+    l2_sized = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    def alone_flushed() -> None:
+        # In the model the kernels before ours leave the L2 holding other data; back to back,
+        # a call finds the previous one's operands there. Overwriting 256 MiB (5x the H100's
+        # L2) before the forward and before the backward starts each from the model's state.
+        l2_sized.zero_()
+        kernels.forward(*f_args, **f_kw)
+        l2_sized.zero_()
+        kernels.backward(*b_args, **b_kw)
+
     cold, cold_clock = measured(alone, 10)
     warm_up(alone, args.warm)
     warm, warm_clock = measured(alone, 10, repeat=2)
+    flushed, flushed_clock = measured(alone_flushed, 10, repeat=2)
     q, k = f_args[0], f_args[1]
     bias = f_kw.get("bias", f_args[5] if len(f_args) > 5 else None)
     shapes = (f"q {tuple(q.shape)} strides {q.stride()}, k {tuple(k.shape)} strides "
               f"{k.stride()}, pattern `{f_args[3]}`, bias {'none' if bias is None else 'yes'}")
     rows = ["| kernel | in model, training (ms per layer) | in model, inference | standalone, "
-            "same tensors (ms per call) | after warm-up | training / standalone | training / "
-            "warmed standalone |", "|---|---|---|---|---|---|---|"]
+            "same tensors (ms per call) | after warm-up | warmed, L2 flushed | training / "
+            "standalone | training / warmed standalone | training / warmed flushed |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name in OUR_KERNELS:
         if not cold.get(name) and name not in in_train:
             continue
         rows.append(f"| `{name}` | {in_train.get(name, 0.0):.3f} | "
                     f"{in_infer.get(name, 0.0):.3f} | {cold.get(name, 0.0):.3f} | "
-                    f"{warm.get(name, 0.0):.3f} | {_ratio(in_train, cold, name)} | "
-                    f"{_ratio(in_train, warm, name)} |")
+                    f"{warm.get(name, 0.0):.3f} | {flushed.get(name, 0.0):.3f} | "
+                    f"{_ratio(in_train, cold, name)} | {_ratio(in_train, warm, name)} | "
+                    f"{_ratio(in_train, flushed, name)} |")
     total = {"all": sum(in_train.values())}
     rows.append(f"| all | {total['all']:.3f} | {sum(in_infer.values()):.3f} | "
                 f"{sum(cold.values()):.3f} | {sum(warm.values()):.3f} | "
+                f"{sum(flushed.values()):.3f} | "
                 f"{_ratio(total, {'all': sum(cold.values())}, 'all')} | "
-                f"{_ratio(total, {'all': sum(warm.values())}, 'all')} |")
+                f"{_ratio(total, {'all': sum(warm.values())}, 'all')} | "
+                f"{_ratio(total, {'all': sum(flushed.values())}, 'all')} |")
     rows.append(f"| SM clock, power (median) | {train_clock} | | {cold_clock} | {warm_clock} "
-                "| | |")
+                f"| {flushed_clock} | | | |")
     gpu = torch.cuda.get_device_name()
     head = [f"# Attention kernels in the model vs standalone ({gpu})", "",
             f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
@@ -217,8 +235,10 @@ def main() -> None:
             f"{args.kernels}",
             f"- first recorded call: {shapes}",
             "- GPU time of our kernels from the profiler: in the model per layer (3 steps), "
-            f"standalone per call (10 calls), again after {args.warm:g} s of the same calls; "
-            "clock and power sampled from nvidia-smi during each", ""]
+            f"standalone per call (10 calls), again after {args.warm:g} s of the same calls, "
+            "then with the L2 overwritten (256 MiB) before each forward and each backward "
+            "(the model's kernels before ours leave other data there); clock and power sampled "
+            "from nvidia-smi during each", ""]
     text = "\n".join(head + rows) + "\n"
     print(text)
     if args.out:
