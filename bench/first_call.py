@@ -1,0 +1,168 @@
+"""First-call time, each variant in its own fresh process: what a user waits for once.
+
+``bench/models.py`` measures first calls inside one process, one variant after another; this
+script starts one Python process per variant with empty Inductor and Triton caches (fresh
+temporary directories), builds the Mistral-shaped model of ``bench/models.py``, pays the
+process's one-time costs every variant shares (CUDA, cuBLAS, Inductor's compile workers:
+``models.warm_process``), then times the first training step and the first inference (compile
+included). In the ``sparse`` variants Triton's JIT hooks time the compilation of each of our
+kernels, so the table splits the first call into our kernels' compilation and the rest
+(tracing, the backend's pass, Inductor compiling the model, running).
+
+    python bench/first_call.py --length 32768 --window 4096 --variants sparse flex \\
+        --out bench/results/first-call-h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("sparse", "sparse-on-flex", "flex", "sdpa")
+
+
+def compile_timer() -> list[tuple[str, float]]:
+    """Install Triton JIT hooks that time every kernel compiled in this process through a
+    ``@triton.jit`` / ``@gluon.jit`` launch (ours; Inductor compiles its own elsewhere); returns
+    the list they fill with (kernel name, seconds). Triton versions without the hooks leave it
+    empty."""
+    from triton import knobs
+
+    compiled: list[tuple[str, float]] = []
+    started: dict[Any, float] = {}
+    runtime = knobs.runtime
+    before, after = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+
+    def on_compile(*a: Any, key: Any = None, fn: Any = None, **kw: Any) -> bool | None:
+        started[id(fn.jit_function), str(key)] = time.perf_counter()
+        return before(*a, key=key, fn=fn, **kw) if before else None
+
+    def on_compiled(*a: Any, key: Any = None, fn: Any = None, **kw: Any) -> Any:
+        start = started.pop((id(fn.jit_function), str(key)), None)
+        if start is not None:
+            compiled.append((fn.name, time.perf_counter() - start))
+        return after(*a, key=key, fn=fn, **kw) if after else None
+
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = on_compile, on_compiled
+    return compiled
+
+
+def measure_one(variant: str, length: int, window: int, layers: int) -> dict[str, Any]:
+    """In this (fresh) process: build, compile and make the first calls of one variant."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import build, warm_process
+
+    result: dict[str, Any] = {"variant": variant, "warm_process_s": warm_process()}
+    compiled_kernels = compile_timer()
+    pattern = f"causal & sliding({window})"
+    impl = "flex_attention" if variant in ("flex", "sparse-on-flex") else "sdpa"
+    model = build("mistral", layers, None if variant == "sdpa" else window, impl)
+    if variant.startswith("sparse"):
+        compiled = torch.compile(model, backend="sparse", options={"pattern": pattern})
+    else:
+        compiled = torch.compile(model)
+    ids = torch.randint(0, 32000, (1, length), device="cuda")
+
+    def train() -> None:
+        out = compiled(input_ids=ids, use_cache=False).last_hidden_state
+        out.float().square().mean().backward()
+
+    def infer() -> None:
+        with torch.no_grad():
+            compiled(input_ids=ids, use_cache=False)
+
+    for mode, step in (("train", train), ("infer", infer)):
+        torch.cuda.synchronize()
+        before = len(compiled_kernels)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        result[mode] = time.perf_counter() - start
+        result[mode + "_kernels"] = compiled_kernels[before:]
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        result[mode + "_second"] = time.perf_counter() - start
+    return result
+
+
+def run_fresh(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``measure_one`` in a new process with empty cache directories."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TRITON_CACHE_DIR=f"{tmp}/triton",
+                   TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor")
+        cmd = [sys.executable, __file__, "--one", variant, "--length", str(args.length),
+               "--window", str(args.window), "--layers", str(args.layers)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode or not lines:
+        return {"variant": variant, "error": (done.stderr or done.stdout)[-400:]}
+    return json.loads(lines[-1])
+
+
+def row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"| {r['variant']} | error: {r['error'][-150:]!r} | | | | |"
+
+    def ours(mode: str) -> str:
+        kernels = r[mode + "_kernels"]
+        if not kernels:
+            return "-"
+        return f"{sum(s for _, s in kernels):.1f} s ({len(kernels)}: " + ", ".join(
+            f"{name} {s:.1f}" for name, s in kernels) + ")"
+
+    return (f"| {r['variant']} | {r['train']:.1f} | {ours('train')} | {r['infer']:.1f} | "
+            f"{ours('infer')} | {r['train_second']:.2f} / {r['infer_second']:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["sparse", "flex"])
+    ap.add_argument("--length", type=int, default=32768)
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.length, args.window, args.layers)))
+        return
+    import torch
+    import transformers
+    import triton
+
+    results = [run_fresh(v, args) for v in args.variants]
+    lines = [
+        f"# First call, each variant in a fresh process ({torch.cuda.get_device_name()})", "",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; torch "
+        f"{torch.__version__}, triton {triton.__version__}, transformers "
+        f"{transformers.__version__}",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- MistralModel, {args.layers} layers, hidden 2048, 16 / 4 heads, bf16, B = 1, "
+        f"L = {args.length}, `causal & sliding({args.window})` (flex: `sliding_window="
+        f"{args.window}`); empty Inductor and Triton caches; the process's shared one-time "
+        "costs (CUDA, cuBLAS, Inductor's workers) paid before: "
+        + ", ".join(f"{r['variant']} {r.get('warm_process_s', 0):.1f} s" for r in results),
+        "- first call = compile included, seconds; ours = our kernels' compilation inside it "
+        "(Triton's JIT hooks: total, count, per kernel); then the second calls", "",
+        "| variant | train first s | ours in it | infer first s | ours in it | second calls s "
+        "(train / infer) |", "|---|---|---|---|---|---|"]
+    lines += [row(r) for r in results]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
