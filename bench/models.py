@@ -139,9 +139,11 @@ def forget_our_compiled_kernels() -> int:
             if isinstance(value, JITFunction) and hasattr(value, "device_caches"):
                 value.device_caches.clear()
                 reset += 1
+    from sparse_compile.codegen import precompile
     from sparse_compile.codegen.gluon import rows
 
     rows._ROWS.clear()
+    precompile.forget()
     return reset
 
 

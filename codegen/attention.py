@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from sparse_compile.codegen import precompile
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 from sparse_compile.codegen.gluon.rows import RowPieces, document_rows, interval_rows
@@ -247,6 +248,7 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
     rows = _gluon_rows(q, k, v, pattern_text, frame)
     if rows is None:
         return None
+    precompile.finish("forward")
     try:
         with fall_back_on_failure("gluon_forward"):
             return launch_gluon_forward(q, k, v, rows, scale, out_dtype,
@@ -260,15 +262,45 @@ def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text:
     """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
     Triton, 16-bit operands, a head dim of ``gluon_head_dims()``, rows of one or two
     intervals, inside the documents of ``frame`` when it places some), else None."""
-    if not gluon_device(q.device):
-        return None
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return None
-    if q.shape[-1] not in gluon_head_dims() or q.numel() == 0 or k.shape[2] == 0:
+    if not _gluon_serves(q, k, v, q.device):
         return None
     if frame.mode == DOCUMENTS:
         return document_rows(parse_pattern(pattern_text), frame.doc_start[0], frame.doc_end[0])
     return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
+
+
+def _gluon_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  device: torch.device) -> bool:
+    """Whether the Gluon kernels take operands like these on ``device``."""
+    if not gluon_device(device):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    return q.shape[-1] in gluon_head_dims() and q.numel() > 0 and k.shape[2] > 0
+
+
+def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
+                     device: torch.device, rows_device: torch.device
+                     ) -> RowPieces | None:
+    """The row intervals (built on ``rows_device``) that a plain call (no bias, dropout,
+    soft-capping, position bias; default positions) with operands shaped like q, k, v on
+    ``device`` would hand the Gluon kernels, or None when such a call takes another route
+    (decoding, residue or strided-union routes, ``tl`` kernels). The operands may be ``meta``
+    tensors: only their shapes and dtypes are read. What ``forward`` and ``backward`` decide
+    for that call, asked ahead of it (``codegen/precompile.py``)."""
+    lq, lk = q.shape[2], k.shape[2]
+    if decode_applies(q, k, 0.0, DEFAULT_FRAME) and family_available("decode"):
+        return None
+    if (strided_union_route(pattern_text, lq, lk, False, 0.0) is not None
+            or residue_route(pattern_text, lq, lk, False, 0.0) is not None):
+        return None
+    cfg = _call_config(pattern_text, device, q.shape[-1], q.dtype, lq, lk,
+                       os.environ.get("TRITON_INTERPRET"), None)
+    if not _plain_call(cfg, None, 0.0, 0.0, None, None, DEFAULT_FRAME, lq, lk):
+        return None
+    if not _gluon_serves(q, k, v, device):
+        return None
+    return interval_rows(parse_pattern(pattern_text), lq, lk, rows_device)
 
 
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -282,6 +314,7 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     rows = _gluon_rows(q, k, v, pattern_text, frame)
     if rows is None:
         return None
+    precompile.finish("backward")
     try:
         with fall_back_on_failure("gluon_backward"):
             return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale)

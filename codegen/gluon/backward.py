@@ -56,6 +56,7 @@ from sparse_compile.codegen.gluon.visit import (
     row_bounds,
     tile_visit,
 )
+from sparse_compile.codegen.launch.compile_only import launch
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
 from sparse_compile.codegen.tl.backward_delta import launch_delta
 
@@ -413,15 +414,17 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     nph = rows.pattern_heads
     qk_scale = scale * _LOG2E
     bm, bn = dq_tiles
-    _dq_kernel[(triton.cdiv(lq, bm), b * hq)](
-        *ops.descriptors(bm // 2, bn), dq, lse, ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph, lq,
-        *ops.offsets, dq.stride(0), dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
+    launch(
+        _dq_kernel, (triton.cdiv(lq, bm), b * hq), *ops.descriptors(bm // 2, bn), dq, lse,
+        ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph, lq, *ops.offsets, dq.stride(0),
+        dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
         BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
         num_warps=CONSUMER_WARPS)
     bm, bn = kv_tiles
-    _dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
-        *ops.descriptors(bm, bn // 2), dk, dv, lse, ops.delta, rows.lo, rows.hi, rows.key_lo,
-        rows.key_hi, hq, hq // hkv, nph, lq, lk, *ops.offsets, dk.stride(0), dk.stride(1),
+    launch(
+        _dkdv_kernel, (triton.cdiv(lk, bn), b * hkv), *ops.descriptors(bm, bn // 2), dk, dv,
+        lse, ops.delta, rows.lo, rows.hi, rows.key_lo, rows.key_hi, hq, hq // hkv, nph, lq, lk,
+        *ops.offsets, dk.stride(0), dk.stride(1),
         dk.stride(2), qk_scale, scale, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
         num_warps=CONSUMER_WARPS)
     return dq, dk, dv

@@ -56,6 +56,7 @@ from sparse_compile.codegen.gluon.visit import (
     row_bounds,
     tile_visit,
 )
+from sparse_compile.codegen.launch.compile_only import launch
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
 
 from sparse_compile.heads_layout import empty_output
@@ -256,10 +257,10 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     desc_k = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, d], kv_layout)
     desc_v = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d], kv_layout)
     grid = (triton.cdiv(lq, block_m), b * hq)
-    _fwd_kernel[grid](
-        desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv, rows.pattern_heads,
-        lq,
-        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0), out.stride(1), out.stride(2),
+    launch(
+        _fwd_kernel, grid, desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv,
+        rows.pattern_heads, lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0),
+        out.stride(1), out.stride(2),
         scale * _LOG2E, HEAD_DIM=d, BM=block_m, BN=block_n, STAGES=stages,
         PIECES=rows.pieces, num_warps=CONSUMER_WARPS)
     return out, lse

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from sparse_compile.codegen.launch.compile_only import launch
 
 
 @triton.jit
@@ -35,6 +36,6 @@ def launch_delta(out: torch.Tensor, dout: torch.Tensor, block_m: int = 64) -> to
     delta = torch.empty((b, h, length), device=out.device, dtype=torch.float32)
     d_pad = max(16, 1 << (d - 1).bit_length())
     grid = (triton.cdiv(length, block_m), b * h)
-    _delta_kernel[grid](out, dout, delta, *out.stride(), *dout.stride(), h, length,
+    launch(_delta_kernel, grid, out, dout, delta, *out.stride(), *dout.stride(), h, length,
                         HEAD_DIM=d, D_PAD=d_pad, BM=block_m)
     return delta

@@ -421,3 +421,118 @@ print("ok")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+# --- background precompilation (codegen/precompile.py) ---------------------------------------
+
+@pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
+def test_precompiled_kernels_are_the_ones_the_launches_ask_for(tmp_path) -> None:
+    """The precompile jobs of a model-like call (sequence-major, GQA) compile the forward,
+    Δ, dQ and dK/dV kernels, and the launchers, driven with real tensors of the same shapes
+    and strides, then find every kernel they ask for compiled (sm_90 stand-in driver in a
+    separate process: no GPU here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gluon_sm90_precompile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, str(script), "128", "causal & sliding(64)"],
+                         capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).parents[2] / "tests", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads([x for x in run.stdout.splitlines() if x.startswith("{")][-1])
+    assert report["jobs"] == [1, 3]
+    assert sorted(report["precompiled"]) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel",
+                                             "_fwd_kernel"]
+    assert report["compiled_at_launch"] == []
+
+
+def test_precompile_starts_only_for_static_gpu_operands(monkeypatch) -> None:
+    from sparse_compile.codegen import precompile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    precompile.forget()
+    cpu = torch.empty(1, 2, 64, 128, device="cpu", dtype=torch.bfloat16)
+    assert precompile.precompile(cpu, cpu, cpu, "causal", 0.1, False) == []
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv(precompile.PRECOMPILE_ENV, "0")
+    assert precompile.precompile(q, q, q, "causal", 0.1, False) == []
+    monkeypatch.setenv(precompile.PRECOMPILE_ENV, "1")
+    started = precompile.precompile(q, q, q, "causal", 0.1, False)
+    assert len(started) == 1
+    # the same call again starts nothing; the job finishes without raising, whatever it found
+    assert precompile.precompile(q, q, q, "causal", 0.1, False) == []
+    precompile.finish("forward")
+    assert started[0].exception() is None
+    expected = 1 if ON_GLUON_GPU else 0  # off an sm90 GPU the call takes no Gluon route
+    assert started[0].result() == expected
+    precompile.forget()
+
+
+def test_compile_only_compiles_and_launches_nothing() -> None:
+    from sparse_compile.codegen.launch.compile_only import compile_only, compiling_only, launch
+
+    calls = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("warmup", args, grid, kwargs))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("launch", args, grid, kwargs))
+
+    launch(Kernel(), (2, 1), 1, X=2)
+    assert not compiling_only()
+    with compile_only():
+        assert compiling_only()
+        launch(Kernel(), (2, 1), 1, X=2)
+    assert not compiling_only()
+    assert calls == [("launch", (1,), (2, 1), {"X": 2}), ("warmup", (1,), (2, 1), {"X": 2})]
+
+
+@needs_gluon_gpu
+def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
+    """On the GPU: after the precompile jobs of a sequence-major GQA call, its forward and
+    backward launch without compiling, and agree with the oracle."""
+    from sparse_compile.codegen import precompile
+    from sparse_compile.codegen.attention import backward, forward
+    from sparse_compile.codegen.gluon import backward as gluon_backward
+    from sparse_compile.codegen.gluon import forward as gluon_forward
+    from sparse_compile.codegen.tl import backward_delta
+    from triton import knobs
+
+    from sparse_compile.reference import reference_attention
+
+    for kernel in (gluon_forward._fwd_kernel, gluon_backward._dq_kernel,
+                   gluon_backward._dkdv_kernel, backward_delta._delta_kernel):
+        kernel.device_caches.clear()
+    precompile.forget()
+    compiled: list[str] = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda *a, fn=None, **kw: compiled.append(fn.name))
+    text, b, hq, hkv, length, d = "causal & sliding(100)", 1, 8, 2, 700, 128
+    torch.manual_seed(0)
+    q = torch.randn(b, length, hq, d, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(b, length, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(b, length, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
+    scale = d ** -0.5
+    jobs = [*precompile.precompile(q, k, v, text, scale, False),
+            *precompile.precompile(q, k, v, text, scale, True)]
+    precompile.finish("backward")
+    assert [job.result() for job in jobs] == [1, 3]
+    assert sorted(compiled) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
+    compiled.clear()
+    out, lse = forward(q, k, v, text, scale, query_layout=True)
+    dout = torch.randn_like(out)
+    dq, dk, dv, _ = backward(dout, q, k, v, out, lse, text, scale)
+    assert compiled == []
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = reference_attention(q64, k64, v64, parse(text), scale)
+    expected.backward(dout.double())
+    for got, want in ((out, expected), (dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert rel_error(got, want) < 2e-2

@@ -1,0 +1,77 @@
+"""Background precompilation compiles exactly what the launches ask for; checked without a GPU.
+
+Run as a script in its own process (it swaps Triton's driver for the sm_90 stand-in of
+``gluon_sm90_compile.py`` and pretends the process has an sm90 GPU). It runs the precompile
+jobs (``codegen/precompile.py``) for a model-like call (sequence-major q, k, v, GQA), then
+drives the launchers with real tensors of the same shapes and strides, as the forward and
+backward of that call would, inside ``compile_only()``: every kernel they ask for must already
+be compiled. Prints one JSON line: ``{"precompiled": [...], "compiled_at_launch": [...]}``
+(kernel names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gluon_sm90_compile import _Sm90Driver  # noqa: E402
+
+
+def compiled_names() -> list[str]:
+    """Names of the kernels Triton compiles from now on in this process (its JIT hook)."""
+    from triton import knobs
+
+    names: list[str] = []
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(*a, fn=None, **kw):
+        names.append(fn.name)
+        return previous(*a, fn=fn, **kw) if previous else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+    return names
+
+
+def main(head_dim: int, pattern: str) -> dict:
+    triton.runtime.driver.set_active(_Sm90Driver())
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    from sparse_compile.codegen import precompile
+    from sparse_compile.codegen.gluon import support
+    from sparse_compile.codegen.gluon.backward import launch_gluon_backward
+    from sparse_compile.codegen.gluon.forward import launch_gluon_forward
+    from sparse_compile.codegen.gluon.rows import interval_rows
+    from sparse_compile.codegen.launch.compile_only import compile_only
+    from sparse_compile.patterns import parse
+
+    support._is_sm90.cache_clear()
+    names = compiled_names()
+    b, hq, hkv, length, d = 1, 8, 2, 1000, head_dim
+    # a model's layout: [B, L, H, D] viewed as [B, H, L, D]
+    q = torch.randn(b, length, hq, d, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(b, length, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(b, length, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
+    described = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v))
+    cuda = torch.device("cuda", 0)
+    counts = [precompile._compile(described, cuda, pattern, 0.1, backward)
+              for backward in (False, True)]
+    precompiled = list(names)
+    names.clear()
+    rows = interval_rows(parse(pattern), length, length, q.device)
+    with compile_only():
+        out, lse = launch_gluon_forward(q, k, v, rows, 0.1, query_layout=True)
+        dout = torch.empty_like(out)  # the gradient in the output's layout
+        launch_gluon_backward(dout, q, k, v, out, lse, rows, 0.1)
+    return {"jobs": counts, "precompiled": precompiled, "compiled_at_launch": list(names)}
+
+
+if __name__ == "__main__":
+    head_dim = int(sys.argv[1]) if len(sys.argv) > 1 else 128
+    pattern = sys.argv[2] if len(sys.argv) > 2 else "causal & sliding(64)"
+    print(json.dumps(main(head_dim, pattern)))
