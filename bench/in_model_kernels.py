@@ -126,6 +126,20 @@ def clone_like(t: Any) -> Any:
     return copy.copy_(t)
 
 
+def route_is_gluon(args: tuple, kw: dict) -> bool:
+    """Whether the recorded forward call takes the Gluon kernels (a plain call on the Gluon
+    route, operands TMA can walk)."""
+    from sparse_compile.codegen.gluon.forward import row_view
+
+    q, k, v = args[:3]
+    plain = (kw.get("bias", args[5] if len(args) > 5 else None) is None
+             and (kw.get("frame") is None or kw["frame"].is_default(q.shape[2], k.shape[2]))
+             and not kw.get("softcap") and kw.get("alibi") is None
+             and kw.get("rel_bias") is None)
+    rows = kernels.plain_gluon_rows(q, k, v, args[3], q.device, q.device)
+    return plain and rows is not None and all(row_view(t) is not None for t in (q, k, v))
+
+
 def record_first_calls() -> dict[str, tuple]:
     """Wrap kernels.forward / backward to keep the arguments of their first call."""
     seen: dict[str, tuple] = {}
@@ -179,6 +193,9 @@ def main() -> None:
     in_infer = {k: v / args.layers for k, v in kernel_ms(infer, 3).items()}
     f_args, f_kw = seen["forward"]
     b_args, b_kw = seen["backward"]
+    print(f"recorded forward: Gluon route {route_is_gluon(f_args, f_kw)}, bias "
+          f"{f_kw.get('bias', f_args[5] if len(f_args) > 5 else None) is not None}, q strides "
+          f"{f_args[0].stride()}, k strides {f_args[1].stride()}", flush=True)
 
     def alone() -> None:
         kernels.forward(*f_args, **f_kw)
@@ -201,8 +218,13 @@ def main() -> None:
     flushed, flushed_clock = measured(alone_flushed, 10, repeat=2)
     q, k = f_args[0], f_args[1]
     bias = f_kw.get("bias", f_args[5] if len(f_args) > 5 else None)
+    frame = f_kw.get("frame")
+    default = frame is None or frame.is_default(q.shape[2], k.shape[2])
     shapes = (f"q {tuple(q.shape)} strides {q.stride()}, k {tuple(k.shape)} strides "
-              f"{k.stride()}, pattern `{f_args[3]}`, bias {'none' if bias is None else 'yes'}")
+              f"{k.stride()}, v strides {f_args[2].stride()}, pattern `{f_args[3]}`, bias "
+              f"{'none' if bias is None else tuple(bias.shape)}, positions "
+              f"{'default' if default else 'given'}"
+              f", Gluon route {'yes' if route_is_gluon(f_args, f_kw) else 'no'}")
     rows = ["| kernel | in model, training (ms per layer) | in model, inference | standalone, "
             "same tensors (ms per call) | after warm-up | warmed, L2 flushed | training / "
             "standalone | training / warmed standalone | training / warmed flushed |",

@@ -144,5 +144,5 @@ def _compile(described: tuple, device: torch.device, pattern_text: str, scale: f
                   "forward", pattern_text, error)
         return 0
     finally:
-        log.debug("precompiled %s kernels of %r in %.2f s", "backward" if backward else
+        log.debug("precompile job (%s) of %r done in %.2f s", "backward" if backward else
                   "forward", pattern_text, time.perf_counter() - start)
