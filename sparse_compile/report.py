@@ -44,7 +44,9 @@ class SiteReport:
         """One-line summary used in the log."""
         status = "rewritten" if self.rewritten else f"left as is: {self.reason}"
         q = "x".join(str(s) for s in self.shapes.get("q", ()))
-        return f"{self.module_path or '<root>'} [{self.form} q={q}] {self.pattern}: {status}"
+        mask = f" (model mask {self.mask})" if self.mask else ""
+        return (f"{self.module_path or '<root>'} [{self.form} q={q}] {self.pattern}: "
+                f"{status}{mask}")
 
 
 class Report(list):

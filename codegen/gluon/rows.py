@@ -66,7 +66,9 @@ def interval_rows(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPi
 
 
 def _build(pattern: Any, lq: int, lk: int, device: torch.device) -> RowPieces | None:
-    q = torch.arange(lk - lq, lk, dtype=torch.int64)
+    # Built on the CPU whatever the default device (a user's torch.set_default_device("cuda")
+    # included), then moved to ``device`` once.
+    q = torch.arange(lk - lq, lk, dtype=torch.int64, device="cpu")
     bounds = interval_bounds(pattern)
     with torch.device("cpu"):
         if bounds is not None:

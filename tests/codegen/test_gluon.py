@@ -74,11 +74,13 @@ def test_key_intervals_are_exactly_the_rows_keeping_each_key(text, lq, lk) -> No
     rows = interval_rows(pattern, lq, lk, torch.device("cpu"))
     heads = rows.pattern_heads
     mask = pattern.mask(lq, lk, heads=heads if pattern.per_head else None).reshape(heads, lq, lk)
+    mask = mask.to(rows.lo.device)  # the tests' default device may be the GPU
     assert rows.key_lo.shape == rows.key_hi.shape == (rows.pieces, heads, lk)
     assert rows.key_lo.dtype == torch.int32
-    queries, keys = torch.arange(lq), torch.arange(lk)
+    queries = torch.arange(lq, device=rows.lo.device)
+    keys = torch.arange(lk, device=rows.lo.device)
     for h in range(heads):
-        covered = torch.zeros(lq, lk, dtype=torch.bool)
+        covered = torch.zeros(lq, lk, dtype=torch.bool, device=rows.lo.device)
         for p in range(rows.pieces):
             lo, hi = rows.lo[p, h].long(), rows.hi[p, h].long()
             piece = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
