@@ -147,7 +147,10 @@ def main() -> None:
     import transformers
     import triton
 
-    results = [dict(run_fresh(v, args), variant=v) for v in args.variants]
+    results = []
+    for v in args.variants:  # each row printed when its process ends: a time limit keeps them
+        results.append(dict(run_fresh(v, args), variant=v))
+        print(row(results[-1]), flush=True)
     lines = [
         f"# First call, each variant in a fresh process ({torch.cuda.get_device_name()})", "",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; torch "
