@@ -5,14 +5,14 @@
 #   bash bench/gpu_sweep.sh [DIR] [SECTION ...]
 #
 # DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
-# all, in this order): tests gluon sweep documents in-model flex-sites doge generate.
+# all, in this order): tests gluon sweep documents in-model flex-sites first-call doge generate.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 out="${1:-bench/results/sweep-$(date -u +%Y%m%d-%H%M)}"
 shift || true
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests gluon sweep documents in-model flex-sites doge generate)
+[ ${#sections[@]} -eq 0 ] && sections=(tests gluon sweep documents in-model flex-sites first-call doge generate)
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -55,6 +55,9 @@ for section in "${sections[@]}"; do
       step flex-sites-on-top 240 python3 bench/models.py --family mistral --lengths 32768 \
         --windows 1024 --model-window 4096 --modes train --profile \
         --variants sparse-on-flex flex --out "$out/models-sparse-on-flex-on-top.md" ;;
+    first-call)  # each variant in a fresh process, about 80 s each at 32k
+      step first-call 400 python3 bench/first_call.py --length 32768 --window 4096 \
+        --variants sparse sparse-no-precompile flex --out "$out/first-call.md" ;;
     doge)
       step doge 300 python3 bench/doge_step.py --length 32768 --out "$out/doge-step.md" ;;
     generate)
