@@ -50,12 +50,21 @@ VARIANTS = ("sparse", "sparse-on-flex", "flex", "sdpa")
 SPARSE = ("sparse", "sparse-on-flex")
 
 
-def build(family: str, layers: int, window: int | None, impl: str) -> Any:
+def build(family: str, layers: int, window: int | None, impl: str,
+          own_class: str | None = None) -> Any:
     """The model of ``family`` on attention path ``impl``: ``mistral`` (GQA, its own
     ``sliding_window``), ``llama`` (MHA, no window setting: a window reaches its flex path as a
     BlockMask), ``gemma3`` (Gemma-3-like: GQA, five ``sliding_attention`` layers of ``window``
     keys to one ``full_attention`` layer, transformers' own per-layer windows; ``window=None``
-    makes every layer full)."""
+    makes every layer full).
+
+    ``own_class``: the model is an instance of a subclass of that name, so that Dynamo keeps its
+    compiled code apart from other variants' in the process. Without it, a model on the SDPA
+    path called after one of the same class on the flex path was compiled ran the flex model's
+    cached code: that code graph-breaks at the mask function, so its guards never look at the
+    attention implementation, and the SDPA model then built its mask in a separate graph and
+    handed it to the attention as a dense bias (reproduced on the CPU; 0.90x instead of
+    1.10x on the H100)."""
     import transformers
 
     heads, kv = (16, 16) if family == "llama" else (16, 4)
@@ -73,6 +82,8 @@ def build(family: str, layers: int, window: int | None, impl: str) -> Any:
     else:
         config = transformers.LlamaConfig(**common)
         cls = transformers.LlamaModel
+    if own_class:
+        cls = type(f"{cls.__name__}_{own_class.replace('-', '_')}", (cls,), {})
     torch.manual_seed(0)
     model = cls(config).to(device="cuda", dtype=torch.bfloat16)
     model.set_attn_implementation(impl)
@@ -231,14 +242,14 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
         options = {"assign": gemma3_assign(args.layers, window)}
     baseline = torch.cuda.memory_allocated()
     if name == "sdpa":
-        model = build(args.family, args.layers, None, "sdpa")
+        model = build(args.family, args.layers, None, "sdpa", name)
         compiled = torch.compile(model)
     elif name == "flex":
-        model = build(args.family, args.layers, model_window, "flex_attention")
+        model = build(args.family, args.layers, model_window, "flex_attention", name)
         compiled = torch.compile(model)
     else:
         impl = "flex_attention" if name == "sparse-on-flex" else "sdpa"
-        model = build(args.family, args.layers, model_window, impl)
+        model = build(args.family, args.layers, model_window, impl, name)
         compiled = torch.compile(model, backend="sparse", options=options)
     extra = {}
     if name in ("flex", "sparse-on-flex") and block_mask:
