@@ -70,9 +70,7 @@ def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: 
         if key in _seen:
             return []
         _seen.add(key)
-        global _pool
-        if _pool is None:
-            _pool = ThreadPoolExecutor(2, thread_name_prefix="sparse_compile-precompile")
+        _start_pools()
         future = _pool.submit(_compile, described, q.device, pattern_text, scale, backward)
         _pending[kind].append(future)
     return [future]
@@ -105,11 +103,33 @@ def _side_by_side() -> contextlib.AbstractContextManager:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:  # an older or newer layout: one after the other
         return contextlib.nullcontext()
-    global _compilers
     with _lock:
-        if _compilers is None:
-            _compilers = ThreadPoolExecutor(4, thread_name_prefix="sparse_compile-compile")
+        _start_pools()
     return AsyncCompileMode(_compilers)
+
+
+def _start_pools() -> None:
+    """Make the thread pools on first use; call with ``_lock`` held."""
+    global _pool, _compilers
+    if _pool is None:
+        _pool = ThreadPoolExecutor(2, thread_name_prefix="sparse_compile-precompile")
+        _compilers = ThreadPoolExecutor(4, thread_name_prefix="sparse_compile-compile")
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: its copies of the pools would never
+    run a job, the parent's jobs never finish there, and the lock may have been held by one of
+    those threads. Start from nothing (the kernels compiled so far stay compiled)."""
+    global _lock, _pool, _compilers
+    _lock = threading.Lock()
+    _pool = _compilers = None
+    for kind in _pending:
+        _pending[kind].clear()
+    _seen.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _compile(described: tuple, device: torch.device, pattern_text: str, scale: float,

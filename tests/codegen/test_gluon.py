@@ -538,3 +538,40 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
     expected.backward(dout.double())
     for got, want in ((out, expected), (dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
         assert rel_error(got, want) < 2e-2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_starts_precompilation_afresh() -> None:
+    """A child forked while jobs are pending has none of the parent's threads: it must not
+    wait for the parent's jobs, and its own jobs must run."""
+    import os
+    from concurrent.futures import Future
+
+    from sparse_compile.codegen import precompile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    never = Future()  # a job that never finishes in this process either
+    precompile._pending["forward"].append(never)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        import signal
+
+        signal.alarm(60)  # a hang fails the test instead of stalling the run
+        try:
+            precompile.finish("backward")  # would wait forever on the parent's job
+            with FakeTensorMode():
+                q = torch.empty(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+            jobs = precompile.precompile(q, q, q, "causal", 0.1, False)
+            precompile.finish("forward")
+            ok = len(jobs) == 1 and jobs[0].done() and jobs[0].exception() is None
+            os.write(write, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 8)
+    os.close(read)
+    precompile._pending["forward"].remove(never)
+    precompile.forget()
+    assert status == 0 and answer == b"ok"
