@@ -63,7 +63,7 @@ def measure_one(variant: str, length: int, window: int, layers: int) -> dict[str
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from models import build, warm_process
+    from models import build, train_and_infer, warm_process
 
     result: dict[str, Any] = {"variant": variant, "warm_process_s": warm_process()}
     compiled_kernels = compile_timer()
@@ -75,14 +75,7 @@ def measure_one(variant: str, length: int, window: int, layers: int) -> dict[str
     else:
         compiled = torch.compile(model)
     ids = torch.randint(0, 32000, (1, length), device="cuda")
-
-    def train() -> None:
-        out = compiled(input_ids=ids, use_cache=False).last_hidden_state
-        out.float().square().mean().backward()
-
-    def infer() -> None:
-        with torch.no_grad():
-            compiled(input_ids=ids, use_cache=False)
+    train, infer = train_and_infer(compiled, ids)
 
     for mode, step in (("train", train), ("infer", infer)):
         torch.cuda.synchronize()

@@ -40,7 +40,7 @@ import triton
 from sparse_compile.codegen import attention as kernels
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import build  # noqa: E402
+from models import build, train_and_infer  # noqa: E402
 
 OUR_KERNELS = ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel", "_delta_kernel")
 
@@ -176,14 +176,7 @@ def main() -> None:
     seen = record_first_calls()
     compiled = torch.compile(model, backend="sparse", options={"pattern": pattern})
     ids = torch.randint(0, 32000, (1, args.length), device="cuda")
-
-    def train() -> None:
-        out = compiled(input_ids=ids, use_cache=False).last_hidden_state
-        out.float().square().mean().backward()
-
-    def infer() -> None:
-        with torch.no_grad():
-            compiled(input_ids=ids, use_cache=False)
+    train, infer = train_and_infer(compiled, ids)
 
     for _ in range(2):
         train()

@@ -90,6 +90,21 @@ def build(family: str, layers: int, window: int | None, impl: str,
     return model
 
 
+def train_and_infer(compiled: Any, ids: torch.Tensor) -> tuple[Callable[[], None],
+                                                                Callable[[], None]]:
+    """A training step (forward and backward of mean(h²) of the last hidden state) and an
+    inference call (``torch.no_grad``) of a compiled model on ``ids``, without a cache."""
+    def train() -> None:
+        out = compiled(input_ids=ids, use_cache=False).last_hidden_state
+        out.float().square().mean().backward()
+
+    def infer() -> None:
+        with torch.no_grad():
+            compiled(input_ids=ids, use_cache=False)
+
+    return train, infer
+
+
 def gemma3_layer_types(layers: int, local: bool) -> list[str]:
     """Gemma 3's layer pattern: five sliding-window layers, then one global, repeated."""
     return ["full_attention" if not local or i % 6 == 5 else "sliding_attention"
