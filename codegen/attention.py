@@ -15,7 +15,12 @@ import torch
 from sparse_compile.codegen import precompile
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
-from sparse_compile.codegen.gluon.rows import RowPieces, document_rows, interval_rows
+from sparse_compile.codegen.gluon.rows import (
+    RowPieces,
+    document_rows,
+    interval_rows,
+    position_only,
+)
 from sparse_compile.codegen.gluon.support import gluon_device, gluon_head_dims
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
@@ -280,27 +285,32 @@ def _gluon_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-                     device: torch.device, rows_device: torch.device
+                     device: torch.device, rows_device: torch.device, documents: bool = False
                      ) -> RowPieces | None:
-    """The row intervals (built on ``rows_device``) that a plain call (no bias, dropout,
-    soft-capping, position bias; default positions) with operands shaped like q, k, v on
-    ``device`` would hand the Gluon kernels, or None when such a call takes another route
-    (decoding, residue or strided-union routes, ``tl`` kernels). The operands may be ``meta``
-    tensors: only their shapes and dtypes are read. What ``forward`` and ``backward`` decide
-    for that call, asked ahead of it (``codegen/precompile.py``)."""
+    """Row intervals (built on ``rows_device``) shaped like those a plain call (no bias,
+    dropout, soft-capping, position bias; default positions, or packed ``documents``) with
+    operands shaped like q, k, v on ``device`` would hand the Gluon kernels, or None when such
+    a call takes another route (decoding, residue or strided-union routes, documents over
+    several batch rows, ``tl`` kernels). With ``documents`` the values differ from the call's
+    (``document_rows`` are built from the documents on the device), the shapes and dtypes, all
+    the kernels specialise on, do not. The operands may be ``meta`` tensors: only their shapes
+    and dtypes are read. What ``forward`` and ``backward`` decide for that call, asked ahead of
+    it (``codegen/precompile.py``)."""
     lq, lk = q.shape[2], k.shape[2]
-    if decode_applies(q, k, 0.0, DEFAULT_FRAME) and family_available("decode"):
+    pattern = parse_pattern(pattern_text)
+    if documents:  # _one_row_of_documents, and document_rows' own condition
+        if lq != lk or q.shape[0] != 1 or not position_only(pattern):
+            return None
+    elif decode_applies(q, k, 0.0, DEFAULT_FRAME) and family_available("decode"):
         return None
-    if (strided_union_route(pattern_text, lq, lk, False, 0.0) is not None
+    elif (strided_union_route(pattern_text, lq, lk, False, 0.0) is not None
             or residue_route(pattern_text, lq, lk, False, 0.0) is not None):
         return None
     cfg = _call_config(pattern_text, device, q.shape[-1], q.dtype, lq, lk,
                        os.environ.get("TRITON_INTERPRET"), None)
-    if not _plain_call(cfg, None, 0.0, 0.0, None, None, DEFAULT_FRAME, lq, lk):
+    if not cfg.gluon or not _gluon_serves(q, k, v, device):
         return None
-    if not _gluon_serves(q, k, v, device):
-        return None
-    return interval_rows(parse_pattern(pattern_text), lq, lk, rows_device)
+    return interval_rows(pattern, lq, lk, rows_device)
 
 
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

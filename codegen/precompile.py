@@ -13,9 +13,10 @@ find them compiled.
 What is compiled is exactly what the launch will ask for: the real launchers run inside
 ``compile_only()`` (``codegen/launch/compile_only.py``) on ``meta`` tensors with the
 operands' shapes and strides, so every argument that Triton specialises on is the same. It
-covers the Gluon route of plain calls (no bias, dropout, soft-capping, position bias, default
-positions), the one a model's sliding-window or causal attention takes on sm90; other calls
-compile at their launch, as before. A failure here is logged at debug level and changes
+covers the Gluon route of plain calls (no bias, dropout, soft-capping, position bias; default
+positions, or packed documents of one batch row, which transformers' FlexAttention path hands
+every compiled model), the one a model's sliding-window or causal attention takes on sm90;
+other calls compile at their launch, as before. A failure here is logged at debug level and changes
 nothing: the launch compiles what is missing. ``SPARSE_COMPILE_PRECOMPILE=0`` turns it off.
 """
 
@@ -51,11 +52,12 @@ def _static(t: torch.Tensor) -> bool:
 
 
 def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-               scale: float, backward: bool) -> list[Future]:
+               scale: float, backward: bool, documents: bool = False) -> list[Future]:
     """Start compiling the forward kernels (with ``backward``, the backward's instead) of a
-    plain call on operands like q, k, v, which may be fake tensors of a graph being traced;
-    returns the jobs started (none when off, already started for these operands, off the
-    GPU, or with symbolic shapes). Never raises for the call's sake: it only saves time."""
+    plain call on operands like q, k, v, which may be fake tensors of a graph being traced
+    (``documents``: a call on packed documents, the Gluon kernels' other route); returns the
+    jobs started (none when off, already started for these operands, off the GPU, or with
+    symbolic shapes). Never raises for the call's sake: it only saves time."""
     if not precompile_enabled() or q.device.type != "cuda":
         return []
     try:
@@ -65,13 +67,14 @@ def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: 
     except Exception:  # noqa: BLE001 - a tensor subclass without plain sizes: nothing to do
         return []
     kind = "backward" if backward else "forward"
-    key = (described, q.device, pattern_text, kind)
+    key = (described, q.device, pattern_text, kind, documents)
     with _lock:
         if key in _seen:
             return []
         _seen.add(key)
         _start_pools()
-        future = _pool.submit(_compile, described, q.device, pattern_text, scale, backward)
+        future = _pool.submit(_compile, described, q.device, pattern_text, scale, backward,
+                              documents)
         _pending[kind].append(future)
     return [future]
 
@@ -133,7 +136,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _compile(described: tuple, device: torch.device, pattern_text: str, scale: float,
-             backward: bool) -> int:
+             backward: bool, documents: bool = False) -> int:
     """The job: the launchers on meta stand-ins inside ``compile_only()``; returns how many
     kernels it asked for (0 when the call takes another route)."""
     from sparse_compile.codegen.attention import plain_gluon_rows
@@ -146,7 +149,7 @@ def _compile(described: tuple, device: torch.device, pattern_text: str, scale: f
     try:
         q, k, v = (torch.empty_strided(shape, stride, dtype=dtype, device="meta")
                    for shape, stride, dtype in described)
-        rows = plain_gluon_rows(q, k, v, pattern_text, device, torch.device("cpu"))
+        rows = plain_gluon_rows(q, k, v, pattern_text, device, torch.device("cpu"), documents)
         if rows is None:
             return 0
         with torch.cuda.device(device), compile_only(), _side_by_side():

@@ -126,27 +126,28 @@ def attention_op(
     return laid_out_like(out, q), lse
 
 
-def _precompile(q, k, v, pattern, scale, plain: bool, backward: bool) -> None:
-    """Start compiling the kernels a plain call will launch (``codegen/precompile.py``) while
-    the graph around it is traced and compiled."""
+def _precompile(q, k, v, pattern, scale, plain: bool, documents, backward: bool) -> None:
+    """Start compiling the kernels a plain call (default positions or packed ``documents``)
+    will launch (``codegen/precompile.py``) while the graph around it is traced and
+    compiled."""
     if plain and q.device.type == "cuda":
         from sparse_compile.codegen import precompile
 
-        precompile.precompile(q, k, v, pattern, scale, backward)
+        precompile.precompile(q, k, v, pattern, scale, backward, documents is not None)
 
 
-def _plain(bias, dropout_p, softcap, starts, documents, alibi, rel_bias) -> bool:
-    """Whether a call has no bias, dropout, soft-capping, positions or position bias."""
+def _plain(bias, dropout_p, softcap, starts, alibi, rel_bias) -> bool:
+    """Whether a call has no bias, dropout, soft-capping, start positions or position bias."""
     return (bias is None and not dropout_p and not softcap and starts is None
-            and documents is None and alibi is None and rel_bias is None)
+            and alibi is None and rel_bias is None)
 
 
 @attention_op.register_fake
 def _(q, k, v, bias, pattern, scale, dropout_p, seed, softcap=0.0, starts=None, documents=None,
       alibi=None, rel_bias=None):
     check_heads(q, k, v)
-    _precompile(q, k, v, pattern, scale,
-                _plain(bias, dropout_p, softcap, starts, documents, alibi, rel_bias), False)
+    _precompile(q, k, v, pattern, scale, _plain(bias, dropout_p, softcap, starts, alibi, rel_bias),
+                documents, False)
     b, hq, lq, d = q.shape
     return empty_heads(q, (b, hq, lq, d), q.dtype), q.new_empty((b, hq, lq), dtype=torch.float32)
 
@@ -235,8 +236,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.rel_grad = rel_bias is not None and rel_bias.requires_grad
     # A backward will follow (traced or not): its kernels can compile meanwhile.
-    _precompile(q, k, v, pattern, scale,
-                _plain(bias, dropout_p, softcap, starts, documents, alibi, rel_bias), True)
+    _precompile(q, k, v, pattern, scale, _plain(bias, dropout_p, softcap, starts, alibi, rel_bias),
+                documents, True)
 
 
 def _backward(ctx, grad_out, grad_lse):

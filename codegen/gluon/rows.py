@@ -109,7 +109,7 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
     ``prefix(n)`` row's grows n keys a row). Kept rows lie inside their document and a later
     document starts after an earlier one ends, so both bounds are non-decreasing over the
     whole row, and the keys' intervals follow by binary search as for the plain rows."""
-    if not _position_only(pattern):
+    if not position_only(pattern):
         return None
     length = start.shape[-1]
     base = interval_rows(pattern, length, length, start.device)
@@ -129,16 +129,16 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
 _POSITION_ONLY: dict[str, bool] = {}
 
 
-def _position_only(pattern: Any) -> bool:
+def position_only(pattern: Any) -> bool:
     """Whether every interval bound of ``pattern`` is a closed form of the query position
     ``Q`` alone (cached: the symbolic analysis takes about a millisecond, every call asks)."""
     key = str(pattern)
     if key not in _POSITION_ONLY:
-        _POSITION_ONLY[key] = _bounds_of_position_only(pattern)
+        _POSITION_ONLY[key] = _bounds_ofposition_only(pattern)
     return _POSITION_ONLY[key]
 
 
-def _bounds_of_position_only(pattern: Any) -> bool:
+def _bounds_ofposition_only(pattern: Any) -> bool:
     bounds = interval_bounds(pattern)
     if bounds is None:
         per_head = interval_pieces(pattern)

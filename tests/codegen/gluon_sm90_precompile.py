@@ -5,8 +5,9 @@ Run as a script in its own process (it swaps Triton's driver for the sm_90 stand
 jobs (``codegen/precompile.py``) for a model-like call (sequence-major q, k, v, GQA), then
 drives the launchers with real tensors of the same shapes and strides, as the forward and
 backward of that call would, inside ``compile_only()``: every kernel they ask for must already
-be compiled. Prints one JSON line: ``{"precompiled": [...], "compiled_at_launch": [...]}``
-(kernel names).
+be compiled. With ``documents`` as third argument the call is one on packed documents (B = 1),
+the launches reading the rows built from three documents with padding. Prints one JSON line:
+``{"jobs": [...], "precompiled": [...], "compiled_at_launch": [...]}`` (kernel names).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def compiled_names() -> list[str]:
     return names
 
 
-def main(head_dim: int, pattern: str) -> dict:
+def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
     triton.runtime.driver.set_active(_Sm90Driver())
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.device = lambda device: contextlib.nullcontext()
@@ -46,8 +47,9 @@ def main(head_dim: int, pattern: str) -> dict:
     from sparse_compile.codegen.gluon import support
     from sparse_compile.codegen.gluon.backward import launch_gluon_backward
     from sparse_compile.codegen.gluon.forward import launch_gluon_forward
-    from sparse_compile.codegen.gluon.rows import interval_rows
+    from sparse_compile.codegen.gluon.rows import document_rows, interval_rows
     from sparse_compile.codegen.launch.compile_only import compile_only
+    from sparse_compile.codegen.tl.documents import document_bounds_reference
     from sparse_compile.patterns import parse
 
     support._is_sm90.cache_clear()
@@ -59,11 +61,16 @@ def main(head_dim: int, pattern: str) -> dict:
     v = torch.randn(b, length, hkv, d, dtype=torch.bfloat16).transpose(1, 2)
     described = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v))
     cuda = torch.device("cuda", 0)
-    counts = [precompile._compile(described, cuda, pattern, 0.1, backward)
+    counts = [precompile._compile(described, cuda, pattern, 0.1, backward, documents)
               for backward in (False, True)]
     precompiled = list(names)
     names.clear()
-    rows = interval_rows(parse(pattern), length, length, q.device)
+    if documents:  # three documents and padding: the rows the call builds from them
+        ids = torch.tensor([[0] * 300 + [1] * 500 + [-1] * 50 + [2] * 150])
+        start, end = document_bounds_reference(ids)
+        rows = document_rows(parse(pattern), start[0], end[0])
+    else:
+        rows = interval_rows(parse(pattern), length, length, q.device)
     with compile_only():
         out, lse = launch_gluon_forward(q, k, v, rows, 0.1, query_layout=True)
         dout = torch.empty_like(out)  # the gradient in the output's layout
@@ -74,4 +81,5 @@ def main(head_dim: int, pattern: str) -> dict:
 if __name__ == "__main__":
     head_dim = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     pattern = sys.argv[2] if len(sys.argv) > 2 else "causal & sliding(64)"
-    print(json.dumps(main(head_dim, pattern)))
+    documents = len(sys.argv) > 3 and sys.argv[3] == "documents"
+    print(json.dumps(main(head_dim, pattern, documents)))

@@ -428,11 +428,12 @@ print("ok")
 # --- background precompilation (codegen/precompile.py) ---------------------------------------
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
-def test_precompiled_kernels_are_the_ones_the_launches_ask_for(tmp_path) -> None:
-    """The precompile jobs of a model-like call (sequence-major, GQA) compile the forward,
-    Δ, dQ and dK/dV kernels, and the launchers, driven with real tensors of the same shapes
-    and strides, then find every kernel they ask for compiled (sm_90 stand-in driver in a
-    separate process: no GPU here)."""
+@pytest.mark.parametrize("route", ["plain", "documents"])
+def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, tmp_path) -> None:
+    """The precompile jobs of a model-like call (sequence-major, GQA; default positions or
+    packed documents) compile the forward, Δ, dQ and dK/dV kernels, and the launchers, driven
+    with real tensors of the same shapes and strides, then find every kernel they ask for
+    compiled (sm_90 stand-in driver in a separate process: no GPU here)."""
     import json
     import os
     import subprocess
@@ -442,7 +443,7 @@ def test_precompiled_kernels_are_the_ones_the_launches_ask_for(tmp_path) -> None
     script = Path(__file__).with_name("gluon_sm90_precompile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, str(script), "128", "causal & sliding(64)"],
+    run = subprocess.run([sys.executable, str(script), "128", "causal & sliding(64)", route],
                          capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).parents[2] / "tests", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -575,3 +576,27 @@ def test_a_forked_child_starts_precompilation_afresh() -> None:
     precompile._pending["forward"].remove(never)
     precompile.forget()
     assert status == 0 and answer == b"ok"
+
+
+def test_precompile_asks_the_route_the_call_will_take(monkeypatch) -> None:
+    """The rows a precompile job builds exist exactly where the call takes the Gluon kernels:
+    plain calls and packed documents of one batch row, not decoding steps, documents over
+    several batch rows, or patterns the Gluon rows do not serve."""
+    monkeypatch.setattr(kernels, "_gluon_serves", lambda *a: True)  # an sm90 GPU, stood in
+    cpu = torch.device("cpu")
+
+    def rows(b, lq, lk, text, documents=False):
+        q = torch.empty(b, 4, lq, 128, device="meta", dtype=torch.bfloat16)
+        k = torch.empty(b, 2, lk, 128, device="meta", dtype=torch.bfloat16)
+        return kernels.plain_gluon_rows(q, k, k, text, cpu, cpu, documents)
+
+    band = "causal & sliding(16)"
+    assert rows(1, 64, 64, band) is not None
+    assert rows(2, 64, 64, band) is not None
+    assert rows(1, 64, 64, band, documents=True) is not None
+    assert rows(2, 64, 64, band, documents=True) is None  # the tl kernels' route
+    assert rows(1, 1, 4096, band) is None  # a decoding step
+    assert rows(1, 64, 64, "strided(4)") is None
+    assert rows(1, 64, 64, "strided(4)", documents=True) is None
+    built = rows(1, 64, 64, band, documents=True)
+    assert (built.pieces, built.pattern_heads, built.lo.dtype) == (1, 1, torch.int32)
