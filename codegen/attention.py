@@ -253,7 +253,7 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
     rows = _gluon_rows(q, k, v, pattern_text, frame)
     if rows is None:
         return None
-    precompile.finish("forward")
+    precompile.finish_call(q, k, v, None, pattern_text, False, frame.mode == DOCUMENTS)
     try:
         with fall_back_on_failure("gluon_forward"):
             return launch_gluon_forward(q, k, v, rows, scale, out_dtype,
@@ -324,7 +324,7 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     rows = _gluon_rows(q, k, v, pattern_text, frame)
     if rows is None:
         return None
-    precompile.finish("backward")
+    precompile.finish_call(q, k, v, dout, pattern_text, True, frame.mode == DOCUMENTS)
     try:
         with fall_back_on_failure("gluon_backward"):
             return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale)

@@ -4,11 +4,13 @@ A model's first call under ``torch.compile`` spends seconds compiling: Inductor 
 forward graph, runs it, then compiles the backward graph (lazily, at the first backward) and
 runs that. Our kernels would compile inside those runs, one after the other, at their first
 launch. Yet their shapes, strides, dtypes and pattern are known as soon as the graph is traced:
-the op's fake implementation sees the forward's operands, its autograd ``setup_context`` sees
-that a backward will follow. ``precompile`` then hands the kernels the call will launch to a
-small thread pool, which compiles them (Triton's compiler and ptxas release the interpreter
-lock for most of their work) while Inductor compiles the rest of the model; the launches later
-find them compiled.
+the op's fake implementation sees the forward's operands, the backward op's fake
+implementation those of the backward, the gradient's layout included (an eager call's
+autograd ``setup_context`` starts the backward's, the gradient taken in the output's layout).
+``precompile`` then hands the kernels the call will launch to small thread pools, which
+compile them (Triton's compiler and ptxas release the interpreter lock for most of their work)
+while Inductor compiles the rest of the model; a launch waits for its own call's job, if still
+running, and finds its kernels compiled.
 
 What is compiled is exactly what the launch will ask for: the real launchers run inside
 ``compile_only()`` (``codegen/launch/compile_only.py``) on ``meta`` tensors with the
@@ -16,13 +18,15 @@ operands' shapes and strides, so every argument that Triton specialises on is th
 covers the Gluon route of plain calls (no bias, dropout, soft-capping, position bias; default
 positions, or packed documents of one batch row, which transformers' FlexAttention path hands
 every compiled model), the one a model's sliding-window or causal attention takes on sm90;
-other calls compile at their launch, as before. A failure here is logged at debug level and changes
-nothing: the launch compiles what is missing. ``SPARSE_COMPILE_PRECOMPILE=0`` turns it off.
+other calls compile at their launch, as before. A failure here is logged at debug level and
+changes nothing: the launch compiles what is missing. ``SPARSE_COMPILE_PRECOMPILE=0`` turns it
+off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -35,11 +39,14 @@ from sparse_compile.codegen.launch.compile_only import compile_only
 log = logging.getLogger("sparse_compile")
 
 PRECOMPILE_ENV = "SPARSE_COMPILE_PRECOMPILE"
-_pool: ThreadPoolExecutor | None = None  # the jobs: one per call and direction
-_compilers: ThreadPoolExecutor | None = None  # their kernels' compilations, side by side
+_KINDS = ("forward", "backward")
+# Jobs, one per call and direction, in a pool per direction (a forward's compilation never
+# queues behind backward ones); their kernels compile side by side in a third.
+_pools: dict[str, ThreadPoolExecutor] = {}
+_compilers: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _seen: set[tuple] = set()
-_pending: dict[str, list[Future]] = {"forward": [], "backward": []}
+_pending: dict[tuple, Future] = {}  # job key -> its job, until a launch waits for it
 
 
 def precompile_enabled() -> bool:
@@ -51,46 +58,91 @@ def _static(t: torch.Tensor) -> bool:
     return all(isinstance(x, int) for x in (*t.shape, *t.stride()))
 
 
-def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-               scale: float, backward: bool, documents: bool = False) -> list[Future]:
-    """Start compiling the forward kernels (with ``backward``, the backward's instead) of a
-    plain call on operands like q, k, v, which may be fake tensors of a graph being traced
-    (``documents``: a call on packed documents, the Gluon kernels' other route); returns the
-    jobs started (none when off, already started for these operands, off the GPU, or with
-    symbolic shapes). Never raises for the call's sake: it only saves time."""
-    if not precompile_enabled() or q.device.type != "cuda":
-        return []
+def _described(*tensors: torch.Tensor | None) -> tuple | None:
+    """(shape, strides, dtype) of each tensor (None stays None), or None when a size is
+    symbolic or unreadable."""
     try:
-        if not all(_static(t) for t in (q, k, v)):
-            return []
-        described = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in (q, k, v))
+        if not all(t is None or _static(t) for t in tensors):
+            return None
+        return tuple(None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype)
+                     for t in tensors)
     except Exception:  # noqa: BLE001 - a tensor subclass without plain sizes: nothing to do
+        return None
+
+
+def job_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None,
+            pattern_text: str, backward: bool, documents: bool) -> tuple | None:
+    """What identifies a job: the operands' shapes, strides and dtypes (the gradient's for the
+    backward, when known), device, pattern, direction, route; None when not static."""
+    described = _described(q, k, v, dout if backward else None)
+    if described is None:
+        return None
+    return (described, q.device, pattern_text, _KINDS[backward], documents)
+
+
+def _gluon_device(device: torch.device) -> bool:
+    """Whether ``device`` runs the Gluon kernels (never raises: a fake ``cuda`` device on a
+    machine without one says no)."""
+    from sparse_compile.codegen.gluon.support import gluon_device
+
+    try:
+        return gluon_device(device)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
+               scale: float, backward: bool, documents: bool = False,
+               dout: torch.Tensor | None = None) -> list[Future]:
+    """Start compiling the forward kernels (with ``backward``, the backward's instead, for a
+    gradient like ``dout``, by default in the output's layout) of a plain call on operands
+    like q, k, v, which may be fake tensors of a graph being traced (``documents``: a call on
+    packed documents, the Gluon kernels' other route); returns the jobs started (none when
+    off, already started for these operands, not on a GPU the Gluon kernels run on, or with
+    symbolic shapes). Never raises for the call's sake: it only saves time."""
+    if not precompile_enabled() or q.device.type != "cuda" or not _gluon_device(q.device):
         return []
-    kind = "backward" if backward else "forward"
-    key = (described, q.device, pattern_text, kind, documents)
+    key = job_key(q, k, v, dout, pattern_text, backward, documents)
+    if key is None:
+        return []
     with _lock:
         if key in _seen:
             return []
+        try:
+            _start_pools()
+            # A context of its own per job: Triton's compile mode is a context variable, and a
+            # pool thread would otherwise carry one job's state into the next.
+            future = _pools[_KINDS[backward]].submit(
+                contextvars.Context().run, _compile, key, scale)
+        except RuntimeError as error:  # interpreter shutting down, no thread to be had
+            log.debug("precompiling %r not started: %r", pattern_text, error)
+            return []
         _seen.add(key)
-        _start_pools()
-        future = _pool.submit(_compile, described, q.device, pattern_text, scale, backward,
-                              documents)
-        _pending[kind].append(future)
+        _pending[key] = future
     return [future]
 
 
-def finish(kind: str) -> None:
-    """Wait for the started compilations of ``kind`` ("forward" or "backward"; the backward
-    waits for both) so that a launch does not compile a kernel a second time beside them."""
-    kinds = ("forward", "backward") if kind == "backward" else ("forward",)
-    if not any(_pending[k] for k in kinds):
+def finish(key: tuple | None) -> None:
+    """Wait for the job of ``key`` (``job_key`` of the call about to launch) if one is
+    running, so that the launch does not compile the same kernels a second time beside it.
+    Other jobs are not waited for."""
+    if not _pending or key is None:
         return
     with _lock:
-        futures = [f for k in kinds for f in _pending[k]]
-        for k in kinds:
-            _pending[k].clear()
-    for future in futures:
+        future = _pending.pop(key, None)
+    if future is not None:
         future.exception()  # waits; failures were logged by the job
+
+
+def finish_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None,
+                pattern_text: str, backward: bool, documents: bool) -> None:
+    """``finish`` for the call about to launch (a backward also waits for a job started with
+    the gradient's layout assumed: an eager call's). Free when no job is pending."""
+    if not _pending:
+        return
+    finish(job_key(q, k, v, dout, pattern_text, backward, documents))
+    if backward and dout is not None:
+        finish(job_key(q, k, v, None, pattern_text, backward, documents))
 
 
 def forget() -> None:
@@ -101,21 +153,23 @@ def forget() -> None:
 
 def _side_by_side() -> contextlib.AbstractContextManager:
     """Triton's asynchronous compile mode on the compiler pool where this Triton has it: the
-    job's kernels then compile side by side (leaving the block waits for all of them)."""
+    job's kernels then compile side by side (leaving the block waits for all of them; a
+    kernel that fails is left to its launch)."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:  # an older or newer layout: one after the other
         return contextlib.nullcontext()
     with _lock:
         _start_pools()
-    return AsyncCompileMode(_compilers)
+    return AsyncCompileMode(_compilers, ignore_errors=True)
 
 
 def _start_pools() -> None:
     """Make the thread pools on first use; call with ``_lock`` held."""
-    global _pool, _compilers
-    if _pool is None:
-        _pool = ThreadPoolExecutor(2, thread_name_prefix="sparse_compile-precompile")
+    global _compilers
+    if not _pools:
+        for kind in _KINDS:
+            _pools[kind] = ThreadPoolExecutor(2, thread_name_prefix=f"sparse_compile-{kind}")
         _compilers = ThreadPoolExecutor(4, thread_name_prefix="sparse_compile-compile")
 
 
@@ -123,11 +177,11 @@ def _after_fork_in_child() -> None:
     """A forked child has none of the parent's threads: its copies of the pools would never
     run a job, the parent's jobs never finish there, and the lock may have been held by one of
     those threads. Start from nothing (the kernels compiled so far stay compiled)."""
-    global _lock, _pool, _compilers
+    global _lock, _compilers
     _lock = threading.Lock()
-    _pool = _compilers = None
-    for kind in _pending:
-        _pending[kind].clear()
+    _pools.clear()
+    _compilers = None
+    _pending.clear()
     _seen.clear()
 
 
@@ -135,37 +189,37 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _compile(described: tuple, device: torch.device, pattern_text: str, scale: float,
-             backward: bool, documents: bool = False) -> int:
+def _compile(key: tuple, scale: float) -> int:
     """The job: the launchers on meta stand-ins inside ``compile_only()``; returns how many
-    kernels it asked for (0 when the call takes another route)."""
-    from sparse_compile.codegen.attention import plain_gluon_rows
-    from sparse_compile.codegen.gluon.backward import launch_gluon_backward
-    from sparse_compile.codegen.gluon.forward import launch_gluon_forward
-
-    from sparse_compile.heads_layout import empty_output
-
+    kernels it asked for (0 when the call takes another route or anything failed)."""
+    described, device, pattern_text, kind, documents = key
     start = time.perf_counter()
     try:
-        q, k, v = (torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-                   for shape, stride, dtype in described)
+        from sparse_compile.codegen.attention import plain_gluon_rows
+        from sparse_compile.codegen.gluon.backward import launch_gluon_backward
+        from sparse_compile.codegen.gluon.forward import launch_gluon_forward
+
+        from sparse_compile.heads_layout import empty_output
+
+        q, k, v, dout = (None if d is None else
+                         torch.empty_strided(d[0], d[1], dtype=d[2], device="meta")
+                         for d in described)
         rows = plain_gluon_rows(q, k, v, pattern_text, device, torch.device("cpu"), documents)
         if rows is None:
             return 0
         with torch.cuda.device(device), compile_only(), _side_by_side():
-            if not backward:
+            if kind == "forward":
                 launched = launch_gluon_forward(q, k, v, rows, scale, query_layout=True)
                 return 0 if launched is None else 1
             b, hq, lq, d = q.shape
-            out = empty_output(q, (b, hq, lq, d), q.dtype, True)
+            out = empty_output(q, (b, hq, lq, d), q.dtype, True)  # the op's output layout
             lse = torch.empty((b, hq, lq), dtype=torch.float32, device="meta")
-            # The gradient of the output usually arrives in the output's layout.
-            grads = launch_gluon_backward(out, q, k, v, out, lse, rows, scale)
+            grads = launch_gluon_backward(out if dout is None else dout, q, k, v, out, lse,
+                                          rows, scale)
             return 0 if grads is None else 3
     except Exception as error:  # noqa: BLE001 - the launch will compile what is missing
-        log.debug("precompiling %s kernels of %r failed: %r", "backward" if backward else
-                  "forward", pattern_text, error)
+        log.debug("precompiling the %s kernels of %r failed: %r", kind, pattern_text, error)
         return 0
     finally:
-        log.debug("precompile job (%s) of %r done in %.2f s", "backward" if backward else
-                  "forward", pattern_text, time.perf_counter() - start)
+        log.debug("precompile job (%s) of %r done in %.2f s", kind, pattern_text,
+                  time.perf_counter() - start)

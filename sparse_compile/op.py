@@ -15,6 +15,7 @@ import torch
 
 from sparse_compile.fallback import chunked_attention
 from sparse_compile.heads_layout import empty_heads, laid_out_like
+from sparse_compile.tracing import is_tracing
 
 _NS = "sparse_compile"
 
@@ -126,14 +127,15 @@ def attention_op(
     return laid_out_like(out, q), lse
 
 
-def _precompile(q, k, v, pattern, scale, plain: bool, documents, backward: bool) -> None:
+def _precompile(q, k, v, pattern, scale, plain: bool, documents, backward: bool,
+                dout=None) -> None:
     """Start compiling the kernels a plain call (default positions or packed ``documents``)
     will launch (``codegen/precompile.py``) while the graph around it is traced and
     compiled."""
     if plain and q.device.type == "cuda":
         from sparse_compile.codegen import precompile
 
-        precompile.precompile(q, k, v, pattern, scale, backward, documents is not None)
+        precompile.precompile(q, k, v, pattern, scale, backward, documents is not None, dout)
 
 
 def _plain(bias, dropout_p, softcap, starts, alibi, rel_bias) -> bool:
@@ -219,6 +221,8 @@ def attention_backward_op(
 @attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, bias, pattern, scale, dropout_p, seed, bias_grad, softcap=0.0,
       starts=None, documents=None, alibi=None, rel_bias=None, rel_grad=False):
+    _precompile(q, k, v, pattern, scale, _plain(bias, dropout_p, softcap, starts, alibi, rel_bias),
+                documents, True, dout)
     db = bias.new_empty(bias.shape) if (bias is not None and bias_grad) else q.new_empty((0,))
     drel = rel_bias.new_empty(rel_bias.shape) if (rel_bias is not None and rel_grad) \
         else q.new_empty((0,))
@@ -235,9 +239,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.softcap = softcap
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.rel_grad = rel_bias is not None and rel_bias.requires_grad
-    # A backward will follow (traced or not): its kernels can compile meanwhile.
-    _precompile(q, k, v, pattern, scale, _plain(bias, dropout_p, softcap, starts, alibi, rel_bias),
-                documents, True)
+    # An eager call's backward will follow: its kernels can compile meanwhile (a traced
+    # graph's start from the backward op's fake implementation, which sees the gradient).
+    if not is_tracing(q, k, v):
+        _precompile(q, k, v, pattern, scale,
+                    _plain(bias, dropout_p, softcap, starts, alibi, rel_bias), documents, True)
 
 
 def _backward(ctx, grad_out, grad_lse):

@@ -134,11 +134,11 @@ def position_only(pattern: Any) -> bool:
     ``Q`` alone (cached: the symbolic analysis takes about a millisecond, every call asks)."""
     key = str(pattern)
     if key not in _POSITION_ONLY:
-        _POSITION_ONLY[key] = _bounds_ofposition_only(pattern)
+        _POSITION_ONLY[key] = _bounds_of_position_only(pattern)
     return _POSITION_ONLY[key]
 
 
-def _bounds_ofposition_only(pattern: Any) -> bool:
+def _bounds_of_position_only(pattern: Any) -> bool:
     bounds = interval_bounds(pattern)
     if bounds is None:
         per_head = interval_pieces(pattern)

@@ -448,9 +448,11 @@ def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, tmp_path) 
                          cwd=Path(__file__).parents[2] / "tests", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads([x for x in run.stdout.splitlines() if x.startswith("{")][-1])
-    assert report["jobs"] == [1, 3]
-    assert sorted(report["precompiled"]) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel",
-                                             "_fwd_kernel"]
+    assert report["jobs"] == [1, 3, 3]
+    # the contiguous gradient has dQ and dK/dV variants of its own (1000 rows: its row
+    # offsets are not multiples of 16); Δ's arguments specialise alike for both
+    assert sorted(report["precompiled"]) == sorted(
+        ["_fwd_kernel", "_delta_kernel"] + ["_dq_kernel", "_dkdv_kernel"] * 2)
     assert report["compiled_at_launch"] == []
 
 
@@ -463,6 +465,9 @@ def test_precompile_starts_only_for_static_gpu_operands(monkeypatch) -> None:
     assert precompile.precompile(cpu, cpu, cpu, "causal", 0.1, False) == []
     with FakeTensorMode():
         q = torch.empty(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    if not ON_GLUON_GPU:  # no GPU the Gluon kernels run on: nothing to compile for
+        assert precompile.precompile(q, q, q, "causal", 0.1, False) == []
+        monkeypatch.setattr(precompile, "_gluon_device", lambda device: True)
     monkeypatch.setenv(precompile.PRECOMPILE_ENV, "0")
     assert precompile.precompile(q, q, q, "causal", 0.1, False) == []
     monkeypatch.setenv(precompile.PRECOMPILE_ENV, "1")
@@ -470,10 +475,11 @@ def test_precompile_starts_only_for_static_gpu_operands(monkeypatch) -> None:
     assert len(started) == 1
     # the same call again starts nothing; the job finishes without raising, whatever it found
     assert precompile.precompile(q, q, q, "causal", 0.1, False) == []
-    precompile.finish("forward")
-    assert started[0].exception() is None
+    precompile.finish_call(q, q, q, None, "causal", False, False)
+    assert started[0].done() and started[0].exception() is None
     expected = 1 if ON_GLUON_GPU else 0  # off an sm90 GPU the call takes no Gluon route
     assert started[0].result() == expected
+    assert not precompile._pending
     precompile.forget()
 
 
@@ -526,7 +532,6 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
     scale = d ** -0.5
     jobs = [*precompile.precompile(q, k, v, text, scale, False),
             *precompile.precompile(q, k, v, text, scale, True)]
-    precompile.finish("backward")
     assert [job.result() for job in jobs] == [1, 3]
     assert sorted(compiled) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
     compiled.clear()
@@ -542,7 +547,7 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
-def test_a_forked_child_starts_precompilation_afresh() -> None:
+def test_a_forked_child_starts_precompilation_afresh(monkeypatch) -> None:
     """A child forked while jobs are pending has none of the parent's threads: it must not
     wait for the parent's jobs, and its own jobs must run."""
     import os
@@ -551,30 +556,34 @@ def test_a_forked_child_starts_precompilation_afresh() -> None:
     from sparse_compile.codegen import precompile
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    monkeypatch.setattr(precompile, "_gluon_device", lambda device: True)
+    with FakeTensorMode():  # before the fork: a fake CUDA tensor may touch CUDA
+        q = torch.empty(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    key = precompile.job_key(q, q, q, None, "causal", False, False)
     never = Future()  # a job that never finishes in this process either
-    precompile._pending["forward"].append(never)
+    precompile._pending[key] = never
     read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, never return into pytest
-        import signal
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            import signal
 
-        signal.alarm(60)  # a hang fails the test instead of stalling the run
-        try:
-            precompile.finish("backward")  # would wait forever on the parent's job
-            with FakeTensorMode():
-                q = torch.empty(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
-            jobs = precompile.precompile(q, q, q, "causal", 0.1, False)
-            precompile.finish("forward")
-            ok = len(jobs) == 1 and jobs[0].done() and jobs[0].exception() is None
-            os.write(write, b"ok" if ok else b"bad")
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read, 8)
-    os.close(read)
-    precompile._pending["forward"].remove(never)
-    precompile.forget()
+            signal.alarm(60)  # a hang fails the test instead of stalling the run
+            try:
+                precompile.finish(key)  # would wait forever on the parent's job
+                jobs = precompile.precompile(q, q, q, "causal", 0.1, False)
+                precompile.finish(key)
+                ok = len(jobs) == 1 and jobs[0].done() and jobs[0].exception() is None
+                os.write(write, b"ok" if ok else b"bad")
+            finally:
+                os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        answer = os.read(read, 8)
+        os.close(read)
+    finally:
+        precompile._pending.pop(key, None)
+        precompile.forget()
     assert status == 0 and answer == b"ok"
 
 
@@ -600,3 +609,37 @@ def test_precompile_asks_the_route_the_call_will_take(monkeypatch) -> None:
     assert rows(1, 64, 64, "strided(4)", documents=True) is None
     built = rows(1, 64, 64, band, documents=True)
     assert (built.pieces, built.pattern_heads, built.lo.dtype) == (1, 1, torch.int32)
+
+
+def test_a_traced_graph_starts_both_directions_with_their_operands(monkeypatch) -> None:
+    """Traced (fake tensors), the forward op's fake implementation starts the forward's
+    compilation and the backward op's the backward's, with the gradient's own layout; the
+    autograd setup_context starts nothing then (it does for eager calls); a call with a bias
+    starts nothing. (Each hook called as AOTAutograd calls it: the autograd engine does not
+    run on fake CUDA tensors without a GPU.)"""
+    from types import SimpleNamespace
+
+    from sparse_compile.codegen import precompile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparse_compile import op
+
+    calls = []
+
+    def record(q, k, v, pattern, scale, backward, documents=False, dout=None):
+        calls.append((pattern, backward, documents, None if dout is None else dout.stride()))
+        return []
+
+    monkeypatch.setattr(precompile, "precompile", record)
+    ctx = SimpleNamespace(save_for_backward=lambda *tensors: None)
+    with FakeTensorMode():
+        q, k, v = (torch.randn(1, 64, h, 128, device="cuda", dtype=torch.bfloat16
+                               ).transpose(1, 2) for h in (4, 2, 2))  # a model's layout
+        inputs = (q, k, v, None, "causal", 0.1, 0.0, None)
+        out, lse = op.attention_op(*inputs)
+        op._setup_context(ctx, inputs, (out, lse))
+        dout = torch.randn(1, 4, 64, 128, device="cuda", dtype=torch.bfloat16)  # contiguous
+        op.attention_backward_op(dout, q, k, v, out, lse, None, "causal", 0.1, 0.0, None, False)
+        bias = torch.zeros(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16)
+        op.attention_op(q, k, v, bias, "causal", 0.1, 0.0, None)
+    assert calls == [("causal", False, False, None), ("causal", True, False, dout.stride())]
