@@ -302,6 +302,15 @@ def run_variant(name: str, args: Any, length: int, window: int | None, pattern: 
     return result
 
 
+def compiled_graphs() -> int:
+    """How many graphs Dynamo has compiled in this process so far (0 where the counter is
+    missing): a step that raises it ran code other than what its first call compiled (a
+    recompile, or another variant's cached code failing its guards)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
 def time_interleaved(results: dict[str, dict[str, Any]], args: Any) -> None:
     """Median step time of every variant and mode, the variants' calls interleaved round by
     round (a GPU slows as a run goes on: timed one after the other, a later variant would pay
@@ -314,7 +323,12 @@ def time_interleaved(results: dict[str, dict[str, Any]], args: Any) -> None:
         for name, result in results.items():
             for mode, step in list(result["steps"].items()):
                 try:
+                    graphs = compiled_graphs()
                     times.setdefault((name, mode), []).append(cuda_ms(step, 1))
+                    if compiled_graphs() > graphs:  # not the code its first call compiled
+                        result[mode, "recompiled"] = True
+                        print(f"  {name} {mode}: Dynamo compiled again during the timing",
+                              flush=True)
                 except Exception as e:  # noqa: BLE001 - one variant failing must not lose all
                     result[mode, "error"] = f"{type(e).__name__}: {str(e)[:120]}"
                     print(f"  {name} {mode}: {result[mode, 'error']}", flush=True)
@@ -423,6 +437,12 @@ def main() -> None:
             torch.cuda.empty_cache()
             for mode in args.modes:
                 lines.append(_row(length, pattern, mode, results, args.variants))
+                print(lines[-1], flush=True)
+            recompiled = [f"{name} {mode}" for name, r in results.items()
+                          for mode in args.modes if r.get((mode, "recompiled"))]
+            if recompiled:  # its time is not that of the code its first call compiled
+                lines.append("|  | Dynamo compiled again while timing: " + ", ".join(recompiled)
+                             + " |" * (len(args.variants) + 8))
                 print(lines[-1], flush=True)
             for name in SPARSE:
                 if "output" in results.get(name, {}) and "output" in results.get("flex", {}):
