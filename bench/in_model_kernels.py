@@ -127,17 +127,20 @@ def clone_like(t: Any) -> Any:
 
 
 def route_is_gluon(args: tuple, kw: dict) -> bool:
-    """Whether the recorded forward call takes the Gluon kernels (a plain call on the Gluon
-    route, operands TMA can walk)."""
+    """Whether the recorded forward call takes the Gluon kernels: the forward's own tests
+    (``_plain_call``, ``_gluon_rows``) and operands TMA can walk."""
     from sparse_compile.codegen.gluon.forward import row_view
+    from sparse_compile.codegen.launch.positions import DEFAULT_FRAME
 
-    q, k, v = args[:3]
-    plain = (kw.get("bias", args[5] if len(args) > 5 else None) is None
-             and (kw.get("frame") is None or kw["frame"].is_default(q.shape[2], k.shape[2]))
-             and not kw.get("softcap") and kw.get("alibi") is None
-             and kw.get("rel_bias") is None)
-    rows = kernels.plain_gluon_rows(q, k, v, args[3], q.device, q.device)
-    return plain and rows is not None and all(row_view(t) is not None for t in (q, k, v))
+    q, k, v, pattern = args[:4]
+    bias = kw.get("bias", args[5] if len(args) > 5 else None)
+    dropout_p = kw.get("dropout_p", args[6] if len(args) > 6 else 0.0)
+    frame = kw.get("frame") or DEFAULT_FRAME
+    cfg = kernels.select_config(pattern, q, k.shape[2])
+    plain = kernels._plain_call(cfg, bias, dropout_p, kw.get("softcap", 0.0), kw.get("alibi"),
+                                kw.get("rel_bias"), frame, q.shape[2], k.shape[2])
+    return (plain and kernels._gluon_rows(q, k, v, pattern, frame) is not None
+            and all(row_view(t) is not None for t in (q, k, v)))
 
 
 def record_first_calls() -> dict[str, tuple]:

@@ -46,7 +46,7 @@ _pools: dict[str, ThreadPoolExecutor] = {}
 _compilers: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _seen: set[tuple] = set()
-_pending: dict[tuple, Future] = {}  # job key -> its job, until a launch waits for it
+_pending: dict[tuple, Future] = {}  # job key -> its job, while it runs
 
 
 def precompile_enabled() -> bool:
@@ -119,11 +119,14 @@ def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: 
             return []
         _seen.add(key)
         _pending[key] = future
+    # Only running jobs stay pending, so that launches check nothing once all have ended
+    # (a job whose call never launches, or launches with other strides, would otherwise stay).
+    future.add_done_callback(lambda _, key=key: _pending.pop(key, None))
     return [future]
 
 
 def finish(key: tuple | None) -> None:
-    """Wait for the job of ``key`` (``job_key`` of the call about to launch) if one is
+    """Wait for the job of ``key`` (``job_key`` of the call about to launch) if it is still
     running, so that the launch does not compile the same kernels a second time beside it.
     Other jobs are not waited for."""
     if not _pending or key is None:

@@ -476,6 +476,15 @@ def test_precompile_starts_only_for_static_gpu_operands(monkeypatch) -> None:
     assert len(started) == 1
     # the same call again starts nothing; the job finishes without raising, whatever it found
     assert precompile.precompile(q, q, q, "causal", 0.1, False) == []
+    started[0].result()
+    # an ended job leaves nothing pending, waited for or not (launches then check nothing);
+    # its done-callback runs just after the result is set
+    import time
+
+    deadline = time.monotonic() + 5
+    while precompile._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not precompile._pending
     precompile.finish_call(q, q, q, None, "causal", False, False)
     assert started[0].done() and started[0].exception() is None
     expected = 1 if ON_GLUON_GPU else 0  # off an sm90 GPU the call takes no Gluon route
