@@ -140,11 +140,8 @@ def fresh_caches(warm: bool) -> Callable[[Callable[..., Any]], Callable[..., Any
             return fn
 
         def fresh(*a: Any, **kw: Any) -> Any:
-            from torch._inductor import utils
-
             forget_our_compiled_kernels()
-            fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
-            with fresh_cache():
+            with empty_inductor_cache():
                 return fn(*a, **kw)
         return fresh
     return wrap
@@ -173,16 +170,21 @@ def forget_our_compiled_kernels() -> int:
     return reset
 
 
+def empty_inductor_cache() -> Any:
+    """Inductor's context of fresh, empty Inductor and Triton cache directories (named
+    ``fresh_cache`` from torch 2.8 on, ``fresh_inductor_cache`` before)."""
+    from torch._inductor import utils
+
+    return (getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache)()
+
+
 def warm_process() -> float:
     """Pay the process's one-time costs before any variant's first call is timed: CUDA's and
     cuBLAS's start, Inductor's compile workers, Triton's driver modules (in a throw-away cache).
     Whichever variant ran first would otherwise carry them; a user's process pays them once,
     whatever it compiles. Returns the seconds spent."""
-    from torch._inductor import utils
-
     start = time.perf_counter()
-    fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
-    with fresh_cache():
+    with empty_inductor_cache():
         x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
         torch.compile(lambda a: (a @ a).relu().sum(-1))(x)
         torch.cuda.synchronize()
