@@ -321,13 +321,16 @@ def time_interleaved(results: dict[str, dict[str, Any]], args: Any) -> None:
     times: dict[tuple[str, str], list[float]] = {}
     # One untimed round first: a later variant's compilation may have made an earlier one's
     # kernels load again (``forget_our_compiled_kernels``).
-    for _ in range(args.repeats + 1):
+    for round_ in range(args.repeats + 1):
         for name, result in results.items():
             for mode, step in list(result["steps"].items()):
                 try:
                     graphs = compiled_graphs()
                     times.setdefault((name, mode), []).append(cuda_ms(step, 1))
-                    if compiled_graphs() > graphs:  # not the code its first call compiled
+                    if compiled_graphs() > graphs and round_ == 0:
+                        print(f"  {name} {mode}: Dynamo compiled again in the untimed round",
+                              flush=True)
+                    elif compiled_graphs() > graphs:  # not the code its first call compiled
                         result[mode, "recompiled"] = True
                         print(f"  {name} {mode}: Dynamo compiled again during the timing",
                               flush=True)
