@@ -58,6 +58,32 @@ def compile_timer() -> list[tuple[str, float]]:
     return compiled
 
 
+def compile_phases() -> dict[str, float]:
+    """Seconds spent so far in each of torch.compile's timed phases (Dynamo's tracing, AOT
+    autograd, the backend, Inductor's code generation...; ``torch._dynamo.utils``' metrics),
+    summed over the graphs compiled; nested phases count in their parents too."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: float(sum(times)) for name, times in compilation_time_metrics.items()}
+
+
+def precompile_wait_timer() -> list[float]:
+    """Time our launches spend waiting for their background precompilation job
+    (``precompile.finish``): a one-element list the wrapper adds to."""
+    from sparse_compile.codegen import precompile
+
+    waited = [0.0]
+    finish = precompile.finish
+
+    def timed_finish(key: Any) -> None:
+        start = time.perf_counter()
+        finish(key)
+        waited[0] += time.perf_counter() - start
+
+    precompile.finish = timed_finish
+    return waited
+
+
 def measure_one(variant: str, length: int, window: int, layers: int) -> dict[str, Any]:
     """In this (fresh) process: build, compile and make the first calls of one variant."""
     import torch
@@ -77,14 +103,21 @@ def measure_one(variant: str, length: int, window: int, layers: int) -> dict[str
     ids = torch.randint(0, 32000, (1, length), device="cuda")
     train, infer = train_and_infer(compiled, ids)
 
+    waited = precompile_wait_timer()
     for mode, step in (("train", train), ("infer", infer)):
         torch.cuda.synchronize()
         before = len(compiled_kernels)
+        phases_before = compile_phases()
+        waited[0] = 0.0
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         result[mode] = time.perf_counter() - start
         result[mode + "_kernels"] = compiled_kernels[before:]
+        result[mode + "_waited"] = waited[0]
+        result[mode + "_phases"] = {name: s - phases_before.get(name, 0.0)
+                                    for name, s in compile_phases().items()
+                                    if s - phases_before.get(name, 0.0) >= 0.5}
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
@@ -117,11 +150,17 @@ def row(r: dict[str, Any]) -> str:
         kernels = r[mode + "_kernels"]
         if not kernels:
             return "-"
+        waited = f"; launches waited {r[mode + '_waited']:.1f} s" if mode + "_waited" in r else ""
         return f"{sum(s for _, s in kernels):.1f} s ({len(kernels)}: " + ", ".join(
-            f"{name} {s:.1f}" for name, s in kernels) + ")"
+            f"{name} {s:.1f}" for name, s in kernels) + ")" + waited
 
     return (f"| {r['variant']} | {r['train']:.1f} | {ours('train')} | {r['infer']:.1f} | "
             f"{ours('infer')} | {r['train_second']:.2f} / {r['infer_second']:.2f} |")
+
+
+def phases_line(r: dict[str, Any], mode: str) -> str:
+    phases = sorted(r[mode + "_phases"].items(), key=lambda kv: -kv[1])[:8]
+    return f"- {r['variant']} {mode}: " + ", ".join(f"{name} {s:.1f}" for name, s in phases)
 
 
 def main() -> None:
@@ -144,6 +183,9 @@ def main() -> None:
     for v in args.variants:  # each row printed when its process ends: a time limit keeps them
         results.append(dict(run_fresh(v, args), variant=v))
         print(row(results[-1]), flush=True)
+        for mode in ("train", "infer"):
+            if results[-1].get(mode + "_phases"):
+                print(phases_line(results[-1], mode), flush=True)
     lines = [
         f"# First call, each variant in a fresh process ({torch.cuda.get_device_name()})", "",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; torch "
@@ -161,6 +203,10 @@ def main() -> None:
         "| variant | train first s | ours in it | infer first s | ours in it | second calls s "
         "(train / infer) |", "|---|---|---|---|---|---|"]
     lines += [row(r) for r in results]
+    lines += ["", "Where each first call went (torch.compile's timed phases of 0.5 s or more, "
+              "seconds; nested phases count in their parents too):", ""]
+    lines += [phases_line(r, mode) for r in results for mode in ("train", "infer")
+              if r.get(mode + "_phases")]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
