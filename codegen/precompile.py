@@ -32,9 +32,11 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 from sparse_compile.codegen.launch.compile_only import compile_only
+from sparse_compile.codegen.launch.compile_processes import CompileProcesses
 
 log = logging.getLogger("sparse_compile")
 
@@ -47,6 +49,16 @@ _compilers: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _seen: set[tuple] = set()
 _pending: dict[tuple, Future] = {}  # job key -> its job, while it runs
+# The helper processes that compile (None: not started yet, False: could not start); a
+# backward job's kernels are split between two of them (the dK/dV pass, the rest), so the
+# three a forward and a backward job keep busy compile side by side.
+HELPERS = 3
+_SPLITS: dict[str, list[tuple[frozenset[str] | None, bool]]] = {
+    "forward": [(None, False)],
+    "backward": [(frozenset({"_dkdv_kernel"}), False), (frozenset({"_dkdv_kernel"}), True)],
+}
+_processes: CompileProcesses | bool | None = None
+_helper_target: tuple | None = None  # in a helper: the target its driver compiles for
 
 
 def precompile_enabled() -> bool:
@@ -180,8 +192,11 @@ def _after_fork_in_child() -> None:
     """A forked child has none of the parent's threads: its copies of the pools would never
     run a job, the parent's jobs never finish there, and the lock may have been held by one of
     those threads. Start from nothing (the kernels compiled so far stay compiled)."""
-    global _lock, _compilers
+    global _lock, _compilers, _processes
     _lock = threading.Lock()
+    if isinstance(_processes, CompileProcesses):
+        _processes.forget_in_child()
+    _processes = None
     _pools.clear()
     _compilers = None
     _pending.clear()
@@ -193,36 +208,115 @@ if hasattr(os, "register_at_fork"):
 
 
 def _compile(key: tuple, scale: float) -> int:
-    """The job: the launchers on meta stand-ins inside ``compile_only()``; returns how many
-    kernels it asked for (0 when the call takes another route or anything failed)."""
+    """The job: the call's rows, then its kernels compiled by the helper processes (by this
+    process's threads where they are off or could not start); returns how many kernel
+    launches it compiled for (0 when the call takes another route or anything failed)."""
     described, device, pattern_text, kind, documents = key
     start = time.perf_counter()
     try:
         from sparse_compile.codegen.attention import plain_gluon_rows
-        from sparse_compile.codegen.gluon.backward import launch_gluon_backward
-        from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 
-        from sparse_compile.heads_layout import empty_output
-
-        q, k, v, dout = (None if d is None else
-                         torch.empty_strided(d[0], d[1], dtype=d[2], device="meta")
-                         for d in described)
-        rows = plain_gluon_rows(q, k, v, pattern_text, device, torch.device("cpu"), documents)
+        stand_ins = _meta(described)
+        rows = plain_gluon_rows(*stand_ins[:3], pattern_text, device, torch.device("cpu"),
+                                documents)
         if rows is None:
             return 0
-        with torch.cuda.device(device), compile_only(), _side_by_side():
-            if kind == "forward":
-                launched = launch_gluon_forward(q, k, v, rows, scale, query_layout=True)
-                return 0 if launched is None else 1
-            b, hq, lq, d = q.shape
-            out = empty_output(q, (b, hq, lq, d), q.dtype, True)  # the op's output layout
-            lse = torch.empty((b, hq, lq), dtype=torch.float32, device="meta")
-            grads = launch_gluon_backward(out if dout is None else dout, q, k, v, out, lse,
-                                          rows, scale)
-            return 0 if grads is None else 3
+        helpers = _helpers()
+        if helpers is None:
+            with torch.cuda.device(device), compile_only(), _side_by_side():
+                return compile_kernels(kind, described, rows, scale)
+        request = dict(target=_target(device), cache_dir=_cache_dir(), kind=kind,
+                       described=described, rows=rows, scale=scale)
+        parts = [_compilers.submit(helpers.run, dict(request, names=names, skip=skip))
+                 for names, skip in _SPLITS[kind]]
+        return max(part.result() for part in parts)
     except Exception as error:  # noqa: BLE001 - the launch will compile what is missing
         log.debug("precompiling the %s kernels of %r failed: %r", kind, pattern_text, error)
         return 0
     finally:
         log.debug("precompile job (%s) of %r done in %.2f s", kind, pattern_text,
                   time.perf_counter() - start)
+
+
+def _meta(described: tuple) -> list[torch.Tensor | None]:
+    """``meta`` stand-ins of q, k, v and the gradient with the described shapes and strides."""
+    return [None if d is None else torch.empty_strided(d[0], d[1], dtype=d[2], device="meta")
+            for d in described]
+
+
+def compile_kernels(kind: str, described: tuple, rows: Any, scale: float) -> int:
+    """Drive the Gluon launchers of a ``kind`` ("forward" or "backward") call on ``meta``
+    stand-ins of the described operands with ``rows``; inside ``compile_only()`` this compiles
+    what the call's launches will ask for. Returns how many kernel launches it went through
+    (0 when the launcher declined the operands)."""
+    from sparse_compile.codegen.gluon.backward import launch_gluon_backward
+    from sparse_compile.codegen.gluon.forward import launch_gluon_forward
+
+    from sparse_compile.heads_layout import empty_output
+
+    q, k, v, dout = _meta(described)
+    if kind == "forward":
+        return 0 if launch_gluon_forward(q, k, v, rows, scale, query_layout=True) is None else 1
+    b, hq, lq, d = q.shape
+    out = empty_output(q, (b, hq, lq, d), q.dtype, True)  # the op's output layout
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device="meta")
+    grads = launch_gluon_backward(out if dout is None else dout, q, k, v, out, lse, rows, scale)
+    return 0 if grads is None else 3
+
+
+def compile_in_helper(target: tuple, cache_dir: str | None, kind: str, described: tuple,
+                      rows: Any, scale: float, names: frozenset[str] | None,
+                      skip: bool) -> int:
+    """In a helper process (``compile_processes``): compile for ``target`` (backend, arch,
+    warp size) into Triton's cache at ``cache_dir`` the kernels of a ``kind`` call that
+    ``names`` selects (all but those with ``skip``), side by side."""
+    from sparse_compile.codegen.launch.target_driver import use_target
+    from triton import knobs
+
+    global _helper_target
+    if target != _helper_target:
+        use_target(*target)
+        _helper_target = target
+    if cache_dir is not None:
+        knobs.cache.dir = cache_dir
+    with compile_only(names, skip), _side_by_side():
+        return compile_kernels(kind, described, rows, scale)
+
+
+def _target(device: torch.device) -> tuple:
+    """(backend, arch, warp size) of the Triton target ``device`` compiles for."""
+    import triton
+
+    with torch.cuda.device(device):
+        target = triton.runtime.driver.active.get_current_target()
+    return target.backend, target.arch, target.warp_size
+
+
+def _cache_dir() -> str | None:
+    """This process's Triton cache directory (where the helpers must put the binaries)."""
+    try:
+        from triton import knobs
+
+        return knobs.cache.dir
+    except Exception:  # noqa: BLE001 - an older Triton: the helpers read the same environment
+        return None
+
+
+def _helpers() -> CompileProcesses | None:
+    """The helper processes (started on first use), or None where precompilation runs on
+    threads (``SPARSE_COMPILE_PRECOMPILE=threads``) or the helpers could not start or have all
+    died."""
+    global _processes
+    if os.environ.get(PRECOMPILE_ENV, "").strip() == "threads":
+        return None
+    with _lock:
+        _start_pools()  # a job's parts go to the helpers from the compiler pool's threads
+        if _processes is None:
+            try:
+                _processes = CompileProcesses(HELPERS)
+            except OSError as error:
+                log.debug("compile helpers not started (%r): compiling on threads", error)
+                _processes = False
+        if _processes is False or _processes.alive == 0:
+            return None
+        return _processes

@@ -21,35 +21,13 @@ import tempfile
 
 import torch
 import triton
+from sparse_compile.codegen.launch.target_driver import TargetDriver
 from triton.backends.compiler import GPUTarget
 
 
-class _Sm90Driver:
-    """Just enough of Triton's driver interface for ``JITFunction.warmup`` to compile."""
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def set_current_device(self, device: int) -> None:
-        pass
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def is_active(self) -> bool:
-        return True
-
-    def get_device_interface(self):
-        return torch.cuda
-
-    def map_python_to_cpp_type(self, ty: str) -> str:
-        return "void*"
+def sm90_driver() -> TargetDriver:
+    """Triton's driver stand-in that compiles for sm_90 (the Hopper GPUs) without a GPU."""
+    return TargetDriver(GPUTarget("cuda", 90, 32))
 
 
 def _ptxas() -> str | None:
@@ -81,7 +59,7 @@ def ptxas_report(name: str, ptx: str) -> dict:
 
 
 def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
-    triton.runtime.driver.set_active(_Sm90Driver())
+    triton.runtime.driver.set_active(sm90_driver())
     from sparse_compile.codegen.gluon import backward, forward, support
     from sparse_compile.codegen.gluon.support import gl
 

@@ -6,14 +6,19 @@ jobs (``codegen/precompile.py``) for a model-like call (sequence-major q, k, v, 
 drives the launchers with real tensors of the same shapes and strides, as the forward and
 backward of that call would, inside ``compile_only()``: every kernel they ask for must already
 be compiled. With ``documents`` as third argument the call is one on packed documents (B = 1),
-the launches reading the rows built from three documents with padding. Prints one JSON line:
-``{"jobs": [...], "precompiled": [...], "compiled_at_launch": [...]}`` (kernel names).
+the launches reading the rows built from three documents with padding. The jobs compile in the
+helper processes (``compile_processes.py``), or on threads of this process with
+``SPARSE_COMPILE_PRECOMPILE=threads``; either way the binaries land in Triton's cache
+directory (``TRITON_CACHE_DIR``), so what a launch compiled shows as files it added there.
+Prints one JSON line: ``{"jobs": [...], "precompiled": [...], "compiled_at_launch": [...]}``
+(kernel names: in the cache after the jobs, added to it by the launches).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,26 +26,25 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gluon_sm90_compile import _Sm90Driver  # noqa: E402
+from gluon_sm90_compile import sm90_driver  # noqa: E402
 
 
-def compiled_names() -> list[str]:
-    """Names of the kernels Triton compiles from now on in this process (its JIT hook)."""
+def cache_files() -> set[str]:
+    """Every file in Triton's cache directory."""
     from triton import knobs
 
-    names: list[str] = []
-    previous = knobs.runtime.jit_post_compile_hook
+    return {os.path.join(root, name) for root, _, names in os.walk(knobs.cache.dir)
+            for name in names}
 
-    def hook(*a, fn=None, **kw):
-        names.append(fn.name)
-        return previous(*a, fn=fn, **kw) if previous else None
 
-    knobs.runtime.jit_post_compile_hook = hook
-    return names
+def kernel_names(files: set[str]) -> list[str]:
+    """The kernels whose compiled metadata is among ``files`` (one ``<kernel>.json`` each)."""
+    return [os.path.basename(f)[:-5] for f in files
+            if f.endswith(".json") and not os.path.basename(f).startswith("__grp__")]
 
 
 def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
-    triton.runtime.driver.set_active(_Sm90Driver())
+    triton.runtime.driver.set_active(sm90_driver())
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.device = lambda device: contextlib.nullcontext()
     from sparse_compile.codegen import precompile
@@ -53,7 +57,6 @@ def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
     from sparse_compile.patterns import parse
 
     support._is_sm90.cache_clear()
-    names = compiled_names()
     b, hq, hkv, length, d = 1, 8, 2, 1000, head_dim
     # a model's layout: [B, L, H, D] viewed as [B, H, L, D]
     q = torch.randn(b, length, hq, d, dtype=torch.bfloat16).transpose(1, 2)
@@ -72,8 +75,7 @@ def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
     contiguous = torch.empty(b, hq, length, d, dtype=torch.bfloat16)
     counts = [precompile._compile(key(False), 0.1), precompile._compile(key(True), 0.1),
               precompile._compile(key(True, contiguous), 0.1)]
-    precompiled = list(names)
-    names.clear()
+    after_jobs = cache_files()
     if documents:  # three documents and padding: the rows the call builds from them
         ids = torch.tensor([[0] * 300 + [1] * 500 + [-1] * 50 + [2] * 150])
         start, end = document_bounds_reference(ids)
@@ -84,7 +86,8 @@ def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
         out, lse = launch_gluon_forward(q, k, v, rows, 0.1, query_layout=True)
         launch_gluon_backward(torch.empty_like(out), q, k, v, out, lse, rows, 0.1)
         launch_gluon_backward(contiguous, q, k, v, out, lse, rows, 0.1)
-    return {"jobs": counts, "precompiled": precompiled, "compiled_at_launch": list(names)}
+    return {"jobs": counts, "precompiled": kernel_names(after_jobs),
+            "compiled_at_launch": kernel_names(cache_files() - after_jobs)}
 
 
 if __name__ == "__main__":

@@ -430,11 +430,13 @@ print("ok")
 @pytest.mark.skipif(not support.gluon_version_supported(),
                     reason="no Gluon kernels on this Triton: nothing to precompile")
 @pytest.mark.parametrize("route", ["plain", "documents"])
-def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, tmp_path) -> None:
+@pytest.mark.parametrize("where", ["1", "threads"])
+def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, tmp_path) -> None:
     """The precompile jobs of a model-like call (sequence-major, GQA; default positions or
-    packed documents) compile the forward, Δ, dQ and dK/dV kernels, and the launchers, driven
-    with real tensors of the same shapes and strides, then find every kernel they ask for
-    compiled (sm_90 stand-in driver in a separate process: no GPU here)."""
+    packed documents) compile the forward, Δ, dQ and dK/dV kernels, in the helper processes
+    (the default) or on threads, and the launchers, driven with real tensors of the same
+    shapes and strides, then find every kernel they ask for compiled: they add nothing to
+    Triton's cache (sm_90 stand-in driver in a separate process: no GPU here)."""
     import json
     import os
     import subprocess
@@ -444,6 +446,7 @@ def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, tmp_path) 
     script = Path(__file__).with_name("gluon_sm90_precompile.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["SPARSE_COMPILE_PRECOMPILE"] = where
     run = subprocess.run([sys.executable, str(script), "128", "causal & sliding(64)", route],
                          capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).parents[2] / "tests", env=env)
@@ -515,9 +518,11 @@ def test_compile_only_compiles_and_launches_nothing() -> None:
 
 
 @needs_gluon_gpu
-def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
-    """On the GPU: after the precompile jobs of a sequence-major GQA call, its forward and
-    backward launch without compiling, and agree with the oracle."""
+@pytest.mark.parametrize("where", ["1", "threads"])
+def test_a_precompiled_call_compiles_nothing_at_its_launch(where, monkeypatch, tmp_path) -> None:
+    """On the GPU: after the precompile jobs of a sequence-major GQA call (in the helper
+    processes or on threads), its forward and backward launch without compiling (they add
+    nothing to Triton's cache), and agree with the oracle."""
     from sparse_compile.codegen import precompile
     from sparse_compile.codegen.attention import backward, forward
     from sparse_compile.codegen.gluon import backward as gluon_backward
@@ -526,14 +531,14 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
     from triton import knobs
 
     from sparse_compile.reference import reference_attention
+    from tests.codegen.gluon_sm90_precompile import cache_files, kernel_names
 
     for kernel in (gluon_forward._fwd_kernel, gluon_backward._dq_kernel,
                    gluon_backward._dkdv_kernel, backward_delta._delta_kernel):
         kernel.device_caches.clear()
     precompile.forget()
-    compiled: list[str] = []
-    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
-                        lambda *a, fn=None, **kw: compiled.append(fn.name))
+    monkeypatch.setenv(precompile.PRECOMPILE_ENV, where)
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
     text, b, hq, hkv, length, d = "causal & sliding(100)", 1, 8, 2, 700, 128
     torch.manual_seed(0)
     q = torch.randn(b, length, hq, d, dtype=torch.bfloat16).transpose(1, 2)
@@ -543,12 +548,13 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(monkeypatch) -> None:
     jobs = [*precompile.precompile(q, k, v, text, scale, False),
             *precompile.precompile(q, k, v, text, scale, True)]
     assert [job.result() for job in jobs] == [1, 3]
-    assert sorted(compiled) == ["_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
-    compiled.clear()
+    after_jobs = cache_files()
+    assert sorted(kernel_names(after_jobs)) == [
+        "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
     out, lse = forward(q, k, v, text, scale, query_layout=True)
     dout = torch.randn_like(out)
     dq, dk, dv, _ = backward(dout, q, k, v, out, lse, text, scale)
-    assert compiled == []
+    assert kernel_names(cache_files() - after_jobs) == []
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     expected = reference_attention(q64, k64, v64, parse(text), scale)
     expected.backward(dout.double())

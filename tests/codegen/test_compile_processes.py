@@ -1,0 +1,117 @@
+"""The compile helpers (``codegen/launch/compile_processes.py``) and settled cache keys
+(``codegen/launch/cache_keys.py``), host side: no GPU needed. That the helpers' binaries are
+the ones the launches then load is checked in ``test_gluon.py`` (sm_90 stand-in, and on the
+GPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from sparse_compile.codegen.launch.compile_processes import (
+    CompileProcesses,
+    read_message,
+    write_message,
+)
+
+
+def test_messages_round_trip_and_a_closed_stream_is_an_eof() -> None:
+    stream = io.BytesIO()
+    write_message(stream, {"a": 1, "b": [1.5, "x"]})
+    write_message(stream, (True, 3))
+    stream.seek(0)
+    assert read_message(stream) == {"a": 1, "b": [1.5, "x"]}
+    assert read_message(stream) == (True, 3)
+    with pytest.raises(EOFError):
+        read_message(stream)
+    truncated = io.BytesIO()
+    write_message(truncated, "a longer message")
+    with pytest.raises(EOFError):
+        read_message(io.BytesIO(truncated.getvalue()[:-3]))
+
+
+def test_a_helper_reports_a_failed_request_and_stays_usable() -> None:
+    helpers = CompileProcesses(1)
+    for _ in range(2):  # the same helper answers both
+        with pytest.raises(RuntimeError, match="compile helper failed.*unexpected keyword"):
+            helpers.run({"not_an_argument": 1})
+    assert helpers.alive == 1
+
+
+def test_a_dead_helper_is_not_used_again() -> None:
+    helpers = CompileProcesses(1)
+    helper = helpers._idle.get()
+    helper.kill()
+    helper.wait()
+    helpers._idle.put(helper)
+    with pytest.raises(RuntimeError, match="died"):
+        helpers.run({"kind": "forward"})
+    assert helpers.alive == 0
+    with pytest.raises(RuntimeError, match="no compile helper is left"):
+        helpers.run({"kind": "forward"})
+
+
+_KERNELS = '''
+import triton
+import triton.language as tl
+
+_WIDTH = tl.constexpr(4)
+
+
+@triton.jit
+def inner(x):
+    return x * _WIDTH
+
+
+@triton.jit
+def middle(x):
+    return inner(x) + 1
+
+
+@triton.jit
+def kernel_a(X):
+    tl.store(X, middle(tl.load(X)))
+
+
+@triton.jit
+def kernel_c(X):
+    tl.store(X, inner(tl.load(X)))
+'''
+
+
+def _key_of_kernel_a(tmp_path, first: list[str], settle: bool) -> str:
+    """kernel_a's cache key in a fresh process, after the keys of ``first`` (settled, or
+    read in Triton's own order)."""
+    (tmp_path / "order_kernels.py").write_text(_KERNELS)
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import order_kernels as m
+        from sparse_compile.codegen.launch.cache_keys import settle_cache_key
+        for name in {first!r} + ["kernel_a"]:
+            settle_cache_key(getattr(m, name)) if {settle} else getattr(m, name).cache_key
+        print(json.dumps(m.kernel_a.cache_key))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_a_settled_cache_key_does_not_depend_on_what_was_keyed_before(tmp_path) -> None:
+    """kernel_a reaches a constexpr global through two levels of calls. Before Triton 3.9 its
+    key, read in Triton's own order, depended on whether ``inner``'s key had been read before
+    (through kernel_c); settled, it is the same either way, as a compile helper and the
+    model's process need it to be."""
+    alone = _key_of_kernel_a(tmp_path, [], settle=True)
+    after_c = _key_of_kernel_a(tmp_path, ["kernel_c"], settle=True)
+    assert alone == after_c
+    # and it is the key of the complete dependencies: the one Triton's order gives when
+    # every callee was keyed before its caller
+    assert alone == _key_of_kernel_a(tmp_path, ["inner", "middle"], settle=False)
