@@ -21,6 +21,8 @@ launch to compile as before.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import pickle
@@ -63,6 +65,8 @@ class CompileProcesses:
     its answer."""
 
     def __init__(self, count: int) -> None:
+        if not sys.executable:
+            raise OSError("no Python executable to start compile helpers with")
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ""  # a helper compiles only: it must not touch a GPU
         self._idle: queue.Queue[subprocess.Popen] = queue.Queue()
@@ -73,6 +77,17 @@ class CompileProcesses:
                 [sys.executable, "-m", "sparse_compile.codegen.launch.compile_processes"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env=env, start_new_session=True))
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Let the idle helpers go (each exits when its stdin closes)."""
+        while True:
+            try:
+                helper = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(OSError):
+                helper.stdin.close()
 
     @property
     def alive(self) -> int:
