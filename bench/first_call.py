@@ -8,8 +8,10 @@ process's one-time costs every variant shares (CUDA, cuBLAS, Inductor's compile 
 included). In the ``sparse`` variants Triton's JIT hooks time the compilation of each of our
 kernels, so the table splits the first call into our kernels' compilation and the rest
 (tracing, the backend's pass, Inductor compiling the model, running). Our kernels compile in
-the background while Inductor compiles the model (``codegen/precompile.py``);
-``sparse-no-precompile`` is the sparse variant with that turned off
+the background while Inductor compiles the model (``codegen/precompile.py``), in helper
+processes; ``sparse-threads`` compiles them on threads of the model's process instead
+(``SPARSE_COMPILE_PRECOMPILE=threads``, where they contend with the main thread for the
+interpreter lock), ``sparse-no-precompile`` not in the background at all
 (``SPARSE_COMPILE_PRECOMPILE=0``), each kernel then compiling at its first launch.
 
     python bench/first_call.py --length 32768 --window 4096 --variants sparse flex \\
@@ -29,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("sparse", "sparse-no-precompile", "sparse-on-flex", "flex", "sdpa")
+VARIANTS = ("sparse", "sparse-threads", "sparse-no-precompile", "sparse-on-flex", "flex", "sdpa")
+# the sparse variant with its background compilation on threads of the model's process instead
+# of helper processes, or off
+_PRECOMPILE = {"sparse-threads": "threads", "sparse-no-precompile": "0"}
 
 
 def compile_timer() -> list[tuple[str, float]]:
@@ -130,9 +135,9 @@ def run_fresh(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, TRITON_CACHE_DIR=f"{tmp}/triton",
                    TORCHINDUCTOR_CACHE_DIR=f"{tmp}/inductor")
-        if variant == "sparse-no-precompile":
-            env["SPARSE_COMPILE_PRECOMPILE"] = "0"
-        cmd = [sys.executable, __file__, "--one", variant.removesuffix("-no-precompile"),
+        if variant in _PRECOMPILE:
+            env["SPARSE_COMPILE_PRECOMPILE"] = _PRECOMPILE[variant]
+        cmd = [sys.executable, __file__, "--one", "sparse" if variant in _PRECOMPILE else variant,
                "--length", str(args.length), "--window", str(args.window),
                "--layers", str(args.layers)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -198,8 +203,11 @@ def main() -> None:
         "costs (CUDA, cuBLAS, Inductor's workers) paid before: "
         + ", ".join(f"{r['variant']} {r.get('warm_process_s', 0):.1f} s" for r in results),
         "- first call = compile included, seconds; ours = our kernels' compilation inside it "
-        "(Triton's JIT hooks: total, count, per kernel; with background precompilation they "
-        "overlap Inductor's work, so they are not all waited for); then the second calls", "",
+        "(Triton's JIT hooks in the model's process: total, count, per kernel; on threads "
+        "they overlap Inductor's work, so they are not all waited for; with the helper "
+        "processes, the default, what the hooks time is the launch loading the helpers' "
+        "binaries from Triton's cache) and how long the launches waited for their "
+        "background job; then the second calls", "",
         "| variant | train first s | ours in it | infer first s | ours in it | second calls s "
         "(train / infer) |", "|---|---|---|---|---|---|"]
     lines += [row(r) for r in results]

@@ -55,9 +55,9 @@ for section in "${sections[@]}"; do
       step flex-sites-on-top 240 python3 bench/models.py --family mistral --lengths 32768 \
         --windows 1024 --model-window 4096 --modes train --profile \
         --variants sparse-on-flex flex --out "$out/models-sparse-on-flex-on-top.md" ;;
-    first-call)  # each variant in a fresh process, about 80 s each at 32k
+    first-call)  # each variant in a fresh process, about 80 s each at 32k (the last may be cut)
       step first-call 400 python3 bench/first_call.py --length 32768 --window 4096 \
-        --variants sparse sparse-no-precompile flex --out "$out/first-call.md" ;;
+        --variants sparse flex sparse-threads sparse-no-precompile --out "$out/first-call.md" ;;
     doge)
       step doge 300 python3 bench/doge_step.py --length 32768 --out "$out/doge-step.md" ;;
     generate)

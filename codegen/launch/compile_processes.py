@@ -69,6 +69,9 @@ class CompileProcesses:
             raise OSError("no Python executable to start compile helpers with")
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ""  # a helper compiles only: it must not touch a GPU
+        # the modules this process imports, found where it found them (a checkout put on
+        # sys.path by a script, say): the kernels' source is part of their cache keys
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         self._idle: queue.Queue[subprocess.Popen] = queue.Queue()
         self._alive = count
         self._lock = threading.Lock()
