@@ -157,17 +157,20 @@ DQ_TILES = [(128, 64), (128, 128)]
 KV_TILES = [(64, 128), (128, 128)]
 
 
-def sweep_case(text: str, length: int, d: int, heads: int, tokens: int, rep: int
-               ) -> list[str]:
-    """Table lines of every tile option of the three Gluon kernels on one shape."""
+def sweep_case(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
+               kv_heads: int | None = None) -> list[str]:
+    """Table lines of every tile option of the three Gluon kernels on one shape (``kv_heads``
+    key/value heads, GQA; default ``heads``)."""
     from sparse_compile.codegen.gluon.backward import launch_gluon_backward
     from sparse_compile.codegen.gluon.forward import launch_gluon_forward
     from sparse_compile.codegen.gluon.rows import interval_rows
 
     b = max(1, tokens // length)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(b, heads, length, d, device="cuda", dtype=torch.bfloat16,
-                               generator=gen) for _ in range(4))
+    q, do = (torch.randn(b, heads, length, d, device="cuda", dtype=torch.bfloat16,
+                         generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, kv_heads or heads, length, d, device="cuda", dtype=torch.bfloat16,
+                        generator=gen) for _ in range(2))
     rows = interval_rows(parse(text), length, length, q.device)
     flops = 4 * b * heads * d * kept_entries(text, length)
     scale = d ** -0.5
@@ -177,9 +180,10 @@ def sweep_case(text: str, length: int, d: int, heads: int, tokens: int, rep: int
 
     ref_out, lse = forward(*FWD_TILES[0])
 
-    def backward(dq_t: tuple[int, int], kv_t: tuple[int, int], overlap: bool = False):
+    def backward(dq_t: tuple[int, int], kv_t: tuple[int, int], overlap: bool = False,
+                 stages: int = 2):
         return launch_gluon_backward(do, q, k, v, ref_out, lse, rows, scale, dq_tiles=dq_t,
-                                     kv_tiles=kv_t, overlap=overlap)
+                                     kv_tiles=kv_t, stages=stages, overlap=overlap)
 
     lines = []
     for m, n, st in FWD_TILES:
@@ -191,16 +195,17 @@ def sweep_case(text: str, length: int, d: int, heads: int, tokens: int, rep: int
                      f"{flops / ms / 1e9:.0f} | {err:.1e} |")
         print(lines[-1], flush=True)
     ref = backward(DQ_TILES[0], KV_TILES[0])
-    options = ([(t, KV_TILES[0], False) for t in DQ_TILES]
-               + [(DQ_TILES[0], t, False) for t in KV_TILES[1:]]
-               + [(DQ_TILES[0], KV_TILES[0], True)])
-    for dq_t, kv_t, overlap in options:  # one kernel's options at a time
-        err = max(rel(a, r) for a, r in zip(backward(dq_t, kv_t, overlap), ref, strict=True))
-        ms = median_ms(partial(backward, dq_t, kv_t, overlap), rep)
+    options = ([(t, KV_TILES[0], False, 2) for t in DQ_TILES]
+               + [(DQ_TILES[0], t, False, 2) for t in KV_TILES[1:]]
+               + [(DQ_TILES[0], KV_TILES[0], True, 2), (DQ_TILES[0], KV_TILES[0], False, 3)])
+    for dq_t, kv_t, overlap, stages in options:  # one option at a time
+        grads = backward(dq_t, kv_t, overlap, stages)
+        err = max(rel(a, r) for a, r in zip(grads, ref, strict=True))
+        ms = median_ms(partial(backward, dq_t, kv_t, overlap, stages), rep)
         waits = ", dQ in flight" if overlap else ""
         lines.append(f"| `{text}` | {length} | {d} | bwd | dQ {dq_t[0]}x{dq_t[1]}, dK/dV "
-                     f"{kv_t[0]}x{kv_t[1]}{waits} | {ms:.3f} | {2.5 * flops / ms / 1e9:.0f} | "
-                     f"{err:.1e} |")
+                     f"{kv_t[0]}x{kv_t[1]}, {stages} stages{waits} | {ms:.3f} | "
+                     f"{2.5 * flops / ms / 1e9:.0f} | {err:.1e} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -213,7 +218,8 @@ def sweep(args) -> list[str]:
     for d in [int(x) for x in args.dims.split(",")]:
         for length in [int(x) for x in args.lengths.split(",")]:
             for text in args.patterns.split(";"):
-                lines += sweep_case(text, length, d, args.heads, args.tokens, args.rep)
+                lines += sweep_case(text, length, d, args.heads, args.tokens, args.rep,
+                                    args.kv_heads)
     return lines
 
 
@@ -223,6 +229,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="16384,4096,65536")
     ap.add_argument("--patterns", default=";".join(PATTERNS), help="';'-separated DSL texts")
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=None,
+                    help="key/value heads of --sweep's shapes (GQA; default: --heads)")
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--no-bwd", action="store_true", help="forward only")

@@ -5,7 +5,8 @@
 #   bash bench/gpu_sweep.sh [DIR] [SECTION ...]
 #
 # DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
-# all, in this order): tests gluon sweep documents in-model flex-sites first-call doge generate.
+# all, in this order): tests gluon sweep documents in-model flex-sites first-call doge generate;
+# sweep-model only when named.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -40,6 +41,11 @@ for section in "${sections[@]}"; do
     sweep)
       step sweep 200 python3 bench/gluon.py --sweep --dims 128 --lengths 16384 \
         --patterns "causal & sliding(4096);local(1024)" --rep 20 --out "$out/gluon-sweep.md" ;;
+    sweep-model)  # the tile and stage options at the in-model shape (16 / 4 heads, 32k)
+      step sweep-model 300 python3 bench/gluon.py --sweep --dims 128 --lengths 32768 \
+        --tokens 32768 --heads 16 --kv-heads 4 --rep 20 \
+        --patterns "causal & sliding(1024);causal & sliding(4096)" \
+        --out "$out/gluon-sweep-model.md" ;;
     documents)
       step documents 200 python3 bench/documents.py --steps 10 --out "$out/documents.md" ;;
     in-model)
