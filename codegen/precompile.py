@@ -7,10 +7,13 @@ launch. Yet their shapes, strides, dtypes and pattern are known as soon as the g
 the op's fake implementation sees the forward's operands, the backward op's fake
 implementation those of the backward, the gradient's layout included (an eager call's
 autograd ``setup_context`` starts the backward's, the gradient taken in the output's layout).
-``precompile`` then hands the kernels the call will launch to small thread pools, which
-compile them (Triton's compiler and ptxas release the interpreter lock for most of their work)
-while Inductor compiles the rest of the model; a launch waits for its own call's job, if still
-running, and finds its kernels compiled.
+``precompile`` then starts a job per call and direction on a small thread pool; the job
+builds the call's rows and has three helper processes compile the kernels
+(``codegen/launch/compile_processes.py``) into Triton's cache while Inductor compiles the rest
+of the model; a launch waits for its own call's job, if still running, and finds its kernels
+there. Compiled on threads of this process instead (``SPARSE_COMPILE_PRECOMPILE=threads``),
+the kernels would contend with ``torch.compile``'s main thread for the interpreter lock, which
+Triton's compiler holds for much of its work, and barely get ahead of the launch.
 
 What is compiled is exactly what the launch will ask for: the real launchers run inside
 ``compile_only()`` (``codegen/launch/compile_only.py``) on ``meta`` tensors with the
@@ -20,7 +23,7 @@ positions, or packed documents of one batch row, which transformers' FlexAttenti
 every compiled model), the one a model's sliding-window or causal attention takes on sm90;
 other calls compile at their launch, as before. A failure here is logged at debug level and
 changes nothing: the launch compiles what is missing. ``SPARSE_COMPILE_PRECOMPILE=0`` turns it
-off.
+off, ``=threads`` keeps it in this process.
 """
 
 from __future__ import annotations
