@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
@@ -61,6 +62,9 @@ _SPLITS: dict[str, list[tuple[frozenset[str] | None, bool]]] = {
     "backward": [(frozenset({"_dkdv_kernel"}), False), (frozenset({"_dkdv_kernel"}), True)],
 }
 _processes: CompileProcesses | bool | None = None
+# How long a launch waits for its call's job before compiling for itself (a stuck helper must
+# not hang the model).
+FINISH_TIMEOUT_S = 300.0
 _helper_target: tuple | None = None  # in a helper: the target its driver compiles for
 
 
@@ -148,8 +152,13 @@ def finish(key: tuple | None) -> None:
         return
     with _lock:
         future = _pending.pop(key, None)
-    if future is not None:
-        future.exception()  # waits; failures were logged by the job
+    if future is None:
+        return
+    try:
+        future.exception(timeout=FINISH_TIMEOUT_S)  # waits; failures were logged by the job
+    except FutureTimeout:  # a helper stuck: the launch compiles for itself rather than hang
+        log.warning("sparse_compile: a background compile job of %r took over %.0f s; the "
+                    "launch compiles its kernels itself", key[2], FINISH_TIMEOUT_S)
 
 
 def finish_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None,

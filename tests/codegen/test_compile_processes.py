@@ -115,3 +115,19 @@ def test_a_settled_cache_key_does_not_depend_on_what_was_keyed_before(tmp_path) 
     # and it is the key of the complete dependencies: the one Triton's order gives when
     # every callee was keyed before its caller
     assert alone == _key_of_kernel_a(tmp_path, ["inner", "middle"], settle=False)
+
+
+def test_a_launch_stops_waiting_for_a_stuck_job(monkeypatch, caplog) -> None:
+    """A job that never ends (a helper stuck) must not hang the model: the launch's wait
+    gives up after ``FINISH_TIMEOUT_S`` and says so; the launch then compiles for itself."""
+    from concurrent.futures import Future
+
+    from sparse_compile.codegen import precompile
+
+    key = ((), "cuda", "causal", "forward", False)
+    monkeypatch.setitem(precompile._pending, key, Future())  # never finishes
+    monkeypatch.setattr(precompile, "FINISH_TIMEOUT_S", 0.05)
+    with caplog.at_level("WARNING", logger="sparse_compile"):
+        precompile.finish(key)
+    assert key not in precompile._pending
+    assert "compiles its kernels itself" in caplog.text
