@@ -17,7 +17,7 @@ from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 from sparse_compile.codegen.gluon.rows import (
     RowPieces,
-    document_rows_of_call,
+    document_rows,
     interval_rows,
     position_only,
 )
@@ -270,8 +270,7 @@ def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text:
     if not _gluon_serves(q, k, v, q.device):
         return None
     if frame.mode == DOCUMENTS:
-        return document_rows_of_call(parse_pattern(pattern_text), frame.doc_start[0],
-                                     frame.doc_end[0])
+        return document_rows(parse_pattern(pattern_text), frame.doc_start[0], frame.doc_end[0])
     return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
 
 

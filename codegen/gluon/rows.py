@@ -13,13 +13,11 @@ routes) stay with the ``tl`` kernels.
 Packed documents keep the same kernels: where the pattern's bounds are closed forms of the
 query position alone, a row's intervals inside its document are the pattern's at the row's
 position in the document, shifted by the document's first key and cut at its last
-(``document_rows``), built on the device from the document bounds once for all the calls
-that hand the same bounds (``document_rows_of_call``: every layer of a packed batch's step).
+(``document_rows``), built on the device per call from the document bounds.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,52 +124,6 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
     lo = torch.minimum(lo, hi + 1)  # changes empty rows only (lo > hi + 1 before)
     key_lo, key_hi = _key_intervals(lo, hi, length)
     return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
-
-
-# The last document rows built per pattern, with what they were built from. Every attention
-# call of a packed batch (each layer, forward and backward) hands the same prepared document
-# bounds, so the rows are built once per step instead of once per call (about twenty small
-# launches each).
-_DOCUMENT_ROWS: dict[str, tuple[tuple, RowPieces]] = {}
-
-
-def _bounds_identity(start: torch.Tensor, end: torch.Tensor) -> tuple | None:
-    """What ties document rows to the bounds they were built from: the tensors behind
-    ``start`` and ``end`` (held weakly: a new step's bounds are new tensors), their version
-    counters (an in-place change moves them), data pointers, shapes and strides; None where a
-    tensor keeps no version counter (inference-mode tensors)."""
-    try:
-        versions = (start._version, end._version)
-    except RuntimeError:
-        return None
-    roots = [t if t._base is None else t._base for t in (start, end)]
-    return (tuple(weakref.ref(r) for r in roots), versions, start.data_ptr(), end.data_ptr(),
-            tuple(start.shape), start.stride(), tuple(end.shape), end.stride())
-
-
-def _same_bounds(a: tuple, b: tuple) -> bool:
-    refs_a, refs_b = a[0], b[0]
-    alive = all(r() is not None for r in refs_a)
-    return alive and all(x() is y() for x, y in zip(refs_a, refs_b, strict=True)) and (
-        a[1:] == b[1:])
-
-
-def document_rows_of_call(pattern: Any, start: torch.Tensor, end: torch.Tensor
-                          ) -> RowPieces | None:
-    """``document_rows``, reused while calls hand the very same bounds unchanged (the same
-    tensors, not modified since: ``_bounds_identity``). Never reused or kept while a CUDA
-    graph is being captured: the graph must record the rows' building, or its replays would
-    read the rows of the documents it was captured with."""
-    capturing = start.is_cuda and torch.cuda.is_current_stream_capturing()
-    identity = None if capturing else _bounds_identity(start, end)
-    key = str(pattern)
-    cached = _DOCUMENT_ROWS.get(key)
-    if identity is not None and cached is not None and _same_bounds(cached[0], identity):
-        return cached[1]
-    rows = document_rows(pattern, start, end)
-    if identity is not None and rows is not None:
-        _DOCUMENT_ROWS[key] = (identity, rows)
-    return rows
 
 
 _POSITION_ONLY: dict[str, bool] = {}

@@ -134,57 +134,6 @@ def test_rows_inside_packed_documents_are_exactly_the_kept_keys(text, ids) -> No
         assert torch.equal(by_keys, mask[h])
 
 
-def test_document_rows_are_built_once_for_the_calls_of_one_batch(monkeypatch) -> None:
-    """Calls handing the same prepared bounds (every layer of a packed step, forward and
-    backward) share one build; new bounds, bounds changed in place, another pattern, a CUDA
-    graph being captured, or bounds without a version counter build afresh, and every result
-    equals a fresh build."""
-    from sparse_compile.codegen.gluon import rows as rows_module
-    from sparse_compile.codegen.tl.documents import document_bounds_reference
-
-    builds = []
-    build = rows_module.document_rows
-
-    def counted(*args):
-        builds.append(args)
-        return build(*args)
-
-    monkeypatch.setattr(rows_module, "document_rows", counted)
-    monkeypatch.setattr(rows_module, "_DOCUMENT_ROWS", {})
-    band = parse("causal & sliding(4)")
-    prepared = torch.stack(document_bounds_reference(torch.tensor([PACKED_IDS[2]])))
-
-    def call(bounds, pattern=band):  # what each attention call hands: views of row 0
-        got = rows_module.document_rows_of_call(pattern, bounds[0][0], bounds[1][0])
-        want = build(pattern, bounds[0][0], bounds[1][0])
-        for a, b in zip((got.lo, got.hi, got.key_lo, got.key_hi),
-                        (want.lo, want.hi, want.key_lo, want.key_hi), strict=True):
-            assert torch.equal(a, b)
-        return got
-
-    first = call(prepared)
-    assert call(prepared) is first and len(builds) == 1  # the next layers
-    assert call(prepared.clone()) is not first and len(builds) == 2  # a new step's bounds
-    again = call(prepared)  # the first bounds again: the cache keeps the last per pattern
-    assert len(builds) == 3
-    prepared[1, 0, :5] = 4  # changed in place (documents merged): built again, correctly
-    assert call(prepared) is not again and len(builds) == 4
-    call(prepared, parse("causal & sliding(2)"))
-    assert len(builds) == 5
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    call(prepared)
-    call(prepared)  # while capturing: the graph records every build
-    assert len(builds) == 7
-    monkeypatch.undo()
-    monkeypatch.setattr(rows_module, "document_rows", counted)
-    with torch.inference_mode():
-        frozen = prepared.clone()  # an inference tensor: no version counter
-    call(frozen)
-    call(frozen)
-    assert len(builds) == 9
-
-
 @pytest.mark.parametrize("text", NOT_SERVED + ["global(2)"])
 def test_patterns_without_closed_form_rows_stay_off_the_documents_path(text) -> None:
     start, end = torch.zeros(1, 40, dtype=torch.int32), torch.full((1, 40), 39)
