@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -66,6 +66,7 @@ _processes: CompileProcesses | bool | None = None
 # not hang the model).
 FINISH_TIMEOUT_S = 300.0
 _helper_target: tuple | None = None  # in a helper: the target its driver compiles for
+_unmerged = False  # a helper job ended since its binaries were last copied into the cache
 
 
 def precompile_enabled() -> bool:
@@ -165,11 +166,12 @@ def finish_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
                 pattern_text: str, backward: bool, documents: bool) -> None:
     """``finish`` for the call about to launch (a backward also waits for a job started with
     the gradient's layout assumed: an eager call's). Free when no job is pending."""
-    if not _pending:
-        return
-    finish(job_key(q, k, v, dout, pattern_text, backward, documents))
-    if backward and dout is not None:
-        finish(job_key(q, k, v, None, pattern_text, backward, documents))
+    if _pending:
+        finish(job_key(q, k, v, dout, pattern_text, backward, documents))
+        if backward and dout is not None:
+            finish(job_key(q, k, v, None, pattern_text, backward, documents))
+    if _unmerged:
+        _merge_helper_binaries()
 
 
 def forget() -> None:
@@ -237,10 +239,13 @@ def _compile(key: tuple, scale: float) -> int:
         if helpers is None:
             with torch.cuda.device(device), compile_only(), _side_by_side():
                 return compile_kernels(kind, described, rows, scale)
-        request = dict(target=_target(device), cache_dir=_cache_dir(), kind=kind,
+        request = dict(target=_target(device), env=_triton_environment(), kind=kind,
                        described=described, rows=rows, scale=scale)
         parts = [_compilers.submit(helpers.run, dict(request, names=names, skip=skip))
                  for names, skip in _SPLITS[kind]]
+        wait(parts)
+        global _unmerged
+        _unmerged = True  # the next launch copies the binaries into this process's cache
         return max(part.result() for part in parts)
     except Exception as error:  # noqa: BLE001 - the launch will compile what is missing
         log.debug("precompiling the %s kernels of %r failed: %r", kind, pattern_text, error)
@@ -276,23 +281,46 @@ def compile_kernels(kind: str, described: tuple, rows: Any, scale: float) -> int
     return 0 if grads is None else 3
 
 
-def compile_in_helper(target: tuple, cache_dir: str | None, kind: str, described: tuple,
+def compile_in_helper(target: tuple, env: dict[str, str], kind: str, described: tuple,
                       rows: Any, scale: float, names: frozenset[str] | None,
                       skip: bool) -> int:
     """In a helper process (``compile_processes``): compile for ``target`` (backend, arch,
-    warp size) into Triton's cache at ``cache_dir`` the kernels of a ``kind`` call that
-    ``names`` selects (all but those with ``skip``), side by side."""
+    warp size), with the model's process's Triton settings ``env``, into the helper's own
+    cache directory the kernels of a ``kind`` call that ``names`` selects (all but those with
+    ``skip``), side by side."""
     from sparse_compile.codegen.launch.target_driver import use_target
-    from triton import knobs
 
     global _helper_target
     if target != _helper_target:
         use_target(*target)
         _helper_target = target
-    if cache_dir is not None:
-        knobs.cache.dir = cache_dir
+    for name in [n for n in os.environ if n.startswith("TRITON_") and n not in env]:
+        if name != "TRITON_CACHE_DIR":
+            del os.environ[name]
+    os.environ.update(env)
     with compile_only(names, skip), _side_by_side():
         return compile_kernels(kind, described, rows, scale)
+
+
+def _triton_environment() -> dict[str, str]:
+    """This process's ``TRITON_*`` settings now (some change the compile options, so the
+    cache keys; Inductor sets some late), for the helpers; the cache directory is theirs."""
+    return {name: value for name, value in os.environ.items()
+            if name.startswith("TRITON_") and name != "TRITON_CACHE_DIR"}
+
+
+def _merge_helper_binaries() -> None:
+    """Copy what the helpers compiled into this process's Triton cache directory as it is
+    now, where the launch about to happen looks."""
+    global _unmerged
+    helpers = _processes
+    _unmerged = False
+    cache_dir = _cache_dir()
+    if isinstance(helpers, CompileProcesses) and cache_dir is not None:
+        try:
+            helpers.merge_into(cache_dir)
+        except OSError as error:  # an unwritable cache: the launch compiles
+            log.debug("copying the compile helpers' binaries failed: %r", error)
 
 
 def _target(device: torch.device) -> tuple:
@@ -305,7 +333,7 @@ def _target(device: torch.device) -> tuple:
 
 
 def _cache_dir() -> str | None:
-    """This process's Triton cache directory (where the helpers must put the binaries)."""
+    """This process's Triton cache directory now (where the launches look)."""
     try:
         from triton import knobs
 
@@ -329,6 +357,6 @@ def _helpers() -> CompileProcesses | None:
             except OSError as error:
                 log.debug("compile helpers not started (%r): compiling on threads", error)
                 _processes = False
-        if _processes is False or _processes.alive == 0:
+        if _processes is False or _processes.alive <= 0:
             return None
         return _processes

@@ -6,7 +6,9 @@ jobs (``codegen/precompile.py``) for a model-like call (sequence-major q, k, v, 
 drives the launchers with real tensors of the same shapes and strides, as the forward and
 backward of that call would, inside ``compile_only()``: every kernel they ask for must already
 be compiled. With ``documents`` as third argument the call is one on packed documents (B = 1),
-the launches reading the rows built from three documents with padding. The jobs compile in the
+the launches reading the rows built from three documents with padding; with ``moved``, Triton's
+cache directory changes between the jobs and the launches, as Inductor's first kernel makes it
+do where none was set. The jobs compile in the
 helper processes (``compile_processes.py``), or on threads of this process with
 ``SPARSE_COMPILE_PRECOMPILE=threads``; either way the binaries land in Triton's cache
 directory (``TRITON_CACHE_DIR``), so what a launch compiled shows as files it added there.
@@ -43,7 +45,7 @@ def kernel_names(files: set[str]) -> list[str]:
             if f.endswith(".json") and not os.path.basename(f).startswith("__grp__")]
 
 
-def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
+def main(head_dim: int, pattern: str, documents: bool = False, moved: bool = False) -> dict:
     triton.runtime.driver.set_active(sm90_driver())
     torch.cuda.get_device_capability = lambda device=None: (9, 0)
     torch.cuda.device = lambda device: contextlib.nullcontext()
@@ -75,6 +77,10 @@ def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
     contiguous = torch.empty(b, hq, length, d, dtype=torch.bfloat16)
     counts = [precompile._compile(key(False), 0.1), precompile._compile(key(True), 0.1),
               precompile._compile(key(True, contiguous), 0.1)]
+    if moved:  # Inductor points Triton at its own cache when it loads its first kernel
+        os.environ["TRITON_CACHE_DIR"] = os.environ["TRITON_CACHE_DIR"] + "-inductor"
+    # what a launch does first: wait for its job, bring the helpers' binaries into the cache
+    precompile.finish_call(q, k, v, None, pattern, False, documents)
     after_jobs = cache_files()
     if documents:  # three documents and padding: the rows the call builds from them
         ids = torch.tensor([[0] * 300 + [1] * 500 + [-1] * 50 + [2] * 150])
@@ -93,5 +99,5 @@ def main(head_dim: int, pattern: str, documents: bool = False) -> dict:
 if __name__ == "__main__":
     head_dim = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     pattern = sys.argv[2] if len(sys.argv) > 2 else "causal & sliding(64)"
-    documents = len(sys.argv) > 3 and sys.argv[3] == "documents"
-    print(json.dumps(main(head_dim, pattern, documents)))
+    flags = sys.argv[3:]
+    print(json.dumps(main(head_dim, pattern, "documents" in flags, "moved" in flags)))

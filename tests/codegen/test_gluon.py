@@ -429,14 +429,16 @@ print("ok")
 
 @pytest.mark.skipif(not support.gluon_version_supported(),
                     reason="no Gluon kernels on this Triton: nothing to precompile")
-@pytest.mark.parametrize("route", ["plain", "documents"])
-@pytest.mark.parametrize("where", ["1", "threads"])
+@pytest.mark.parametrize(("route", "where"), [("plain", "1"), ("documents", "1"),
+                                              ("plain", "threads"), ("documents", "threads"),
+                                              ("moved", "1")])
 def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, tmp_path) -> None:
     """The precompile jobs of a model-like call (sequence-major, GQA; default positions or
     packed documents) compile the forward, Δ, dQ and dK/dV kernels, in the helper processes
     (the default) or on threads, and the launchers, driven with real tensors of the same
     shapes and strides, then find every kernel they ask for compiled: they add nothing to
-    Triton's cache (sm_90 stand-in driver in a separate process: no GPU here)."""
+    Triton's cache, also when that cache moved after the jobs (``moved``: as Inductor moves
+    it) (sm_90 stand-in driver in a separate process: no GPU here)."""
     import json
     import os
     import subprocess
@@ -528,7 +530,6 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(where, monkeypatch, t
     from sparse_compile.codegen.gluon import backward as gluon_backward
     from sparse_compile.codegen.gluon import forward as gluon_forward
     from sparse_compile.codegen.tl import backward_delta
-    from triton import knobs
 
     from sparse_compile.reference import reference_attention
     from tests.codegen.gluon_sm90_precompile import cache_files, kernel_names
@@ -538,7 +539,7 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(where, monkeypatch, t
         kernel.device_caches.clear()
     precompile.forget()
     monkeypatch.setenv(precompile.PRECOMPILE_ENV, where)
-    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     text, b, hq, hkv, length, d = "causal & sliding(100)", 1, 8, 2, 700, 128
     torch.manual_seed(0)
     q = torch.randn(b, length, hq, d, dtype=torch.bfloat16).transpose(1, 2)
@@ -548,6 +549,7 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(where, monkeypatch, t
     jobs = [*precompile.precompile(q, k, v, text, scale, False),
             *precompile.precompile(q, k, v, text, scale, True)]
     assert [job.result() for job in jobs] == [1, 3]
+    precompile.finish_call(q, k, v, None, text, False, False)  # as the forward's launch does
     after_jobs = cache_files()
     assert sorted(kernel_names(after_jobs)) == [
         "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
