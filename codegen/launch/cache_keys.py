@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import threading
+import types
 from typing import Any
 
 _settled: set[int] = set()
@@ -34,13 +35,20 @@ def _is_jit_function(value: Any) -> bool:
 
 
 def _callees(fn: Any) -> list[Any]:
-    """The ``@jit`` functions ``fn``'s source names (globals of its module)."""
+    """The ``@jit`` functions ``fn``'s source names: globals of its module, or attributes of
+    a module it names (``helpers.fn``)."""
+    scope = fn.fn.__globals__
     found = []
     for node in ast.walk(fn.parse()):
+        value = None
         if isinstance(node, ast.Name):
-            value = fn.fn.__globals__.get(node.id)
-            if _is_jit_function(value) and value is not fn and value not in found:
-                found.append(value)
+            value = scope.get(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            owner = scope.get(node.value.id)
+            if isinstance(owner, types.ModuleType):
+                value = getattr(owner, node.attr, None)
+        if _is_jit_function(value) and value is not fn and value not in found:
+            found.append(value)
     return found
 
 

@@ -187,3 +187,24 @@ def test_a_launch_stops_waiting_for_a_stuck_job(monkeypatch, caplog) -> None:
         precompile.finish(key)
     assert key not in precompile._pending
     assert "compiles its kernels itself" in caplog.text
+
+
+def test_callees_named_through_a_module_are_settled_too(tmp_path) -> None:
+    """``helpers.inner(x)`` is a callee as much as ``inner(x)`` (Triton follows both)."""
+    (tmp_path / "order_helpers.py").write_text(
+        "import triton\n\n\n@triton.jit\ndef inner(x):\n    return x + 1\n")
+    (tmp_path / "order_caller.py").write_text(
+        "import order_helpers\nimport triton\nimport triton.language as tl\n\n\n"
+        "@triton.jit\ndef kernel(X):\n    tl.store(X, order_helpers.inner(tl.load(X)))\n")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import order_caller
+        from sparse_compile.codegen.launch.cache_keys import _callees
+        print([c.fn.__name__ for c in _callees(order_caller.kernel)])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "['inner']"
