@@ -56,7 +56,10 @@ def settle_cache_key(kernel: Any) -> None:
     """Work out the cache keys of ``kernel`` and of the ``@jit`` functions it calls, callees
     first (once per function in this process; nothing for objects that are not ``@jit``
     functions, and nothing is raised: it only steers which binary the cache finds)."""
-    if id(kernel) in _settled or not _is_jit_function(kernel):
+    if id(kernel) in _settled:  # every launch asks: one set lookup once settled
+        return
+    if not _is_jit_function(kernel):  # the interpreter's functions, stand-ins in tests
+        _settled.add(id(kernel))
         return
     with _lock:
         if id(kernel) in _settled:
