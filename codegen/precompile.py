@@ -133,7 +133,7 @@ def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: 
             # A context of its own per job: Triton's compile mode is a context variable, and a
             # pool thread would otherwise carry one job's state into the next.
             future = _pools[_KINDS[backward]].submit(
-                contextvars.Context().run, _compile, key, scale)
+                contextvars.Context().run, _compile, key, scale, _traced(q))
         except RuntimeError as error:  # interpreter shutting down, no thread to be had
             log.debug("precompiling %r not started: %r", pattern_text, error)
             return []
@@ -221,10 +221,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _compile(key: tuple, scale: float) -> int:
+def _traced(q: torch.Tensor) -> bool:
+    """Whether the call is one of a graph being traced (a fake tensor): torch.compile's
+    Inductor will then compile kernels in this process too."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(q, FakeTensor)
+
+
+def _ptxas_as_inductor_sets_it() -> None:
+    """Where ``TRITON_PTXAS_PATH`` is unset, Inductor sets it to torch's own ptxas when it
+    compiles its first kernel (a newer one than Triton's: 13.0 against 12.8 on the H100
+    image), which changes every kernel's cache key and binary from then on. Our jobs start
+    before that, so in a compiled model they set it first, the way Inductor does, and the
+    helpers compile with the ptxas the launches will key by."""
+    try:
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+    except ImportError:  # a torch without it: nothing to align with
+        return
+    _set_triton_ptxas_path()
+
+
+def _compile(key: tuple, scale: float, traced: bool = False) -> int:
     """The job: the call's rows, then its kernels compiled by the helper processes (by this
     process's threads where they are off or could not start); returns how many kernel
-    launches it compiled for (0 when the call takes another route or anything failed)."""
+    launches it compiled for (0 when the call takes another route or anything failed).
+    ``traced``: the call is one of a graph torch.compile traces (``_ptxas_as_inductor_sets_it``)."""
     described, device, pattern_text, kind, documents = key
     start = time.perf_counter()
     try:
@@ -235,6 +257,8 @@ def _compile(key: tuple, scale: float) -> int:
                                 documents)
         if rows is None:
             return 0
+        if traced:
+            _ptxas_as_inductor_sets_it()
         helpers = _helpers()
         if helpers is None:
             with torch.cuda.device(device), compile_only(), _side_by_side():

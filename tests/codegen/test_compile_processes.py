@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from sparse_compile.codegen.launch.compile_processes import (
     CompileProcesses,
     read_message,
@@ -208,3 +209,33 @@ def test_callees_named_through_a_module_are_settled_too(tmp_path) -> None:
                          timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "['inner']"
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_jobs_of_a_compiled_model_send_the_ptxas_inductor_will_use(traced, monkeypatch) -> None:
+    """Inductor sets ``TRITON_PTXAS_PATH`` to torch's own ptxas when it compiles its first
+    kernel, after our jobs started; every kernel's cache key follows the ptxas. A job of a
+    traced graph sets it first, as Inductor would, and the helpers get it with the request;
+    an eager call's job leaves the environment alone (no Inductor will change it)."""
+    from sparse_compile.codegen import attention, precompile
+    from torch._inductor.runtime import compile_tasks
+
+    monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
+    monkeypatch.setattr(compile_tasks, "_set_triton_ptxas_path",
+                        lambda: os.environ.setdefault("TRITON_PTXAS_PATH", "/torch/bin/ptxas"))
+    monkeypatch.setattr(attention, "plain_gluon_rows", lambda *a: "rows")
+    monkeypatch.setattr(precompile, "_target", lambda device: ("cuda", 90, 32))
+    requests = []
+
+    class Helpers:
+        def run(self, request):
+            requests.append(request)
+            return 1
+
+    monkeypatch.setattr(precompile, "_helpers", lambda: Helpers())
+    precompile._start_pools()
+    described = (((1, 2, 64, 128), (16384, 8192, 128, 1), torch.bfloat16),) * 3 + (None,)
+    key = (described, "cuda", "causal", "forward", False)
+    assert precompile._compile(key, 0.1, traced=traced) == 1
+    assert requests[0]["env"].get("TRITON_PTXAS_PATH") == ("/torch/bin/ptxas" if traced else None)
+    os.environ.pop("TRITON_PTXAS_PATH", None)
