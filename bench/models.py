@@ -327,10 +327,11 @@ def time_interleaved(results: dict[str, dict[str, Any]], args: Any) -> None:
                 try:
                     graphs = compiled_graphs()
                     times.setdefault((name, mode), []).append(cuda_ms(step, 1))
-                    if compiled_graphs() > graphs and round_ == 0:
+                    recompiled = compiled_graphs() > graphs
+                    if recompiled and round_ == 0:
                         print(f"  {name} {mode}: Dynamo compiled again in the untimed round",
                               flush=True)
-                    elif compiled_graphs() > graphs:  # not the code its first call compiled
+                    elif recompiled:  # not the code its first call compiled
                         result[mode, "recompiled"] = True
                         print(f"  {name} {mode}: Dynamo compiled again during the timing",
                               flush=True)

@@ -42,6 +42,8 @@ import torch
 from sparse_compile.codegen.launch.compile_only import compile_only
 from sparse_compile.codegen.launch.compile_processes import CompileProcesses
 
+from sparse_compile.tracing import is_tracing
+
 log = logging.getLogger("sparse_compile")
 
 PRECOMPILE_ENV = "SPARSE_COMPILE_PRECOMPILE"
@@ -133,7 +135,7 @@ def precompile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: 
             # A context of its own per job: Triton's compile mode is a context variable, and a
             # pool thread would otherwise carry one job's state into the next.
             future = _pools[_KINDS[backward]].submit(
-                contextvars.Context().run, _compile, key, scale, _traced(q))
+                contextvars.Context().run, _compile, key, scale, is_tracing(q, k, v))
         except RuntimeError as error:  # interpreter shutting down, no thread to be had
             log.debug("precompiling %r not started: %r", pattern_text, error)
             return []
@@ -219,14 +221,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _traced(q: torch.Tensor) -> bool:
-    """Whether the call is one of a graph being traced (a fake tensor): torch.compile's
-    Inductor will then compile kernels in this process too."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(q, FakeTensor)
 
 
 def _ptxas_as_inductor_sets_it() -> None:
@@ -318,9 +312,8 @@ def compile_in_helper(target: tuple, env: dict[str, str], kind: str, described: 
     if target != _helper_target:
         use_target(*target)
         _helper_target = target
-    for name in [n for n in os.environ if n.startswith("TRITON_") and n not in env]:
-        if name != "TRITON_CACHE_DIR":
-            del os.environ[name]
+    for name in set(_triton_environment()) - set(env):  # unset there since the last request
+        del os.environ[name]
     os.environ.update(env)
     with compile_only(names, skip), _side_by_side():
         return compile_kernels(kind, described, rows, scale)
@@ -340,7 +333,7 @@ def _merge_helper_binaries() -> None:
     helpers = _processes
     _unmerged = False
     cache_dir = _cache_dir()
-    if isinstance(helpers, CompileProcesses) and cache_dir is not None:
+    if isinstance(helpers, CompileProcesses):
         try:
             helpers.merge_into(cache_dir)
         except OSError as error:  # an unwritable cache: the launch compiles
@@ -356,14 +349,11 @@ def _target(device: torch.device) -> tuple:
     return target.backend, target.arch, target.warp_size
 
 
-def _cache_dir() -> str | None:
+def _cache_dir() -> str:
     """This process's Triton cache directory now (where the launches look)."""
-    try:
-        from triton import knobs
+    from triton import knobs
 
-        return knobs.cache.dir
-    except Exception:  # noqa: BLE001 - an older Triton: the helpers read the same environment
-        return None
+    return knobs.cache.dir
 
 
 def _helpers() -> CompileProcesses | None:

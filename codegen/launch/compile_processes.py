@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 log = logging.getLogger("sparse_compile")
@@ -56,38 +57,44 @@ def write_message(stream: BinaryIO, message: Any) -> None:
     stream.flush()
 
 
+def _read_frame(read_exactly: Callable[[int], bytes]) -> Any:
+    """One ``write_message`` message, its bytes taken from ``read_exactly(n)`` (exactly n
+    bytes, or EOFError)."""
+    size = _HEADER.unpack(read_exactly(_HEADER.size))[0]
+    return pickle.loads(read_exactly(size))
+
+
 def read_message(stream: BinaryIO) -> Any:
     """The next message written by ``write_message``; raises EOFError when the stream ends."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError("the other end closed the stream")
-    size = _HEADER.unpack(header)[0]
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("the stream ended inside a message")
-    return pickle.loads(data)
 
+    def read_exactly(size: int) -> bytes:
+        data = stream.read(size)
+        if len(data) < size:
+            raise EOFError("the stream ended inside a message" if data else
+                           "the other end closed the stream")
+        return data
 
-def _read_exactly(fd: int, size: int, deadline: float) -> bytes:
-    """``size`` bytes from the pipe ``fd`` by ``deadline`` (``time.monotonic``); TimeoutError
-    past it, EOFError when the pipe closes first."""
-    chunks, left = [], size
-    while left:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise TimeoutError(f"no answer within {HELPER_TIMEOUT_S:.0f} s")
-        chunk = os.read(fd, left)
-        if not chunk:
-            raise EOFError("the helper closed its answers")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    return _read_frame(read_exactly)
 
 
 def _read_answer(fd: int, deadline: float) -> Any:
-    """The helper's next answer (a ``write_message`` on the pipe ``fd``) by ``deadline``."""
-    size = _HEADER.unpack(_read_exactly(fd, _HEADER.size, deadline))[0]
-    return pickle.loads(_read_exactly(fd, size, deadline))
+    """The helper's next answer on the pipe ``fd`` by ``deadline`` (``time.monotonic``);
+    TimeoutError past it, EOFError when the pipe closes first."""
+
+    def read_exactly(size: int) -> bytes:
+        chunks, left = [], size
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError(f"no answer within {HELPER_TIMEOUT_S:.0f} s")
+            chunk = os.read(fd, left)
+            if not chunk:
+                raise EOFError("the helper closed its answers")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    return _read_frame(read_exactly)
 
 
 def _listdir(path: str) -> list[str]:
