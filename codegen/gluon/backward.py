@@ -1,8 +1,10 @@
 """Hopper backward kernels in Gluon: the two-pass (deterministic) gradient of ``forward.py``.
 
-Given ``lse`` (log2 units) from the forward and ``Δ = rowsum(dO ∘ O)`` (``tl`` delta kernel):
+Given ``lse`` (log2 units) from the forward:
 
-* the dQ pass: one program per ``BM`` query rows of one (batch, query head) streams the visited
+* the dQ pass: one program per ``BM`` query rows of one (batch, query head) first works out its
+  rows' ``Δ = rowsum(dO ∘ O)`` (from the dO tile it loads anyway, so that no separate pass
+  reads O and dO) and stores it for the dK/dV pass, then streams the visited
   K and V tiles: ``S = Q Kᵀ``, ``dP = dO Vᵀ``, ``P = exp2(scale·log2e·S − lse)``,
   ``dS = P ∘ (dP − Δ)``, ``dQ += dS K``;
 * the dK/dV pass: one program per ``BN`` keys of one (batch, kv head) streams the Q and dO
@@ -58,7 +60,6 @@ from sparse_compile.codegen.gluon.visit import (
 )
 from sparse_compile.codegen.launch.compile_only import launch
 from sparse_compile.codegen.launch.config import MAX_GRID_Y
-from sparse_compile.codegen.tl.backward_delta import launch_delta
 
 _LOG2E = 1.4426950408889634
 
@@ -95,11 +96,34 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
 
 
 @gluon_jit
+def _row_delta(do_smem, Out, Delta, pid_bh, b, h, m0, Lq, sob, soh, som, sod,
+               HEAD_DIM: gl.constexpr, WM: gl.constexpr, num_warps: gl.constexpr,
+               out_layout: gl.constexpr):
+    """``Δ = rowsum(dO ∘ O)`` of one warpgroup's ``WM`` query rows (dO from its tile in shared
+    memory, O from global memory), stored for the dK/dV pass and returned in ``out_layout``."""
+    TD: gl.constexpr = HEAD_DIM // 8
+    tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TD, TD], [num_warps, 1], [1, 0])
+    offs_m = m0 + gl.arange(0, WM, layout=gl.SliceLayout(1, tile))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
+    ok = offs_m < Lq
+    o = gl.load(Out + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+                + offs_m[:, None].to(gl.int64) * som + offs_d[None, :] * sod,
+                mask=ok[:, None], other=0.0)
+    do = do_smem.load(tile)
+    delta = gl.sum(o.to(gl.float32) * do.to(gl.float32), axis=1)
+    gl.store(Delta + pid_bh.to(gl.int64) * Lq + offs_m, delta, mask=ok)
+    return gl.convert_layout(delta, out_layout)
+
+
+@gluon_jit
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale, scale,
-                HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, sob, soh, som, sod,
+                qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
                 WG: gl.constexpr, num_warps: gl.constexpr):
+    """One consumer warpgroup of a query-block program: dQ of its own half of the rows. It
+    first works out its rows' ``Δ`` from the dO tile already in shared memory and O (one read
+    of O instead of a separate pass over O and dO) and stores it for the dK/dV pass."""
     pid_bh, b, h, m0 = query_program(Hq, BM)
     hp = h % NPH
     WM: gl.constexpr = BM // 2
@@ -121,10 +145,11 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     row_ok = offs_m < Lq
     lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
     lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
-    delta = gl.load(Delta + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    mbarrier.wait(q_bar, 0)
+    delta = _row_delta(do_smem, Out, Delta, pid_bh, b, h, m0, Lq, sob, soh, som, sod,
+                       HEAD_DIM, WM, num_warps, row_s)
     dq = gl.zeros([WM, HEAD_DIM], gl.float32, layout=dq_layout)
     s_zero = gl.zeros([WM, BN], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, 0)
     for t in range(0, n):
         st = t % STAGES
         ph = (t // STAGES) & 1
@@ -167,11 +192,11 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
 
 
 @gluon_jit
-def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G, NPH, Lq,
-               q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, qk_scale,
-               scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-               STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                num_warps: gl.constexpr):
+def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, Hq, G, NPH, Lq,
+               q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, sob, soh,
+               som, sod, qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
+               BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
+               OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_do.layout)
@@ -180,11 +205,13 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, RLO, RHI, Hq, G,
     q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, CONSUMERS)
     gl.warp_specialize([
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                       v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
-                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, 0, num_warps)),
+                       v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm,
+                       sob, soh, som, sod, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
+                       OVERLAP, 0, num_warps)),
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                       v_empty, DQ, LSE, Delta, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, qk_scale,
-                       scale, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, 1, num_warps)),
+                       v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm,
+                       sob, soh, som, sod, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
+                       OVERLAP, 1, num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
                     q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
@@ -348,8 +375,8 @@ def _descriptor(view: torch.Tensor, rows: int, d: int, dtype) -> object:
 @dataclass(frozen=True)
 class BackwardOperands:
     """What the backward launches from: the 2-D TMA views of q, k, v and dout with
-    their (batch, head, column) row offsets (``forward.row_view``), the tile dtype, ``Δ``,
-    and the empty dK and dV."""
+    their (batch, head, column) row offsets (``forward.row_view``), the tile dtype, the empty
+    ``Δ`` (the dQ pass fills it) and the empty dK and dV."""
 
     views: tuple  # (q2, k2, v2, o2)
     offsets: tuple  # q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch
@@ -384,7 +411,8 @@ def backward_operands(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     (q2, *q_off), (k2, *k_off), (v2, *_), (o2, *o_off) = views
     return BackwardOperands(
         (q2, k2, v2, o2), (*q_off, *k_off, *o_off), d,
-        gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16, launch_delta(out, dout),
+        gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16,
+        torch.empty((b, hq, q.shape[2]), device=q.device, dtype=torch.float32),
         torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype),
         torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype))
 
@@ -416,8 +444,8 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     bm, bn = dq_tiles
     launch(
         _dq_kernel, (triton.cdiv(lq, bm), b * hq), *ops.descriptors(bm // 2, bn), dq, lse,
-        ops.delta, rows.lo, rows.hi, hq, hq // hkv, nph, lq, *ops.offsets, dq.stride(0),
-        dq.stride(1), dq.stride(2), qk_scale, scale, HEAD_DIM=d,
+        ops.delta, out, rows.lo, rows.hi, hq, hq // hkv, nph, lq, *ops.offsets, dq.stride(0),
+        dq.stride(1), dq.stride(2), *out.stride(), qk_scale, scale, HEAD_DIM=d,
         BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
         num_warps=CONSUMER_WARPS)
     bm, bn = kv_tiles

@@ -83,9 +83,9 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
         lq, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, BM=128, BN=128, **split)
     reports.append(ptxas_report("forward", fwd.asm["ptx"]))
     dq = backward._dq_kernel.warmup(
-        desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), q, lse, lse, bounds, bounds,
+        desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), q, lse, lse, q, bounds, bounds,
         hq, hq // hkv, 1, lq, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1), q.stride(2),
-        0.1, 0.1, BM=128, BN=64, OVERLAP=False, **split)
+        *q.stride(), 0.1, 0.1, BM=128, BN=64, OVERLAP=False, **split)
     reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
     kv_args = (desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), k, k)
     tail = (lse, lse, bounds, bounds, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides,

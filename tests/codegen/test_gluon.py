@@ -173,7 +173,8 @@ def test_row_view_walks_head_major_and_sequence_major_layouts() -> None:
 @pytest.mark.parametrize("sequence_major", [False, True])
 def test_backward_operands_give_head_dim_tiles_in_both_layouts(sequence_major) -> None:
     """The backward launches from ``backward_operands``: tiles one head wide (a
-    sequence-major view is H x D wide), the views' row offsets, Δ = rowsum(dO ∘ O)."""
+    sequence-major view is H x D wide), the views' row offsets, room for Δ (which the dQ
+    pass works out)."""
     from sparse_compile.codegen.gluon.backward import backward_operands
 
     def layout(b, h, length, d):
@@ -189,8 +190,7 @@ def test_backward_operands_give_head_dim_tiles_in_both_layouts(sequence_major) -
     assert ops.offsets == expected
     for desc, rows in zip(ops.descriptors(32, 16), (32, 16, 16, 32), strict=True):
         assert list(desc.block_shape) == [rows, 64]
-    delta = (dout.float() * out.float()).sum(-1)
-    assert rel_error(ops.delta, delta) < 1e-2
+    assert ops.delta.shape == (2, 4, 48) and ops.delta.dtype == torch.float32
     assert ops.dk.shape == ops.dv.shape == (2, 2, 40, 64)
 
 
@@ -434,7 +434,7 @@ print("ok")
                                               ("moved", "1")])
 def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, tmp_path) -> None:
     """The precompile jobs of a model-like call (sequence-major, GQA; default positions or
-    packed documents) compile the forward, Δ, dQ and dK/dV kernels, in the helper processes
+    packed documents) compile the forward, dQ and dK/dV kernels, in the helper processes
     (the default) or on threads, and the launchers, driven with real tensors of the same
     shapes and strides, then find every kernel they ask for compiled: they add nothing to
     Triton's cache, also when that cache moved after the jobs (``moved``: as Inductor moves
@@ -456,9 +456,9 @@ def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, tmp
     report = json.loads([x for x in run.stdout.splitlines() if x.startswith("{")][-1])
     assert report["jobs"] == [1, 3, 3]
     # the contiguous gradient has dQ and dK/dV variants of its own (1000 rows: its row
-    # offsets are not multiples of 16); Δ's arguments specialise alike for both
+    # offsets are not multiples of 16)
     assert sorted(report["precompiled"]) == sorted(
-        ["_fwd_kernel", "_delta_kernel"] + ["_dq_kernel", "_dkdv_kernel"] * 2)
+        ["_fwd_kernel"] + ["_dq_kernel", "_dkdv_kernel"] * 2)
     assert report["compiled_at_launch"] == []
 
 
@@ -529,12 +529,11 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(where, monkeypatch, t
     from sparse_compile.codegen.attention import backward, forward
     from sparse_compile.codegen.gluon import backward as gluon_backward
     from sparse_compile.codegen.gluon import forward as gluon_forward
-    from sparse_compile.codegen.tl import backward_delta
 
     from tests.codegen.gluon_sm90_precompile import cache_files, kernel_names
 
     for kernel in (gluon_forward._fwd_kernel, gluon_backward._dq_kernel,
-                   gluon_backward._dkdv_kernel, backward_delta._delta_kernel):
+                   gluon_backward._dkdv_kernel):
         kernel.device_caches.clear()
     precompile.forget()
     monkeypatch.setenv(precompile.PRECOMPILE_ENV, where)
@@ -551,7 +550,7 @@ def test_a_precompiled_call_compiles_nothing_at_its_launch(where, monkeypatch, t
     precompile.finish_call(q, k, v, None, text, False, False)  # as the forward's launch does
     after_jobs = cache_files()
     assert sorted(kernel_names(after_jobs)) == [
-        "_delta_kernel", "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
+        "_dkdv_kernel", "_dq_kernel", "_fwd_kernel"]
     out, lse = forward(q, k, v, text, scale, query_layout=True)
     dout = torch.randn_like(out)
     dq, dk, dv, _ = backward(dout, q, k, v, out, lse, text, scale)
