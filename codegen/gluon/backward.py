@@ -96,22 +96,27 @@ def _dq_load(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q
 
 
 @gluon_jit
-def _row_delta(do_smem, Out, Delta, pid_bh, b, h, m0, Lq, sob, soh, som, sod,
-               HEAD_DIM: gl.constexpr, WM: gl.constexpr, num_warps: gl.constexpr,
-               out_layout: gl.constexpr):
-    """``Δ = rowsum(dO ∘ O)`` of one warpgroup's ``WM`` query rows (dO from its tile in shared
-    memory, O from global memory), stored for the dK/dV pass and returned in ``out_layout``."""
+def _out_rows(Out, b, h, m0, Lq, sob, soh, som, sod, HEAD_DIM: gl.constexpr, WM: gl.constexpr,
+              num_warps: gl.constexpr):
+    """O of one warpgroup's ``WM`` query rows, loaded in ``_row_delta``'s layout (issued before
+    the program waits for its tiles, so that the load's latency hides behind theirs)."""
     TD: gl.constexpr = HEAD_DIM // 8
     tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TD, TD], [num_warps, 1], [1, 0])
     offs_m = m0 + gl.arange(0, WM, layout=gl.SliceLayout(1, tile))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
-    ok = offs_m < Lq
-    o = gl.load(Out + b.to(gl.int64) * sob + h.to(gl.int64) * soh
-                + offs_m[:, None].to(gl.int64) * som + offs_d[None, :] * sod,
-                mask=ok[:, None], other=0.0)
-    do = do_smem.load(tile)
+    return gl.load(Out + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+                   + offs_m[:, None].to(gl.int64) * som + offs_d[None, :] * sod,
+                   mask=(offs_m < Lq)[:, None], other=0.0)
+
+
+@gluon_jit
+def _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM: gl.constexpr, out_layout: gl.constexpr):
+    """``Δ = rowsum(dO ∘ O)`` of one warpgroup's ``WM`` query rows (dO from its tile in shared
+    memory, O from ``_out_rows``), stored for the dK/dV pass and returned in ``out_layout``."""
+    do = do_smem.load(o.type.layout)
     delta = gl.sum(o.to(gl.float32) * do.to(gl.float32), axis=1)
-    gl.store(Delta + pid_bh.to(gl.int64) * Lq + offs_m, delta, mask=ok)
+    offs_m = m0 + gl.arange(0, WM, layout=gl.SliceLayout(1, o.type.layout))
+    gl.store(Delta + pid_bh.to(gl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
     return gl.convert_layout(delta, out_layout)
 
 
@@ -136,6 +141,7 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     tile_rows: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
 
+    o = _out_rows(Out, b, h, m0 + WG * WM, Lq, sob, soh, som, sod, HEAD_DIM, WM, num_warps)
     x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = tile_visit(RLO, RHI, hp, NPH, Lq, m0, BM, BN,
                                                            PIECES, tile_rows)
     m0 = m0 + WG * WM
@@ -146,8 +152,7 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
     lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
     mbarrier.wait(q_bar, 0)
-    delta = _row_delta(do_smem, Out, Delta, pid_bh, b, h, m0, Lq, sob, soh, som, sod,
-                       HEAD_DIM, WM, num_warps, row_s)
+    delta = _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM, row_s)
     dq = gl.zeros([WM, HEAD_DIM], gl.float32, layout=dq_layout)
     s_zero = gl.zeros([WM, BN], gl.float32, layout=s_layout)
     for t in range(0, n):
