@@ -128,7 +128,7 @@ def clone_like(t: Any) -> Any:
 
 def route_is_gluon(args: tuple, kw: dict) -> bool:
     """Whether the recorded forward call takes the Gluon kernels: the forward's own tests
-    (``_plain_call``, ``_gluon_rows``) and operands TMA can walk."""
+    (``_gluon_call``, ``_gluon_rows``) and operands TMA can walk."""
     from sparse_compile.codegen.gluon.forward import row_view
     from sparse_compile.codegen.launch.positions import DEFAULT_FRAME
 
@@ -137,7 +137,7 @@ def route_is_gluon(args: tuple, kw: dict) -> bool:
     dropout_p = kw.get("dropout_p", args[6] if len(args) > 6 else 0.0)
     frame = kw.get("frame") or DEFAULT_FRAME
     cfg = kernels.select_config(pattern, q, k.shape[2])
-    plain = kernels._plain_call(cfg, bias, dropout_p, kw.get("softcap", 0.0), kw.get("alibi"),
+    plain = kernels._gluon_call(cfg, bias, dropout_p, kw.get("softcap", 0.0), kw.get("alibi"),
                                 kw.get("rel_bias"), frame, q.shape[2], k.shape[2])
     return (plain and kernels._gluon_rows(q, k, v, pattern, frame) is not None
             and all(row_view(t) is not None for t in (q, k, v)))

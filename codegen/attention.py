@@ -21,7 +21,8 @@ from sparse_compile.codegen.gluon.rows import (
     interval_rows,
     position_only,
 )
-from sparse_compile.codegen.gluon.support import gluon_device, gluon_head_dims
+from sparse_compile.codegen.gluon.score import NO_MODS, ScoreMods
+from sparse_compile.codegen.gluon.support import gluon_device, gluon_head_dims, gluon_score_mods
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
     TileConfig,
@@ -214,8 +215,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: st
         if route is not None:
             return _residue_forward(route, q, k, v, scale, cfg, softcap, out_dtype)
     cfg = cfg or select_config(pattern_text, q, lk)
-    if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
-        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame, query_layout)
+    if _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
+        result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame, query_layout,
+                                ScoreMods(softcap, alibi, rel_bias))
         if result is not None:
             return result
     module, n_heads = static_kernels(pattern_text)
@@ -226,13 +228,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: st
     )
 
 
-def _plain_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, softcap: float,
+def _gluon_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, softcap: float,
                 alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, frame: Frame, lq: int,
                 lk: int) -> bool:
-    """Whether a call is one the Gluon kernels serve (no bias, dropout, soft-capping, position
-    bias or positions; packed documents of one batch row) and ``cfg`` allows them."""
-    return (cfg.gluon and bias is None and dropout_p == 0.0 and not softcap and alibi is None
-            and rel_bias is None and (frame.is_default(lq, lk) or _one_row_of_documents(frame)))
+    """Whether a call is one the Gluon kernels serve and ``cfg`` allows them: no bias tensor or
+    dropout; default positions or packed documents of one batch row; soft-capping, ALiBi and
+    relative-bias tables where ``gluon_score_mods()`` lets the kernels compute them."""
+    mods = bool(softcap) or alibi is not None or rel_bias is not None
+    return (cfg.gluon and bias is None and dropout_p == 0.0 and (not mods or gluon_score_mods())
+            and (frame.is_default(lq, lk) or _one_row_of_documents(frame)))
 
 
 def _one_row_of_documents(frame: Frame) -> bool:
@@ -244,7 +248,8 @@ def _one_row_of_documents(frame: Frame) -> bool:
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
                    scale: float, out_dtype: torch.dtype | None, frame: Frame = DEFAULT_FRAME,
-                   query_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   query_layout: bool = False, mods: ScoreMods = NO_MODS
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The forward through the Hopper Gluon kernel where it applies (``_gluon_rows``, and
     TMA-walkable layouts), else None; a Gluon failure is logged once and the ``tl`` kernels
     take over."""
@@ -257,7 +262,7 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
     try:
         with fall_back_on_failure("gluon_forward"):
             return launch_gluon_forward(q, k, v, rows, scale, out_dtype,
-                                        query_layout=query_layout)
+                                        query_layout=query_layout, mods=mods)
     except FellBack:
         return None
 
@@ -315,7 +320,7 @@ def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_
 
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float,
-                    frame: Frame = DEFAULT_FRAME
+                    frame: Frame = DEFAULT_FRAME, mods: ScoreMods = NO_MODS
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Hopper Gluon backward where it applies, else None; a Gluon
     failure is logged once and the ``tl`` passes take over."""
@@ -327,7 +332,7 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     precompile.finish_call(q, k, v, dout, pattern_text, True, frame.mode == DOCUMENTS)
     try:
         with fall_back_on_failure("gluon_backward"):
-            return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale)
+            return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale, mods=mods)
     except FellBack:
         return None
 
@@ -370,8 +375,9 @@ def backward(
         if route is not None:
             return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
     cfg = cfg or select_config(pattern_text, q, lk)
-    if _plain_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
-        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale, frame)
+    if _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
+        grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale, frame,
+                                ScoreMods(softcap, alibi, rel_bias))
         if grads is not None:
             return (*grads, None)
     module, n_heads = static_kernels(pattern_text)

@@ -34,6 +34,7 @@ import triton
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
 from sparse_compile.codegen.gluon.forward import row_view
 from sparse_compile.codegen.gluon.rows import RowPieces
+from sparse_compile.codegen.gluon.score import NO_MODS, ScoreMods, head_terms, logits
 from sparse_compile.codegen.gluon.support import (
     CONSUMER_REGS,
     CONSUMER_WARPS,
@@ -122,10 +123,12 @@ def _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM: gl.constexpr, out_layout: 
 
 @gluon_jit
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm, sob, soh, som, sod,
-                qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh, sqm, sob, soh, som,
+                sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
+                HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                WG: gl.constexpr, num_warps: gl.constexpr):
+                SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, WG: gl.constexpr,
+                num_warps: gl.constexpr):
     """One consumer warpgroup of a query-block program: dQ of its own half of the rows. It
     first works out its rows' ``Δ`` from the dO tile already in shared memory and O (one read
     of O instead of a separate pass over O and dO) and stores it for the dK/dV pass."""
@@ -151,6 +154,9 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     row_ok = offs_m < Lq
     lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
     lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    MODS: gl.constexpr = SOFTCAP or PBIAS != 0
+    slope, rel_row = head_terms(Slopes, Rel, s_rh, h, PBIAS)
+    q_pos = offs_m + (Lk - Lq)
     mbarrier.wait(q_bar, 0)
     delta = _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM, row_s)
     dq = gl.zeros([WM, HEAD_DIM], gl.float32, layout=dq_layout)
@@ -171,7 +177,13 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
                 mbarrier.arrive(k_empty.index((t - 1) % STAGES), count=1)
         else:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-        p = gl.exp2(s * qk_scale - lse[:, None])
+        if MODS:  # score.py: the logits in log2 units, and tanh for the cap's gradient
+            k_pos = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
+            x, t_cap = logits(s, q_pos[:, None], k_pos, cap_in, cap_out, qk_scale, slope,
+                              rel_row, Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+            p = gl.exp2(x - lse[:, None])
+        else:
+            p = gl.exp2(s * qk_scale - lse[:, None])
         if is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi):
             k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
             keep = keeps(lo0[:, None], hi0[:, None], lo1[:, None], hi1[:, None], k_idx, PIECES)
@@ -179,6 +191,8 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
         mbarrier.arrive(v_empty.index(st), count=1)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # through the cap: d(softcap·tanh(x / softcap)) / dx = 1 − tanh²
+            ds = ds * (1.0 - t_cap * t_cap)
         ds_op = gl.convert_layout(ds.to(dtype), ds_layout)
         dq = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
         if OVERLAP:  # no wait: dQ is the only group in flight (a loop-carried tensor again)
@@ -198,10 +212,11 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
 
 @gluon_jit
 def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, Hq, G, NPH, Lq,
-               q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, sob, soh,
-               som, sod, qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
-               BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
-               OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+               Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, sob,
+               soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
+               HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+               STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
+               SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_do.layout)
@@ -210,13 +225,15 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, H
     q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, CONSUMERS)
     gl.warp_specialize([
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                       v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm,
-                       sob, soh, som, sod, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
-                       OVERLAP, 0, num_warps)),
+                       v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh,
+                       sqm, sob, soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel,
+                       s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, SOFTCAP, PBIAS, 0,
+                       num_warps)),
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                       v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, sqb, sqh, sqm,
-                       sob, soh, som, sod, qk_scale, scale, HEAD_DIM, BM, BN, STAGES, PIECES,
-                       OVERLAP, 1, num_warps)),
+                       v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh,
+                       sqm, sob, soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel,
+                       s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, SOFTCAP, PBIAS, 1,
+                       num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
                     q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),
@@ -270,9 +287,10 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
 @gluon_jit
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                   q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G, NPH,
-                  Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM: gl.constexpr,
-                  BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                  PIECES: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
+                  Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
+                  HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                  PBIAS: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
     """One consumer warpgroup of a key-block program: dK and dV of keys ``WG * BN / 2`` ..
     (its own half of K and V), streaming the Q and dO ring both warpgroups share. PARTIAL
     blocks are masked with each key's kept query rows (``KLO``/``KHI``: two values per key
@@ -293,11 +311,13 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
     dk = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
     dv = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
     st_zero = gl.zeros([WN, BM], gl.float32, layout=st_layout)
+    MODS: gl.constexpr = SOFTCAP or PBIAS != 0
     mbarrier.wait(kv_bar, 0)
     t = 0
     for g in range(0, G):
         h = hkv * G + g
         hp = h % NPH
+        slope, rel_row = head_terms(Slopes, Rel, s_rh, h, PBIAS)
         x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
             RLO, RHI, hp, NPH, Lq, Lk, k0, BM, BN, PIECES)
         qa0, qb0, qa1, qb1 = row_bounds(KLO, KHI, hp, NPH, Lk, k_idx, k_ok, PIECES)
@@ -313,17 +333,27 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
                                  use_acc=False, is_async=True)
             s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
             lse = lse_smem.index(st).load(col_st)
-            p_t = gl.exp2(s_t * qk_scale - lse[None, :])
+            if MODS:  # score.py, on the transposed tile: keys down, query rows across
+                q_pos = (i * BM + (Lk - Lq) + gl.arange(0, BM, layout=col_st))[None, :]
+                x_t, t_cap = logits(s_t, q_pos, k_idx[:, None], cap_in, cap_out, qk_scale,
+                                    slope, rel_row, Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+                p_t = gl.exp2(x_t - lse[None, :])
+            else:
+                p_t = gl.exp2(s_t * qk_scale - lse[None, :])
             if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
                 offs_q = i * BM + gl.arange(0, BM, layout=col_st)
                 keep = keeps(qa0[:, None], qb0[:, None], qa1[:, None], qb1[:, None],
                              offs_q[None, :], PIECES)
                 p_t = gl.where(keep, p_t, 0.0)
+            if SOFTCAP:  # P's factor of dS through the cap (1 − tanh²), so tanh dies here
+                p_ds = p_t * (1.0 - t_cap * t_cap)
+            else:
+                p_ds = p_t
             dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
                                dv, is_async=True)
             dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
             delta = delta_smem.index(st).load(col_st)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = p_ds * (dp_t - delta[None, :])
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), op_layout), q_smem.index(st),
                                dk, is_async=True)
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
@@ -343,8 +373,10 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
 @gluon_jit
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G,
                  NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
-                 qk_scale, scale, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 STAGES: gl.constexpr, PIECES: gl.constexpr, num_warps: gl.constexpr):
+                 qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, HEAD_DIM: gl.constexpr,
+                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                 PIECES: gl.constexpr, SOFTCAP: gl.constexpr, PBIAS: gl.constexpr,
+                 num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2, BN // 2, HEAD_DIM], desc_k.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, BN // 2, HEAD_DIM], desc_v.layout)
@@ -357,12 +389,14 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
     gl.warp_specialize([
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
-                         G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN,
-                         STAGES, PIECES, 0, num_warps)),
+                         G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out,
+                         Slopes, Rel, s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS,
+                         0, num_warps)),
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
-                         G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, HEAD_DIM, BM, BN,
-                         STAGES, PIECES, 1, num_warps)),
+                         G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out,
+                         Slopes, Rel, s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS,
+                         1, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
                       lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
                       o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,
@@ -426,7 +460,7 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
                           kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
-                          overlap: bool = False
+                          overlap: bool = False, mods: ScoreMods = NO_MODS
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
     TMA or the (batch, head) count overflows the grid (the caller runs the ``tl`` passes).
@@ -436,7 +470,8 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     keys per program) of the dK/dV pass; the programs' rows (dQ) and keys (dK/dV) are split
     between two warpgroups, so both are at least 128. ``overlap`` leaves the dQ pass's
     product in flight while the next step's scores are issued (off by default: ptxas then
-    serialises the products, bench/NOTES.md version 13)."""
+    serialises the products, bench/NOTES.md version 13); ``mods``: the forward's logit
+    soft-capping and position biases (``score.py``)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     ops = backward_operands(dout, q, k, v, out)
@@ -446,19 +481,20 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dk, dv = ops.dk, ops.dv
     nph = rows.pattern_heads
     qk_scale = scale * _LOG2E
+    mod_args, mod_flags = mods.kernel_args(scale, q)
     bm, bn = dq_tiles
     launch(
         _dq_kernel, (triton.cdiv(lq, bm), b * hq), *ops.descriptors(bm // 2, bn), dq, lse,
-        ops.delta, out, rows.lo, rows.hi, hq, hq // hkv, nph, lq, *ops.offsets, dq.stride(0),
-        dq.stride(1), dq.stride(2), *out.stride(), qk_scale, scale, HEAD_DIM=d,
-        BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
-        num_warps=CONSUMER_WARPS)
+        ops.delta, out, rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, *ops.offsets,
+        dq.stride(0), dq.stride(1), dq.stride(2), *out.stride(), qk_scale, scale, *mod_args,
+        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
+        **mod_flags, num_warps=CONSUMER_WARPS)
     bm, bn = kv_tiles
     launch(
         _dkdv_kernel, (triton.cdiv(lk, bn), b * hkv), *ops.descriptors(bm, bn // 2), dk, dv,
         lse, ops.delta, rows.lo, rows.hi, rows.key_lo, rows.key_hi, hq, hq // hkv, nph, lq, lk,
-        *ops.offsets, dk.stride(0), dk.stride(1),
-        dk.stride(2), qk_scale, scale, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
+        *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale, *mod_args,
+        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, **mod_flags,
         num_warps=CONSUMER_WARPS)
     return dq, dk, dv
 

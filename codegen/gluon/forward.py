@@ -35,6 +35,7 @@ import torch
 import triton
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
 from sparse_compile.codegen.gluon.rows import RowPieces
+from sparse_compile.codegen.gluon.score import NO_MODS, ScoreMods, head_terms, logits
 from sparse_compile.codegen.gluon.support import (
     CONSUMER_REGS,
     CONSUMER_WARPS,
@@ -95,17 +96,32 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
 
 
 @gluon_jit
-def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, BN: gl.constexpr,
-                  PIECES: gl.constexpr, s_layout: gl.constexpr):
-    """Online softmax of one score tile (log2 units, scale folded in): masks keys outside the
-    rows' intervals when the block is ``partial``; returns (p, m, l, alpha)."""
+def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, q_pos, mods,
+                  BN: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                  PBIAS: gl.constexpr, s_layout: gl.constexpr):
+    """Online softmax of one score tile in log2 units: masks keys outside the rows' intervals
+    when the block is ``partial``; returns (p, m, l, alpha). Without logit modifications the
+    scores stay unscaled and ``qk_scale`` (scale·log2 e) is folded into the exponent; with
+    them (``score.logits``: ``mods`` = (cap_in, cap_out, slope, table row, Lq − 1,
+    Lq + Lk − 2), ``q_pos`` the rows' positions) the logits are worked out first."""
+    MODS: gl.constexpr = SOFTCAP or PBIAS != 0
+    if MODS:
+        cap_in, cap_out, slope, rel_row, rel_off, rel_last = mods
+        k_pos = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
+        s, _ = logits(s, q_pos[:, None], k_pos, cap_in, cap_out, qk_scale, slope, rel_row,
+                      rel_off, rel_last, SOFTCAP, PBIAS)
     if partial:
         k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
         keep = keeps(lo0[:, None], hi0[:, None], lo1[:, None], hi1[:, None], k_idx, PIECES)
         s = gl.where(keep, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(s * qk_scale - m_safe[:, None])
+    if MODS:
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - m_safe[:, None])
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s * qk_scale - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
@@ -113,9 +129,10 @@ def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, BN: gl.
 
 @gluon_jit
 def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, LSE,
-                 RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
-                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                 PIECES: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
+                 RLO, RHI, Hq, NPH, Lq, Lk, sob, soh, som, qk_scale, cap_in, cap_out, Slopes,
+                 Rel, s_rh, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                 PBIAS: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroup ``WG``: scores, online softmax and output of its ``BM / 2`` rows of
     the program's query tile. The visited and FULL blocks are the whole tile's (the producer
     streams those), so both warpgroups walk the same ring."""
@@ -139,6 +156,9 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     offs_m = m0 + gl.arange(0, WM, layout=row_s)
     row_ok = offs_m < Lq
     lo0, hi0, lo1, hi1 = row_bounds(RLO, RHI, hp, NPH, Lq, offs_m, row_ok, PIECES)
+    slope, rel_row = head_terms(Slopes, Rel, s_rh, h, PBIAS)
+    mods = (cap_in, cap_out, slope, rel_row, Lq - 1, Lq + Lk - 2)
+    q_pos = offs_m + (Lk - Lq)
     m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([WM], gl.float32, layout=row_s)
     acc = gl.zeros([WM, HEAD_DIM], gl.float32, layout=o_layout)
@@ -153,7 +173,7 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
         j = block_at(0, x0, n1, y0)
         p, m_i, l_i, alpha = _softmax_step(
             s, j, is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi), lo0, hi0, lo1, hi1, m_i, l_i,
-            qk_scale, BN, PIECES, s_layout)
+            qk_scale, q_pos, mods, BN, PIECES, SOFTCAP, PBIAS, s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for t in range(1, n):
             st = t % STAGES
@@ -169,7 +189,7 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
             j = block_at(t, x0, n1, y0)
             p, m_i, l_i, alpha = _softmax_step(
                 s, j, is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi), lo0, hi0, lo1, hi1, m_i,
-                l_i, qk_scale, BN, PIECES, s_layout)
+                l_i, qk_scale, q_pos, mods, BN, PIECES, SOFTCAP, PBIAS, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(v_empty.index(prev), count=1)
@@ -192,10 +212,11 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
 
 
 @gluon_jit
-def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch,
-                k_rb, k_rh, k_ch, sob, soh, som, qk_scale, HEAD_DIM: gl.constexpr,
-                BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                PIECES: gl.constexpr, num_warps: gl.constexpr):
+def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh,
+                q_ch, k_rb, k_rh, k_ch, sob, soh, som, qk_scale, cap_in, cap_out, Slopes, Rel,
+                s_rh, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                PBIAS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
@@ -203,11 +224,13 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, q_rb
     q_bar, k_ready, k_empty, v_ready, v_empty = pipeline_barriers(STAGES, CONSUMERS)
     gl.warp_specialize([
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
-                        LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,
-                        STAGES, PIECES, 0, num_warps)),
+                        LSE, RLO, RHI, Hq, NPH, Lq, Lk, sob, soh, som, qk_scale, cap_in,
+                        cap_out, Slopes, Rel, s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP,
+                        PBIAS, 0, num_warps)),
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
-                        LSE, RLO, RHI, Hq, NPH, Lq, sob, soh, som, qk_scale, HEAD_DIM, BM, BN,
-                        STAGES, PIECES, 1, num_warps)),
+                        LSE, RLO, RHI, Hq, NPH, Lq, Lk, sob, soh, som, qk_scale, cap_in,
+                        cap_out, Slopes, Rel, s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP,
+                        PBIAS, 1, num_warps)),
         (_fwd_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                      v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh,
                      k_ch, BM, BN, STAGES, PIECES)),
@@ -230,15 +253,16 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
 
 def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPieces,
                          scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
-                         block_n: int = 128, stages: int = 2, query_layout: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         block_n: int = 128, stages: int = 2, query_layout: bool = False,
+                         mods: ScoreMods = NO_MODS) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
     or the (batch, head) count overflows the grid (the caller then runs the ``tl`` kernel).
     q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit, D in {64, 128}); ``rows``: the pattern's
     row intervals (``rows.py``). Returns out [B, Hq, Lq, D] (contiguous, or laid out like q
     with ``query_layout``) and lse [B, Hq, Lq] float32 (log2 units, +inf when empty).
     ``block_m`` query rows per program (half per consumer warpgroup, so at least 128),
-    ``block_n`` keys per ring stage."""
+    ``block_n`` keys per ring stage; ``mods``: logit soft-capping and position biases
+    (``score.py``)."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     if b * hq > MAX_GRID_Y:
@@ -257,10 +281,10 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     desc_k = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, d], kv_layout)
     desc_v = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, d], kv_layout)
     grid = (triton.cdiv(lq, block_m), b * hq)
+    mod_args, mod_flags = mods.kernel_args(scale, q)
     launch(
         _fwd_kernel, grid, desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv,
-        rows.pattern_heads, lq, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0),
-        out.stride(1), out.stride(2),
-        scale * _LOG2E, HEAD_DIM=d, BM=block_m, BN=block_n, STAGES=stages,
-        PIECES=rows.pieces, num_warps=CONSUMER_WARPS)
+        rows.pattern_heads, lq, k.shape[2], q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0),
+        out.stride(1), out.stride(2), scale * _LOG2E, *mod_args, HEAD_DIM=d, BM=block_m,
+        BN=block_n, STAGES=stages, PIECES=rows.pieces, **mod_flags, num_warps=CONSUMER_WARPS)
     return out, lse

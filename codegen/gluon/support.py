@@ -8,7 +8,8 @@ byte count of ``mbarrier.expect``). The kernels are written against the releases
 missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
 ``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. By
 default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
-``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dim 64.
+``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dim 64
+and calls with logit soft-capping or position biases (``GLUON_SCORE_MODS_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ KERNELS_ENV = "SPARSE_COMPILE_KERNELS"
 # Head dim 64 has not been timed since the split: it runs them only when asked for.
 GLUON_BY_DEFAULT = True
 GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
+# Whether the kernels compute logit soft-capping, ALiBi and relative-bias tables
+# (``score.py``) when nothing asks for them. Off until those variants have run against the
+# float64 oracle on a GPU (the sm90 compile check is all they have had);
+# ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the ``tl`` kernels compute them otherwise.
+GLUON_SCORE_MODS_BY_DEFAULT = False
 # Head dims the kernels are written and tested for.
 GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
 # Every kernel forks CONSUMERS (two) consumer partitions of CONSUMER_WARPS warps (one
@@ -129,6 +135,13 @@ def gluon_head_dims() -> tuple[int, ...]:
     """Head dims the Gluon kernels take now: all they serve when asked for
     (``SPARSE_COMPILE_KERNELS=gluon``), the measured ones by default."""
     return GLUON_HEAD_DIMS if requested_kernels() == "gluon" else GLUON_DEFAULT_HEAD_DIMS
+
+
+def gluon_score_mods() -> bool:
+    """Whether the Gluon kernels take calls with logit modifications: asked for
+    (``SPARSE_COMPILE_KERNELS=gluon``) or on by default (``GLUON_SCORE_MODS_BY_DEFAULT``)."""
+    return requested_kernels() == "gluon" or (requested_kernels() == ""
+                                              and GLUON_SCORE_MODS_BY_DEFAULT)
 
 
 def gluon_device(device: torch.device) -> bool:

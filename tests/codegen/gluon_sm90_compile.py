@@ -58,7 +58,14 @@ def ptxas_report(name: str, ptx: str) -> dict:
     return {"kernel": name, "spill_bytes": sum(spills), "serialized": "serialized" in log}
 
 
-def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
+MODS = {"": (False, 0), "softcap": (True, 0), "alibi": (False, 1), "table": (False, 2),
+        "mods": (True, 3)}
+
+
+def compile_all(d: int = 128, pieces: int = 1, mods: str = "") -> list[dict]:
+    """Each kernel for head dim ``d`` and rows of ``pieces`` intervals, with the logit
+    modifications ``mods`` names (``MODS``: none, ``softcap``, ``alibi``, a relative-bias
+    ``table``, or all of them: ``mods``)."""
     triton.runtime.driver.set_active(sm90_driver())
     from sparse_compile.codegen.gluon import backward, forward, support
     from sparse_compile.codegen.gluon.support import gl
@@ -75,21 +82,26 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
     def desc(view, rows):
         return backward._descriptor(view, rows, d, gl.bfloat16)
 
-    common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, grid=(1,))
+    softcap, pbias = MODS[mods]
+    flags = dict(SOFTCAP=softcap, PBIAS=pbias)
+    common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, grid=(1,), **flags)
+    table = torch.empty(hq, lq + lk - 1)
+    mod_args = (0.05, 72.0, lse, table, table.stride(0))  # cap_in, cap_out, Slopes, Rel, s_rh
     split = dict(common, num_warps=support.CONSUMER_WARPS)  # one warpgroup per consumer
     reports = []
     fwd = forward._fwd_kernel.warmup(
         desc(q2, 64), desc(k2, 128), desc(k2, 128), q, lse, bounds, bounds, hq, hq // hkv, 1,
-        lq, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, BM=128, BN=128, **split)
+        lq, lk, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, *mod_args, BM=128,
+        BN=128, **split)
     reports.append(ptxas_report("forward", fwd.asm["ptx"]))
     dq = backward._dq_kernel.warmup(
         desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), q, lse, lse, q, bounds, bounds,
-        hq, hq // hkv, 1, lq, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1), q.stride(2),
-        *q.stride(), 0.1, 0.1, BM=128, BN=64, OVERLAP=False, **split)
+        hq, hq // hkv, 1, lq, lk, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1),
+        q.stride(2), *q.stride(), 0.1, 0.1, *mod_args, BM=128, BN=64, OVERLAP=False, **split)
     reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
     kv_args = (desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), k, k)
     tail = (lse, lse, bounds, bounds, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides,
-            hq * lq, lq, 0, k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1)
+            hq * lq, lq, 0, k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1, *mod_args)
     dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, **split)
     reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))
     return reports
@@ -98,8 +110,9 @@ def compile_all(d: int = 128, pieces: int = 1) -> list[dict]:
 if __name__ == "__main__":
     head_dim = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     pieces = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    mods = sys.argv[3] if len(sys.argv) > 3 else ""
     try:
-        reports = compile_all(head_dim, pieces)
+        reports = compile_all(head_dim, pieces, mods)
     except Exception as error:  # the innermost cause first: Triton chains long tracebacks
         root = error
         while root.__cause__ is not None or root.__context__ is not None:

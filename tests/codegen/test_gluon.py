@@ -264,10 +264,12 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
 
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("pieces", [1, 2])
-def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, tmp_path) -> None:
+@pytest.mark.parametrize(("pieces", "mods"), [(1, ""), (2, ""), (1, "mods")])
+def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, mods, tmp_path
+                                                                  ) -> None:
     """Forward and both backward passes compile for sm_90a here (no
-    GPU: a stand-in driver in a separate process), and ptxas keeps their asynchronous
+    GPU: a stand-in driver in a separate process), also with every logit modification on
+    (``mods``: soft-capping, ALiBi, a relative-bias table), and ptxas keeps their asynchronous
     ``wgmma`` products asynchronous (its C7514 warning would mean each waits for the last)."""
     import json
     import os
@@ -279,7 +281,8 @@ def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, tmp_pa
     # compiled, not interpreted (the interpreter wraps the kernels' helpers), and from scratch
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, str(script), "128", str(pieces)], capture_output=True,
+    run = subprocess.run([sys.executable, str(script), "128", str(pieces), mods],
+                         capture_output=True,
                          text=True, timeout=600, cwd=Path(__file__).parents[2] / "tests",
                          env=env)
     innermost = [line for line in run.stderr.splitlines() if line.startswith("innermost")]
