@@ -33,7 +33,8 @@ for section in "${sections[@]}"; do
   case $section in
     tests)
       SPARSE_COMPILE_KERNELS=gluon step tests 300 python3 -m pytest -q -p no:cacheprovider \
-        tests/codegen/test_gluon.py tests/codegen/test_document_bounds.py \
+        tests/codegen/test_gluon.py tests/codegen/test_gluon_score.py \
+        tests/codegen/test_document_bounds.py \
         tests/codegen/test_relative_bias.py tests/codegen/test_decode.py ;;
     gluon)
       step gluon 560 python3 bench/gluon.py --dims 128,64 --lengths 16384,4096 --rep 40 \
