@@ -72,6 +72,22 @@ def _dkdv_load(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
 
 
 @gluon_jit
+def _query_positions(i, Lq, Lk, BM: gl.constexpr, col_st: gl.constexpr):
+    """Positions ``[1, BM]`` of query block ``i``'s rows (row ``q`` at ``q + Lk − Lq``)."""
+    return (i * BM + (Lk - Lq) + gl.arange(0, BM, layout=col_st))[None, :]
+
+
+@gluon_jit
+def _kept(i, qa0, qb0, qa1, qb1, BM: gl.constexpr, PIECES: gl.constexpr,
+          col_st: gl.constexpr):
+    """``[WN, BM]``: which (key, query row) pairs of query block ``i`` the pattern keeps, from
+    each key's kept query rows (``qa``/``qb``: one or two intervals per key)."""
+    offs_q = i * BM + gl.arange(0, BM, layout=col_st)
+    return keeps(qa0[:, None], qb0[:, None], qa1[:, None], qb1[:, None], offs_q[None, :],
+                 PIECES)
+
+
+@gluon_jit
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                   q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G, NPH,
                   Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
@@ -98,7 +114,6 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
     dk = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
     dv = gl.zeros([WN, HEAD_DIM], gl.float32, layout=kv_layout)
     st_zero = gl.zeros([WN, BM], gl.float32, layout=st_layout)
-    MODS: gl.constexpr = SOFTCAP or PBIAS != 0
     mbarrier.wait(kv_bar, 0)
     t = 0
     for g in range(0, G):
@@ -120,21 +135,28 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
                                  use_acc=False, is_async=True)
             s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
             lse = lse_smem.index(st).load(col_st)
-            if MODS:  # score.py, on the transposed tile: keys down, query rows across
-                q_pos = (i * BM + (Lk - Lq) + gl.arange(0, BM, layout=col_st))[None, :]
-                x_t, t_cap = logits(s_t, q_pos, k_idx[:, None], cap_in, cap_out, qk_scale,
-                                    slope, rel_row, Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+            partial = is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi)
+            if SOFTCAP:  # score.py, on the transposed tile: keys down, query rows across
+                x_t, t_cap = logits(s_t, _query_positions(i, Lq, Lk, BM, col_st),
+                                    k_idx[:, None], cap_in, cap_out, qk_scale, slope, rel_row,
+                                    Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
                 p_t = gl.exp2(x_t - lse[None, :])
+                if partial:
+                    p_t = gl.where(_kept(i, qa0, qb0, qa1, qb1, BM, PIECES, col_st), p_t, 0.0)
+                p_ds = p_t * (1.0 - t_cap * t_cap)  # P's factor of dS through the cap
+            elif PBIAS != 0:  # masked before the exponent (fewer spills than after it)
+                x_t, _ = logits(s_t, _query_positions(i, Lq, Lk, BM, col_st), k_idx[:, None],
+                                cap_in, cap_out, qk_scale, slope, rel_row, Lq - 1, Lq + Lk - 2,
+                                SOFTCAP, PBIAS)
+                if partial:
+                    x_t = gl.where(_kept(i, qa0, qb0, qa1, qb1, BM, PIECES, col_st), x_t,
+                                   float("-inf"))
+                p_t = gl.exp2(x_t - lse[None, :])
+                p_ds = p_t
             else:
                 p_t = gl.exp2(s_t * qk_scale - lse[None, :])
-            if is_partial(i, f0_lo, f0_hi, f1_lo, f1_hi):
-                offs_q = i * BM + gl.arange(0, BM, layout=col_st)
-                keep = keeps(qa0[:, None], qb0[:, None], qa1[:, None], qb1[:, None],
-                             offs_q[None, :], PIECES)
-                p_t = gl.where(keep, p_t, 0.0)
-            if SOFTCAP:  # P's factor of dS through the cap (1 − tanh²), so tanh dies here
-                p_ds = p_t * (1.0 - t_cap * t_cap)
-            else:
+                if partial:
+                    p_t = gl.where(_kept(i, qa0, qb0, qa1, qb1, BM, PIECES, col_st), p_t, 0.0)
                 p_ds = p_t
             dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), op_layout), do_smem.index(st),
                                dv, is_async=True)
