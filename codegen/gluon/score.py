@@ -79,8 +79,8 @@ def logits(s, q_pos, k_pos, cap_in, cap_out, qk_scale, slope, rel_row, rel_off, 
     else:
         t = s
         x = s * qk_scale
-    if (PBIAS & 1) != 0:  # the two position vectors scaled before they broadcast
-        x = x + ((slope * k_pos.to(gl.float32)) - (slope * q_pos.to(gl.float32)))
+    if (PBIAS & 1) != 0:  # the exact integer difference first, as the ``tl`` kernels do
+        x = x + slope * (k_pos - q_pos).to(gl.float32)
     if (PBIAS & 2) != 0:
         idx = gl.minimum(gl.maximum(q_pos - k_pos + rel_off, 0), rel_last)
         x = x + gl.load(rel_row + idx) * 1.4426950408889634

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -162,6 +163,26 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
     monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+def strict_gluon(monkeypatch, owner) -> tuple[list, list]:
+    """Count the Gluon forward and backward launches (``owner``: the dispatching module,
+    codegen/attention.py) that returned results, and let a kernel's failure raise instead of
+    falling back to the ``tl`` kernels, which compute the same thing and would hide it (the
+    fallback also lasts for the rest of the process). Returns the two lists of launches."""
+    ran: dict[str, list] = {"forward": [], "backward": []}
+    for kind, seen in ran.items():
+        real = getattr(owner, f"launch_gluon_{kind}")
+
+        def launched(*args, _real=real, _seen=seen, **kwargs):
+            result = _real(*args, **kwargs)
+            if result is not None:
+                _seen.append(1)
+            return result
+
+        monkeypatch.setattr(owner, f"launch_gluon_{kind}", launched)
+    monkeypatch.setattr(owner, "fall_back_on_failure", lambda name: contextlib.nullcontext())
+    return ran["forward"], ran["backward"]
 
 
 def check_routed_case(text, lq, lk, hq, hkv, noncontiguous):

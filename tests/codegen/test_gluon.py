@@ -14,7 +14,13 @@ from sparse_compile.codegen.launch.config import TileConfig
 from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
-from tests.codegen.attention_cases import check_against_oracle, count_calls, make_qkv, oracle
+from tests.codegen.attention_cases import (
+    check_against_oracle,
+    count_calls,
+    make_qkv,
+    oracle,
+    strict_gluon,
+)
 from tests.conftest import rel_error
 
 INTERVAL_PATTERNS = [
@@ -264,7 +270,7 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
 
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("pieces", "mods"), [(1, ""), (2, ""), (1, "mods")])
+@pytest.mark.parametrize(("pieces", "mods"), [(1, ""), (2, ""), (1, "mods"), (2, "mods")])
 def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, mods, tmp_path
                                                                   ) -> None:
     """Forward and both backward passes compile for sm_90a here (no
@@ -323,8 +329,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("noncontiguous", [False, True])
 def test_gluon_kernels_match_the_oracle(monkeypatch, case, dtype, noncontiguous) -> None:
     text, b, hq, hkv, lq, lk, d = case
-    fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
-    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype, noncontiguous)
     check_against_oracle(attention, q, k, v, text)
     assert fwd and bwd, "the Gluon kernels did not run"
@@ -344,8 +349,7 @@ def _packed_ids(length: int, device) -> torch.Tensor:
                                   "causal & (sink(4) | sliding(60))"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_gluon_kernels_serve_packed_documents(monkeypatch, text, d) -> None:
-    fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
-    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
     q, k, v = make_qkv(1, 4, 2, 777, 777, d, torch.bfloat16)
     ids = _packed_ids(777, q.device)
     check_against_oracle(attention, q, k, v, text, positions={"documents": ids})
@@ -357,6 +361,7 @@ def test_gluon_kernels_serve_packed_documents(monkeypatch, text, d) -> None:
                                   "causal & (sink(4) | sliding(200))"])
 def test_gluon_backward_is_deterministic_and_agrees_with_tl(monkeypatch, text) -> None:
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
     q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16)
     q, k, v = q.detach(), k.detach(), v.detach()
     dout = torch.randn_like(q)
@@ -365,6 +370,7 @@ def test_gluon_backward_is_deterministic_and_agrees_with_tl(monkeypatch, text) -
     again = kernels.backward(dout, q, k, v, out, lse, text, 0.1)[:3]
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
+    assert len(fwd) == 1 and len(bwd) == 2, "the Gluon kernels did not run"
     tl = kernels.backward(dout, q, k, v, out, lse, text, 0.1, cfg=TileConfig(gluon=False))[:3]
     for a, b in zip(first, tl, strict=True):
         assert rel_error(a, b) < 2e-2
@@ -373,10 +379,12 @@ def test_gluon_backward_is_deterministic_and_agrees_with_tl(monkeypatch, text) -
 @needs_gluon_gpu
 @pytest.mark.parametrize("text", ["causal", "causal & sliding(100)", "block(128)", "dense",
                                   "causal & (sink(4) | sliding(300))"])
-def test_gluon_and_tl_forwards_agree_on_output_and_log_sum_exp(text) -> None:
+def test_gluon_and_tl_forwards_agree_on_output_and_log_sum_exp(monkeypatch, text) -> None:
+    fwd, _ = strict_gluon(monkeypatch, kernels)
     q, k, v = make_qkv(2, 4, 2, 777, 777, 128, torch.bfloat16)
     args = (q.detach(), k.detach(), v.detach(), text, 0.1)
     out_g, lse_g = kernels.forward(*args)
+    assert fwd, "the Gluon forward did not run"
     out_t, lse_t = kernels.forward(*args, cfg=TileConfig(gluon=False))
     assert rel_error(out_g, out_t) < 1e-2
     finite = torch.isfinite(lse_t)

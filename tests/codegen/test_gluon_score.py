@@ -16,7 +16,7 @@ from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, documents_fra
 
 from sparse_compile.functional import attention
 from sparse_compile.reference import position_grid
-from tests.codegen.attention_cases import check_against_oracle, count_calls, make_qkv
+from tests.codegen.attention_cases import check_against_oracle, make_qkv, strict_gluon
 from tests.conftest import rel_error
 
 ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
@@ -86,12 +86,12 @@ def test_row_differences_are_position_differences_on_every_kept_pair(lq, lk) -> 
     """The kernels place query row ``i`` at ``i + Lk − Lq`` and key ``j`` at ``j`` for both
     position terms, also inside packed documents, where positions count from each document's
     start: on every pair a document keeps, the two differences are equal."""
-    rows = torch.arange(lq)[:, None] + (lk - lq)
-    keys = torch.arange(lk)[None, :]
+    rows = torch.arange(lq, device="cpu")[:, None] + (lk - lq)
+    keys = torch.arange(lk, device="cpu")[None, :]
     q_pos, k_pos = position_grid(1, lq, lk, torch.device("cpu"))
     assert torch.equal((k_pos - q_pos)[0], keys - rows)
     if lq == lk:
-        ids = torch.tensor([[0] * 7 + [1] * 3 + [-1] * 2 + [2] * (lq - 12)])
+        ids = torch.tensor([[0] * 7 + [1] * 3 + [-1] * 2 + [2] * (lq - 12)], device="cpu")
         q_pos, k_pos = position_grid(1, lq, lk, torch.device("cpu"), documents=ids)
         frame = documents_frame(ids, 1)
         same = (keys >= frame.doc_start[0][:, None]) & (keys <= frame.doc_end[0][:, None])
@@ -143,8 +143,7 @@ def _modified(kind: str, hq: int, lq: int, lk: int, device) -> tuple[float, dict
 def test_gluon_kernels_modify_logits_as_the_oracle(monkeypatch, case, dtype) -> None:
     monkeypatch.setenv(support.KERNELS_ENV, "gluon")
     text, b, hq, hkv, lq, lk, d, kind, packed = case
-    fwd = count_calls(monkeypatch, kernels, "launch_gluon_forward")
-    bwd = count_calls(monkeypatch, kernels, "launch_gluon_backward")
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
     q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype)
     if kind in ("softcap", "all"):  # logits large enough that the cap bites
         q = (q.detach() * 4).requires_grad_(True)
@@ -164,6 +163,7 @@ def test_gluon_kernels_modify_logits_as_the_oracle(monkeypatch, case, dtype) -> 
 def test_gluon_and_tl_agree_and_the_backward_repeats_bit_for_bit(monkeypatch, kind) -> None:
     monkeypatch.setenv(support.KERNELS_ENV, "gluon")
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
     q, k, v = (t.detach() for t in make_qkv(2, 8, 2, 1000, 1000, 128, torch.bfloat16))
     softcap, extra = _modified(kind, 8, 1000, 1000, q.device)
     extra = {name: t.detach() for name, t in extra.items()}
@@ -174,6 +174,7 @@ def test_gluon_and_tl_agree_and_the_backward_repeats_bit_for_bit(monkeypatch, ki
     again = kernels.backward(dout, q, k, v, out, lse, text, 0.1, **kw)[:3]
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
+    assert len(fwd) == 1 and len(bwd) == 2, "the Gluon kernels did not run"
     tl_cfg = TileConfig(gluon=False)
     out_t, lse_t = kernels.forward(q, k, v, text, 0.1, cfg=tl_cfg, **kw)
     assert rel_error(out, out_t) < 1e-2
