@@ -268,30 +268,31 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
 
 
 def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-                frame: Frame = DEFAULT_FRAME) -> RowPieces | None:
+                frame: Frame = DEFAULT_FRAME, backward: bool = False) -> RowPieces | None:
     """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
-    Triton, 16-bit operands, a head dim of ``gluon_head_dims()``, rows of one or two
+    Triton, 16-bit operands, a head dim of ``gluon_head_dims(backward)``, rows of one or two
     intervals, inside the documents of ``frame`` when it places some), else None."""
-    if not _gluon_serves(q, k, v, q.device):
+    if not _gluon_serves(q, k, v, q.device, backward):
         return None
     if frame.mode == DOCUMENTS:
         return document_rows(parse_pattern(pattern_text), frame.doc_start[0], frame.doc_end[0])
     return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
 
 
-def _gluon_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  device: torch.device) -> bool:
-    """Whether the Gluon kernels take operands like these on ``device``."""
+def _gluon_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device: torch.device,
+                  backward: bool = False) -> bool:
+    """Whether the Gluon forward (``backward``: backward) kernels take operands like these on
+    ``device``."""
     if not gluon_device(device):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    return q.shape[-1] in gluon_head_dims() and q.numel() > 0 and k.shape[2] > 0
+    return q.shape[-1] in gluon_head_dims(backward) and q.numel() > 0 and k.shape[2] > 0
 
 
 def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
-                     device: torch.device, rows_device: torch.device, documents: bool = False
-                     ) -> RowPieces | None:
+                     device: torch.device, rows_device: torch.device, documents: bool = False,
+                     backward: bool = False) -> RowPieces | None:
     """Row intervals (built on ``rows_device``) shaped like those a plain call (no bias,
     dropout, soft-capping, position bias; default positions, or packed ``documents``) with
     operands shaped like q, k, v on ``device`` would hand the Gluon kernels, or None when such
@@ -313,7 +314,7 @@ def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_
         return None
     cfg = _call_config(pattern_text, device, q.shape[-1], q.dtype, lq, lk,
                        os.environ.get("TRITON_INTERPRET"), None)
-    if not cfg.gluon or not _gluon_serves(q, k, v, device):
+    if not cfg.gluon or not _gluon_serves(q, k, v, device, backward):
         return None
     return interval_rows(pattern, lq, lk, rows_device)
 
@@ -326,7 +327,7 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     failure is logged once and the ``tl`` passes take over."""
     if not family_available("gluon_backward"):
         return None
-    rows = _gluon_rows(q, k, v, pattern_text, frame)
+    rows = _gluon_rows(q, k, v, pattern_text, frame, backward=True)
     if rows is None:
         return None
     precompile.finish_call(q, k, v, dout, pattern_text, True, frame.mode == DOCUMENTS)

@@ -248,7 +248,7 @@ def _compile(key: tuple, scale: float, traced: bool = False) -> int:
 
         stand_ins = _meta(described)
         rows = plain_gluon_rows(*stand_ins[:3], pattern_text, device, torch.device("cpu"),
-                                documents)
+                                documents, backward=kind == "backward")
         if rows is None:
             return 0
         if traced:

@@ -253,18 +253,20 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
 
 def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPieces,
                          scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
-                         block_n: int = 128, stages: int = 2, query_layout: bool = False,
+                         block_n: int | None = None, stages: int = 2, query_layout: bool = False,
                          mods: ScoreMods = NO_MODS) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
     or the (batch, head) count overflows the grid (the caller then runs the ``tl`` kernel).
-    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit, D in {64, 128}); ``rows``: the pattern's
+    q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (16-bit, D in {64, 128, 256}); ``rows``: the pattern's
     row intervals (``rows.py``). Returns out [B, Hq, Lq, D] (contiguous, or laid out like q
     with ``query_layout``) and lse [B, Hq, Lq] float32 (log2 units, +inf when empty).
     ``block_m`` query rows per program (half per consumer warpgroup, so at least 128),
-    ``block_n`` keys per ring stage; ``mods``: logit soft-capping and position biases
-    (``score.py``)."""
+    ``block_n`` keys per ring stage (default 128, and 64 at D = 256, where two stages of
+    128-key K and V tiles would not fit in shared memory beside Q); ``mods``: logit
+    soft-capping and position biases (``score.py``)."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
+    block_n = block_n or (64 if d > 128 else 128)
     if b * hq > MAX_GRID_Y:
         return None  # the grid's second dimension holds (batch, head)
     views = [row_view(t) for t in (q, k, v)]

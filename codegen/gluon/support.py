@@ -8,8 +8,9 @@ byte count of ``mbarrier.expect``). The kernels are written against the releases
 missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
 ``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. By
 default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
-``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dim 64
-and calls with logit soft-capping or position biases (``GLUON_SCORE_MODS_BY_DEFAULT``).
+``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dim 64,
+the forward at head dim 256 (whose backward stays with the ``tl`` passes) and calls with logit
+soft-capping or position biases (``GLUON_SCORE_MODS_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
 # float64 oracle on a GPU (the sm90 compile check is all they have had);
 # ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the ``tl`` kernels compute them otherwise.
 GLUON_SCORE_MODS_BY_DEFAULT = False
-# Head dims the kernels are written and tested for.
-GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128)
+# Head dims the kernels are written and tested for: the forward's, and the backward's (at 256
+# two [64, 256] float32 accumulators, dK and dV, would fill a warpgroup's registers alone).
+GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
+GLUON_BACKWARD_HEAD_DIMS: tuple[int, ...] = (64, 128)
 # Every kernel forks CONSUMERS (two) consumer partitions of CONSUMER_WARPS warps (one
 # warpgroup, the unit of ``warpgroup_mma``) and a producer warp; the second consumer (a worker
 # partition) gets CONSUMER_REGS registers per thread, the first (the default partition) what
@@ -131,10 +134,12 @@ def gluon_capable(device: torch.device) -> bool:
     return gluon_version_supported() and _is_sm90(device)
 
 
-def gluon_head_dims() -> tuple[int, ...]:
-    """Head dims the Gluon kernels take now: all they serve when asked for
-    (``SPARSE_COMPILE_KERNELS=gluon``), the measured ones by default."""
-    return GLUON_HEAD_DIMS if requested_kernels() == "gluon" else GLUON_DEFAULT_HEAD_DIMS
+def gluon_head_dims(backward: bool = False) -> tuple[int, ...]:
+    """Head dims the Gluon forward (``backward``: backward) kernels take now: all they serve
+    when asked for (``SPARSE_COMPILE_KERNELS=gluon``), the measured ones by default."""
+    if requested_kernels() != "gluon":
+        return GLUON_DEFAULT_HEAD_DIMS
+    return GLUON_BACKWARD_HEAD_DIMS if backward else GLUON_HEAD_DIMS
 
 
 def gluon_score_mods() -> bool:

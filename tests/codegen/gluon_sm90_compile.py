@@ -65,7 +65,8 @@ MODS = {"": (False, 0), "softcap": (True, 0), "alibi": (False, 1), "table": (Fal
 def compile_all(d: int = 128, pieces: int = 1, mods: str = "") -> list[dict]:
     """Each kernel for head dim ``d`` and rows of ``pieces`` intervals, with the logit
     modifications ``mods`` names (``MODS``: none, ``softcap``, ``alibi``, a relative-bias
-    ``table``, or all of them: ``mods``)."""
+    ``table``, or all of them: ``mods``); the backward passes only at the head dims they
+    serve (``GLUON_BACKWARD_HEAD_DIMS``)."""
     triton.runtime.driver.set_active(sm90_driver())
     from sparse_compile.codegen.gluon import backward, forward, support
     from sparse_compile.codegen.gluon.support import gl
@@ -89,11 +90,15 @@ def compile_all(d: int = 128, pieces: int = 1, mods: str = "") -> list[dict]:
     mod_args = (0.05, 72.0, lse, table, table.stride(0))  # cap_in, cap_out, Slopes, Rel, s_rh
     split = dict(common, num_warps=support.CONSUMER_WARPS)  # one warpgroup per consumer
     reports = []
+    bn = 64 if d > 128 else 128  # launch_gluon_forward's default
     fwd = forward._fwd_kernel.warmup(
-        desc(q2, 64), desc(k2, 128), desc(k2, 128), q, lse, bounds, bounds, hq, hq // hkv, 1,
+        desc(q2, 64), desc(k2, bn), desc(k2, bn), q, lse, bounds, bounds, hq, hq // hkv, 1,
         lq, lk, *strides, q.stride(0), q.stride(1), q.stride(2), 0.1, *mod_args, BM=128,
-        BN=128, **split)
-    reports.append(ptxas_report("forward", fwd.asm["ptx"]))
+        BN=bn, **split)
+    reports.append(dict(ptxas_report("forward", fwd.asm["ptx"]),
+                        shared_bytes=fwd.metadata.shared))
+    if d not in support.GLUON_BACKWARD_HEAD_DIMS:
+        return reports
     dq = backward._dq_kernel.warmup(
         desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), q, lse, lse, q, bounds, bounds,
         hq, hq // hkv, 1, lq, lk, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1),

@@ -230,12 +230,13 @@ def test_supported_versions_and_the_kernel_switch(monkeypatch) -> None:
 
 def test_on_by_default_for_the_measured_head_dims_only(monkeypatch) -> None:
     """Unasked, the Gluon kernels take head dim 128 (timed ahead of the ``tl`` kernels);
-    asked for, 64 too; forced off, none."""
+    asked for, 64 too, and the forward at 256; forced off, none."""
     monkeypatch.delenv(support.KERNELS_ENV)
     assert support.GLUON_BY_DEFAULT and support.gluon_wanted()
     assert support.gluon_head_dims() == (128,)
     monkeypatch.setenv(support.KERNELS_ENV, "gluon")
-    assert support.gluon_head_dims() == (64, 128)
+    assert support.gluon_head_dims() == (64, 128, 256)
+    assert support.gluon_head_dims(backward=True) == (64, 128)
     monkeypatch.setenv(support.KERNELS_ENV, "tl")
     assert not support.gluon_wanted()
 
@@ -254,6 +255,22 @@ def test_a_head_dim_outside_the_default_keeps_the_tl_kernels(monkeypatch) -> Non
     assert kernels._gluon_rows(q, k, v, "causal") is not None
 
 
+def test_head_dim_256_takes_the_gluon_forward_and_the_tl_backward(monkeypatch) -> None:
+    """Asked for, head dim 256 gets the Gluon forward's rows but none for the backward (the
+    ``tl`` passes, which read the Gluon forward's log-sum-exp as their own), and a precompile
+    job of its backward compiles nothing; unasked, neither."""
+    monkeypatch.setattr(kernels, "gluon_device", lambda device: True)
+    q, k, v = (torch.zeros(1, 2, 40, 256, dtype=torch.bfloat16) for _ in range(3))
+    meta = [t.to("meta") for t in (q, k, v)]
+    cpu = torch.device("cpu")
+    assert kernels._gluon_rows(q, k, v, "causal") is not None
+    assert kernels._gluon_rows(q, k, v, "causal", backward=True) is None
+    assert kernels.plain_gluon_rows(*meta, "causal", cpu, cpu) is not None
+    assert kernels.plain_gluon_rows(*meta, "causal", cpu, cpu, backward=True) is None
+    monkeypatch.delenv(support.KERNELS_ENV)
+    assert kernels._gluon_rows(q, k, v, "causal") is None
+
+
 def test_the_interpreter_and_cpu_keep_the_tl_kernels(monkeypatch) -> None:
     if ON_GLUON_GPU:
         pytest.skip("this machine runs the Gluon kernels")
@@ -270,13 +287,15 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
 
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("pieces", "mods"), [(1, ""), (2, ""), (1, "mods"), (2, "mods")])
-def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, mods, tmp_path
+@pytest.mark.parametrize(("d", "pieces", "mods"), [(128, 1, ""), (128, 2, ""), (128, 1, "mods"),
+                                                   (128, 2, "mods"), (256, 1, "")])
+def test_the_kernels_compile_for_sm90_without_serialised_products(d, pieces, mods, tmp_path
                                                                   ) -> None:
     """Forward and both backward passes compile for sm_90a here (no
     GPU: a stand-in driver in a separate process), also with every logit modification on
     (``mods``: soft-capping, ALiBi, a relative-bias table), and ptxas keeps their asynchronous
-    ``wgmma`` products asynchronous (its C7514 warning would mean each waits for the last)."""
+    ``wgmma`` products asynchronous (its C7514 warning would mean each waits for the last);
+    at head dim 256 the forward alone, within the H100's 227 KB of shared memory."""
     import json
     import os
     import subprocess
@@ -287,16 +306,18 @@ def test_the_kernels_compile_for_sm90_without_serialised_products(pieces, mods, 
     # compiled, not interpreted (the interpreter wraps the kernels' helpers), and from scratch
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, str(script), "128", str(pieces), mods],
+    run = subprocess.run([sys.executable, str(script), str(d), str(pieces), mods],
                          capture_output=True,
                          text=True, timeout=600, cwd=Path(__file__).parents[2] / "tests",
                          env=env)
     innermost = [line for line in run.stderr.splitlines() if line.startswith("innermost")]
     assert run.returncode == 0, (innermost, run.stderr[-3000:])
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [r["kernel"] for r in reports] == ["forward", "dq pass", "dk/dv pass"]
+    kernels_compiled = ["forward", "dq pass", "dk/dv pass"][:1 if d == 256 else 3]
+    assert [r["kernel"] for r in reports] == kernels_compiled
     for r in reports:
         assert r["serialized"] is False, r
+    assert reports[0]["shared_bytes"] <= 227 * 1024
 
 
 # --- the kernel itself: sm90 GPU only ---------------------------------------------------------
@@ -390,6 +411,20 @@ def test_gluon_and_tl_forwards_agree_on_output_and_log_sum_exp(monkeypatch, text
     finite = torch.isfinite(lse_t)
     assert torch.equal(finite, torch.isfinite(lse_g))
     assert (lse_g[finite] - lse_t[finite]).abs().max().item() < 1e-2
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize(("text", "lq", "lk"), [
+    ("causal", 333, 333), ("causal & sliding(100)", 517, 517),
+    ("causal & (sink(4) | sliding(60))", 300, 300), ("causal", 200, 77),
+    ("sliding(33)", 129, 257)])
+def test_head_dim_256_gluon_forward_then_tl_backward_match_the_oracle(monkeypatch, text, lq,
+                                                                      lk) -> None:
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
+    q, k, v = make_qkv(1, 4, 2, lq, lk, 256, torch.bfloat16)
+    check_against_oracle(attention, q, k, v, text)
+    assert fwd, "the Gluon forward did not run"
+    assert not bwd  # no Gluon backward at head dim 256
 
 
 @needs_gluon_gpu
