@@ -284,7 +284,7 @@ def compile_kernels(kind: str, described: tuple, rows: Any, scale: float) -> int
     stand-ins of the described operands with ``rows``; inside ``compile_only()`` this compiles
     what the call's launches will ask for. Returns how many kernel launches it went through
     (0 when the launcher declined the operands)."""
-    from sparse_compile.codegen.gluon.backward import launch_gluon_backward
+    from sparse_compile.codegen.gluon.backward import gradient_launches, launch_gluon_backward
     from sparse_compile.codegen.gluon.forward import launch_gluon_forward
 
     from sparse_compile.heads_layout import empty_output
@@ -296,7 +296,8 @@ def compile_kernels(kind: str, described: tuple, rows: Any, scale: float) -> int
     out = empty_output(q, (b, hq, lq, d), q.dtype, True)  # the op's output layout
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device="meta")
     grads = launch_gluon_backward(out if dout is None else dout, q, k, v, out, lse, rows, scale)
-    return 0 if grads is None else 2  # the dQ pass (Δ included) and the dK/dV pass
+    # the dQ pass (Δ included) and the dK/dV pass's launches
+    return 0 if grads is None else 1 + len(gradient_launches(d))
 
 
 def compile_in_helper(target: tuple, env: dict[str, str], kind: str, described: tuple,

@@ -93,10 +93,26 @@ def backward_operands(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype))
 
 
+def default_tiles(head_dim: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(``dq_tiles``, ``kv_tiles``) of ``launch_gluon_backward`` at ``head_dim``: at 256 the
+    dQ pass streams 32-key tiles and the dK/dV launches 32-row query tiles, so that two ring
+    stages fit in shared memory beside the program's own 128 rows (or keys) of 256 columns."""
+    if head_dim > 128:
+        return (128, 32), (32, 128)
+    return (128, 64), (64, 128)
+
+
+def gradient_launches(head_dim: int) -> tuple[int, ...]:
+    """The dK/dV pass's launches at ``head_dim`` by their ``GRADS`` (codegen/gluon/
+    backward_dkdv.py): one for both gradients, or at 256 one for dV and one for dK."""
+    return (1, 2) if head_dim > 128 else (3,)
+
+
 def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          rows: RowPieces, scale: float, dq_tiles: tuple[int, int] = (128, 64),
-                          kv_tiles: tuple[int, int] = (64, 128), stages: int = 2,
+                          rows: RowPieces, scale: float,
+                          dq_tiles: tuple[int, int] | None = None,
+                          kv_tiles: tuple[int, int] | None = None, stages: int = 2,
                           overlap: bool = False, mods: ScoreMods = NO_MODS
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
@@ -104,11 +120,11 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     Shapes and ``lse`` as ``launch_gluon_forward``'s; ``dout`` is copied to a contiguous
     tensor when its layout is not walkable.
     ``dq_tiles`` = (query rows, keys) of the dQ pass, ``kv_tiles`` = (query rows per step,
-    keys per program) of the dK/dV pass; the programs' rows (dQ) and keys (dK/dV) are split
-    between two warpgroups, so both are at least 128. ``overlap`` leaves the dQ pass's
-    product in flight while the next step's scores are issued (off by default: ptxas then
-    serialises the products, bench/NOTES.md version 13); ``mods``: the forward's logit
-    soft-capping and position biases (``score.py``)."""
+    keys per program) of the dK/dV pass (default: ``default_tiles``); the programs' rows (dQ)
+    and keys (dK/dV) are split between two warpgroups, so both are at least 128. ``overlap``
+    leaves the dQ pass's product in flight while the next step's scores are issued (off by
+    default: ptxas then serialises the products, bench/NOTES.md version 13); ``mods``: the
+    forward's logit soft-capping and position biases (``score.py``)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     ops = backward_operands(dout, q, k, v, out)
@@ -119,19 +135,21 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     nph = rows.pattern_heads
     qk_scale = scale * _LOG2E
     mod_args, mod_flags = mods.kernel_args(scale, q)
-    bm, bn = dq_tiles
+    default_dq, default_kv = default_tiles(d)
+    bm, bn = dq_tiles or default_dq
     launch(
         _dq_kernel, (triton.cdiv(lq, bm), b * hq), *ops.descriptors(bm // 2, bn), dq, lse,
         ops.delta, out, rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, *ops.offsets,
         dq.stride(0), dq.stride(1), dq.stride(2), *out.stride(), qk_scale, scale, *mod_args,
         HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, OVERLAP=overlap,
         **mod_flags, num_warps=CONSUMER_WARPS)
-    bm, bn = kv_tiles
-    launch(
-        _dkdv_kernel, (triton.cdiv(lk, bn), b * hkv), *ops.descriptors(bm, bn // 2), dk, dv,
-        lse, ops.delta, rows.lo, rows.hi, rows.key_lo, rows.key_hi, hq, hq // hkv, nph, lq, lk,
-        *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale, *mod_args,
-        HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces, **mod_flags,
-        num_warps=CONSUMER_WARPS)
+    bm, bn = kv_tiles or default_kv
+    for grads in gradient_launches(d):
+        launch(
+            _dkdv_kernel, (triton.cdiv(lk, bn), b * hkv), *ops.descriptors(bm, bn // 2), dk,
+            dv, lse, ops.delta, rows.lo, rows.hi, rows.key_lo, rows.key_hi, hq, hq // hkv, nph,
+            lq, lk, *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
+            *mod_args, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
+            **mod_flags, GRADS=grads, num_warps=CONSUMER_WARPS)
     return dq, dk, dv
 

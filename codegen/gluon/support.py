@@ -8,9 +8,8 @@ byte count of ``mbarrier.expect``). The kernels are written against the releases
 missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
 ``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. By
 default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
-``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dim 64,
-the forward at head dim 256 (whose backward stays with the ``tl`` passes) and calls with logit
-soft-capping or position biases (``GLUON_SCORE_MODS_BY_DEFAULT``).
+``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dims 64
+and 256 and calls with logit soft-capping or position biases (``GLUON_SCORE_MODS_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -42,9 +41,9 @@ GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
 # ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the ``tl`` kernels compute them otherwise.
 GLUON_SCORE_MODS_BY_DEFAULT = False
 # Head dims the kernels are written and tested for: the forward's, and the backward's (at 256
-# two [64, 256] float32 accumulators, dK and dV, would fill a warpgroup's registers alone).
+# the dK/dV pass runs as two launches, dV and dK: backward_dkdv.py).
 GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
-GLUON_BACKWARD_HEAD_DIMS: tuple[int, ...] = (64, 128)
+GLUON_BACKWARD_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
 # Every kernel forks CONSUMERS (two) consumer partitions of CONSUMER_WARPS warps (one
 # warpgroup, the unit of ``warpgroup_mma``) and a producer warp; the second consumer (a worker
 # partition) gets CONSUMER_REGS registers per thread, the first (the default partition) what

@@ -99,16 +99,23 @@ def compile_all(d: int = 128, pieces: int = 1, mods: str = "") -> list[dict]:
                         shared_bytes=fwd.metadata.shared))
     if d not in support.GLUON_BACKWARD_HEAD_DIMS:
         return reports
+    (dq_m, dq_n), (kv_m, kv_n) = backward.default_tiles(d)
     dq = backward._dq_kernel.warmup(
-        desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), q, lse, lse, q, bounds, bounds,
+        desc(q2, dq_m // 2), desc(k2, dq_n), desc(k2, dq_n), desc(q2, dq_m // 2), q, lse, lse,
+        q, bounds, bounds,
         hq, hq // hkv, 1, lq, lk, *strides, hq * lq, lq, 0, q.stride(0), q.stride(1),
-        q.stride(2), *q.stride(), 0.1, 0.1, *mod_args, BM=128, BN=64, OVERLAP=False, **split)
-    reports.append(ptxas_report("dq pass", dq.asm["ptx"]))
-    kv_args = (desc(q2, 64), desc(k2, 64), desc(k2, 64), desc(q2, 64), k, k)
+        q.stride(2), *q.stride(), 0.1, 0.1, *mod_args, BM=dq_m, BN=dq_n, OVERLAP=False,
+        **split)
+    reports.append(dict(ptxas_report("dq pass", dq.asm["ptx"]), shared_bytes=dq.metadata.shared))
+    kv_args = (desc(q2, kv_m), desc(k2, kv_n // 2), desc(k2, kv_n // 2), desc(q2, kv_m), k, k)
     tail = (lse, lse, bounds, bounds, bounds, bounds, hq, hq // hkv, 1, lq, lk, *strides,
             hq * lq, lq, 0, k.stride(0), k.stride(1), k.stride(2), 0.1, 0.1, *mod_args)
-    dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=64, BN=128, **split)
-    reports.append(ptxas_report("dk/dv pass", dkdv.asm["ptx"]))
+    names = {3: "dk/dv pass", 1: "dv pass", 2: "dk pass"}
+    for grads in backward.gradient_launches(d):
+        dkdv = backward._dkdv_kernel.warmup(*kv_args, *tail, BM=kv_m, BN=kv_n, GRADS=grads,
+                                            **split)
+        reports.append(dict(ptxas_report(names[grads], dkdv.asm["ptx"]),
+                            shared_bytes=dkdv.metadata.shared))
     return reports
 
 

@@ -223,7 +223,7 @@ def test_jobs_of_a_compiled_model_send_the_ptxas_inductor_will_use(traced, monke
     monkeypatch.delenv("TRITON_PTXAS_PATH", raising=False)
     monkeypatch.setattr(compile_tasks, "_set_triton_ptxas_path",
                         lambda: os.environ.setdefault("TRITON_PTXAS_PATH", "/torch/bin/ptxas"))
-    monkeypatch.setattr(attention, "plain_gluon_rows", lambda *a: "rows")
+    monkeypatch.setattr(attention, "plain_gluon_rows", lambda *a, **kw: "rows")
     monkeypatch.setattr(precompile, "_target", lambda device: ("cuda", 90, 32))
     requests = []
 
