@@ -13,6 +13,11 @@ cuDNN SDPA. Effective TFLOP/s count the kept entries only (forward 4·B·H·D·k
     python bench/gluon.py
     python bench/gluon.py --dims 128 --lengths 16384 --patterns "causal" --no-bwd
     python bench/gluon.py --sweep --dims 128 --lengths 16384   # the kernels' tile options
+    python bench/gluon.py --mods softcap   # logits capped at 50 (Gemma 2), Flex by score_mod
+
+``--mods softcap`` / ``alibi`` time calls with logit soft-capping (cap 50) or ALiBi slopes
+(2^(-8(h+1)/H)) computed in the kernels, FlexAttention with the same ``score_mod``; cuDNN has
+neither and sits those rows out.
 """
 
 from __future__ import annotations
@@ -63,36 +68,55 @@ def fwd_bwd(fn, q, k, v, dout):
     return torch.autograd.grad(out, (q, k, v), dout)
 
 
+SOFTCAP = 50.0
+
+
+def logit_mods(kind: str, heads: int) -> tuple[dict, object]:
+    """(keyword arguments of our calls, FlexAttention's ``score_mod``) of ``--mods``."""
+    if kind == "softcap":
+        return {"softcap": SOFTCAP}, lambda s, b, h, q, k: SOFTCAP * torch.tanh(s / SOFTCAP)
+    if kind == "alibi":
+        slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)],
+                              device="cuda")
+        return {"alibi": slopes}, lambda s, b, h, q, k: s + slopes[h] * (k - q)
+    return {}, None
+
+
 def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
-        flex_compiled, do_bwd: bool) -> dict:
+        flex_compiled, do_bwd: bool, mods: str = "none") -> dict:
     b = max(1, tokens // length)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, heads, length, d, device="cuda", dtype=torch.bfloat16,
                            generator=gen) for _ in range(3))
     scale = d ** -0.5
     tl_cfg = replace(default_config(q.device, d, q.dtype), gluon=False)
-    out_g, _ = kernels.forward(q, k, v, text, scale)
-    out_t, _ = kernels.forward(q, k, v, text, scale, cfg=tl_cfg)
+    mod_kw, score_mod = logit_mods(mods, heads)
+    kernels_forward = partial(kernels.forward, **mod_kw)
+    attention_mod = partial(attention, softcap=mod_kw.get("softcap"), alibi=mod_kw.get("alibi"))
+    flex_mod = partial(flex_compiled, score_mod=score_mod)
+    out_g, _ = kernels_forward(q, k, v, text, scale)
+    out_t, _ = kernels_forward(q, k, v, text, scale, cfg=tl_cfg)
     check_mask_mod(text)
     mask = create_block_mask(mask_mod_for(text), None, None, length, length, device="cuda")
-    out_f = flex_compiled(q, k, v, block_mask=mask, scale=scale)
-    row = {"pattern": text, "L": length, "B": b, "D": d,
+    out_f = flex_mod(q, k, v, block_mask=mask, scale=scale)
+    label = text if mods == "none" else f"{text}, {mods}"
+    row = {"pattern": label, "L": length, "B": b, "D": d,
            "err_tl": rel(out_g, out_t), "err_flex": rel(out_g, out_f)}
     flops = 4 * b * heads * d * kept_entries(text, length)
     if do_bwd:
         qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
         dout = torch.randn_like(q)
-        with_gluon = fwd_bwd(lambda a, b_, c: attention(a, b_, c, text, scale), qg, kg, vg,
-                             dout)
-        with_flex = fwd_bwd(lambda a, b_, c: flex_compiled(a, b_, c, block_mask=mask,
-                                                           scale=scale), qg, kg, vg, dout)
+        with_gluon = fwd_bwd(lambda a, b_, c: attention_mod(a, b_, c, text, scale), qg, kg,
+                             vg, dout)
+        with_flex = fwd_bwd(lambda a, b_, c: flex_mod(a, b_, c, block_mask=mask, scale=scale),
+                            qg, kg, vg, dout)
         row["err_grad_flex"] = max(rel(a, b_) for a, b_ in zip(with_gluon, with_flex, strict=True))
     timings = {
-        "gluon": lambda: kernels.forward(q, k, v, text, scale),
-        "tl": lambda: kernels.forward(q, k, v, text, scale, cfg=tl_cfg),
-        "flex": lambda: flex_compiled(q, k, v, block_mask=mask, scale=scale),
+        "gluon": lambda: kernels_forward(q, k, v, text, scale),
+        "tl": lambda: kernels_forward(q, k, v, text, scale, cfg=tl_cfg),
+        "flex": lambda: flex_mod(q, k, v, block_mask=mask, scale=scale),
     }
-    if text in ("dense", "causal"):
+    if text in ("dense", "causal") and not mod_kw:
         def cudnn():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(
@@ -104,7 +128,8 @@ def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
         row[name + "_tflops"] = flops / ms / 1e9
     if do_bwd:
         def ours():
-            return fwd_bwd(lambda a, b_, c: attention(a, b_, c, text, scale), qg, kg, vg, dout)
+            return fwd_bwd(lambda a, b_, c: attention_mod(a, b_, c, text, scale), qg, kg, vg,
+                           dout)
 
         def tl_ours():
             os.environ[KERNELS_ENV] = "tl"
@@ -114,9 +139,9 @@ def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
                 os.environ[KERNELS_ENV] = "gluon"
 
         both = {"gluon": ours, "tl": tl_ours,
-                "flex": lambda: fwd_bwd(lambda a, b_, c: flex_compiled(
+                "flex": lambda: fwd_bwd(lambda a, b_, c: flex_mod(
                     a, b_, c, block_mask=mask, scale=scale), qg, kg, vg, dout)}
-        if text in ("dense", "causal"):
+        if text in ("dense", "causal") and not mod_kw:
             sdpa = torch.nn.functional.scaled_dot_product_attention
 
             def cudnn_both():
@@ -236,6 +261,8 @@ def main() -> None:
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Gluon kernels' tile options instead (FWD/DQ/KV_TILES)")
+    ap.add_argument("--mods", choices=["none", "softcap", "alibi"], default="none",
+                    help="logit modification of every call (see the module docstring)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -266,7 +293,7 @@ def main() -> None:
         for length in [int(x) for x in args.lengths.split(",")]:
             for text in args.patterns.split(";"):
                 r = run(text, length, d, args.heads, args.tokens, args.rep, flex_compiled,
-                        do_bwd)
+                        do_bwd, args.mods)
                 rows.append(r)
                 for suffix in ("", "_fb") if do_bwd else ("",):
                     line = format_row(r, suffix)

@@ -6,7 +6,7 @@
 #
 # DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
 # all, in this order): tests gluon sweep documents in-model flex-sites first-call doge generate;
-# sweep-model only when named.
+# sweep-model, mods and d256 only when named.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -47,6 +47,16 @@ for section in "${sections[@]}"; do
         --tokens 32768 --heads 16 --kv-heads 4 --rep 20 \
         --patterns "causal & sliding(1024);causal & sliding(4096)" \
         --out "$out/gluon-sweep-model.md" ;;
+    mods)  # soft-capping and ALiBi in the Gluon kernels against the tl kernels and Flex
+      for m in softcap alibi; do
+        SPARSE_COMPILE_KERNELS=gluon step "mods-$m" 240 python3 bench/gluon.py --dims 128 \
+          --lengths 16384 --patterns "causal & sliding(4096);local(1024)" --mods "$m" \
+          --rep 20 --out "$out/gluon-$m.md"
+      done ;;
+    d256)  # head dim 256 (opt-in) against the tl kernels and Flex
+      SPARSE_COMPILE_KERNELS=gluon step d256 300 python3 bench/gluon.py --dims 256 \
+        --lengths 16384 --patterns "causal & sliding(4096);local(1024);causal" --rep 20 \
+        --out "$out/gluon-d256.md" ;;
     documents)
       step documents 200 python3 bench/documents.py --steps 10 --out "$out/documents.md" ;;
     in-model)
