@@ -34,6 +34,7 @@ for section in "${sections[@]}"; do
     tests)
       SPARSE_COMPILE_KERNELS=gluon step tests 300 python3 -m pytest -q -p no:cacheprovider \
         tests/codegen/test_gluon.py tests/codegen/test_gluon_score.py \
+        tests/codegen/test_gluon_positions.py \
         tests/codegen/test_document_bounds.py \
         tests/codegen/test_relative_bias.py tests/codegen/test_decode.py ;;
     gluon)

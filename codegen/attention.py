@@ -20,9 +20,10 @@ from sparse_compile.codegen.gluon.rows import (
     document_rows,
     interval_rows,
     position_only,
+    shifted_rows,
 )
 from sparse_compile.codegen.gluon.score import NO_MODS, ScoreMods
-from sparse_compile.codegen.gluon.support import gluon_device, gluon_head_dims, gluon_score_mods
+from sparse_compile.codegen.gluon.support import gluon_device, gluon_extended, gluon_head_dims
 from sparse_compile.codegen.launch.config import (
     LONG_ROWS,
     TileConfig,
@@ -34,7 +35,13 @@ from sparse_compile.codegen.launch.fallbacks import (
     fall_back_on_failure,
     family_available,
 )
-from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, DOCUMENTS, Frame
+from sparse_compile.codegen.launch.positions import (
+    DEFAULT_FRAME,
+    DOCUMENTS,
+    FIXED,
+    PER_BATCH,
+    Frame,
+)
 from sparse_compile.codegen.launch.tables import (
     CLOSED_FORM,
     HULL,
@@ -232,11 +239,34 @@ def _gluon_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, so
                 alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, frame: Frame, lq: int,
                 lk: int) -> bool:
     """Whether a call is one the Gluon kernels serve and ``cfg`` allows them: no bias tensor or
-    dropout; default positions or packed documents of one batch row; soft-capping, ALiBi and
-    relative-bias tables where ``gluon_score_mods()`` lets the kernels compute them."""
+    dropout; default positions or packed documents of one batch row, where
+    ``gluon_extended()`` allows also with soft-capping, ALiBi or relative-bias tables (which
+    the kernels place at the default alignment); positions set by one pair of starts without
+    those, where ``gluon_extended()`` allows."""
+    if not cfg.gluon or bias is not None or dropout_p != 0.0:
+        return False
     mods = bool(softcap) or alibi is not None or rel_bias is not None
-    return (cfg.gluon and bias is None and dropout_p == 0.0 and (not mods or gluon_score_mods())
-            and (frame.is_default(lq, lk) or _one_row_of_documents(frame)))
+    if frame.is_default(lq, lk) or _one_row_of_documents(frame):
+        return not mods or gluon_extended()
+    return _one_pair_of_starts(frame) and not mods and gluon_extended()
+
+
+def _one_pair_of_starts(frame: Frame) -> bool:
+    """Whether ``frame`` places every batch row's queries and keys by the same starts: fixed
+    ones, or per-batch ones read on the device with one row (``rows.shifted_rows``)."""
+    if frame.mode == FIXED:
+        return True
+    return frame.mode == PER_BATCH and frame.starts is not None and frame.starts.shape[0] == 1
+
+
+def _frame_starts(frame: Frame, lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """``[1, 2]`` (q_start, k_start) of a frame ``_one_pair_of_starts`` accepts, on
+    ``device``: the per-batch tensor plus the fixed starts, added on the device."""
+    q_first = lk - lq if frame.q_first is None else frame.q_first
+    fixed = torch.tensor([[q_first, frame.k_first]], dtype=torch.int64)
+    if frame.starts is None:
+        return fixed.to(device)
+    return frame.starts.to(torch.int64) + fixed.to(frame.starts.device)
 
 
 def _one_row_of_documents(frame: Frame) -> bool:
@@ -274,9 +304,13 @@ def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text:
     intervals, inside the documents of ``frame`` when it places some), else None."""
     if not _gluon_serves(q, k, v, q.device, backward):
         return None
+    lq, lk = q.shape[2], k.shape[2]
     if frame.mode == DOCUMENTS:
         return document_rows(parse_pattern(pattern_text), frame.doc_start[0], frame.doc_end[0])
-    return interval_rows(parse_pattern(pattern_text), q.shape[2], k.shape[2], q.device)
+    if not frame.is_default(lq, lk):
+        return shifted_rows(parse_pattern(pattern_text), lq, lk,
+                            _frame_starts(frame, lq, lk, q.device))
+    return interval_rows(parse_pattern(pattern_text), lq, lk, q.device)
 
 
 def _gluon_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device: torch.device,

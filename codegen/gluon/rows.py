@@ -13,7 +13,11 @@ routes) stay with the ``tl`` kernels.
 Packed documents keep the same kernels: where the pattern's bounds are closed forms of the
 query position alone, a row's intervals inside its document are the pattern's at the row's
 position in the document, shifted by the document's first key and cut at its last
-(``document_rows``), built on the device per call from the document bounds.
+(``document_rows``), built on the device per call from the document bounds. Positions other
+than the default alignment (a static cache's fill level, a prompt placed at ``q_start``) keep
+them too, where one pair of starts holds for every batch row: the closed forms evaluated at
+the rows' positions, on the device, without reading the starts on the host
+(``shifted_rows``).
 """
 
 from __future__ import annotations
@@ -123,6 +127,46 @@ def document_rows(pattern: Any, start: torch.Tensor, end: torch.Tensor) -> RowPi
     hi = torch.maximum(hi, start - 1)  # keys before the document: none kept either way
     lo = torch.minimum(lo, hi + 1)  # changes empty rows only (lo > hi + 1 before)
     key_lo, key_hi = _key_intervals(lo, hi, length)
+    return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
+
+
+# Far beyond any key position: closed forms that are unbounded (``dense``'s ∞) are cut here
+# before they are shifted to key indices.
+_FAR = 1 << 40
+
+
+def shifted_rows(pattern: Any, lq: int, lk: int, starts: torch.Tensor) -> RowPieces | None:
+    """The rows of ``pattern`` with query row ``i`` at position ``q_start + i`` and key ``j``
+    at ``k_start + j`` (``starts``: an integer tensor ``[1, 2]`` holding ``(q_start,
+    k_start)``, on the kernels' device; keys at negative positions are never kept), or None
+    where the pattern's bounds depend on more than the query position or its rows are not
+    one or two intervals (``interval_rows``' conditions). Built on ``starts``' device with no
+    host read of the starts (CUDA graphs replay it). Each bound is the closed form at the
+    row's position, minus ``k_start``, clamped to the keys: the closed forms are
+    non-decreasing in the position (what ``interval_rows`` checks), and so stay the clamped
+    and shifted bounds, which the dK/dV pass's key intervals need."""
+    if not position_only(pattern) or lq <= 0 or lk <= 0:
+        return None
+    if interval_rows(pattern, lq, lk, torch.device("cpu")) is None:
+        return None
+    device = starts.device
+    q_pos = starts[0, 0].long() + torch.arange(lq, dtype=torch.int64, device=device)
+    k_start = starts[0, 1].long()
+    bounds = interval_bounds(pattern)
+    heads = ([[iv] for iv in bounds] if bounds is not None
+             else [head + [_EMPTY] * (2 - len(head)) for head in interval_pieces(pattern)])
+    n = max(len(head) for head in heads)
+    los, his = [], []
+    for p in range(n):
+        piece_lo, piece_hi = [], []
+        for head in heads:
+            lo, hi = interval_row_bounds(head[p], q_pos, _FAR)
+            piece_lo.append((lo - k_start).clamp(min=0, max=lk))
+            piece_hi.append((hi - k_start).clamp(min=-1, max=lk - 1))
+        los.append(torch.stack(piece_lo))
+        his.append(torch.stack(piece_hi))
+    lo, hi = torch.stack(los), torch.stack(his)
+    key_lo, key_hi = _key_intervals(lo, hi, lk)
     return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
 
 

@@ -9,7 +9,8 @@ missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
 ``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. By
 default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
 ``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dims 64
-and 256 and calls with logit soft-capping or position biases (``GLUON_SCORE_MODS_BY_DEFAULT``).
+and 256, calls with logit soft-capping or position biases, and calls placed at other
+positions than the default alignment by one pair of starts (``GLUON_EXTENDED_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ KERNELS_ENV = "SPARSE_COMPILE_KERNELS"
 # Head dim 64 has not been timed since the split: it runs them only when asked for.
 GLUON_BY_DEFAULT = True
 GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
-# Whether the kernels compute logit soft-capping, ALiBi and relative-bias tables
-# (``score.py``) when nothing asks for them. Off until those variants have run against the
-# float64 oracle on a GPU (the sm90 compile check is all they have had);
-# ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the ``tl`` kernels compute them otherwise.
-GLUON_SCORE_MODS_BY_DEFAULT = False
+# Whether the kernels take, when nothing asks for them, calls with logit soft-capping, ALiBi
+# or relative-bias tables (``score.py``) and calls placed by one pair of starts
+# (``rows.shifted_rows``). Off until those have run against the float64 oracle on a GPU (the
+# sm90 compile check and the rows' CPU tests are all they have had);
+# ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the ``tl`` kernels serve them otherwise.
+GLUON_EXTENDED_BY_DEFAULT = False
 # Head dims the kernels are written and tested for: the forward's, and the backward's (at 256
 # the dK/dV pass runs as two launches, dV and dK: backward_dkdv.py).
 GLUON_HEAD_DIMS: tuple[int, ...] = (64, 128, 256)
@@ -141,11 +143,12 @@ def gluon_head_dims(backward: bool = False) -> tuple[int, ...]:
     return GLUON_BACKWARD_HEAD_DIMS if backward else GLUON_HEAD_DIMS
 
 
-def gluon_score_mods() -> bool:
-    """Whether the Gluon kernels take calls with logit modifications: asked for
-    (``SPARSE_COMPILE_KERNELS=gluon``) or on by default (``GLUON_SCORE_MODS_BY_DEFAULT``)."""
+def gluon_extended() -> bool:
+    """Whether the Gluon kernels take the calls they have not yet run on a GPU (logit
+    modifications, shifted positions): asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by
+    default (``GLUON_EXTENDED_BY_DEFAULT``)."""
     return requested_kernels() == "gluon" or (requested_kernels() == ""
-                                              and GLUON_SCORE_MODS_BY_DEFAULT)
+                                              and GLUON_EXTENDED_BY_DEFAULT)
 
 
 def gluon_device(device: torch.device) -> bool:

@@ -57,7 +57,7 @@ def test_modified_logits_take_the_gluon_kernels_only_where_allowed(monkeypatch, 
     asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by default, never with a bias tensor or
     dropout; plain calls as before."""
     monkeypatch.setenv(support.KERNELS_ENV, request_env)
-    monkeypatch.setattr(support, "GLUON_SCORE_MODS_BY_DEFAULT", by_default)
+    monkeypatch.setattr(support, "GLUON_EXTENDED_BY_DEFAULT", by_default)
     cfg = TileConfig()
     slopes, table = _slopes(2), _table(2, 40, 40)
     allowed = request_env == "gluon" or (request_env == "" and by_default)
@@ -78,7 +78,7 @@ def test_modified_logits_take_the_gluon_kernels_only_where_allowed(monkeypatch, 
 
 def test_off_by_default_until_run_on_a_gpu(monkeypatch) -> None:
     monkeypatch.delenv(support.KERNELS_ENV, raising=False)
-    assert not support.GLUON_SCORE_MODS_BY_DEFAULT and not support.gluon_score_mods()
+    assert not support.GLUON_EXTENDED_BY_DEFAULT and not support.gluon_extended()
 
 
 @pytest.mark.parametrize("lq, lk", [(23, 23), (9, 31), (31, 9)])
