@@ -261,12 +261,15 @@ def _one_pair_of_starts(frame: Frame) -> bool:
 
 def _frame_starts(frame: Frame, lq: int, lk: int, device: torch.device) -> torch.Tensor:
     """``[1, 2]`` (q_start, k_start) of a frame ``_one_pair_of_starts`` accepts, on
-    ``device``: the per-batch tensor plus the fixed starts, added on the device."""
+    ``device``: the per-batch tensor plus the fixed starts, added on the device as scalars
+    (no host-to-device copy, which a CUDA graph capture would refuse)."""
     q_first = lk - lq if frame.q_first is None else frame.q_first
-    fixed = torch.tensor([[q_first, frame.k_first]], dtype=torch.int64)
     if frame.starts is None:
-        return fixed.to(device)
-    return frame.starts.to(torch.int64) + fixed.to(frame.starts.device)
+        return torch.tensor([[q_first, frame.k_first]], dtype=torch.int64, device=device)
+    starts = frame.starts.to(torch.int64)
+    if q_first == 0 and frame.k_first == 0:
+        return starts
+    return torch.stack([starts[:, 0] + q_first, starts[:, 1] + frame.k_first], dim=1)
 
 
 def _one_row_of_documents(frame: Frame) -> bool:

@@ -169,3 +169,13 @@ def test_gluon_kernels_at_shifted_positions_match_the_oracle(monkeypatch, case,
         positions = {"q_start": q_start, "k_start": k_start}
     check_against_oracle(attention, q, k, v, text, positions=positions)
     assert fwd and bwd, "the Gluon kernels did not run"
+
+
+@pytest.mark.parametrize(("q_first", "k_first"), [(0, 0), (7, 0), (0, -2), (3, 5)])
+def test_frame_starts_add_the_fixed_starts_to_the_per_batch_ones(q_first, k_first) -> None:
+    frame = Frame(mode=starts_frame(torch.tensor([[30, 4]])).mode, q_first=q_first,
+                  k_first=k_first, starts=torch.tensor([[30, 4]], dtype=torch.int32))
+    got = kernels._frame_starts(frame, 9, 21, CPU)
+    assert got.tolist() == [[30 + q_first, 4 + k_first]]
+    fixed = kernels._frame_starts(Frame(q_first=q_first, k_first=k_first), 9, 21, CPU)
+    assert fixed.tolist() == [[q_first, k_first]]
