@@ -6,7 +6,7 @@
 #
 # DIR (default bench/results/sweep-<date>) receives every table and log; SECTIONs (default:
 # all, in this order): tests gluon sweep documents in-model flex-sites first-call doge generate;
-# sweep-model, mods and d256 only when named.
+# tests-extended, sweep-model, mods and d256 only when named.
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -33,10 +33,14 @@ for section in "${sections[@]}"; do
   case $section in
     tests)
       SPARSE_COMPILE_KERNELS=gluon step tests 300 python3 -m pytest -q -p no:cacheprovider \
-        tests/codegen/test_gluon.py tests/codegen/test_gluon_score.py \
-        tests/codegen/test_gluon_positions.py \
-        tests/codegen/test_document_bounds.py \
+        tests/codegen/test_gluon.py tests/codegen/test_document_bounds.py \
         tests/codegen/test_relative_bias.py tests/codegen/test_decode.py ;;
+    tests-extended)  # the opt-in Gluon variants: logit modifications, shifted positions, D 256
+      SPARSE_COMPILE_KERNELS=gluon step tests-extended 300 python3 -m pytest -q \
+        -p no:cacheprovider tests/codegen/test_gluon_score.py \
+        tests/codegen/test_gluon_positions.py
+      SPARSE_COMPILE_KERNELS=gluon step tests-d256 200 python3 -m pytest -q \
+        -p no:cacheprovider tests/codegen/test_gluon.py -k head_dim_256 ;;
     gluon)
       step gluon 560 python3 bench/gluon.py --dims 128,64 --lengths 16384,4096 --rep 40 \
         --out "$out/gluon.md" ;;
