@@ -233,7 +233,7 @@ def test_on_by_default_for_the_measured_head_dims_only(monkeypatch) -> None:
     asked for, 64 and 256 too; forced off, none."""
     monkeypatch.delenv(support.KERNELS_ENV)
     assert support.GLUON_BY_DEFAULT and support.gluon_wanted()
-    assert support.gluon_head_dims() == (128,)
+    assert support.gluon_head_dims() == support.gluon_head_dims(backward=True) == (128,)
     monkeypatch.setenv(support.KERNELS_ENV, "gluon")
     assert support.gluon_head_dims() == (64, 128, 256)
     assert support.gluon_head_dims(backward=True) == (64, 128, 256)
@@ -263,15 +263,19 @@ def test_head_dim_256_takes_the_gluon_kernels_only_when_asked(monkeypatch) -> No
     q, k, v = (torch.zeros(1, 2, 40, 256, dtype=torch.bfloat16) for _ in range(3))
     meta = [t.to("meta") for t in (q, k, v)]
     cpu = torch.device("cpu")
+    with monkeypatch.context() as unasked:
+        unasked.delenv(support.KERNELS_ENV)
+        assert kernels._gluon_rows(q, k, v, "causal") is None
+        assert kernels._gluon_rows(q, k, v, "causal", backward=True) is None
+        assert kernels.plain_gluon_rows(*meta, "causal", cpu, cpu) is None
     assert kernels._gluon_rows(q, k, v, "causal") is not None
+    assert kernels.plain_gluon_rows(*meta, "causal", cpu, cpu) is not None
     assert kernels._gluon_rows(q, k, v, "causal", backward=True) is not None
     assert kernels.plain_gluon_rows(*meta, "causal", cpu, cpu, backward=True) is not None
     monkeypatch.setattr(support, "GLUON_BACKWARD_HEAD_DIMS", (64, 128))
     assert kernels._gluon_rows(q, k, v, "causal") is not None
     assert kernels._gluon_rows(q, k, v, "causal", backward=True) is None
     assert kernels.plain_gluon_rows(*meta, "causal", cpu, cpu, backward=True) is None
-    monkeypatch.delenv(support.KERNELS_ENV)
-    assert kernels._gluon_rows(q, k, v, "causal") is None
 
 
 def test_the_interpreter_and_cpu_keep_the_tl_kernels(monkeypatch) -> None:
@@ -291,7 +295,8 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
 @pytest.mark.parametrize(("d", "pieces", "mods"), [(128, 1, ""), (128, 2, ""), (128, 1, "mods"),
-                                                   (128, 2, "mods"), (256, 1, "")])
+                                                   (128, 2, "mods"), (256, 1, ""),
+                                                   (256, 2, "mods")])
 def test_the_kernels_compile_for_sm90_without_serialised_products(d, pieces, mods, tmp_path
                                                                   ) -> None:
     """Forward and both backward passes compile for sm_90a here (no
@@ -345,6 +350,8 @@ GPU_CASES = [
     ("causal & (sink(130) | sliding(64))", 2, 2, 1, 517, 517, 64),
     ("sink(3) | sliding(40)", 1, 2, 2, 333, 333, 128),
     ("heads(causal, causal & (sink(2) | sliding(90)))", 1, 4, 2, 400, 400, 128),
+    ("causal & sliding(70)", 1, 4, 2, 517, 517, 256),  # dV and dK in launches of their own
+    ("causal & (sink(4) | sliding(100))", 1, 2, 1, 300, 300, 256),
 ]
 
 
@@ -479,10 +486,11 @@ print("ok")
 
 @pytest.mark.skipif(not support.gluon_version_supported(),
                     reason="no Gluon kernels on this Triton: nothing to precompile")
-@pytest.mark.parametrize(("route", "where"), [("plain", "1"), ("documents", "1"),
-                                              ("plain", "threads"), ("documents", "threads"),
-                                              ("moved", "1")])
-def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, tmp_path) -> None:
+@pytest.mark.parametrize(("route", "where", "d"), [
+    ("plain", "1", 128), ("documents", "1", 128), ("plain", "threads", 128),
+    ("documents", "threads", 128), ("moved", "1", 128), ("plain", "1", 256)])
+def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, d,
+                                                               tmp_path) -> None:
     """The precompile jobs of a model-like call (sequence-major, GQA; default positions or
     packed documents) compile the forward, dQ and dK/dV kernels, in the helper processes
     (the default) or on threads, and the launchers, driven with real tensors of the same
@@ -499,16 +507,18 @@ def test_precompiled_kernels_are_the_ones_the_launches_ask_for(route, where, tmp
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["SPARSE_COMPILE_PRECOMPILE"] = where
-    run = subprocess.run([sys.executable, str(script), "128", "causal & sliding(64)", route],
+    run = subprocess.run([sys.executable, str(script), str(d), "causal & sliding(64)", route],
                          capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).parents[2] / "tests", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads([x for x in run.stdout.splitlines() if x.startswith("{")][-1])
-    assert report["jobs"] == [1, 2, 2]
+    # at head dim 256 the dK/dV pass runs as two launches (dV, dK)
+    kv_launches = 2 if d == 256 else 1
+    assert report["jobs"] == [1, 1 + kv_launches, 1 + kv_launches]
     # the contiguous gradient has dQ and dK/dV variants of its own (1000 rows: its row
     # offsets are not multiples of 16)
     assert sorted(report["precompiled"]) == sorted(
-        ["_fwd_kernel"] + ["_dq_kernel", "_dkdv_kernel"] * 2)
+        ["_fwd_kernel"] + (["_dq_kernel"] + ["_dkdv_kernel"] * kv_launches) * 2)
     assert report["compiled_at_launch"] == []
 
 

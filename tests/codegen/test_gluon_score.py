@@ -120,6 +120,7 @@ GPU_CASES = [
     ("local(50)", 2, 2, 2, 333, 333, 64, "table", False),
     ("causal & sliding(64)", 1, 4, 2, 400, 400, 128, "all", False),
     ("dense", 1, 2, 1, 256, 256, 128, "all", False),
+    ("causal & sliding(64)", 1, 2, 1, 300, 300, 256, "all", False),
     ("causal", 1, 4, 2, 777, 777, 128, "alibi", True),
     ("causal & sliding(100)", 1, 4, 2, 777, 777, 64, "all", True),
 ]
