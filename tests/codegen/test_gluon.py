@@ -200,6 +200,31 @@ def test_backward_operands_give_head_dim_tiles_in_both_layouts(sequence_major) -
     assert ops.dk.shape == ops.dv.shape == (2, 2, 40, 64)
 
 
+@pytest.mark.parametrize("same_heads", [True, False])
+@pytest.mark.parametrize("sequence_major", [False, True])
+def test_residue_class_views_are_layouts_tma_walks(same_heads, sequence_major) -> None:
+    """The residue route (``strided(s) & R``, and the strided part of a strided union) runs
+    the inner pattern on views whose heads are residue classes; those views are
+    sequence-major row matrices, so the Gluon kernels take them without a copy."""
+    from sparse_compile.codegen.routes.residue import as_layout, class_layout, to_classes
+
+    b, hkv, length, d, s = 2, 2, 96, 64, 4
+    hq = hkv if same_heads else 2 * hkv
+
+    def tensor(h):
+        if sequence_major:
+            return torch.zeros(b, length, h, d, dtype=torch.bfloat16).transpose(1, 2)
+        return torch.zeros(b, h, length, d, dtype=torch.bfloat16)
+
+    q, k = tensor(hq), tensor(hkv)
+    layout = class_layout([q, k, k], same_heads)
+    if layout == "copy":  # the route copies into a layout it can view first (_class_views)
+        layout = "batch" if same_heads else "head"
+        q, k = (as_layout(t, layout) for t in (q, k))
+    views = [to_classes(t, s, layout) for t in (q, k)]
+    assert all(gluon_forward.row_view(v) is not None for v in views), layout
+
+
 def test_row_view_refuses_layouts_tma_cannot_walk() -> None:
     t = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
     assert gluon_forward.row_view(t[..., :32]) is None  # rows strided past the head dim
@@ -434,6 +459,20 @@ def test_head_dim_256_gluon_kernels_match_the_oracle(monkeypatch, text, lq, lk) 
     dK in launches of their own."""
     fwd, bwd = strict_gluon(monkeypatch, kernels)
     q, k, v = make_qkv(1, 4, 2, lq, lk, 256, torch.bfloat16)
+    check_against_oracle(attention, q, k, v, text)
+    assert fwd and bwd, "the Gluon kernels did not run"
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize(("text", "hkv"), [
+    ("causal & strided(16)", 4), ("causal & strided(8)", 2),  # the residue route
+    ("causal & (sliding(64) | strided(32))", 4),  # the strided-union route
+])
+def test_routes_run_their_parts_on_the_gluon_kernels(monkeypatch, text, hkv) -> None:
+    """The residue and strided-union routes call the kernels on residue-class views and
+    parts; those take the Gluon kernels, and the merged results match the oracle."""
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
+    q, k, v = make_qkv(1, 4, hkv, 512, 512, 128, torch.bfloat16)
     check_against_oracle(attention, q, k, v, text)
     assert fwd and bwd, "the Gluon kernels did not run"
 
