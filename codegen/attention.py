@@ -15,6 +15,7 @@ import torch
 from sparse_compile.codegen import precompile
 from sparse_compile.codegen.gluon.backward import launch_gluon_backward
 from sparse_compile.codegen.gluon.forward import launch_gluon_forward
+from sparse_compile.codegen.gluon.key_mask import is_key_mask
 from sparse_compile.codegen.gluon.rows import (
     RowPieces,
     document_rows,
@@ -224,7 +225,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: st
     cfg = cfg or select_config(pattern_text, q, lk)
     if _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
         result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame, query_layout,
-                                ScoreMods(softcap, alibi, rel_bias))
+                                ScoreMods(softcap, alibi, rel_bias), kernel_bias(bias))
         if result is not None:
             return result
     module, n_heads = static_kernels(pattern_text)
@@ -238,12 +239,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: st
 def _gluon_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, softcap: float,
                 alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, frame: Frame, lq: int,
                 lk: int) -> bool:
-    """Whether a call is one the Gluon kernels serve and ``cfg`` allows them: no bias tensor or
-    dropout; default positions or packed documents of one batch row, where
-    ``gluon_extended()`` allows also with soft-capping, ALiBi or relative-bias tables (which
-    the kernels place at the default alignment); positions set by one pair of starts without
-    those, where ``gluon_extended()`` allows."""
-    if not cfg.gluon or bias is not None or dropout_p != 0.0:
+    """Whether a call is one the Gluon kernels serve and ``cfg`` allows them: no dropout, no
+    bias tensor other than a key mask; default positions or packed documents of one batch
+    row, where ``gluon_extended()`` allows also with soft-capping, ALiBi or relative-bias
+    tables (which the kernels place at the default alignment) or a key mask
+    (``key_mask.py``); positions set by one pair of starts without logit modifications, where
+    ``gluon_extended()`` allows."""
+    if not cfg.gluon or dropout_p != 0.0:
+        return False
+    if bias is not None and not (is_key_mask(bias, lk) and gluon_extended()):
         return False
     mods = bool(softcap) or alibi is not None or rel_bias is not None
     if frame.is_default(lq, lk) or _one_row_of_documents(frame):
@@ -281,7 +285,8 @@ def _one_row_of_documents(frame: Frame) -> bool:
 
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
                    scale: float, out_dtype: torch.dtype | None, frame: Frame = DEFAULT_FRAME,
-                   query_layout: bool = False, mods: ScoreMods = NO_MODS
+                   query_layout: bool = False, mods: ScoreMods = NO_MODS,
+                   key_mask: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The forward through the Hopper Gluon kernel where it applies (``_gluon_rows``, and
     TMA-walkable layouts), else None; a Gluon failure is logged once and the ``tl`` kernels
@@ -295,7 +300,8 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
     try:
         with fall_back_on_failure("gluon_forward"):
             return launch_gluon_forward(q, k, v, rows, scale, out_dtype,
-                                        query_layout=query_layout, mods=mods)
+                                        query_layout=query_layout, mods=mods,
+                                        key_mask=key_mask)
     except FellBack:
         return None
 
@@ -358,7 +364,8 @@ def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_
 
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float,
-                    frame: Frame = DEFAULT_FRAME, mods: ScoreMods = NO_MODS
+                    frame: Frame = DEFAULT_FRAME, mods: ScoreMods = NO_MODS,
+                    key_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Hopper Gluon backward where it applies, else None; a Gluon
     failure is logged once and the ``tl`` passes take over."""
@@ -370,7 +377,8 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     precompile.finish_call(q, k, v, dout, pattern_text, True, frame.mode == DOCUMENTS)
     try:
         with fall_back_on_failure("gluon_backward"):
-            return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale, mods=mods)
+            return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale, mods=mods,
+                                         key_mask=key_mask)
     except FellBack:
         return None
 
@@ -415,7 +423,7 @@ def backward(
     cfg = cfg or select_config(pattern_text, q, lk)
     if _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
         grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale, frame,
-                                ScoreMods(softcap, alibi, rel_bias))
+                                ScoreMods(softcap, alibi, rel_bias), kernel_bias(bias))
         if grads is not None:
             return (*grads, None)
     module, n_heads = static_kernels(pattern_text)

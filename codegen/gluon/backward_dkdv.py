@@ -9,6 +9,7 @@ then runs two products per step, without V, dPᵀ and Δ, the dK launch the othe
 from __future__ import annotations
 
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
+from sparse_compile.codegen.gluon.key_mask import keys_kept
 from sparse_compile.codegen.gluon.score import head_terms, logits
 from sparse_compile.codegen.gluon.support import (
     CONSUMER_REGS,
@@ -101,10 +102,11 @@ def _kept(i, qa0, qb0, qa1, qb1, BM: gl.constexpr, PIECES: gl.constexpr,
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                   q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G, NPH,
                   Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
-                  HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  KeyMask, km_sb, km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
+                  BN: gl.constexpr,
                   STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
-                  PBIAS: gl.constexpr, GRADS: gl.constexpr, WG: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  PBIAS: gl.constexpr, GRADS: gl.constexpr, KEY_MASK: gl.constexpr,
+                  WG: gl.constexpr, num_warps: gl.constexpr):
     """One consumer warpgroup of a key-block program: dK and dV of keys ``WG * BN / 2`` ..
     (its own half of K and V), streaming the Q and dO ring both warpgroups share. PARTIAL
     blocks are masked with each key's kept query rows (``KLO``/``KHI``: two values per key
@@ -202,6 +204,12 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
     base = b.to(gl.int64) * skb + hkv.to(gl.int64) * skh
     offs = base + offs_n[:, None].to(gl.int64) * skn + offs_d[None, :]
     ok = (offs_n < Lk)[:, None]
+    if KEY_MASK:  # key_mask.py: a masked key's dK and dV rows are zero
+        kept = keys_kept(KeyMask, b, offs_n, Lk, km_sb, km_sk)[:, None]
+        if WITH_DK:
+            dk = gl.where(kept, dk, 0.0)
+        if WITH_DV:
+            dv = gl.where(kept, dv, 0.0)
     if WITH_DK:
         dk = dk * scale
         gl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=ok)
@@ -212,10 +220,11 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
 @gluon_jit
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G,
                  NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
-                 qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, HEAD_DIM: gl.constexpr,
-                 BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                 PIECES: gl.constexpr, SOFTCAP: gl.constexpr, PBIAS: gl.constexpr,
-                 GRADS: gl.constexpr, num_warps: gl.constexpr):
+                 qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, KeyMask, km_sb, km_sk,
+                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                 PBIAS: gl.constexpr, GRADS: gl.constexpr, KEY_MASK: gl.constexpr,
+                 num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2, BN // 2, HEAD_DIM], desc_k.layout)
     if (GRADS & 2) != 0:
@@ -232,13 +241,13 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
                          G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out,
-                         Slopes, Rel, s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS,
-                         GRADS, 0, num_warps)),
+                         Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES,
+                         PIECES, SOFTCAP, PBIAS, GRADS, KEY_MASK, 0, num_warps)),
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
                          G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out,
-                         Slopes, Rel, s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS,
-                         GRADS, 1, num_warps)),
+                         Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES,
+                         PIECES, SOFTCAP, PBIAS, GRADS, KEY_MASK, 1, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
                       lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
                       o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,

@@ -7,6 +7,7 @@ the dK/dV pass, then streams the visited K and V tiles: ``S = Q Kᵀ``, ``dP = d
 from __future__ import annotations
 
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
+from sparse_compile.codegen.gluon.key_mask import keys_kept
 from sparse_compile.codegen.gluon.score import head_terms, logits
 from sparse_compile.codegen.gluon.support import (
     CONSUMER_REGS,
@@ -85,11 +86,11 @@ def _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM: gl.constexpr, out_layout: 
 @gluon_jit
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                 DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh, sqm, sob, soh, som,
-                sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
-                HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, KeyMask, km_sb,
+                km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, WG: gl.constexpr,
-                num_warps: gl.constexpr):
+                SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, KEY_MASK: gl.constexpr,
+                WG: gl.constexpr, num_warps: gl.constexpr):
     """One consumer warpgroup of a query-block program: dQ of its own half of the rows. It
     first works out its rows' ``Δ`` from the dO tile already in shared memory and O (one read
     of O instead of a separate pass over O and dO) and stores it for the dK/dV pass."""
@@ -149,6 +150,9 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
             k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
             keep = keeps(lo0[:, None], hi0[:, None], lo1[:, None], hi1[:, None], k_idx, PIECES)
             p = gl.where(keep, p, 0.0)
+        if KEY_MASK:  # key_mask.py: the masked keys' P is zero in every block
+            cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            p = gl.where(keys_kept(KeyMask, b, cols, Lk, km_sb, km_sk)[None, :], p, 0.0)
         dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
         mbarrier.arrive(v_empty.index(st), count=1)
         ds = p * (dp - delta[:, None])
@@ -174,10 +178,11 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
 @gluon_jit
 def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, Hq, G, NPH, Lq,
                Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, sob,
-               soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
-               HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+               soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, KeyMask,
+               km_sb, km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-               SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, num_warps: gl.constexpr):
+               SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, KEY_MASK: gl.constexpr,
+               num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_do.layout)
@@ -188,13 +193,13 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, H
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh,
                        sqm, sob, soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel,
-                       s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, SOFTCAP, PBIAS, 0,
-                       num_warps)),
+                       s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP,
+                       SOFTCAP, PBIAS, KEY_MASK, 0, num_warps)),
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh,
                        sqm, sob, soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel,
-                       s_rh, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP, SOFTCAP, PBIAS, 1,
-                       num_warps)),
+                       s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP,
+                       SOFTCAP, PBIAS, KEY_MASK, 1, num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
                     q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),

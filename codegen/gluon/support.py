@@ -9,8 +9,9 @@ missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
 ``SPARSE_COMPILE_KERNELS=tl`` keeps the ``tl`` kernels, which compute the same thing. By
 default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
 ``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dims 64
-and 256, calls with logit soft-capping or position biases, and calls placed at other
-positions than the default alignment by one pair of starts (``GLUON_EXTENDED_BY_DEFAULT``).
+and 256, calls with logit soft-capping or position biases, calls placed at other positions
+than the default alignment by one pair of starts, and calls with a key mask
+(``GLUON_EXTENDED_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ KERNELS_ENV = "SPARSE_COMPILE_KERNELS"
 GLUON_BY_DEFAULT = True
 GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
 # Whether the kernels take, when nothing asks for them, calls with logit soft-capping, ALiBi
-# or relative-bias tables (``score.py``) and calls placed by one pair of starts
-# (``rows.shifted_rows``). Off until those have run against the float64 oracle on a GPU (the
-# sm90 compile check and the rows' CPU tests are all they have had);
-# ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the ``tl`` kernels serve them otherwise.
+# or relative-bias tables (``score.py``), calls placed by one pair of starts
+# (``rows.shifted_rows``) and calls with a key mask (``key_mask.py``). Off until those have
+# run against the float64 oracle on a GPU (the sm90 compile check and the CPU tests of the
+# host side are all they have had); ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the
+# ``tl`` kernels serve them otherwise.
 GLUON_EXTENDED_BY_DEFAULT = False
 # Head dims the kernels are written and tested for: the forward's, and the backward's (at 256
 # the dK/dV pass runs as two launches, dV and dK: backward_dkdv.py).

@@ -1,0 +1,126 @@
+"""Key masks (a model's padding mask, folded to a boolean ``[B or 1, 1, 1, Lk]`` bias) in the
+Hopper Gluon kernels (codegen/gluon/key_mask.py): which biases count as one and where such
+calls are routed (tested everywhere), and the kernels' results against the float64 oracle
+(sm90 GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparse_compile.codegen import attention as kernels
+from sparse_compile.codegen.gluon import support
+from sparse_compile.codegen.gluon.key_mask import is_key_mask, key_mask_args
+from sparse_compile.codegen.launch.config import TileConfig
+from sparse_compile.codegen.launch.positions import DEFAULT_FRAME
+
+from sparse_compile.functional import attention
+from tests.codegen.attention_cases import check_against_oracle, make_qkv, strict_gluon
+
+CPU = torch.device("cpu")
+
+
+# --- host side: runs everywhere (CI) ---------------------------------------------------------
+
+def test_which_biases_are_key_masks() -> None:
+    lk = 40
+    assert is_key_mask(torch.ones(3, 1, 1, lk, dtype=torch.bool, device=CPU), lk)
+    assert is_key_mask(torch.ones(1, 1, 1, lk, dtype=torch.bool, device=CPU), lk)
+    assert is_key_mask(torch.ones(lk, dtype=torch.bool, device=CPU), lk)  # broadcast to 4-D
+    assert is_key_mask(torch.ones(3, 1, 1, 50, dtype=torch.bool, device=CPU)[..., :lk], lk)
+    assert not is_key_mask(torch.ones(3, 1, 1, lk, device=CPU), lk)  # additive: a real bias
+    assert not is_key_mask(torch.ones(3, 1, 7, lk, dtype=torch.bool, device=CPU), lk)
+    assert not is_key_mask(torch.ones(3, 2, 1, lk, dtype=torch.bool, device=CPU), lk)
+    assert not is_key_mask(torch.ones(3, 1, 1, lk + 1, dtype=torch.bool, device=CPU), lk)
+    assert not is_key_mask(None, lk)
+
+
+def test_key_mask_arguments() -> None:
+    like = torch.zeros(1, device=CPU)
+    mask = torch.ones(3, 1, 1, 50, dtype=torch.bool, device=CPU)[..., :40]  # a sliced cache's
+    (flags, sb, sk), constexprs = key_mask_args(mask, like)
+    assert constexprs == {"KEY_MASK": True} and flags.dtype == torch.uint8
+    assert (sb, sk) == (50, 1) and flags.data_ptr() == mask.data_ptr()  # a view, no copy
+    (_, sb, _), _ = key_mask_args(mask[:1], like)
+    assert sb == 0  # one row for every batch row
+    assert key_mask_args(None, like)[1] == {"KEY_MASK": False}
+
+
+@pytest.mark.parametrize("request_env", ["", "gluon"])
+def test_key_masks_take_the_gluon_kernels_only_where_allowed(monkeypatch, request_env) -> None:
+    monkeypatch.setenv(support.KERNELS_ENV, request_env)
+    cfg = TileConfig()
+    keys = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=CPU)
+
+    def call(bias, dropout_p=0.0):
+        return kernels._gluon_call(cfg, bias, dropout_p, 0.0, None, None, DEFAULT_FRAME, 10, 40)
+
+    assert call(keys) == (request_env == "gluon")
+    assert not call(torch.zeros(2, 1, 10, 40, device=CPU))  # a general bias: the tl kernels
+    assert not call(torch.ones(2, 1, 10, 40, dtype=torch.bool, device=CPU))
+    assert not call(keys, dropout_p=0.1)
+
+
+# --- the kernels themselves: sm90 GPU only -----------------------------------------------------
+
+ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
+needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
+                                     reason="Gluon kernels run on an sm90 GPU only")
+
+
+def _padding(b: int, lk: int, device) -> torch.Tensor:
+    """[B, 1, 1, Lk] key masks: right padding of different lengths, a hole, and (in the last
+    batch row when B > 2) no key at all."""
+    keep = torch.ones(b, lk, dtype=torch.bool)
+    for i in range(b):
+        keep[i, lk - 37 * (i + 1):] = False
+    keep[0, 5:9] = False
+    if b > 2:
+        keep[-1] = False
+    return keep.reshape(b, 1, 1, lk).to(device)
+
+
+GPU_CASES = [
+    # (pattern, B, Hq, Hkv, Lq, Lk, D, one mask row for every batch row)
+    ("causal", 2, 4, 2, 300, 300, 128, False),
+    ("causal & sliding(100)", 3, 4, 1, 517, 517, 128, False),
+    ("causal & (sink(4) | sliding(64))", 2, 2, 2, 333, 333, 64, False),
+    ("dense", 2, 2, 2, 129, 257, 128, True),  # Lq < Lk
+    ("causal", 1, 2, 1, 300, 300, 256, False),
+]
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}-{c[4]}x{c[5]}-d{c[6]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_kernels_with_a_key_mask_match_the_oracle(monkeypatch, case, dtype) -> None:
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    text, b, hq, hkv, lq, lk, d, shared = case
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, d, dtype)
+    keys = _padding(1 if shared else b, lk, q.device)
+    check_against_oracle(attention, q, k, v, text, bias=keys)
+    assert fwd and bwd, "the Gluon kernels did not run"
+
+
+@needs_gluon_gpu
+def test_a_batch_row_without_keys_gives_zeros(monkeypatch) -> None:
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    fwd, _ = strict_gluon(monkeypatch, kernels)
+    q, k, v = (t.detach() for t in make_qkv(3, 2, 2, 200, 200, 128, torch.bfloat16))
+    keys = _padding(3, 200, q.device)
+    out, lse = kernels.forward(q, k, v, "causal", 0.1, bias=keys)
+    assert fwd and torch.isfinite(out).all()
+    assert out[2].abs().max().item() == 0 and torch.isinf(lse[2]).all()
+
+
+@needs_gluon_gpu
+def test_a_key_mask_inside_packed_documents(monkeypatch) -> None:
+    """transformers' flex path hands both: documents of one batch row and a padding mask."""
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
+    q, k, v = make_qkv(1, 4, 2, 400, 400, 128, torch.bfloat16)
+    ids = torch.tensor([0] * 150 + [1] * 200 + [2] * 50, device=q.device).reshape(1, 400)
+    keys = _padding(1, 400, q.device)
+    check_against_oracle(attention, q, k, v, "causal & sliding(64)", bias=keys,
+                         positions={"documents": ids})
+    assert fwd and bwd, "the Gluon kernels did not run"
