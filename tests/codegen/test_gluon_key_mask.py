@@ -124,3 +124,45 @@ def test_a_key_mask_inside_packed_documents(monkeypatch) -> None:
     check_against_oracle(attention, q, k, v, "causal & sliding(64)", bias=keys,
                          positions={"documents": ids})
     assert fwd and bwd, "the Gluon kernels did not run"
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_a_padded_models_calls_are_ones_the_gluon_kernels_take(monkeypatch, padding) -> None:
+    """What the backend hands the op for a transformers model given a padding mask is a key
+    mask these kernels read, at positions they serve: every call of a compiled, padded Llama
+    (SDPA path, a window pattern) is one ``_gluon_call`` accepts when the kernels are asked
+    for (checked on the host: the decision, not the kernels)."""
+    transformers = pytest.importorskip("transformers")
+    from sparse_compile import functional
+    from sparse_compile.op import kernel_frame
+
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, -4:] = 0 if padding == "right" else 1
+    mask[1, :4] = 0 if padding == "left" else 1
+    calls = []
+    real = functional._static_attention
+
+    def spy(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents, *rest):
+        calls.append((q.shape, k.shape, bias, kernel_frame(q, starts, documents), softcap,
+                      dropout_p))
+        return real(q, k, v, text, scale, bias, dropout_p, softcap, starts, documents, *rest)
+
+    monkeypatch.setattr(functional, "_static_attention", spy)
+    compiled = torch.compile(model, backend="sparse",
+                             options={"pattern": "causal & sliding(3)", "compiler": "eager"})
+    with torch.no_grad():
+        compiled(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert calls
+    for q_shape, k_shape, bias, frame, softcap, dropout_p in calls:
+        lq, lk = q_shape[2], k_shape[2]
+        assert is_key_mask(bias, lk), None if bias is None else (bias.dtype, bias.shape)
+        assert kernels._gluon_call(TileConfig(), bias, dropout_p, softcap, None, None, frame,
+                                   lq, lk)
