@@ -269,7 +269,9 @@ def _frame_starts(frame: Frame, lq: int, lk: int, device: torch.device) -> torch
     (no host-to-device copy, which a CUDA graph capture would refuse)."""
     q_first = lk - lq if frame.q_first is None else frame.q_first
     if frame.starts is None:
-        return torch.tensor([[q_first, frame.k_first]], dtype=torch.int64, device=device)
+        return torch.stack([torch.full((1,), q_first, dtype=torch.int64, device=device),
+                            torch.full((1,), frame.k_first, dtype=torch.int64, device=device)],
+                           dim=1)
     starts = frame.starts.to(torch.int64)
     if q_first == 0 and frame.k_first == 0:
         return starts

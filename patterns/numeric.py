@@ -78,18 +78,16 @@ class _Evaluator:
             a, m = (self.value(x) for x in e.args)
             if isinstance(a, int) and isinstance(m, int):
                 return a % m
-            return torch.remainder(torch.as_tensor(a), m) if isinstance(m, int) else (
-                torch.remainder(torch.as_tensor(a), torch.as_tensor(m)))
+            if isinstance(a, int):
+                a = torch.full_like(m, a)
+            return torch.remainder(a, m)
         if isinstance(e, (sympy.Min, sympy.Max)):
             pick = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
             builtin = min if isinstance(e, sympy.Min) else max
             vals = [self.value(a) for a in e.args]
             out = vals[0]
             for v in vals[1:]:
-                if isinstance(out, int) and isinstance(v, int):
-                    out = builtin(out, v)
-                else:
-                    out = pick(torch.as_tensor(out), torch.as_tensor(v))
+                out = _pick(out, v, pick, builtin, isinstance(e, sympy.Min))
             return out
         if isinstance(e, sympy.core.relational.Relational):
             a, b = self.value(e.lhs), self.value(e.rhs)
@@ -101,9 +99,7 @@ class _Evaluator:
                 sympy.Equality: lambda x, y: x == y,
                 sympy.Unequality: lambda x, y: x != y,
             }[type(e)]
-            if isinstance(a, int) and isinstance(b, int):
-                return op(a, b)
-            return op(torch.as_tensor(a), torch.as_tensor(b))
+            return op(a, b)  # ints stay Python scalars beside tensors
         if isinstance(e, sympy.And):
             return _fold(self, e.args, lambda x, y: x & y)
         if isinstance(e, sympy.Or):
@@ -120,17 +116,32 @@ def _fold(ev: _Evaluator, args, op) -> Value:
     out = ev.value(args[0])
     for a in args[1:]:
         v = ev.value(a)
-        if isinstance(out, bool) and isinstance(v, bool):
-            out = op(out, v)
-        else:
-            out = op(torch.as_tensor(out), torch.as_tensor(v))
+        if isinstance(out, bool) and not isinstance(v, bool):
+            out, v = v, out  # the tensor's operator takes the Python bool
+        out = op(out, v)
     return out
 
 
+def _pick(a: Value, b: Value, pick, builtin, is_min: bool) -> Value:
+    """min / max of two values. A Python int beside a tensor stays a scalar (a clamp), so
+    that no tensor is created on the default device: the positions may sit on another one,
+    and a CUDA graph capture refuses host-to-device copies."""
+    if isinstance(a, int) and isinstance(b, int):
+        return builtin(a, b)
+    if isinstance(a, int):
+        a, b = b, a
+    if isinstance(b, int):
+        return a.clamp(max=b) if is_min else a.clamp(min=b)
+    return pick(a, b)
+
+
 def _floordiv(a: Value, b: Value) -> Value:
+    """Python floor division; a Python int beside a tensor stays a scalar (see ``_pick``)."""
     if isinstance(a, int) and isinstance(b, int):
         return a // b
-    return torch.div(torch.as_tensor(a), torch.as_tensor(b), rounding_mode="floor")
+    if isinstance(a, int):
+        a = torch.full_like(b, a)
+    return torch.div(a, b, rounding_mode="floor")
 
 
 def is_power_of(d: Value, base: int) -> Value:

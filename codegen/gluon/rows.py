@@ -30,6 +30,8 @@ import torch
 from sparse_compile.codegen.launch.tables import row_bounds as union_row_bounds
 from sparse_compile.codegen.tl.predicate import interval_bounds, interval_pieces
 from sparse_compile.patterns.intervals import row_bounds as interval_row_bounds
+from sparse_compile.patterns.numeric import evaluate_expr
+from sparse_compile.patterns.symbolic import Q
 
 
 @dataclass(frozen=True)
@@ -160,14 +162,26 @@ def shifted_rows(pattern: Any, lq: int, lk: int, starts: torch.Tensor) -> RowPie
     for p in range(n):
         piece_lo, piece_hi = [], []
         for head in heads:
-            lo, hi = interval_row_bounds(head[p], q_pos, _FAR)
-            piece_lo.append((lo - k_start).clamp(min=0, max=lk))
-            piece_hi.append((hi - k_start).clamp(min=-1, max=lk - 1))
+            lo, hi = (_bound_at(e, q_pos) for e in head[p])
+            # keys at negative positions are never kept; then key indices, cut to the keys
+            piece_lo.append((lo.clamp(min=0) - k_start).clamp(min=0, max=lk))
+            piece_hi.append((hi.clamp(max=_FAR) - k_start).clamp(min=-1, max=lk - 1))
         los.append(torch.stack(piece_lo))
         his.append(torch.stack(piece_hi))
     lo, hi = torch.stack(los), torch.stack(his)
     key_lo, key_hi = _key_intervals(lo, hi, lk)
     return RowPieces(*(t.to(torch.int32).contiguous() for t in (lo, hi, key_lo, key_hi)))
+
+
+def _bound_at(expr: Any, q_pos: torch.Tensor) -> torch.Tensor:
+    """A closed-form bound at the positions ``q_pos`` (int64, on their device). The
+    expression's constants stay Python scalars (``evaluate_expr``) and a constant bound is
+    filled on the positions' device, whatever the default device: no tensor is copied to the
+    device, which a CUDA graph capture would refuse."""
+    value = evaluate_expr(expr, {Q: q_pos})
+    if isinstance(value, torch.Tensor):
+        return value.long().expand(q_pos.shape)
+    return torch.full_like(q_pos, min(int(value), _FAR))
 
 
 _POSITION_ONLY: dict[str, bool] = {}

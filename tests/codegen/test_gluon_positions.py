@@ -98,6 +98,26 @@ def test_shifted_rows_never_read_the_starts_on_the_host() -> None:
     assert torch.equal(_rows_mask(type(rows)(*plain, rows.key_lo, rows.key_hi), 9, 21), want)
 
 
+@pytest.mark.parametrize("text", PATTERNS)
+def test_shifted_rows_stay_on_the_starts_device(text) -> None:
+    """Built from ``meta`` starts, every tensor of the rows is a ``meta`` one: no constant of
+    a bound became a tensor on another device (a GPU call would mix devices, or copy a host
+    tensor to the device, which a CUDA graph capture refuses)."""
+    rows = shifted_rows(parse(text), 9, 21, torch.empty(1, 2, dtype=torch.int32, device="meta"))
+    assert all(t.device.type == "meta" for t in (rows.lo, rows.hi, rows.key_lo, rows.key_hi))
+
+
+@pytest.mark.parametrize("text", PATTERNS)
+def test_shifted_rows_create_nothing_on_the_default_device(text) -> None:
+    """With another default device (a user's ``set_default_device("cuda")``; ``meta`` here),
+    the rows of CPU starts are built on the CPU and equal the oracle's mask."""
+    with torch.device("meta"):
+        rows = shifted_rows(parse(text), 9, 21, torch.tensor([[30, 4]], device=CPU))
+    assert rows.lo.device == CPU and rows.key_hi.device == CPU
+    want = kept_mask(parse(text), 1, rows.pattern_heads, 9, 21, CPU, q_start=30, k_start=4)[0]
+    assert torch.equal(_rows_mask(rows, 9, 21), want)
+
+
 @pytest.mark.parametrize("text", ["strided(4)", "axial(6)", "~local(3)"])
 def test_patterns_without_closed_form_rows_have_no_shifted_rows(text) -> None:
     assert shifted_rows(parse(text), 9, 21, torch.tensor([[12, 0]], device=CPU)) is None
@@ -142,6 +162,26 @@ def test_gluon_rows_of_a_shifted_call_are_the_shifted_rows(monkeypatch) -> None:
 ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
 needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
                                      reason="Gluon kernels run on an sm90 GPU only")
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("text", ["causal", "causal & (sink(2) | sliding(40))", "dense"])
+def test_shifted_rows_replay_in_a_cuda_graph_with_new_starts(text) -> None:
+    """Built inside a CUDA graph capture (no host read, no host-to-device copy), the rows
+    replay with the starts written into the captured tensor, equal to rows built afresh."""
+    pattern, device = parse(text), torch.device("cuda")
+    starts = torch.tensor([[30, 4]], device=device)
+    shifted_rows(pattern, 90, 210, starts)  # warm-up: caches, allocator
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rows = shifted_rows(pattern, 90, 210, starts)
+    for new in ([[30, 4]], [[500, 0]], [[0, -7]]):
+        starts.copy_(torch.tensor(new, device=device))
+        graph.replay()
+        fresh = shifted_rows(pattern, 90, 210, starts.clone())
+        for a, b in zip((rows.lo, rows.hi, rows.key_lo, rows.key_hi),
+                        (fresh.lo, fresh.hi, fresh.key_lo, fresh.key_hi), strict=True):
+            assert torch.equal(a, b), new
+
 
 GPU_CASES = [
     # (pattern, B, Hq, Hkv, Lq, Lk, D, q_start, k_start)
