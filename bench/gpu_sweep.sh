@@ -36,7 +36,7 @@ for section in "${sections[@]}"; do
         tests/codegen/test_gluon.py tests/codegen/test_document_bounds.py \
         tests/codegen/test_relative_bias.py tests/codegen/test_decode.py ;;
     tests-extended)  # the opt-in Gluon variants: logit modifications, shifted positions, D 256
-      SPARSE_COMPILE_KERNELS=gluon step tests-extended 300 python3 -m pytest -q \
+      SPARSE_COMPILE_KERNELS=gluon step tests-extended 420 python3 -m pytest -q \
         -p no:cacheprovider tests/codegen/test_gluon_score.py \
         tests/codegen/test_gluon_positions.py tests/codegen/test_gluon_key_mask.py
       SPARSE_COMPILE_KERNELS=gluon step tests-d256 200 python3 -m pytest -q \

@@ -205,9 +205,8 @@ def test_backward_operands_give_head_dim_tiles_in_both_layouts(sequence_major) -
 def test_residue_class_views_are_layouts_tma_walks(same_heads, sequence_major) -> None:
     """The residue route (``strided(s) & R``, and the strided part of a strided union) runs
     the inner pattern on views whose heads are residue classes; those views are
-    sequence-major row matrices, so the Gluon kernels take them without a copy."""
-    from sparse_compile.codegen.routes.residue import as_layout, class_layout, to_classes
-
+    sequence-major row matrices (after the route's copy where no view fits), so the Gluon
+    kernels take them."""
     b, hkv, length, d, s = 2, 2, 96, 64, 4
     hq = hkv if same_heads else 2 * hkv
 
@@ -216,12 +215,9 @@ def test_residue_class_views_are_layouts_tma_walks(same_heads, sequence_major) -
             return torch.zeros(b, length, h, d, dtype=torch.bfloat16).transpose(1, 2)
         return torch.zeros(b, h, length, d, dtype=torch.bfloat16)
 
-    q, k = tensor(hq), tensor(hkv)
-    layout = class_layout([q, k, k], same_heads)
-    if layout == "copy":  # the route copies into a layout it can view first (_class_views)
-        layout = "batch" if same_heads else "head"
-        q, k = (as_layout(t, layout) for t in (q, k))
-    views = [to_classes(t, s, layout) for t in (q, k)]
+    route = kernels.residue_route(f"causal & strided({s})", length, length, False, 0.0)
+    assert route is not None and route.s == s
+    layout, views = kernels._class_views(route, [tensor(hq), tensor(hkv)], same_heads)
     assert all(gluon_forward.row_view(v) is not None for v in views), layout
 
 

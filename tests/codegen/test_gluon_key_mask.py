@@ -166,3 +166,18 @@ def test_a_padded_models_calls_are_ones_the_gluon_kernels_take(monkeypatch, padd
         assert is_key_mask(bias, lk), None if bias is None else (bias.dtype, bias.shape)
         assert kernels._gluon_call(TileConfig(), bias, dropout_p, softcap, None, None, frame,
                                    lq, lk)
+
+
+@needs_gluon_gpu
+def test_a_key_mask_at_shifted_positions(monkeypatch) -> None:
+    """What the backend hands a left-padded batch row under a pattern that keeps keys by
+    absolute position (sinks): a key mask, and positions counted from the row's first
+    token (one pair of starts)."""
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
+    q, k, v = make_qkv(1, 4, 2, 300, 300, 128, torch.bfloat16)
+    keys = torch.ones(1, 1, 1, 300, dtype=torch.bool, device=q.device)
+    keys[..., :20] = False  # 20 padding tokens on the left
+    check_against_oracle(attention, q, k, v, "causal & (sink(4) | sliding(64))", bias=keys,
+                         positions={"q_start": -20, "k_start": -20})
+    assert fwd and bwd, "the Gluon kernels did not run"
