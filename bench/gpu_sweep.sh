@@ -38,7 +38,8 @@ for section in "${sections[@]}"; do
     tests-extended)  # the opt-in Gluon variants: logit modifications, shifted positions, D 256
       SPARSE_COMPILE_KERNELS=gluon step tests-extended 420 python3 -m pytest -q \
         -p no:cacheprovider tests/codegen/test_gluon_score.py \
-        tests/codegen/test_gluon_positions.py tests/codegen/test_gluon_key_mask.py
+        tests/codegen/test_gluon_positions.py tests/codegen/test_gluon_key_mask.py \
+        tests/codegen/test_gluon_bias.py
       SPARSE_COMPILE_KERNELS=gluon step tests-d256 200 python3 -m pytest -q \
         -p no:cacheprovider tests/codegen/test_gluon.py -k head_dim_256 ;;
     gluon)

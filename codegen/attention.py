@@ -225,7 +225,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: st
     cfg = cfg or select_config(pattern_text, q, lk)
     if _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
         result = _gluon_forward(q, k, v, pattern_text, scale, out_dtype, frame, query_layout,
-                                ScoreMods(softcap, alibi, rel_bias), kernel_bias(bias))
+                                ScoreMods(softcap, alibi, rel_bias), *_gluon_biases(bias, lk))
         if result is not None:
             return result
     module, n_heads = static_kernels(pattern_text)
@@ -239,20 +239,32 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: st
 def _gluon_call(cfg: TileConfig, bias: torch.Tensor | None, dropout_p: float, softcap: float,
                 alibi: torch.Tensor | None, rel_bias: torch.Tensor | None, frame: Frame, lq: int,
                 lk: int) -> bool:
-    """Whether a call is one the Gluon kernels serve and ``cfg`` allows them: no dropout, no
-    bias tensor other than a key mask; default positions or packed documents of one batch
-    row, where ``gluon_extended()`` allows also with soft-capping, ALiBi or relative-bias
-    tables (which the kernels place at the default alignment) or a key mask
-    (``key_mask.py``); positions set by one pair of starts without logit modifications, where
-    ``gluon_extended()`` allows."""
+    """Whether a call is one the Gluon kernels serve and ``cfg`` allows them: no dropout;
+    default positions or packed documents of one batch row, where ``gluon_extended()``
+    allows also with soft-capping, ALiBi or relative-bias tables (which the kernels place at
+    the default alignment) or a bias tensor (``key_mask.py``, ``bias.py``); positions set by
+    one pair of starts without logit modifications, where ``gluon_extended()`` allows. A
+    bias's gradient keeps the backward on the ``tl`` passes (``backward``)."""
     if not cfg.gluon or dropout_p != 0.0:
         return False
-    if bias is not None and not (is_key_mask(bias, lk) and gluon_extended()):
+    if bias is not None and not gluon_extended():
         return False
     mods = bool(softcap) or alibi is not None or rel_bias is not None
     if frame.is_default(lq, lk) or _one_row_of_documents(frame):
         return not mods or gluon_extended()
     return _one_pair_of_starts(frame) and not mods and gluon_extended()
+
+
+def _gluon_biases(bias: torch.Tensor | None, lk: int
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(key mask, other bias) of a call's bias for the Gluon kernels: a boolean ``[B or 1, 1,
+    1, Lk]`` one goes the cheaper per-key way (``key_mask.py``), any other is read tile by
+    tile (``bias.py``)."""
+    if bias is None:
+        return None, None
+    if is_key_mask(bias, lk):
+        return kernel_bias(bias), None
+    return None, bias
 
 
 def _one_pair_of_starts(frame: Frame) -> bool:
@@ -288,7 +300,7 @@ def _one_row_of_documents(frame: Frame) -> bool:
 def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text: str,
                    scale: float, out_dtype: torch.dtype | None, frame: Frame = DEFAULT_FRAME,
                    query_layout: bool = False, mods: ScoreMods = NO_MODS,
-                   key_mask: torch.Tensor | None = None
+                   key_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The forward through the Hopper Gluon kernel where it applies (``_gluon_rows``, and
     TMA-walkable layouts), else None; a Gluon failure is logged once and the ``tl`` kernels
@@ -303,7 +315,7 @@ def _gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_te
         with fall_back_on_failure("gluon_forward"):
             return launch_gluon_forward(q, k, v, rows, scale, out_dtype,
                                         query_layout=query_layout, mods=mods,
-                                        key_mask=key_mask)
+                                        key_mask=key_mask, bias=bias)
     except FellBack:
         return None
 
@@ -367,7 +379,7 @@ def plain_gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_
 def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, pattern_text: str, scale: float,
                     frame: Frame = DEFAULT_FRAME, mods: ScoreMods = NO_MODS,
-                    key_mask: torch.Tensor | None = None
+                    key_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Hopper Gluon backward where it applies, else None; a Gluon
     failure is logged once and the ``tl`` passes take over."""
@@ -380,7 +392,7 @@ def _gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     try:
         with fall_back_on_failure("gluon_backward"):
             return launch_gluon_backward(dout, q, k, v, out, lse, rows, scale, mods=mods,
-                                         key_mask=key_mask)
+                                         key_mask=key_mask, bias=bias)
     except FellBack:
         return None
 
@@ -423,9 +435,11 @@ def backward(
         if route is not None:
             return _residue_backward(route, dout, q, k, v, out, lse, scale, cfg, softcap)
     cfg = cfg or select_config(pattern_text, q, lk)
-    if _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq, lk):
+    bias_grad = bias is not None and bias_requires_grad and bias.is_floating_point()
+    if not bias_grad and _gluon_call(cfg, bias, dropout_p, softcap, alibi, rel_bias, frame, lq,
+                                     lk):
         grads = _gluon_backward(dout, q, k, v, out, lse, pattern_text, scale, frame,
-                                ScoreMods(softcap, alibi, rel_bias), kernel_bias(bias))
+                                ScoreMods(softcap, alibi, rel_bias), *_gluon_biases(bias, lk))
         if grads is not None:
             return (*grads, None)
     module, n_heads = static_kernels(pattern_text)

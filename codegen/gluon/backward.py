@@ -33,6 +33,7 @@ import torch
 import triton
 from sparse_compile.codegen.gluon.backward_dkdv import _dkdv_kernel
 from sparse_compile.codegen.gluon.backward_dq import _dq_kernel
+from sparse_compile.codegen.gluon.bias import bias_args
 from sparse_compile.codegen.gluon.forward import row_view
 from sparse_compile.codegen.gluon.key_mask import key_mask_args
 from sparse_compile.codegen.gluon.rows import RowPieces
@@ -115,7 +116,8 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           dq_tiles: tuple[int, int] | None = None,
                           kv_tiles: tuple[int, int] | None = None, stages: int = 2,
                           overlap: bool = False, mods: ScoreMods = NO_MODS,
-                          key_mask: torch.Tensor | None = None
+                          key_mask: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) through the Gluon passes, or None when an operand's layout does not allow
     TMA or the (batch, head) count overflows the grid (the caller runs the ``tl`` passes).
@@ -127,7 +129,8 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     leaves the dQ pass's product in flight while the next step's scores are issued (off by
     default: ptxas then serialises the products, bench/NOTES.md version 13); ``mods``: the
     forward's logit soft-capping and position biases (``score.py``); ``key_mask``: its key
-    mask (``key_mask.py``)."""
+    mask (``key_mask.py``); ``bias``: its other bias tensor, whose gradient this does not
+    compute (``bias.py``)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     ops = backward_operands(dout, q, k, v, out)
@@ -139,22 +142,23 @@ def launch_gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     qk_scale = scale * _LOG2E
     mod_args, mod_flags = mods.kernel_args(scale, q)
     km_args, km_flags = key_mask_args(key_mask, q)
+    b_args, b_flags = bias_args(bias, q)
     default_dq, default_kv = default_tiles(d)
     bm, bn = dq_tiles or default_dq
     launch(
         _dq_kernel, (triton.cdiv(lq, bm), b * hq), *ops.descriptors(bm // 2, bn), dq, lse,
         ops.delta, out, rows.lo, rows.hi, hq, hq // hkv, nph, lq, lk, *ops.offsets,
         dq.stride(0), dq.stride(1), dq.stride(2), *out.stride(), qk_scale, scale, *mod_args,
-        *km_args, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
-        OVERLAP=overlap, **mod_flags, **km_flags, num_warps=CONSUMER_WARPS)
+        *km_args, *b_args, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages, PIECES=rows.pieces,
+        OVERLAP=overlap, **mod_flags, **km_flags, **b_flags, num_warps=CONSUMER_WARPS)
     bm, bn = kv_tiles or default_kv
     for grads in gradient_launches(d):
         launch(
             _dkdv_kernel, (triton.cdiv(lk, bn), b * hkv), *ops.descriptors(bm, bn // 2), dk,
             dv, lse, ops.delta, rows.lo, rows.hi, rows.key_lo, rows.key_hi, hq, hq // hkv, nph,
             lq, lk, *ops.offsets, dk.stride(0), dk.stride(1), dk.stride(2), qk_scale, scale,
-            *mod_args, *km_args, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages,
-            PIECES=rows.pieces, **mod_flags, **km_flags, GRADS=grads,
+            *mod_args, *km_args, *b_args, HEAD_DIM=d, BM=bm, BN=bn, STAGES=stages,
+            PIECES=rows.pieces, **mod_flags, **km_flags, **b_flags, GRADS=grads,
             num_warps=CONSUMER_WARPS)
     return dq, dk, dv
 

@@ -9,6 +9,7 @@ then runs two products per step, without V, dPᵀ and Δ, the dK launch the othe
 from __future__ import annotations
 
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
+from sparse_compile.codegen.gluon.bias import biased
 from sparse_compile.codegen.gluon.key_mask import keys_kept
 from sparse_compile.codegen.gluon.score import head_terms, logits
 from sparse_compile.codegen.gluon.support import (
@@ -102,11 +103,11 @@ def _kept(i, qa0, qb0, qa1, qb1, BM: gl.constexpr, PIECES: gl.constexpr,
 def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                   q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G, NPH,
                   Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh,
-                  KeyMask, km_sb, km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
-                  BN: gl.constexpr,
+                  KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn, HEAD_DIM: gl.constexpr,
+                  BM: gl.constexpr, BN: gl.constexpr,
                   STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
                   PBIAS: gl.constexpr, GRADS: gl.constexpr, KEY_MASK: gl.constexpr,
-                  WG: gl.constexpr, num_warps: gl.constexpr):
+                  BIAS: gl.constexpr, WG: gl.constexpr, num_warps: gl.constexpr):
     """One consumer warpgroup of a key-block program: dK and dV of keys ``WG * BN / 2`` ..
     (its own half of K and V), streaming the Q and dO ring both warpgroups share. PARTIAL
     blocks are masked with each key's kept query rows (``KLO``/``KHI``: two values per key
@@ -123,6 +124,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
     kw = k_smem.index(WG)
     vw = v_smem.index(WG)
     k_idx = k0 + WG * WN + gl.arange(0, WN, layout=gl.SliceLayout(1, st_layout))
+    q_rows = gl.arange(0, BM, layout=col_st)[None, :]  # a query tile's rows, across
     k_ok = k_idx < Lk
     WITH_DK: gl.constexpr = (GRADS & 2) != 0
     WITH_DV: gl.constexpr = (GRADS & 1) != 0
@@ -137,6 +139,7 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
         h = hkv * G + g
         hp = h % NPH
         slope, rel_row = head_terms(Slopes, Rel, s_rh, h, PBIAS)
+        bt = (Bias, b, h, Lq, Lk, sbb, sbh, sbm, sbn)
         x0, n1, y0, n, f0_lo, f0_hi, f1_lo, f1_hi = key_block_visit(
             RLO, RHI, hp, NPH, Lq, Lk, k0, BM, BN, PIECES)
         qa0, qb0, qa1, qb1 = row_bounds(KLO, KHI, hp, NPH, Lk, k_idx, k_ok, PIECES)
@@ -160,14 +163,19 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
                 x_t, t_cap = logits(s_t, _query_positions(i, Lq, Lk, BM, col_st),
                                     k_idx[:, None], cap_in, cap_out, qk_scale, slope, rel_row,
                                     Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+                x_t = biased(x_t, bt, i * BM + q_rows, k_idx[:, None], BIAS)
                 p_t = gl.exp2(x_t - lse[None, :])
                 if partial:
                     p_t = gl.where(_kept(i, qa0, qb0, qa1, qb1, BM, PIECES, col_st), p_t, 0.0)
                 p_ds = p_t * (1.0 - t_cap * t_cap)  # P's factor of dS through the cap
-            elif PBIAS != 0:  # masked before the exponent (fewer spills than after it)
-                x_t, _ = logits(s_t, _query_positions(i, Lq, Lk, BM, col_st), k_idx[:, None],
-                                cap_in, cap_out, qk_scale, slope, rel_row, Lq - 1, Lq + Lk - 2,
-                                SOFTCAP, PBIAS)
+            elif PBIAS != 0 or BIAS != 0:  # masked before the exponent (fewer spills)
+                if PBIAS != 0:
+                    x_t, _ = logits(s_t, _query_positions(i, Lq, Lk, BM, col_st),
+                                    k_idx[:, None], cap_in, cap_out, qk_scale, slope, rel_row,
+                                    Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+                else:
+                    x_t = s_t * qk_scale
+                x_t = biased(x_t, bt, i * BM + q_rows, k_idx[:, None], BIAS)
                 if partial:
                     x_t = gl.where(_kept(i, qa0, qb0, qa1, qb1, BM, PIECES, col_st), x_t,
                                    float("-inf"))
@@ -221,10 +229,10 @@ def _dkdv_compute(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar,
 def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq, G,
                  NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, skb, skh, skn,
                  qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, KeyMask, km_sb, km_sk,
-                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                 STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
-                 PBIAS: gl.constexpr, GRADS: gl.constexpr, KEY_MASK: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 Bias, sbb, sbh, sbm, sbn, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
+                 BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
+                 SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, GRADS: gl.constexpr,
+                 KEY_MASK: gl.constexpr, BIAS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_k.dtype
     k_smem = gl.allocate_shared_memory(dtype, [2, BN // 2, HEAD_DIM], desc_k.layout)
     if (GRADS & 2) != 0:
@@ -241,13 +249,15 @@ def _dkdv_kernel(desc_q, desc_k, desc_v, desc_do, DK, DV, LSE, Delta, RLO, RHI, 
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
                          G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out,
-                         Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES,
-                         PIECES, SOFTCAP, PBIAS, GRADS, KEY_MASK, 0, num_warps)),
+                         Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn,
+                         HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS, GRADS, KEY_MASK,
+                         BIAS, 0, num_warps)),
         (_dkdv_compute, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready,
                          q_empty, o_ready, o_empty, DK, DV, LSE, Delta, RLO, RHI, KLO, KHI, Hq,
                          G, NPH, Lq, Lk, skb, skh, skn, qk_scale, scale, cap_in, cap_out,
-                         Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES,
-                         PIECES, SOFTCAP, PBIAS, GRADS, KEY_MASK, 1, num_warps)),
+                         Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn,
+                         HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS, GRADS, KEY_MASK,
+                         BIAS, 1, num_warps)),
         (_dkdv_load, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem,
                       lse_smem, delta_smem, LSE, Delta, kv_bar, q_ready, q_empty, o_ready,
                       o_empty, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh, q_ch, k_rb, k_rh,

@@ -7,6 +7,7 @@ the dK/dV pass, then streams the visited K and V tiles: ``S = Q Kᵀ``, ``dP = d
 from __future__ import annotations
 
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
+from sparse_compile.codegen.gluon.bias import biased
 from sparse_compile.codegen.gluon.key_mask import keys_kept
 from sparse_compile.codegen.gluon.score import head_terms, logits
 from sparse_compile.codegen.gluon.support import (
@@ -87,10 +88,11 @@ def _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM: gl.constexpr, out_layout: 
 def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                 DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh, sqm, sob, soh, som,
                 sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, KeyMask, km_sb,
-                km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-                SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, KEY_MASK: gl.constexpr,
-                WG: gl.constexpr, num_warps: gl.constexpr):
+                km_sk, Bias, sbb, sbh, sbm, sbn, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
+                BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
+                OVERLAP: gl.constexpr, SOFTCAP: gl.constexpr, PBIAS: gl.constexpr,
+                KEY_MASK: gl.constexpr, BIAS: gl.constexpr, WG: gl.constexpr,
+                num_warps: gl.constexpr):
     """One consumer warpgroup of a query-block program: dQ of its own half of the rows. It
     first works out its rows' ``Δ`` from the dO tile already in shared memory and O (one read
     of O instead of a separate pass over O and dO) and stores it for the dK/dV pass."""
@@ -118,6 +120,7 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
     lse = gl.load(LSE + pid_bh.to(gl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
     MODS: gl.constexpr = SOFTCAP or PBIAS != 0
     slope, rel_row = head_terms(Slopes, Rel, s_rh, h, PBIAS)
+    bt = (Bias, b, h, Lq, Lk, sbb, sbh, sbm, sbn)
     q_pos = offs_m + (Lk - Lq)
     mbarrier.wait(q_bar, 0)
     delta = _row_delta(do_smem, o, Delta, pid_bh, m0, Lq, WM, row_s)
@@ -139,10 +142,14 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
                 mbarrier.arrive(k_empty.index((t - 1) % STAGES), count=1)
         else:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-        if MODS:  # score.py: the logits in log2 units, and tanh for the cap's gradient
+        if MODS or BIAS != 0:  # score.py, bias.py: the logits in log2 units
             k_pos = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
-            x, t_cap = logits(s, q_pos[:, None], k_pos, cap_in, cap_out, qk_scale, slope,
-                              rel_row, Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+            if MODS:  # and tanh for the cap's gradient
+                x, t_cap = logits(s, q_pos[:, None], k_pos, cap_in, cap_out, qk_scale, slope,
+                                  rel_row, Lq - 1, Lq + Lk - 2, SOFTCAP, PBIAS)
+            else:
+                x = s * qk_scale
+            x = biased(x, bt, offs_m[:, None], k_pos, BIAS)
             p = gl.exp2(x - lse[:, None])
         else:
             p = gl.exp2(s * qk_scale - lse[:, None])
@@ -179,9 +186,10 @@ def _dq_compute(q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_read
 def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, Hq, G, NPH, Lq,
                Lk, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, sqb, sqh, sqm, sob,
                soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel, s_rh, KeyMask,
-               km_sb, km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-               STAGES: gl.constexpr, PIECES: gl.constexpr, OVERLAP: gl.constexpr,
-               SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, KEY_MASK: gl.constexpr,
+               km_sb, km_sk, Bias, sbb, sbh, sbm, sbn, HEAD_DIM: gl.constexpr,
+               BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+               PIECES: gl.constexpr, OVERLAP: gl.constexpr, SOFTCAP: gl.constexpr,
+               PBIAS: gl.constexpr, KEY_MASK: gl.constexpr, BIAS: gl.constexpr,
                num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
@@ -193,13 +201,15 @@ def _dq_kernel(desc_q, desc_k, desc_v, desc_do, DQ, LSE, Delta, Out, RLO, RHI, H
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh,
                        sqm, sob, soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel,
-                       s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP,
-                       SOFTCAP, PBIAS, KEY_MASK, 0, num_warps)),
+                       s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn, HEAD_DIM, BM, BN,
+                       STAGES, PIECES, OVERLAP, SOFTCAP, PBIAS, KEY_MASK, BIAS, 0,
+                       num_warps)),
         (_dq_compute, (q_smem, do_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                        v_empty, DQ, LSE, Delta, Out, RLO, RHI, Hq, NPH, Lq, Lk, sqb, sqh,
                        sqm, sob, soh, som, sod, qk_scale, scale, cap_in, cap_out, Slopes, Rel,
-                       s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN, STAGES, PIECES, OVERLAP,
-                       SOFTCAP, PBIAS, KEY_MASK, 1, num_warps)),
+                       s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn, HEAD_DIM, BM, BN,
+                       STAGES, PIECES, OVERLAP, SOFTCAP, PBIAS, KEY_MASK, BIAS, 1,
+                       num_warps)),
         (_dq_load, (desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, q_bar,
                     k_ready, k_empty, v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh,
                     q_ch, k_rb, k_rh, k_ch, o_rb, o_rh, o_ch, BM, BN, STAGES, PIECES)),

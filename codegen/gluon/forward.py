@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 from sparse_compile.codegen.gluon.barriers import pipeline_barriers
+from sparse_compile.codegen.gluon.bias import bias_args, biased
 from sparse_compile.codegen.gluon.key_mask import key_mask_args, keys_kept
 from sparse_compile.codegen.gluon.rows import RowPieces
 from sparse_compile.codegen.gluon.score import NO_MODS, ScoreMods, head_terms, logits
@@ -97,22 +98,32 @@ def _fwd_load(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_
 
 
 @gluon_jit
-def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, q_pos, mods, km,
-                  BN: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
-                  PBIAS: gl.constexpr, KEY_MASK: gl.constexpr, s_layout: gl.constexpr):
+def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, q_pos, mods, km, bt,
+                  row0, BN: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                  PBIAS: gl.constexpr, KEY_MASK: gl.constexpr, BIAS: gl.constexpr,
+                  s_layout: gl.constexpr):
     """Online softmax of one score tile in log2 units: masks keys outside the rows' intervals
     when the block is ``partial``; returns (p, m, l, alpha). Without logit modifications the
     scores stay unscaled and ``qk_scale`` (scale·log2 e) is folded into the exponent; with
     them (``score.logits``: ``mods`` = (cap_in, cap_out, slope, table row, Lq − 1,
     Lq + Lk − 2), ``q_pos`` the rows' positions) the logits are worked out first. With a key
     mask (``key_mask.py``; ``km`` = (flags, batch row, Lk, strides)) its masked keys are
-    dropped in every block."""
+    dropped in every block; a bias tensor (``bias.py``; ``bt``, the tile's rows from
+    ``row0``) is added or masks in every block, on the worked-out logits."""
     MODS: gl.constexpr = SOFTCAP or PBIAS != 0
+    UNFOLDED: gl.constexpr = MODS or BIAS != 0
     if MODS:
         cap_in, cap_out, slope, rel_row, rel_off, rel_last = mods
         k_pos = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
         s, _ = logits(s, q_pos[:, None], k_pos, cap_in, cap_out, qk_scale, slope, rel_row,
                       rel_off, rel_last, SOFTCAP, PBIAS)
+    elif BIAS != 0:
+        s = s * qk_scale
+    if BIAS != 0:
+        WM: gl.constexpr = s.shape[0]
+        rows = row0 + gl.arange(0, WM, layout=gl.SliceLayout(1, s_layout))
+        cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        s = biased(s, bt, rows[:, None], cols[None, :], BIAS)
     if partial:
         k_idx = (j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout)))[None, :]
         keep = keeps(lo0[:, None], hi0[:, None], lo1[:, None], hi1[:, None], k_idx, PIECES)
@@ -121,7 +132,7 @@ def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, q_pos, 
         KeyMask, b, Lk, km_sb, km_sk = km
         cols = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         s = gl.where(keys_kept(KeyMask, b, cols, Lk, km_sb, km_sk)[None, :], s, float("-inf"))
-    if MODS:
+    if UNFOLDED:
         m_new = gl.maximum(m_i, gl.max(s, 1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s - m_safe[:, None])
@@ -137,9 +148,10 @@ def _softmax_step(s, j, partial, lo0, hi0, lo1, hi1, m_i, l_i, qk_scale, q_pos, 
 @gluon_jit
 def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, LSE,
                  RLO, RHI, Hq, NPH, Lq, Lk, sob, soh, som, qk_scale, cap_in, cap_out, Slopes,
-                 Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
-                 BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
-                 SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, KEY_MASK: gl.constexpr,
+                 Rel, s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn,
+                 HEAD_DIM: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 STAGES: gl.constexpr, PIECES: gl.constexpr, SOFTCAP: gl.constexpr,
+                 PBIAS: gl.constexpr, KEY_MASK: gl.constexpr, BIAS: gl.constexpr,
                  WG: gl.constexpr, num_warps: gl.constexpr):
     """Consumer warpgroup ``WG``: scores, online softmax and output of its ``BM / 2`` rows of
     the program's query tile. The visited and FULL blocks are the whole tile's (the producer
@@ -167,6 +179,7 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
     slope, rel_row = head_terms(Slopes, Rel, s_rh, h, PBIAS)
     mods = (cap_in, cap_out, slope, rel_row, Lq - 1, Lq + Lk - 2)
     km = (KeyMask, b, Lk, km_sb, km_sk)
+    bt = (Bias, b, h, Lq, Lk, sbb, sbh, sbm, sbn)
     q_pos = offs_m + (Lk - Lq)
     m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([WM], gl.float32, layout=row_s)
@@ -182,7 +195,8 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
         j = block_at(0, x0, n1, y0)
         p, m_i, l_i, alpha = _softmax_step(
             s, j, is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi), lo0, hi0, lo1, hi1, m_i, l_i,
-            qk_scale, q_pos, mods, km, BN, PIECES, SOFTCAP, PBIAS, KEY_MASK, s_layout)
+            qk_scale, q_pos, mods, km, bt, m0, BN, PIECES, SOFTCAP, PBIAS, KEY_MASK, BIAS,
+            s_layout)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for t in range(1, n):
             st = t % STAGES
@@ -198,7 +212,8 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
             j = block_at(t, x0, n1, y0)
             p, m_i, l_i, alpha = _softmax_step(
                 s, j, is_partial(j, f0_lo, f0_hi, f1_lo, f1_hi), lo0, hi0, lo1, hi1, m_i,
-                l_i, qk_scale, q_pos, mods, km, BN, PIECES, SOFTCAP, PBIAS, KEY_MASK, s_layout)
+                l_i, qk_scale, q_pos, mods, km, bt, m0, BN, PIECES, SOFTCAP, PBIAS,
+                KEY_MASK, BIAS, s_layout)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(v_empty.index(prev), count=1)
@@ -223,10 +238,10 @@ def _fwd_compute(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_emp
 @gluon_jit
 def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, Lk, q_rb, q_rh,
                 q_ch, k_rb, k_rh, k_ch, sob, soh, som, qk_scale, cap_in, cap_out, Slopes, Rel,
-                s_rh, KeyMask, km_sb, km_sk, HEAD_DIM: gl.constexpr, BM: gl.constexpr,
-                BN: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr,
-                SOFTCAP: gl.constexpr, PBIAS: gl.constexpr, KEY_MASK: gl.constexpr,
-                num_warps: gl.constexpr):
+                s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm, sbn, HEAD_DIM: gl.constexpr,
+                BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
+                PIECES: gl.constexpr, SOFTCAP: gl.constexpr, PBIAS: gl.constexpr,
+                KEY_MASK: gl.constexpr, BIAS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BM // 2, HEAD_DIM], desc_q.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], desc_k.layout)
@@ -235,12 +250,14 @@ def _fwd_kernel(desc_q, desc_k, desc_v, Out, LSE, RLO, RHI, Hq, G, NPH, Lq, Lk, 
     gl.warp_specialize([
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                         LSE, RLO, RHI, Hq, NPH, Lq, Lk, sob, soh, som, qk_scale, cap_in,
-                        cap_out, Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN,
-                        STAGES, PIECES, SOFTCAP, PBIAS, KEY_MASK, 0, num_warps)),
+                        cap_out, Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm,
+                        sbn, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS, KEY_MASK, BIAS,
+                        0, num_warps)),
         (_fwd_compute, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out,
                         LSE, RLO, RHI, Hq, NPH, Lq, Lk, sob, soh, som, qk_scale, cap_in,
-                        cap_out, Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, HEAD_DIM, BM, BN,
-                        STAGES, PIECES, SOFTCAP, PBIAS, KEY_MASK, 1, num_warps)),
+                        cap_out, Slopes, Rel, s_rh, KeyMask, km_sb, km_sk, Bias, sbb, sbh, sbm,
+                        sbn, HEAD_DIM, BM, BN, STAGES, PIECES, SOFTCAP, PBIAS, KEY_MASK, BIAS,
+                        1, num_warps)),
         (_fwd_load, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
                      v_ready, v_empty, RLO, RHI, Hq, G, NPH, Lq, q_rb, q_rh, q_ch, k_rb, k_rh,
                      k_ch, BM, BN, STAGES, PIECES)),
@@ -264,7 +281,8 @@ def row_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
 def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowPieces,
                          scale: float, out_dtype: torch.dtype | None = None, block_m: int = 128,
                          block_n: int | None = None, stages: int = 2, query_layout: bool = False,
-                         mods: ScoreMods = NO_MODS, key_mask: torch.Tensor | None = None
+                         mods: ScoreMods = NO_MODS, key_mask: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Forward through the Gluon kernel, or None when an operand's layout does not allow TMA
     or the (batch, head) count overflows the grid (the caller then runs the ``tl`` kernel).
@@ -275,7 +293,8 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     ``block_n`` keys per ring stage (default 128, and 64 at D = 256, where two stages of
     128-key K and V tiles would not fit in shared memory beside Q); ``mods``: logit
     soft-capping and position biases (``score.py``); ``key_mask``: None or a boolean
-    ``[B or 1, 1, 1, Lk]`` bias (``key_mask.py``)."""
+    ``[B or 1, 1, 1, Lk]`` bias (``key_mask.py``); ``bias``: None or any other bias tensor,
+    additive or boolean, broadcastable to ``[B, Hq, Lq, Lk]`` (``bias.py``)."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     block_n = block_n or (64 if d > 128 else 128)
@@ -297,10 +316,11 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     grid = (triton.cdiv(lq, block_m), b * hq)
     mod_args, mod_flags = mods.kernel_args(scale, q)
     km_args, km_flags = key_mask_args(key_mask, q)
+    b_args, b_flags = bias_args(bias, q)
     launch(
         _fwd_kernel, grid, desc_q, desc_k, desc_v, out, lse, rows.lo, rows.hi, hq, hq // hkv,
         rows.pattern_heads, lq, k.shape[2], q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, out.stride(0),
-        out.stride(1), out.stride(2), scale * _LOG2E, *mod_args, *km_args, HEAD_DIM=d,
-        BM=block_m, BN=block_n, STAGES=stages, PIECES=rows.pieces, **mod_flags, **km_flags,
-        num_warps=CONSUMER_WARPS)
+        out.stride(1), out.stride(2), scale * _LOG2E, *mod_args, *km_args, *b_args,
+        HEAD_DIM=d, BM=block_m, BN=block_n, STAGES=stages, PIECES=rows.pieces, **mod_flags,
+        **km_flags, **b_flags, num_warps=CONSUMER_WARPS)
     return out, lse

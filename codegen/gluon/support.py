@@ -39,7 +39,8 @@ GLUON_BY_DEFAULT = True
 GLUON_DEFAULT_HEAD_DIMS: tuple[int, ...] = (128,)
 # Whether the kernels take, when nothing asks for them, calls with logit soft-capping, ALiBi
 # or relative-bias tables (``score.py``), calls placed by one pair of starts
-# (``rows.shifted_rows``) and calls with a key mask (``key_mask.py``). Off until those have
+# (``rows.shifted_rows``) and calls with a key mask or a bias tensor (``key_mask.py``,
+# ``bias.py``). Off until those have
 # run against the float64 oracle on a GPU (the sm90 compile check and the CPU tests of the
 # host side are all they have had); ``SPARSE_COMPILE_KERNELS=gluon`` turns them on, and the
 # ``tl`` kernels serve them otherwise.

@@ -58,15 +58,17 @@ def ptxas_report(name: str, ptx: str) -> dict:
     return {"kernel": name, "spill_bytes": sum(spills), "serialized": "serialized" in log}
 
 
-# (SOFTCAP, PBIAS, KEY_MASK) of each name
-MODS = {"": (False, 0, False), "softcap": (True, 0, False), "alibi": (False, 1, False),
-        "table": (False, 2, False), "keys": (False, 0, True), "mods": (True, 3, True)}
+# (SOFTCAP, PBIAS, KEY_MASK, BIAS) of each name
+MODS = {"": (False, 0, False, 0), "softcap": (True, 0, False, 0), "alibi": (False, 1, False, 0),
+        "table": (False, 2, False, 0), "keys": (False, 0, True, 0), "bias": (False, 0, False, 1),
+        "mask": (False, 0, False, 2), "mods": (True, 3, True, 1)}
 
 
 def compile_all(d: int = 128, pieces: int = 1, mods: str = "") -> list[dict]:
     """Each kernel for head dim ``d`` and rows of ``pieces`` intervals, with the logit
     modifications ``mods`` names (``MODS``: none, ``softcap``, ``alibi``, a relative-bias
-    ``table``, a key mask ``keys``, or all of them: ``mods``); the backward passes only at
+    ``table``, a key mask ``keys``, an additive ``bias`` tensor, a boolean ``mask`` tensor,
+    or all of them: ``mods``); the backward passes only at
     the head dims they serve (``GLUON_BACKWARD_HEAD_DIMS``)."""
     triton.runtime.driver.set_active(sm90_driver())
     from sparse_compile.codegen.gluon import backward, forward, support
@@ -84,13 +86,15 @@ def compile_all(d: int = 128, pieces: int = 1, mods: str = "") -> list[dict]:
     def desc(view, rows):
         return backward._descriptor(view, rows, d, gl.bfloat16)
 
-    softcap, pbias, key_mask = MODS[mods]
-    flags = dict(SOFTCAP=softcap, PBIAS=pbias, KEY_MASK=key_mask)
+    softcap, pbias, key_mask, bias = MODS[mods]
+    flags = dict(SOFTCAP=softcap, PBIAS=pbias, KEY_MASK=key_mask, BIAS=bias)
     common = dict(HEAD_DIM=d, STAGES=2, PIECES=pieces, grid=(1,), **flags)
     table = torch.empty(hq, lq + lk - 1)
     keys = torch.empty(2, 1, 1, lk, dtype=torch.uint8)
-    # cap_in, cap_out, Slopes, Rel, s_rh; KeyMask, km_sb, km_sk
-    mod_args = (0.05, 72.0, lse, table, table.stride(0), keys, keys.stride(0), 1)
+    dense = torch.empty(2, 1, lq, lk, dtype=torch.uint8 if bias == 2 else torch.bfloat16)
+    # cap_in, cap_out, Slopes, Rel, s_rh; KeyMask, km_sb, km_sk; Bias, sbb, sbh, sbm, sbn
+    mod_args = (0.05, 72.0, lse, table, table.stride(0), keys, keys.stride(0), 1, dense,
+                dense.stride(0), 0, dense.stride(2), 1)
     split = dict(common, num_warps=support.CONSUMER_WARPS)  # one warpgroup per consumer
     reports = []
     bn = 64 if d > 128 else 128  # launch_gluon_forward's default

@@ -316,8 +316,8 @@ def test_tile_config_has_a_switch_for_the_gluon_kernels() -> None:
 
 @pytest.mark.skipif(not support.GLUON_IMPORTED, reason="this Triton has no Gluon")
 @pytest.mark.parametrize(("d", "pieces", "mods"), [(128, 1, ""), (128, 2, ""), (128, 1, "mods"),
-                                                   (128, 2, "mods"), (256, 1, ""),
-                                                   (256, 2, "mods")])
+                                                   (128, 2, "mods"), (128, 1, "mask"),
+                                                   (256, 1, ""), (256, 2, "mods")])
 def test_the_kernels_compile_for_sm90_without_serialised_products(d, pieces, mods, tmp_path
                                                                   ) -> None:
     """Forward and both backward passes compile for sm_90a here (no

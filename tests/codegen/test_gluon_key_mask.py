@@ -54,9 +54,11 @@ def test_key_masks_take_the_gluon_kernels_only_where_allowed(monkeypatch, reques
     def call(bias, dropout_p=0.0):
         return kernels._gluon_call(cfg, bias, dropout_p, 0.0, None, None, DEFAULT_FRAME, 10, 40)
 
-    assert call(keys) == (request_env == "gluon")
-    assert not call(torch.zeros(2, 1, 10, 40, device=CPU))  # a general bias: the tl kernels
-    assert not call(torch.ones(2, 1, 10, 40, dtype=torch.bool, device=CPU))
+    asked = request_env == "gluon"
+    assert call(keys) == asked
+    assert kernels._gluon_biases(keys, 40)[0] is not None  # the per-key way
+    other = torch.ones(2, 1, 10, 40, dtype=torch.bool, device=CPU)
+    assert call(other) == asked and kernels._gluon_biases(other, 40) == (None, other)
     assert not call(keys, dropout_p=0.1)
 
 

@@ -54,8 +54,8 @@ def test_kernel_arguments_of_each_modification() -> None:
 def test_modified_logits_take_the_gluon_kernels_only_where_allowed(monkeypatch, request_env,
                                                                    by_default) -> None:
     """A call with soft-capping, ALiBi or a relative-bias table goes to the Gluon kernels when
-    asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by default, never with a bias tensor or
-    dropout; plain calls as before."""
+    asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by default, never with dropout; plain
+    calls as before."""
     monkeypatch.setenv(support.KERNELS_ENV, request_env)
     monkeypatch.setattr(support, "GLUON_EXTENDED_BY_DEFAULT", by_default)
     cfg = TileConfig()
@@ -70,7 +70,7 @@ def test_modified_logits_take_the_gluon_kernels_only_where_allowed(monkeypatch, 
     assert call(softcap=CAP) == allowed
     assert call(alibi=slopes) == allowed
     assert call(rel_bias=table) == allowed
-    assert not call(softcap=CAP, bias=torch.zeros(1, 1, 40, 40))
+    assert call(softcap=CAP, bias=torch.zeros(1, 1, 40, 40)) == allowed  # bias.py
     assert not call(alibi=slopes, dropout_p=0.1)
     assert not kernels._gluon_call(TileConfig(gluon=False), None, 0.0, CAP, None, None,
                                    DEFAULT_FRAME, 40, 40)
