@@ -6,6 +6,7 @@ import contextlib
 import math
 import random
 
+import pytest
 import torch
 from sparse_compile.patterns import parse
 
@@ -163,6 +164,18 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
     monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+def _on_gluon_gpu() -> bool:
+    from sparse_compile.codegen.gluon import support
+
+    return torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
+
+
+# The Gluon kernels run on an sm90 GPU with a supported Triton only (no interpreter).
+ON_GLUON_GPU = _on_gluon_gpu()
+needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
+                                     reason="Gluon kernels run on an sm90 GPU only")
 
 
 def strict_gluon(monkeypatch, owner) -> tuple[list, list]:

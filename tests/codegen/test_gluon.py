@@ -15,9 +15,11 @@ from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
 from tests.codegen.attention_cases import (
+    ON_GLUON_GPU,
     check_against_oracle,
     count_calls,
     make_qkv,
+    needs_gluon_gpu,
     oracle,
     strict_gluon,
 )
@@ -33,9 +35,6 @@ TWO_INTERVALS = [
 ]
 NOT_SERVED = ["strided(4)", "axial(6)", "~local(3)"]
 
-ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
-needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
-                                     reason="Gluon kernels run on an sm90 GPU only")
 
 
 @pytest.fixture(autouse=True)

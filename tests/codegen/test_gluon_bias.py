@@ -11,7 +11,12 @@ from sparse_compile.codegen.gluon import support
 from sparse_compile.codegen.gluon.bias import ADDITIVE, BOOLEAN, NO_BIAS, bias_args
 
 from sparse_compile.functional import attention
-from tests.codegen.attention_cases import check_against_oracle, make_qkv, strict_gluon
+from tests.codegen.attention_cases import (
+    check_against_oracle,
+    make_qkv,
+    needs_gluon_gpu,
+    strict_gluon,
+)
 
 CPU = torch.device("cpu")
 
@@ -49,9 +54,6 @@ def test_a_bias_needing_its_gradient_keeps_the_tl_backward(monkeypatch) -> None:
 
 # --- the kernels themselves: sm90 GPU only -----------------------------------------------------
 
-ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
-needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
-                                     reason="Gluon kernels run on an sm90 GPU only")
 
 GPU_CASES = [
     # (pattern, B, Hq, Hkv, Lq, Lk, D, bias shape (None: the full [B, Hq, Lq, Lk]), boolean)

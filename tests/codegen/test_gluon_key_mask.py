@@ -14,7 +14,12 @@ from sparse_compile.codegen.launch.config import TileConfig
 from sparse_compile.codegen.launch.positions import DEFAULT_FRAME
 
 from sparse_compile.functional import attention
-from tests.codegen.attention_cases import check_against_oracle, make_qkv, strict_gluon
+from tests.codegen.attention_cases import (
+    check_against_oracle,
+    make_qkv,
+    needs_gluon_gpu,
+    strict_gluon,
+)
 
 CPU = torch.device("cpu")
 
@@ -64,9 +69,6 @@ def test_key_masks_take_the_gluon_kernels_only_where_allowed(monkeypatch, reques
 
 # --- the kernels themselves: sm90 GPU only -----------------------------------------------------
 
-ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
-needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
-                                     reason="Gluon kernels run on an sm90 GPU only")
 
 
 def _padding(b: int, lk: int, device) -> torch.Tensor:

@@ -16,7 +16,12 @@ from sparse_compile.patterns import parse
 
 from sparse_compile.functional import attention
 from sparse_compile.reference import kept_mask
-from tests.codegen.attention_cases import check_against_oracle, make_qkv, strict_gluon
+from tests.codegen.attention_cases import (
+    check_against_oracle,
+    make_qkv,
+    needs_gluon_gpu,
+    strict_gluon,
+)
 
 PATTERNS = [
     "dense", "causal", "causal & sliding(7)", "local(5)", "block(6)", "sliding(4)",
@@ -159,9 +164,6 @@ def test_gluon_rows_of_a_shifted_call_are_the_shifted_rows(monkeypatch) -> None:
 
 # --- the kernels themselves: sm90 GPU only -----------------------------------------------------
 
-ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
-needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
-                                     reason="Gluon kernels run on an sm90 GPU only")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("text", ["causal", "causal & (sink(2) | sliding(40))", "dense"])

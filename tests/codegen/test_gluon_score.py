@@ -16,12 +16,14 @@ from sparse_compile.codegen.launch.positions import DEFAULT_FRAME, documents_fra
 
 from sparse_compile.functional import attention
 from sparse_compile.reference import position_grid
-from tests.codegen.attention_cases import check_against_oracle, make_qkv, strict_gluon
+from tests.codegen.attention_cases import (
+    check_against_oracle,
+    make_qkv,
+    needs_gluon_gpu,
+    strict_gluon,
+)
 from tests.conftest import rel_error
 
-ON_GLUON_GPU = torch.cuda.is_available() and support.gluon_capable(torch.device("cuda"))
-needs_gluon_gpu = pytest.mark.skipif(not ON_GLUON_GPU,
-                                     reason="Gluon kernels run on an sm90 GPU only")
 CAP = 2.0
 
 
