@@ -195,6 +195,28 @@ def placed_attention(
                              _alibi_slopes(alibi, q), _rel_table(rel_bias, q, k))
 
 
+def check_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Reject a bias the kernels and the reference would not read alike: one that is neither a
+    float tensor (added to the logits) nor a bool keep-mask (an integer tensor is ambiguous),
+    or that does not broadcast to ``[B, Hq, Lq, Lk]`` (a bias per key/value head of a GQA
+    model, say), with an error that names the problem."""
+    if bias is None:
+        return
+    if not (bias.dtype == torch.bool or bias.is_floating_point()):
+        raise TypeError(f"bias must be a float tensor (added to the logits) or a bool "
+                        f"keep-mask, got {bias.dtype}")
+    if bias.dim() > 4:
+        raise ValueError(f"bias has {bias.dim()} dims; expected at most 4")
+    want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    for name, got, size in zip(("batch", "query heads", "query rows", "keys"), shape, want,
+                               strict=True):
+        if got != 1 and got != size:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to "
+                             f"[B, Hq, Lq, Lk] = {want}: {got} {name} where {size} (or 1) "
+                             f"are expected")
+
+
 def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: str,
                       scale: float | None, bias: torch.Tensor | None, dropout_p: float,
                       softcap: float | None, starts: torch.Tensor | None,
@@ -202,6 +224,7 @@ def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: s
                       alibi: torch.Tensor | None = None,
                       rel_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels (eagerly, without the op's dispatch) or the custom op (traced)."""
+    check_bias(bias, q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = None
     if dropout_p > 0.0:

@@ -179,3 +179,24 @@ def test_query_heads_not_a_multiple_of_kv_heads_raise(entry, hq, hkv):
         else:
             torch.compile(attention_op, backend="eager", fullgraph=True)(
                 q, k, v, None, "causal", 0.25, 0.0, None)
+
+
+@pytest.mark.parametrize(("bias", "error", "match"), [
+    (torch.ones(1, 1, 8, 8, dtype=torch.uint8), TypeError, "float tensor .* or a bool keep-mask"),
+    (torch.zeros(1, 2, 8, 8), ValueError, "2 query heads where 4"),  # per kv head
+    (torch.zeros(8, 7), ValueError, "7 keys where 8"),
+    (torch.zeros(1, 1, 1, 8, 8), ValueError, "5 dims"),
+])
+def test_a_bias_the_kernels_would_misread_raises_naming_the_problem(bias, error, match):
+    """An integer bias is neither added nor a keep-mask everywhere alike, and a bias that does
+    not broadcast to [B, Hq, Lq, Lk] would be read out of its bounds: both are refused."""
+    q, k, v = make_qkv(1, 4, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(error, match=match):
+        attention(q, k, v, "causal", bias=bias.to(q.device))
+
+
+def test_biases_that_broadcast_are_accepted():
+    q, k, v = make_qkv(2, 4, 2, 8, 8, 16, torch.float32)
+    for bias in (torch.zeros(2, 4, 8, 8), torch.zeros(8, 8), torch.ones(8, dtype=torch.bool),
+                 torch.zeros(2, 1, 1, 8)):
+        check_against_oracle(attention, q, k, v, "causal", bias=bias.to(q.device), grads=False)

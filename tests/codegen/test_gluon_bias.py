@@ -92,3 +92,30 @@ def test_a_bias_gradient_runs_the_gluon_forward_and_the_tl_backward(monkeypatch)
     bias = torch.randn(1, 4, 300, 300, device=q.device).requires_grad_(True)
     check_against_oracle(attention, q, k, v, "causal & sliding(64)", bias=bias)
     assert fwd and not bwd
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("form", ["expanded", "per-row", "with-cap-and-alibi"])
+def test_broadcast_biases_and_biases_beside_logit_modifications(monkeypatch, form) -> None:
+    """Stride-0 dimensions of an expanded bias, a bias constant along the keys, and a bias
+    after soft-capping and before ALiBi's position term (the ``tl`` kernels' order)."""
+    monkeypatch.setenv(support.KERNELS_ENV, "gluon")
+    fwd, bwd = strict_gluon(monkeypatch, kernels)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 128, torch.bfloat16)
+    gen = torch.Generator(device=q.device).manual_seed(4)
+    softcap, alibi = 0.0, None
+    if form == "expanded":
+        bias = torch.randn(1, 1, 300, 300, generator=gen, device=q.device).expand(2, 4, -1, -1)
+    elif form == "per-row":
+        bias = torch.randn(2, 1, 300, 1, generator=gen, device=q.device)
+    else:
+        bias = torch.randn(2, 4, 300, 300, generator=gen, device=q.device)
+        q = (q.detach() * 4).requires_grad_(True)
+        softcap, alibi = 2.0, torch.tensor([0.5, 0.25, 0.125, 0.0625], device=q.device)
+
+    def run(*args, **kw):
+        return attention(*args, softcap=softcap or None, **kw)
+
+    check_against_oracle(run, q, k, v, "causal & sliding(100)", bias=bias, softcap=softcap,
+                         alibi=alibi)
+    assert fwd and bwd, "the Gluon kernels did not run"
