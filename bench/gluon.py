@@ -16,8 +16,10 @@ cuDNN SDPA. Effective TFLOP/s count the kept entries only (forward 4·B·H·D·k
     python bench/gluon.py --mods softcap   # logits capped at 50 (Gemma 2), Flex by score_mod
 
 ``--mods softcap`` / ``alibi`` time calls with logit soft-capping (cap 50) or ALiBi slopes
-(2^(-8(h+1)/H)) computed in the kernels, FlexAttention with the same ``score_mod``; cuDNN has
-neither and sits those rows out.
+(2^(-8(h+1)/H)) computed in the kernels, FlexAttention with the same ``score_mod``;
+``--mods keys`` a padding mask (batch row i keeps all but its last (i + 1)/16 of the keys) as
+the ``[B, 1, 1, L]`` key mask a model's ``attention_mask`` folds to, FlexAttention with the
+same keys in its ``mask_mod``. cuDNN sits those rows out.
 """
 
 from __future__ import annotations
@@ -82,6 +84,14 @@ def logit_mods(kind: str, heads: int) -> tuple[dict, object]:
     return {}, None
 
 
+def padding_keys(b: int, length: int) -> torch.Tensor:
+    """``[B, L]``: batch row i keeps all but its last (i + 1)/16 of the keys (``--mods keys``)."""
+    keep = torch.ones(b, length, dtype=torch.bool, device="cuda")
+    for i in range(b):
+        keep[i, length - (i + 1) * length // 16:] = False
+    return keep
+
+
 def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
         flex_compiled, do_bwd: bool, mods: str = "none") -> dict:
     b = max(1, tokens // length)
@@ -91,13 +101,23 @@ def run(text: str, length: int, d: int, heads: int, tokens: int, rep: int,
     scale = d ** -0.5
     tl_cfg = replace(default_config(q.device, d, q.dtype), gluon=False)
     mod_kw, score_mod = logit_mods(mods, heads)
+    mask_mod = mask_mod_for(text)
+    if mods == "keys":
+        keep = padding_keys(b, length)
+        mod_kw = {"bias": keep[:, None, None, :]}
+        base_mod = mask_mod
+
+        def mask_mod(b_, h, q_idx, kv_idx):
+            return base_mod(b_, h, q_idx, kv_idx) & keep[b_, kv_idx]
     kernels_forward = partial(kernels.forward, **mod_kw)
-    attention_mod = partial(attention, softcap=mod_kw.get("softcap"), alibi=mod_kw.get("alibi"))
+    attention_mod = partial(attention, softcap=mod_kw.get("softcap"), alibi=mod_kw.get("alibi"),
+                            bias=mod_kw.get("bias"))
     flex_mod = partial(flex_compiled, score_mod=score_mod)
     out_g, _ = kernels_forward(q, k, v, text, scale)
     out_t, _ = kernels_forward(q, k, v, text, scale, cfg=tl_cfg)
     check_mask_mod(text)
-    mask = create_block_mask(mask_mod_for(text), None, None, length, length, device="cuda")
+    mask = create_block_mask(mask_mod, b if mods == "keys" else None, None, length, length,
+                             device="cuda")
     out_f = flex_mod(q, k, v, block_mask=mask, scale=scale)
     label = text if mods == "none" else f"{text}, {mods}"
     row = {"pattern": label, "L": length, "B": b, "D": d,
@@ -261,7 +281,7 @@ def main() -> None:
     ap.add_argument("--no-bwd", action="store_true", help="forward only")
     ap.add_argument("--sweep", action="store_true",
                     help="time the Gluon kernels' tile options instead (FWD/DQ/KV_TILES)")
-    ap.add_argument("--mods", choices=["none", "softcap", "alibi"], default="none",
+    ap.add_argument("--mods", choices=["none", "softcap", "alibi", "keys"], default="none",
                     help="logit modification of every call (see the module docstring)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

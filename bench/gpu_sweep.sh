@@ -53,8 +53,8 @@ for section in "${sections[@]}"; do
         --tokens 32768 --heads 16 --kv-heads 4 --rep 20 \
         --patterns "causal & sliding(1024);causal & sliding(4096)" \
         --out "$out/gluon-sweep-model.md" ;;
-    mods)  # soft-capping and ALiBi in the Gluon kernels against the tl kernels and Flex
-      for m in softcap alibi; do
+    mods)  # soft-capping, ALiBi, key masks in the Gluon kernels against the tl kernels and Flex
+      for m in softcap alibi keys; do
         SPARSE_COMPILE_KERNELS=gluon step "mods-$m" 240 python3 bench/gluon.py --dims 128 \
           --lengths 16384 --patterns "causal & sliding(4096);local(1024)" --mods "$m" \
           --rep 20 --out "$out/gluon-$m.md"
