@@ -324,7 +324,8 @@ def _gluon_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_text:
                 frame: Frame = DEFAULT_FRAME, backward: bool = False) -> RowPieces | None:
     """Row intervals for the Gluon kernels where they apply to this call (sm90, a supported
     Triton, 16-bit operands, a head dim of ``gluon_head_dims(backward)``, rows of one or two
-    intervals, inside the documents of ``frame`` when it places some), else None."""
+    intervals; inside the documents of ``frame`` when it places some, at its starts when it
+    sets one pair: ``shifted_rows``), else None."""
     if not _gluon_serves(q, k, v, q.device, backward):
         return None
     lq, lk = q.shape[2], k.shape[2]
