@@ -10,8 +10,8 @@ missing Gluon, a GPU other than sm90, the interpreter (what CI runs) or
 default they run where they were measured ahead of the ``tl`` kernels (head dim 128:
 ``GLUON_DEFAULT_HEAD_DIMS``); ``SPARSE_COMPILE_KERNELS=gluon`` also gives them head dims 64
 and 256, calls with logit soft-capping or position biases, calls placed at other positions
-than the default alignment by one pair of starts, and calls with a key mask
-(``GLUON_EXTENDED_BY_DEFAULT``).
+than the default alignment by one pair of starts, and calls with a key mask or another bias
+tensor (``GLUON_EXTENDED_BY_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -148,8 +148,8 @@ def gluon_head_dims(backward: bool = False) -> tuple[int, ...]:
 
 def gluon_extended() -> bool:
     """Whether the Gluon kernels take the calls they have not yet run on a GPU (logit
-    modifications, shifted positions): asked for (``SPARSE_COMPILE_KERNELS=gluon``) or on by
-    default (``GLUON_EXTENDED_BY_DEFAULT``)."""
+    modifications, shifted positions, key masks and bias tensors): asked for
+    (``SPARSE_COMPILE_KERNELS=gluon``) or on by default (``GLUON_EXTENDED_BY_DEFAULT``)."""
     return requested_kernels() == "gluon" or (requested_kernels() == ""
                                               and GLUON_EXTENDED_BY_DEFAULT)
 
