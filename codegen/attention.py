@@ -264,7 +264,7 @@ def _gluon_biases(bias: torch.Tensor | None, lk: int
         return None, None
     if is_key_mask(bias, lk):
         return kernel_bias(bias), None
-    return None, bias
+    return None, kernel_bias(bias)
 
 
 def _one_pair_of_starts(frame: Frame) -> bool:
@@ -446,7 +446,7 @@ def backward(
     module, n_heads = static_kernels(pattern_text)
     kb = kernel_bias(bias)
     dbias = None
-    if bias is not None and bias_requires_grad and bias.is_floating_point():
+    if bias_grad:
         dbias = torch.zeros(kb.shape, device=q.device, dtype=torch.float32)
     kv_visit = visit_plan(pattern_text, lq, lk, cfg.kv_m, cfg.kv_n, q.device, transposed=True,
                           frame=frame)

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import torch
 from sparse_compile.codegen.gluon.support import gl, gluon_jit
+from sparse_compile.codegen.tl.forward import bias_args as bias_strides
 
 # BIAS constexpr values
 NO_BIAS, ADDITIVE, BOOLEAN = 0, 1, 2
 
 
 def bias_args(bias: torch.Tensor | None, like: torch.Tensor) -> tuple[tuple, dict]:
-    """Kernel arguments ``(Bias, sbb, sbh, sbm, sbn)`` (the bias, bool viewed as uint8, and
-    its ``[B, H, Lq, Lk]`` strides, 0 along broadcast dimensions) and the constexpr
-    ``{BIAS}`` of a bias of up to four dimensions, or of None."""
-    if bias is None:
-        return (like, 0, 0, 0, 0), {"BIAS": NO_BIAS}
-    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    kind = BOOLEAN if bias.dtype == torch.bool else ADDITIVE
-    if kind == BOOLEAN:
-        bias = bias.view(torch.uint8)
-    strides = [0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4)]
-    return (bias, *strides), {"BIAS": kind}
+    """Kernel arguments ``(Bias, sbb, sbh, sbm, sbn)`` and the constexpr ``{BIAS}`` of a bias
+    as the kernels read it (``codegen.attention.kernel_bias``: 4-D, bool viewed as uint8,
+    which the public entry leaves as the only integer bias: a keep-mask) or of None; the
+    strides are the ``tl`` kernels' (0 along broadcast dimensions)."""
+    flat, strides = bias_strides(bias, like)
+    kind = NO_BIAS if bias is None else BOOLEAN if bias.dtype == torch.uint8 else ADDITIVE
+    return (flat, *strides), {"BIAS": kind}
 
 
 @gluon_jit

@@ -294,7 +294,8 @@ def launch_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows
     128-key K and V tiles would not fit in shared memory beside Q); ``mods``: logit
     soft-capping and position biases (``score.py``); ``key_mask``: None or a boolean
     ``[B or 1, 1, 1, Lk]`` bias (``key_mask.py``); ``bias``: None or any other bias tensor,
-    additive or boolean, broadcastable to ``[B, Hq, Lq, Lk]`` (``bias.py``)."""
+    additive or a keep-mask, as the kernels read it (``kernel_bias``: 4-D, bool as uint8;
+    ``bias.py``)."""
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     block_n = block_n or (64 if d > 128 else 128)

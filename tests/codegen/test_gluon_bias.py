@@ -24,15 +24,17 @@ CPU = torch.device("cpu")
 # --- host side: runs everywhere (CI) ---------------------------------------------------------
 
 def test_bias_arguments_of_each_kind_and_broadcast() -> None:
+    """What the kernels get of a bias, given as the dispatcher hands it (``kernel_bias``: 4-D,
+    bool viewed as uint8)."""
     like = torch.zeros(1, device=CPU)
     full = torch.randn(2, 4, 9, 21, device=CPU)
-    (t, *strides), flags = bias_args(full, like)
+    (t, *strides), flags = bias_args(kernels.kernel_bias(full), like)
     assert flags == {"BIAS": ADDITIVE} and t is not None and strides == list(full.stride())
     rows = torch.randn(9, 21, device=CPU)  # broadcast over batch and heads
-    (_, *strides), _ = bias_args(rows, like)
+    (_, *strides), _ = bias_args(kernels.kernel_bias(rows), like)
     assert strides == [0, 0, 21, 1]
     mask = torch.rand(2, 1, 9, 21, device=CPU) > 0.3
-    (t, *strides), flags = bias_args(mask, like)
+    (t, *strides), flags = bias_args(kernels.kernel_bias(mask), like)
     assert flags == {"BIAS": BOOLEAN} and t.dtype == torch.uint8 and t.data_ptr() == mask.data_ptr()
     assert strides == [mask.stride(0), 0, 21, 1]
     assert bias_args(None, like)[1] == {"BIAS": NO_BIAS}
